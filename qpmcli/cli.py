@@ -1,0 +1,61 @@
+"""The ``qpm`` command line. Thin: parse, call one library function per command, format the result.
+
+Each command lives in ``qpmcli/commands/<name>.py`` with a ``register(app)`` function; this module imports no heavy
+library so that ``qpm --help`` stays fast (no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from qpmcli.errors import QpmError
+
+# Command modules, in the order `qpm --help` lists them.
+COMMAND_MODULES = [
+    "plugins",
+    "config",
+]
+
+app = typer.Typer(
+    name="qpm",
+    help="Globally interpretable image classifiers on frozen vision foundation models (DINO-QPM).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the qpm version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from qpmcli import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"qpmcli.commands.{_name}").register(app)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except QpmError as exc:
+        typer.secho(f"Error: {exc}", err=True, fg="red")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.secho("Interrupted. Finished stages are kept; rerun the command (with --resume for train) to continue.",
+                    err=True, fg="yellow")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,203 @@
+"""The contracts between qpm's core and its plugins (backbones, datasets, selectors).
+
+The core knows only these types. This module is imported by the plugin manager and must stay light: no torch or numpy
+at import time (type hints only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+    from PIL import Image
+
+
+# --------------------------------------------------------------------------------------------------------- backbones
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A named backbone. ``factory(weights, preprocess, settings) -> Backbone``.
+
+    ``weights`` is an explicit file or ``None`` (then the factory looks in ``settings.weights_dir`` under
+    ``weights_filename``, then in local timm/Hugging Face caches, else raises :class:`qpmcli.errors.WeightsError`).
+    """
+
+    name: str
+    factory: Callable[..., Backbone]
+    description: str = ""
+    embed_dim: int | None = None
+    patch_size: int | None = None
+    weights_filename: str | None = None
+    weights_source: str | None = None
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A frozen feature extractor (a ``torch.nn.Module`` in eval mode with ``requires_grad=False``).
+
+    ``backbone(x)`` takes a preprocessed batch ``[B, 3, H, W]`` and returns ``(cls [B, D], patches [B, h*w, D])``:
+    final-norm tokens, registers dropped, patches in row-major grid order.
+    """
+
+    name: str
+    embed_dim: int
+    patch_size: int
+    image_size: tuple[int, int]
+    grid: tuple[int, int]  # (h, w) of the patch grid at image_size
+    weights_digest: str  # sha256 (hex, first 16 chars) of the loaded weights, "random" for random init
+    preprocess_config: dict[str, Any]  # JSON-able: mode, mean, std, size, ... (stored in caches and artifacts)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Turn any PIL image (grayscale, palette, CMYK, alpha, EXIF-rotated) into a float tensor ``[3, H, W]``."""
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+@dataclass
+class Sample:
+    """One dataset item. ``mask`` is a boolean object mask ``[H, W]`` at the image's resolution, or ``None``."""
+
+    image: Image.Image
+    label: int
+    mask: np.ndarray | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named dataset. ``factory(root, split, **options) -> Dataset``; ``split`` is ``"train"`` or ``"test"``."""
+
+    name: str
+    factory: Callable[..., Dataset]
+    description: str = ""
+    needs_root: bool = True
+    source: str | None = None  # where users obtain the data (printed in errors)
+
+
+class Dataset:
+    """Base class for dataset plugins: a finite, indexable sequence of :class:`Sample`.
+
+    Subclasses set ``name``, ``split``, ``classes`` and implement ``__len__``/``__getitem__``/``label``.
+    """
+
+    name: str = ""
+    split: str = "train"
+    classes: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError  # abstract: subclasses implement
+
+    def __getitem__(self, index: int) -> Sample:
+        raise NotImplementedError  # abstract: subclasses implement
+
+    def label(self, index: int) -> int:
+        """The label of item ``index`` without decoding its image (fast; used for caches and statistics)."""
+        return self[index].label
+
+    def labels(self) -> list[int]:
+        return [self.label(i) for i in range(len(self))]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_masks(self) -> bool:
+        """True when items carry object masks (needed for the plausibility metric)."""
+        return False
+
+    def class_attributes(self) -> np.ndarray | None:
+        """A ``[C, A]`` class-attribute matrix (e.g. CUB's continuous attributes) or ``None``."""
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """JSON-able facts that identify this dataset split for cache keys (name, split, size, options)."""
+        return {"name": self.name, "split": self.split, "size": len(self), "classes": len(self.classes)}
+
+
+# --------------------------------------------------------------------------------------------------------- selectors
+@dataclass
+class SelectionProblem:
+    """Input of a selector. ``A`` [n_f, C] feature-class similarity, ``R`` [n_f, n_f] feature-feature similarity.
+
+    ``features``/``labels`` (pooled dense train features [N, n_f] and labels [N]) are present when the problem comes
+    from a trained dense model; selectors that fit a GLM (sldd, qsenn) need them. ``B`` is the optional locality bias.
+    """
+
+    A: np.ndarray
+    R: np.ndarray
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    B: np.ndarray | None = None
+    class_names: list[str] | None = None
+
+    @property
+    def n_features_total(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.A.shape[1])
+
+
+@dataclass
+class Selection:
+    """Output of a selector.
+
+    ``features``: sorted indices (length K) into the dense features; ``weight``: [C, K] class-feature weights (binary for
+    QPM; real or ternary for SLDD/Q-SENN); ``bias``: [C] or None; ``trainable_norm``: whether finetuning also learns the
+    feature normalisation (SLDD/Q-SENN). ``objective``/``bound``/``gap``/``status``/``seconds`` report the solve.
+    """
+
+    features: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    trainable_norm: bool = False
+    objective: float | None = None
+    bound: float | None = None
+    gap: float | None = None
+    status: str = "UNKNOWN"
+    seconds: float = 0.0
+    solver: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Selector(Protocol):
+    """Turns a :class:`SelectionProblem` into a :class:`Selection`.
+
+    ``iterations`` > 1 marks an iterative selector (Q-SENN): the trainer calls ``select`` once per iteration with a
+    problem recomputed from the current model and the ``previous`` selection, and finetunes with
+    ``finetune_schedule(iteration)`` (a dict of overrides such as epochs and lr), so the core needs no special case.
+    """
+
+    name: str
+    iterations: int
+
+    def select(
+        self,
+        problem: SelectionProblem,
+        *,
+        n_features: int = 50,
+        per_class: int = 5,
+        time_limit: float = 60.0,
+        seed: int = 0,
+        workers: int = 8,
+        previous: Selection | None = None,
+        progress: bool = True,
+    ) -> Selection: ...
+
+    def finetune_schedule(self, iteration: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SelectorSpec:
+    """A named selector. ``factory() -> Selector``."""
+
+    name: str
+    factory: Callable[[], Selector]
+    description: str = ""
