@@ -1,0 +1,102 @@
+"""Run every ``benchmarks/bench_*.py`` and collect their results into one table (markdown + JSON).
+
+Each benchmark script is a plain program that accepts ``--json-out PATH`` (and ``--quick`` for a shorter run) and
+writes ``{"benchmark": str, "rows": [{"what": ..., "ratio": ..., "target": ..., "met": ...}, ...], "notes": str}``.
+Benchmarks print ratios measured in one process (ours vs a baseline on the same machine), never bare absolute times.
+
+    python benchmarks/run_all.py [--quick] [--only extract,selection] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # torch missing is reported, not fatal
+        info["torch"] = None
+    try:
+        with open("/proc/meminfo") as fh:
+            info["memory_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def to_markdown(results: list[dict], info: dict, date: str) -> str:
+    lines = [f"# qpm benchmark results ({date})", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    for res in results:
+        lines += [f"## {res.get('benchmark', res['script'])}", ""]
+        if res.get("error"):
+            lines += [f"FAILED: {res['error']}", ""]
+            continue
+        rows = res.get("rows", [])
+        keys: list[str] = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        if rows:
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
+        if res.get("notes"):
+            lines += ["", res["notes"]]
+        lines += ["", f"({res['script']}, {res['seconds']:.0f} s)", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py)")
+    parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    scripts = sorted(p for p in HERE.glob("bench_*.py") if not only or p.stem.removeprefix("bench_") in only)
+    results = []
+    for script in scripts:
+        json_path = out / f"{script.stem}.json"
+        cmd = [sys.executable, str(script), "--json-out", str(json_path)] + (["--quick"] if args.quick else [])
+        print(f"== {script.name}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd)
+        seconds = time.perf_counter() - start
+        if proc.returncode == 0 and json_path.is_file():
+            res = json.loads(json_path.read_text())
+        else:
+            res = {"benchmark": script.stem, "error": f"exit code {proc.returncode}"}
+        res.update(script=script.name, seconds=seconds)
+        results.append(res)
+    info = machine()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    (out / "results.json").write_text(json.dumps({"date": date, "machine": info, "results": results}, indent=2))
+    (out / "RESULTS.md").write_text(to_markdown(results, info, date))
+    print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
+    return 1 if any(r.get("error") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
