@@ -1,0 +1,238 @@
+"""Run directories and model artifacts: safetensors + JSON only (never pickle), every write atomic.
+
+A run directory (docs/design.md "Artifacts")::
+
+    config.json  dense.safetensors dense.json  selection.json  model.safetensors model.json  metrics.json
+    log.jsonl log.csv  dense_features.npz  checkpoints/
+
+``model.json`` / ``dense.json`` carry everything needed to predict and explain without the data: the model config
+(including the selected features), backbone name and weights digest, preprocessing, image size, grid, class names,
+metrics and library versions. ``load_model(run_dir)`` rebuilds the :class:`qpmcli.model.QPMModel` from them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpmcli.errors import ArtifactError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from qpmcli.model import QPMModel
+
+CONFIG = "config.json"
+DENSE = "dense.safetensors"
+DENSE_JSON = "dense.json"
+SELECTION = "selection.json"
+MODEL = "model.safetensors"
+MODEL_JSON = "model.json"
+METRICS = "metrics.json"
+LOG_JSONL = "log.jsonl"
+LOG_CSV = "log.csv"
+DENSE_FEATURES = "dense_features.npz"
+CHECKPOINTS = "checkpoints"
+PROTOTYPES = "prototypes"
+FORMAT_VERSION = 1
+
+STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
+
+
+# ------------------------------------------------------------------------------------------------------ atomic writes
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed over ``path`` (readers never see half files)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON (paths, numpy and torch scalars/arrays converted)."""
+    return atomic_write_text(path, to_json(obj) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{p} is missing") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{p} is not readable JSON: {exc}") from exc
+
+
+def atomic_write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                             metadata: dict[str, str] | None = None) -> Path:
+    """Save tensors (moved to CPU, made contiguous, shared storage broken) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p} is missing")
+    try:
+        return load_file(str(p), device=device)
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ArtifactError(f"{p} is not a readable safetensors file: {exc}") from exc
+
+
+def atomic_write_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> Path:
+    """Save arrays as an uncompressed ``.npz`` (loadable with ``np.load(path, allow_pickle=False)``)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return Path(path)
+
+
+def read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p} is missing")
+    with np.load(p, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON line (a log record); a torn last line is skipped by :func:`read_jsonl`."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=_json_default) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- versions
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model's numbers (saved in every artifact)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("qpm", "torch", "timm", "numpy", "safetensors", "ortools", "schedulefree"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ model files
+def save_model(model: QPMModel, run_dir: str | os.PathLike[str], stage: str = "final",
+               info: dict[str, Any] | None = None) -> Path:
+    """Write ``<stage>`` weights (safetensors) and its JSON (``info`` + model config + versions); returns the JSON path.
+
+    ``info`` should hold what predicting/explaining needs without data: ``class_names``, ``backbone``,
+    ``weights_digest``, ``preprocess``, ``image_size``, ``grid``, ``metrics``...
+    """
+    if stage not in STAGE_FILES:
+        raise ArtifactError(f"unknown model stage {stage!r}; use one of {', '.join(STAGE_FILES)}")
+    weights_name, json_name = STAGE_FILES[stage]
+    run = Path(run_dir)
+    config = model.config
+    atomic_write_safetensors(run / weights_name, dict(model.state_dict()),
+                             metadata={"format": "qpm-model", "format_version": str(FORMAT_VERSION), "stage": stage,
+                                       "model_config": json.dumps(config, default=_json_default)})
+    doc: dict[str, Any] = dict(info or {})
+    doc.update({"format": "qpm-model", "format_version": FORMAT_VERSION, "stage": stage, "weights_file": weights_name,
+                "model": config, "grid": list(model.grid), "n_classes": model.n_classes,
+                "selection": config.get("selection")})
+    doc.setdefault("versions", library_versions())
+    return atomic_write_json(run / json_name, doc)
+
+
+def load_model(run_dir: str | os.PathLike[str], stage: str = "final", device: str = "cpu",
+               ) -> tuple[QPMModel, dict[str, Any]]:
+    """Rebuild the model of a run (``stage`` ``final`` or ``dense``) in eval mode; returns ``(model, info)``.
+
+    ``info`` is the stage's JSON document (class names, backbone, weights digest, preprocess, image size, grid,
+    selection, metrics, versions, ``model`` config).
+    """
+    from qpmcli.model import QPMModel
+
+    if stage not in STAGE_FILES:
+        raise ArtifactError(f"unknown model stage {stage!r}; use one of {', '.join(STAGE_FILES)}")
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ArtifactError(f"run directory {run} does not exist; train one with `qpm train --run-dir {run}`")
+    weights_name, json_name = STAGE_FILES[stage]
+    if not (run / json_name).is_file():
+        hint = "the run has not finished finetuning" if stage == "final" else "the dense phase has not finished"
+        raise ArtifactError(f"{run / json_name} is missing ({hint}); rerun `qpm train --resume --run-dir {run}`")
+    info = read_json(run / json_name)
+    if info.get("format") != "qpm-model" or "model" not in info:
+        raise ArtifactError(f"{run / json_name} is not a qpm model description")
+    state = read_safetensors(run / info.get("weights_file", weights_name))
+    try:
+        model = QPMModel.from_config(info["model"])
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise ArtifactError(f"{run / weights_name} does not match {run / json_name}: {exc}") from exc
+    model.eval()
+    return model.to(device), info
