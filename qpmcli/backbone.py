@@ -1,0 +1,338 @@
+"""Frozen backbones: loading by name, weight lookup, preprocessing and the official position-embedding resize rule.
+
+Backbone *plugins* (``plugins/backbones``) describe concrete models; this module holds what they share:
+
+- :func:`load_backbone` looks the name up in the plugin registry and calls the plugin's factory;
+- :func:`resolve_weights` finds the weight file (explicit file > ``settings.weights_dir`` > local timm/Hugging Face
+  cache, never a download) or raises a :class:`WeightsError` naming the expected path and the upstream source;
+- :func:`read_state_dict` reads a foreign checkpoint safely (``torch.load(weights_only=True)`` or safetensors);
+- :func:`interpolate_pos_embed` is the official DINOv2 ``interpolate_pos_encoding`` rule, applied once at load time;
+- :class:`FrozenBackbone` is the ``qpmcli.contracts.Backbone`` implementation: preprocessing + a no-grad forward
+  that returns ``(cls [B, D], patches [B, h*w, D])``.
+
+Import cost: torch is imported inside functions; importing this module is cheap only up to the class definitions,
+which need torch, so the CLI imports it lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qpmcli.errors import ConfigError, WeightsError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_IMAGE_SIZE = 224
+PREPROCESS_MODES = ("official", "reference")
+
+# The reference implementation's per-dataset statistics (METHOD.md §2.2), used only by preprocess="reference".
+REFERENCE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "cub200": ((0.4853, 0.4964, 0.4295), (0.2300, 0.2258, 0.2625)),
+    "cars": ((0.4593, 0.4466, 0.4453), (0.2920, 0.2910, 0.2988)),
+    "stanford-cars": ((0.4593, 0.4466, 0.4453), (0.2920, 0.2910, 0.2988)),
+    "travelingbirds": ((0.4584, 0.4369, 0.3957), (0.2610, 0.2569, 0.2722)),
+    "aircraft": ((0.4827, 0.5130, 0.5352), (0.2236, 0.2170, 0.2478)),
+    "fgvc-aircraft": ((0.4827, 0.5130, 0.5352), (0.2236, 0.2170, 0.2478)),
+}
+
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+def load_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    preprocess: str = "official",
+    settings: Any = None,
+    device: str | None = None,
+    **options: Any,
+) -> FrozenBackbone:
+    """Build the frozen backbone ``name`` (a registered plugin name, or ``timm:<model>``).
+
+    ``weights``: a file, ``"random"`` (random init, for tests/benchmarks) or ``None`` (look it up, see
+    :func:`resolve_weights`). ``preprocess``: ``official`` (ImageNet mean/std, 224² squash) or ``reference`` (the
+    paper code's dataset mean/std + per-image min-max, and pos-embed offset 0.1 without antialias for every variant).
+    ``device``: ``None`` uses ``settings.device`` (``auto`` = CUDA when present). Extra ``options`` go to the factory
+    (``image_size``, ``dataset`` for reference statistics, ``amp`` for bf16 autocast, ``arch`` for timm overrides).
+    """
+    from qpmcli.registry import get_registry
+
+    if preprocess not in PREPROCESS_MODES:
+        raise ConfigError(f"unknown preprocess mode {preprocess!r}; choose one of {', '.join(PREPROCESS_MODES)}")
+    if settings is None:
+        from qpmcli.settings import resolve_settings
+
+        settings, _ = resolve_settings()
+    spec = get_registry().get("backbone", name)
+    backbone = spec.factory(weights=weights, preprocess=preprocess, settings=settings, name=name, **options)
+    dev = device or settings.torch_device()
+    return backbone.to(dev)
+
+
+def hf_cache_dirs() -> list[Path]:
+    """Local Hugging Face hub cache folders (``HF_HUB_CACHE`` / ``HF_HOME`` / the default), existing ones only."""
+    cands = []
+    if os.environ.get("HF_HUB_CACHE"):
+        cands.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        cands.append(Path(os.environ["HF_HOME"]) / "hub")
+    cands.append(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface" / "hub")
+    return [p for p in cands if p.is_dir()]
+
+
+def torch_hub_checkpoint_dir() -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps downloaded files (searched, never written)."""
+    torch_home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def find_in_local_caches(filenames: list[str], hf_repo: str | None) -> Path | None:
+    """A weight file already on disk in the torch hub cache or the Hugging Face cache (``hf_repo``), else ``None``."""
+    hub = torch_hub_checkpoint_dir()
+    for fn in filenames:
+        if (hub / fn).is_file():
+            return hub / fn
+    if hf_repo:
+        for root in hf_cache_dirs():
+            snaps = root / ("models--" + hf_repo.replace("/", "--")) / "snapshots"
+            if snaps.is_dir():
+                for snap in sorted(snaps.iterdir()):
+                    for fn in ("model.safetensors", "pytorch_model.bin"):
+                        if (snap / fn).is_file():
+                            return snap / fn
+    return None
+
+
+def resolve_weights(
+    weights: str | os.PathLike | None,
+    settings: Any,
+    *,
+    filenames: list[str],
+    source: str,
+    hf_repo: str | None = None,
+    backbone: str = "",
+) -> Path | None:
+    """The weight file to load, or ``None`` for ``weights="random"``.
+
+    Order: explicit file; ``settings.weights_dir / <official file name>``; the local torch hub / Hugging Face cache.
+    Never downloads. A miss raises a :class:`WeightsError` naming the expected path and where to get the file.
+    """
+    if weights is not None and str(weights) == "random":
+        return None
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file() and not path.is_absolute() and settings is not None:
+            alt = Path(settings.weights_dir) / path
+            if alt.is_file():
+                return alt
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist (backbone {backbone}; upstream: {source})")
+        return path
+    wdir = Path(settings.weights_dir) if settings is not None else None
+    if wdir is not None:
+        for fn in filenames:
+            if (wdir / fn).is_file():
+                return wdir / fn
+    cached = find_in_local_caches(filenames, hf_repo)
+    if cached is not None:
+        return cached
+    expected = (wdir / filenames[0]) if wdir is not None else Path(filenames[0])
+    raise WeightsError(
+        f"no weights for backbone {backbone}: expected {expected} (set QPM_WEIGHTS_DIR or pass --weights FILE); "
+        f"download it from {source}")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint without unpickling code: safetensors, or ``torch.load(weights_only=True)``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, wrong format
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    for key in ("model", "state_dict", "teacher"):
+        if key in state and isinstance(state[key], dict) and not isinstance(state[key], torch.Tensor):
+            state = state[key]
+    return state
+
+
+def file_digest(path: Path) -> str:
+    """sha256 (first 16 hex chars) of a weights file: identifies the weights in cache keys and artifacts."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, backbone: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error listing the first mismatching keys."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        msg = str(exc).replace("\n", " ")
+        raise WeightsError(f"weights file {path} does not fit backbone {backbone}: {msg[:400]}") from exc
+
+
+# ----------------------------------------------------------------------------------------- pos-embed resize rule
+def interpolate_pos_embed(
+    patch_pos: torch.Tensor, new_grid: tuple[int, int], *, offset: float, antialias: bool
+) -> torch.Tensor:
+    """Resize patch position embeddings ``[1, M*M, D]`` to ``new_grid`` with the official DINOv2 rule.
+
+    Mirrors ``DinoVisionTransformer.interpolate_pos_encoding`` (facebookresearch/dinov2): bicubic; with an offset
+    the output is requested by ``scale_factor=((h0 + offset) / M, (w0 + offset) / M)`` (the historical kludge of
+    dino issue #8), without one by ``size=(h0, w0)``; ``antialias`` as configured (False for the plain hub models,
+    True for the register models, whose offset is 0). Computed in float32, returned in the input dtype.
+    """
+    n = patch_pos.shape[1]
+    m = int(round(n**0.5))
+    if m * m != n:
+        raise WeightsError(f"position embedding has {n} patch entries, not a square grid")
+    dim = patch_pos.shape[-1]
+    h0, w0 = new_grid
+    grid = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    if offset:
+        kwargs: dict[str, Any] = {"scale_factor": (float(h0 + offset) / m, float(w0 + offset) / m)}
+    else:
+        kwargs = {"size": (h0, w0)}
+    out = nn.functional.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
+    if tuple(out.shape[-2:]) != (h0, w0):
+        raise WeightsError(f"position-embedding resize gave grid {tuple(out.shape[-2:])}, expected {(h0, w0)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h0 * w0, dim).to(patch_pos.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+def make_preprocess_config(
+    mode: str, size: tuple[int, int], *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
+    minmax: bool = False, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-able description from which :func:`preprocess_image` reproduces preprocessing exactly."""
+    cfg = {"mode": mode, "size": [int(size[0]), int(size[1])], "resize": "squash", "interpolation": interpolation,
+           "mean": [float(v) for v in mean], "std": [float(v) for v in std], "minmax": bool(minmax)}
+    if extra:
+        cfg.update(extra)
+    return cfg
+
+
+def preprocess_image(image: Any, config: dict[str, Any]) -> torch.Tensor:
+    """PIL image (any mode) → float32 ``[3, H, W]`` following ``config`` (see :func:`make_preprocess_config`).
+
+    Squash-resize to ``size`` (H, W) with PIL (what torchvision's ``Resize`` does on PIL images), scale to [0, 1],
+    normalise with mean/std and, for the reference mode, rescale the whole image to [0, 1] by its own min and max.
+    """
+    from qpmcli.images import to_rgb
+
+    img = to_rgb(image)
+    h, w = config["size"]
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[config.get("interpolation", "bilinear")])
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    mean = torch.tensor(config["mean"], dtype=torch.float32)[:, None, None]
+    std = torch.tensor(config["std"], dtype=torch.float32)[:, None, None]
+    x = (x - mean) / std
+    if config.get("minmax"):
+        lo, hi = x.min(), x.max()
+        x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0) if hi > lo else torch.zeros_like(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------- the backbone
+class FrozenBackbone(nn.Module):
+    """A frozen feature extractor satisfying :class:`qpmcli.contracts.Backbone`.
+
+    ``features(x)`` is a callable returning ``(cls [B, D], patches [B, h*w, D])`` from a preprocessed batch; the
+    wrapper adds eval mode, ``requires_grad=False``, no-grad, optional bf16 autocast and float32 outputs.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        features: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        embed_dim: int,
+        patch_size: int,
+        image_size: tuple[int, int],
+        grid: tuple[int, int],
+        weights_digest: str,
+        preprocess_config: dict[str, Any],
+        weights_path: str | None = None,
+        amp: bool = False,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self._features = features
+        self.name = name
+        self.embed_dim = int(embed_dim)
+        self.patch_size = int(patch_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.weights_digest = weights_digest
+        self.weights_path = weights_path
+        self.preprocess_config = preprocess_config
+        self.amp = amp
+        self.info = dict(info or {})
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def train(self, mode: bool = True) -> FrozenBackbone:
+        """Always eval: a frozen backbone never switches BatchNorm/Dropout to training behaviour."""
+        return super().train(False)
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return preprocess_image(image, self.preprocess_config)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        with torch.no_grad():
+            if self.amp:
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
+                    cls, patches = self._features(x)
+            else:
+                cls, patches = self._features(x)
+        return cls.float(), patches.float()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts stored with caches and artifacts."""
+        return {"name": self.name, "embed_dim": self.embed_dim, "patch_size": self.patch_size,
+                "image_size": list(self.image_size), "grid": list(self.grid), "weights_digest": self.weights_digest,
+                "preprocess": self.preprocess_config, **self.info}
+
+
+def parse_image_size(image_size: int | tuple[int, int] | None, default: int = DEFAULT_IMAGE_SIZE) -> tuple[int, int]:
+    if image_size is None:
+        return (default, default)
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+def reference_stats(dataset: str | None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """The reference code's mean/std for ``dataset`` (CUB's when unknown, the paper's default dataset)."""
+    key = (dataset or "cub200").lower()
+    if key in REFERENCE_STATS:
+        mean, std = REFERENCE_STATS[key]
+        return mean, std, key
+    mean, std = REFERENCE_STATS["cub200"]
+    return mean, std, "cub200"
