@@ -17,6 +17,7 @@ from qpmcli.errors import QpmError
 COMMAND_MODULES = [
     "plugins",
     "config",
+    "data",
 ]
 
 app = typer.Typer(

@@ -1,10 +1,85 @@
-"""Built-in qpm datasets."""
+"""Built-in qpm datasets: cub200, stanford-cars, fgvc-aircraft, imagefolder, digits, shapes.
+
+This module stays light (it is imported by ``qpm plugins``): each factory imports its implementation on first use.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from qpmcli.contracts import DatasetSpec
+from qpmcli.errors import DatasetError
 from qpmcli.hookspecs import hookimpl
+
+CUB_SOURCE = ("https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz; segmentations.tgz for masks), "
+              "unpacked so that the root holds images.txt, classes.txt, images/")
+CARS_SOURCE = ("the Stanford Cars devkit layout (car_devkit/cars_meta.mat, car_devkit/cars_train_annos.mat, "
+               "cars_test_annos_withlabels.mat, cars_train/, cars_test/), e.g. from the Kaggle mirror "
+               "'eduardo4jesus/stanford-cars-dataset'")
+AIRCRAFT_SOURCE = ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz; the root is "
+                   "fgvc-aircraft-2013b or its data/ folder)")
+IMAGEFOLDER_SOURCE = "your own images: root/train/<class>/*.jpg and root/test/<class>/*.jpg, or root/<class>/*.jpg"
+
+
+def build(cls: type, root: Any, split: str, options: dict[str, Any]):
+    """Construct ``cls`` after checking ``options`` against its keyword-only parameters (a clear error lists them)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {n: p.default for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        listed = ", ".join(f"{n}={v!r}" for n, v in accepted.items()) or "none"
+        raise DatasetError(f"dataset {cls.name!r} has no option(s) {', '.join(unknown)}; its options: {listed}")
+    return cls(root, split, **options)
+
+
+def cub200(root: Any, split: str = "train", **options: Any):
+    from .cub import CUB200
+
+    return build(CUB200, root, split, options)
+
+
+def stanford_cars(root: Any, split: str = "train", **options: Any):
+    from .cars import StanfordCars
+
+    return build(StanfordCars, root, split, options)
+
+
+def fgvc_aircraft(root: Any, split: str = "train", **options: Any):
+    from .aircraft import FGVCAircraft
+
+    return build(FGVCAircraft, root, split, options)
+
+
+def imagefolder(root: Any, split: str = "train", **options: Any):
+    from .imagefolder import ImageFolder
+
+    return build(ImageFolder, root, split, options)
+
+
+def digits(root: Any = None, split: str = "train", **options: Any):
+    from .synthetic import Digits
+
+    return build(Digits, root, split, options)
+
+
+def shapes(root: Any = None, split: str = "train", **options: Any):
+    from .synthetic import Shapes
+
+    return build(Shapes, root, split, options)
 
 
 @hookimpl
 def qpm_datasets() -> list:
-    return []
+    return [
+        DatasetSpec("cub200", cub200, "CUB-200-2011 birds (200 classes, masks, attributes)", True, CUB_SOURCE),
+        DatasetSpec("stanford-cars", stanford_cars, "Stanford Cars (196 classes)", True, CARS_SOURCE),
+        DatasetSpec("fgvc-aircraft", fgvc_aircraft, "FGVC-Aircraft, variant level (100 classes)", True,
+                    AIRCRAFT_SOURCE),
+        DatasetSpec("imagefolder", imagefolder, "your own images in one folder per class", True, IMAGEFOLDER_SOURCE),
+        DatasetSpec("digits", digits, "scikit-learn handwritten digits (ships with qpm; 10 classes, ink masks)",
+                    False, "scikit-learn (installed with qpm)"),
+        DatasetSpec("shapes", shapes, "synthetic coloured-part objects (no download; masks, class x part matrix)",
+                    False, "generated on the fly"),
+    ]

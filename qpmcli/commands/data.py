@@ -1,0 +1,44 @@
+"""``qpm data check``: open a dataset's splits and report counts, classes, masks and attributes, or say what is wrong."""
+
+from __future__ import annotations
+
+import typer
+
+from qpmcli.commands._common import DataRoot, JsonFlag, console, print_json, settings_from_flags
+
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+
+DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name (see `qpm plugins`).")
+OptionOpt = typer.Option(None, "--option", "-o", help="Dataset option KEY=VALUE (repeatable), e.g. crop=bbox.")
+
+
+@data_app.command("check")
+def check(dataset: str = DatasetOpt, data_root: str = DataRoot, option: list[str] = OptionOpt,
+          json_out: bool = JsonFlag) -> None:
+    """Verify a dataset: counts per split, number of classes, whether masks and class attributes are present."""
+    from qpmcli.data import check_dataset, parse_options
+
+    settings = settings_from_flags(data_root=data_root)
+    report = check_dataset(dataset, root=None, settings=settings, **parse_options(option))
+    if json_out:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"dataset {dataset}" + (f" at {report['root']}" if report.get("root") else ""),
+                  title_justify="left")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("per class (min-max)", justify="right")
+    for split, info in report["splits"].items():
+        table.add_row(split, str(info["count"]), f"{info['per_class_min']}-{info['per_class_max']}")
+    out = console()
+    out.print(table)
+    attrs = report["class_attributes"]
+    out.print(f"classes: {report['classes']}   masks: {'yes' if report['masks'] else 'no'}   "
+              f"class attributes: {'x'.join(map(str, attrs)) if attrs else 'no'}   "
+              f"image attributes: {'yes' if report['image_attributes'] else 'no'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")
