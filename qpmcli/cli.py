@@ -18,6 +18,8 @@ COMMAND_MODULES = [
     "plugins",
     "config",
     "data",
+    "extract",
+    "train",
 ]
 
 app = typer.Typer(
