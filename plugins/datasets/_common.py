@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from qpmcli.contracts import Dataset, Sample
 from qpmcli.errors import DatasetError
 
 SPLITS = ("train", "test")
@@ -68,3 +69,40 @@ def to_int(value: str, path: Path, what: str) -> int:
 def digest(obj: Any) -> str:
     """A short stable hash of a JSON-able object (used to fingerprint file lists)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FileDataset(Dataset):
+    """A dataset of image files with labels known up front (``paths``, ``targets``); images via ``open_image``."""
+
+    root: Path
+    paths: list[Path]
+    targets: list[int]
+
+    def _set_items(self, paths: list[Path], targets: list[int], listing: Path | str) -> None:
+        """Store the items; a label outside ``0..C-1`` is an error naming ``listing`` (its file or folder)."""
+        n = len(self.classes)
+        for path, target in zip(paths, targets, strict=True):
+            if not 0 <= target < n:
+                raise DatasetError(f"{listing}: label {target} of {path} is out of range (expected 0..{n - 1} for "
+                                   f"{n} classes)")
+        self.paths, self.targets = list(paths), list(targets)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> int:
+        return self.targets[index]
+
+    def load_image(self, index: int):
+        from qpmcli.images import open_image
+
+        return open_image(self.paths[index])
+
+    def __getitem__(self, index: int) -> Sample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} {self.split} ({len(self)} items)")
+        return Sample(image=self.load_image(index), label=self.targets[index], mask=None, path=str(self.paths[index]))
+
+    def fingerprint(self) -> dict[str, Any]:
+        rel = [str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p) for p in self.paths]
+        return {**super().fingerprint(), "files": digest([rel, self.targets])}

@@ -160,7 +160,7 @@ class Shapes(Dataset):
                       path=f"shapes:{self.split}:{index}")
 
     def part_map(self, index: int):
-        """uint8 ``[H, W]``: 0 background, 1 body, ``2 + v`` where vocabulary part ``v`` (see ``part_names``) is drawn."""
+        """uint8 ``[H, W]``: 0 background, 1 body, ``2 + v`` where vocabulary part ``v`` (``part_names``) is."""
         return self.render(_check_index(index, len(self)))[1]
 
     def render(self, index: int, with_background: bool = False):
