@@ -103,6 +103,23 @@ def test_shapes_parts_are_the_class_parts_and_spatially_localised():
             assert len(ys) > 40  # and clearly visible
 
 
+def test_shapes_image_attributes_are_the_drawn_parts():
+    ds = load_dataset("shapes", split="test", n_classes=4, test_per_class=2)
+    table = ds.image_attributes()
+    assert table.shape == (8, 56) and table.dtype == bool
+    for i in range(len(ds)):
+        drawn = {int(v) - 2 for v in np.unique(ds.part_map(i)) if v >= 2}
+        assert set(np.flatnonzero(table[i]).tolist()) == drawn
+
+
+def test_datasets_survive_pickling_for_dataloader_workers(tmp_path):
+    import pickle
+
+    for ds in (load_dataset("shapes", n_classes=3, per_class=2), load_dataset("digits", split="test")):
+        clone = pickle.loads(pickle.dumps(ds))
+        assert _digest(clone, [0, 3]) == _digest(ds, [0, 3]) and clone.fingerprint() == ds.fingerprint()
+
+
 def test_shapes_scale_to_200_distinct_classes():
     ds = load_dataset("shapes", split="train", n_classes=200, per_class=1, image_size=224)
     attrs = ds.class_attributes()
@@ -198,7 +215,7 @@ def test_parse_options_coerces_values():
 def test_check_dataset_reports_counts_masks_and_attributes():
     report = check_dataset("shapes", n_classes=5, per_class=4, test_per_class=2)
     assert report["classes"] == 5 and report["masks"] is True
-    assert report["class_attributes"] == [5, 56] and report["image_attributes"] is False
+    assert report["class_attributes"] == [5, 56] and report["image_attributes"] is True
     assert report["splits"]["train"]["count"] == 20 and report["splits"]["test"]["count"] == 10
     assert report["splits"]["train"]["per_class_min"] == report["splits"]["train"]["per_class_max"] == 4
     json.dumps(report)  # JSON-able

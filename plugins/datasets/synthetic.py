@@ -213,6 +213,16 @@ class Shapes(Dataset):
             matrix[c, list(parts)] = 1.0
         return matrix
 
+    @property
+    def has_image_attributes(self) -> bool:
+        return True
+
+    def image_attributes(self):
+        """bool ``[N, 56]``: the parts drawn in each image (every part of its class is always drawn)."""
+        import numpy as np
+
+        return self.class_attributes()[np.asarray(self.labels())] > 0
+
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "n_classes": self.n_classes, "per_class": self.per_class,
                 "test_per_class": self.test_per_class, "image_size": self.image_size,
