@@ -1,0 +1,574 @@
+"""Fast inference: one :class:`Classifier` interface over a run directory (PyTorch) and an exported ``.onnx`` file
+(ONNX Runtime), plus ``qpm predict`` (top-k classes and the features that drove the top class, per image).
+
+Why one interface: ``qpm predict`` and ``qpm explain`` need the same things from a model whatever its format: its
+metadata (class names, selected features, W, mu, sigma, preprocessing, backbone, grid) and
+``run(images) -> {logits [B, C], maps [B, K, h, w], features [B, K]}`` as numpy. An ONNX file carries the metadata in
+its ``metadata_props`` (written by :mod:`qpmcli.export`), so the file alone is enough; the ONNX path imports neither
+torch nor timm, and preprocessing is reimplemented in numpy to be identical to :func:`qpmcli.backbone.preprocess_image`.
+
+Execution providers: ``device="auto"`` uses CUDA (with IO binding) when a GPU and the CUDA EP are present, else the
+CPU; ``"tensorrt"`` opts into the TensorRT EP. :attr:`Classifier.provider` names the provider that actually ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError, WeightsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+META_PREFIX = "qpm."  # metadata_props keys written by qpmcli.export: "qpm.<field>" -> JSON text
+SIGMA_MIN = 1e-6  # the sparse head's sigma clamp (qpmcli.model.SIGMA_MIN), repeated here to stay torch-free
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values (as in qpmcli.backbone)
+
+
+# ------------------------------------------------------------------------------------------------------ metadata
+@dataclass
+class ClassifierMetadata:
+    """Everything needed to preprocess, predict and explain, independent of the model format.
+
+    ``features`` are the selected indices into the dense adapter's n_f features (``range(n_f)`` for a dense model),
+    ``weight [C, K]`` the class-feature matrix (binary for QPM), ``mu``/``sigma [K]`` the frozen standardisation
+    (0/1 for a dense head), ``bias [C]`` or ``None``. ``preprocess`` is the backbone's preprocessing config
+    (mode, size, mean, std, interpolation, minmax). ``prototypes`` is the explain helper's prototypes document when
+    embedded in an ONNX file (else ``None``; for a run directory read ``<run>/prototypes/``).
+    """
+
+    class_names: list[str]
+    features: list[int]
+    weight: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    bias: np.ndarray | None
+    preprocess: dict[str, Any]
+    backbone: str
+    weights_digest: str
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    qpm_version: str = ""
+    embed_dim: int | None = None
+    prototypes: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    def standardize(self, features: np.ndarray) -> np.ndarray:
+        """``(f - mu) / max(sigma, 1e-6)``: the head's input, on ``[B, K]`` pooled features."""
+        import numpy as np
+
+        return (np.asarray(features, dtype=np.float32) - self.mu) / np.maximum(self.sigma, SIGMA_MIN)
+
+    def contributions(self, features: np.ndarray, class_index: int | Sequence[int]) -> np.ndarray:
+        """Per-feature contribution to a class logit: ``W[c, j] * (f_j - mu_j) / sigma_j`` -> ``[B, K]``.
+
+        ``class_index`` is one class for all rows or one per row. The contributions plus ``bias[c]`` sum to logit c.
+        """
+        import numpy as np
+
+        z = self.standardize(np.atleast_2d(features))
+        cls = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (z.shape[0],))
+        return self.weight[cls] * z
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (used for ONNX metadata and ``--json`` output)."""
+        return {
+            "class_names": list(self.class_names), "features": [int(i) for i in self.features],
+            "weight": self.weight.tolist(), "mu": self.mu.tolist(), "sigma": self.sigma.tolist(),
+            "bias": None if self.bias is None else self.bias.tolist(), "preprocess": self.preprocess,
+            "backbone": self.backbone, "weights_digest": self.weights_digest, "image_size": list(self.image_size),
+            "grid": list(self.grid), "qpm_version": self.qpm_version, "embed_dim": self.embed_dim,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], prototypes: dict[str, Any] | None = None) -> ClassifierMetadata:
+        import numpy as np
+
+        try:
+            bias = doc.get("bias")
+            meta = cls(
+                class_names=[str(c) for c in doc["class_names"]], features=[int(i) for i in doc["features"]],
+                weight=np.asarray(doc["weight"], dtype=np.float32), mu=np.asarray(doc["mu"], dtype=np.float32),
+                sigma=np.asarray(doc["sigma"], dtype=np.float32),
+                bias=None if bias is None else np.asarray(bias, dtype=np.float32),
+                preprocess=dict(doc["preprocess"]), backbone=str(doc["backbone"]),
+                weights_digest=str(doc["weights_digest"]), image_size=tuple(int(v) for v in doc["image_size"]),
+                grid=tuple(int(v) for v in doc["grid"]), qpm_version=str(doc.get("qpm_version", "")),
+                embed_dim=doc.get("embed_dim"), prototypes=prototypes, extra=dict(doc.get("extra") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"model metadata is incomplete or malformed: {exc!r}") from exc
+        k = len(meta.features)
+        if meta.weight.shape != (meta.n_classes, k) or meta.mu.shape != (k,) or meta.sigma.shape != (k,):
+            raise ArtifactError(f"model metadata shapes disagree: W {meta.weight.shape}, mu {meta.mu.shape}, "
+                                f"sigma {meta.sigma.shape} for {meta.n_classes} classes and {k} features")
+        return meta
+
+
+def metadata_from_run(model: Any, info: dict[str, Any]) -> ClassifierMetadata:
+    """Metadata of a loaded run model (``qpmcli.artifact.load_model`` output), sparse or dense head."""
+    import numpy as np
+
+    from qpmcli import __version__
+
+    if getattr(model, "is_sparse", False):
+        features = [int(i) for i in model.sel_index.tolist()]
+        weight = model.sel_weight.detach().cpu().numpy()
+        mu = model.sel_mu.detach().cpu().numpy()
+        sigma = model.sel_sigma.detach().cpu().numpy()
+        bias_t = getattr(model, "sel_bias", None)
+    else:  # dense head (e.g. the linear probe): contributions are W[c, j] * f_j
+        features = list(range(model.n_features))
+        weight = model.linear.weight.detach().cpu().numpy()
+        mu = np.zeros(model.n_features, dtype=np.float32)
+        sigma = np.ones(model.n_features, dtype=np.float32)
+        bias_t = model.linear.bias
+    n_classes = int(model.n_classes)
+    names = info.get("class_names") or [str(i) for i in range(n_classes)]
+    preprocess = info.get("preprocess")
+    if not preprocess or "backbone" not in info:
+        raise ArtifactError("the run's model.json lacks backbone/preprocess information; retrain or re-save the run")
+    extra = {k: info[k] for k in ("dataset", "head", "backbone_options", "metrics", "seed") if k in info}
+    extra["model"] = info.get("model")
+    return ClassifierMetadata(
+        class_names=[str(c) for c in names], features=features, weight=np.asarray(weight, dtype=np.float32),
+        mu=np.asarray(mu, dtype=np.float32), sigma=np.asarray(sigma, dtype=np.float32),
+        bias=None if bias_t is None else bias_t.detach().cpu().numpy().astype(np.float32),
+        preprocess=dict(preprocess), backbone=str(info["backbone"]), weights_digest=str(info.get("weights_digest")),
+        image_size=tuple(int(v) for v in info.get("image_size", preprocess["size"])),
+        grid=tuple(int(v) for v in info.get("grid", model.grid)), qpm_version=__version__,
+        embed_dim=info.get("embed_dim", getattr(model, "embed_dim", None)), extra=extra)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+def preprocess_array(image: Any, config: dict[str, Any]) -> np.ndarray:
+    """PIL image -> float32 ``[3, H, W]``; numpy twin of :func:`qpmcli.backbone.preprocess_image` (bit-identical).
+
+    Squash-resize to ``size`` with PIL, scale to [0, 1], normalise with mean/std, and in reference mode rescale the
+    image to [0, 1] by its own min and max.
+    """
+    import numpy as np
+
+    from qpmcli.images import to_rgb
+
+    img = to_rgb(image)
+    h, w = (int(v) for v in config["size"])
+    if img.size != (w, h):
+        img = img.resize((w, h), _RESAMPLE[config.get("interpolation", "bilinear")])
+    x = (np.asarray(img, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+    mean = np.asarray(config["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(config["std"], dtype=np.float32)[:, None, None]
+    x = (x - mean) / std
+    if config.get("minmax"):
+        lo, hi = x.min(), x.max()
+        x = np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- classifiers
+class Classifier(ABC):
+    """A ready-to-run classifier: ``.metadata``, ``.provider``, ``.run(images)``, ``.run_array(x)``.
+
+    ``run`` takes PIL images (any mode/size) and returns numpy ``logits [B, C]``, ``maps [B, K, h, w]`` (selected
+    feature maps) and ``features [B, K]`` (pooled, un-standardised). ``kind`` is ``"torch"`` or ``"onnx"``.
+    """
+
+    kind: str = ""
+    path: Path
+    metadata: ClassifierMetadata
+    provider: str = ""
+
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """PIL images -> float32 batch ``[B, 3, H, W]`` with the model's own preprocessing."""
+        import numpy as np
+
+        if not images:
+            raise ConfigError("no images to preprocess")
+        return np.stack([preprocess_array(im, self.metadata.preprocess) for im in images])
+
+    def run(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Preprocess and classify a batch of PIL images."""
+        return self.run_array(self.preprocess(list(images)))
+
+    @abstractmethod
+    def run_array(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Classify an already preprocessed batch ``[B, 3, H, W]`` (float32)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": str(self.path), "kind": self.kind, "provider": self.provider,
+                "backbone": self.metadata.backbone, "classes": self.metadata.n_classes,
+                "features": self.metadata.n_features}
+
+
+class TorchClassifier(Classifier):
+    """A run directory: the frozen backbone (rebuilt by name, digest checked) + the trained QPMModel, in PyTorch."""
+
+    kind = "torch"
+
+    def __init__(self, path: Path, backbone: Any, model: Any, metadata: ClassifierMetadata, device: str) -> None:
+        self.path = path
+        self.backbone = backbone
+        self.model = model.eval()
+        self.metadata = metadata
+        self.device = device
+        self.provider = f"torch-{device}"
+
+    def run_array(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(self.device)
+            cls, patches = self.backbone(xt)
+            out = self.model(torch.cat([cls[:, None], patches], dim=1))
+        return {"logits": out.logits.float().cpu().numpy(), "maps": out.maps.float().cpu().numpy(),
+                "features": out.features.float().cpu().numpy()}
+
+
+class OnnxClassifier(Classifier):
+    """An exported ``.onnx`` file run by ONNX Runtime; metadata from the file's ``metadata_props``.
+
+    A full graph takes the preprocessed image; an adapter-only graph takes tokens ``[B, 1 + h*w, D]`` (CLS first):
+    for it :meth:`run_tokens` works directly, and :meth:`run` rebuilds the backbone in PyTorch from the metadata.
+    """
+
+    kind = "onnx"
+
+    def __init__(self, path: Path, session: Any, metadata: ClassifierMetadata, graph: str,
+                 io_binding: bool, backbone_loader: Callable[[], Any] | None = None) -> None:
+        self.path = path
+        self.session = session
+        self.metadata = metadata
+        self.graph = graph
+        self.provider = session.get_providers()[0]
+        self.io_binding = io_binding
+        self.input_name = session.get_inputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        self._backbone_loader = backbone_loader
+        self._backbone: Any = None
+
+    def _session_run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import numpy as np
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.io_binding:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(self.input_name, x)
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            outs = binding.copy_outputs_to_cpu()
+        else:
+            outs = self.session.run(self.output_names, {self.input_name: x})
+        return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs, strict=True)}
+
+    def run_array(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.graph == "adapter":
+            return self.run_tokens(self._tokens(x))
+        return self._session_run(x)
+
+    def run_tokens(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        """Adapter-only graphs: classify backbone tokens ``[B, 1 + h*w, D]`` extracted elsewhere (CLS first)."""
+        if self.graph != "adapter":
+            raise ConfigError(f"{self.path} is a full (image-input) graph; use run(images) or the .adapter.onnx file")
+        return self._session_run(tokens)
+
+    def _tokens(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self._backbone is None:
+            if self._backbone_loader is None:
+                raise ConfigError(f"{self.path} is an adapter-only graph and no backbone is available")
+            self._backbone = self._backbone_loader()
+        with torch.inference_mode():
+            cls, patches = self._backbone(torch.from_numpy(x))
+            return torch.cat([cls[:, None], patches], dim=1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def load_classifier(model_path: str | os.PathLike[str], device: str = "auto", *, weights: str | None = None,
+                    settings: Any = None) -> Classifier:
+    """Open a run directory (PyTorch) or an ``.onnx`` file (ONNX Runtime) as a :class:`Classifier`.
+
+    ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda``/``cuda:N``, or ``tensorrt`` (ONNX only, opt-in).
+    ``weights`` (run directories and adapter graphs): the backbone weights file; by default it is looked up like in
+    training (settings' weights folder, local caches), and runs trained on random weights rebuild them. The loaded
+    backbone's weights digest must equal the run's.
+    """
+    path = Path(model_path).expanduser()
+    _check_device(device)
+    if path.is_dir():
+        return _load_run(path, device, weights=weights, settings=settings)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        return _load_onnx(path, device, weights=weights, settings=settings)
+    if path.is_file():
+        raise ArtifactError(f"{path} is neither a run directory nor an .onnx file; pass a run folder or model.onnx")
+    raise ArtifactError(f"model {path} does not exist; pass a run directory or an .onnx file from `qpm export`")
+
+
+def _check_device(device: str) -> None:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|tensorrt|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or tensorrt, not {device!r}")
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices, asked from the driver (libcuda) so that no torch import is needed."""
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    return 0
+
+
+def _torch_device(device: str) -> str:
+    if device in ("auto", "tensorrt"):
+        return "cuda" if cuda_device_count() > 0 else "cpu"
+    if device.startswith("cuda") and cuda_device_count() == 0:
+        raise ConfigError(f"device {device} requested but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def load_run_backbone(info: dict[str, Any], *, weights: str | None, settings: Any, device: str) -> Any:
+    """Rebuild the run's frozen backbone (name, preprocessing mode, options) and check its weights digest."""
+    from qpmcli.backbone import load_backbone
+
+    digest = str(info.get("weights_digest") or "")
+    if weights is None and digest.startswith("random"):
+        weights = "random"  # a run trained on random-init weights (tests, benchmarks) rebuilds them exactly
+    pcfg = info.get("preprocess") or {}
+    opts = dict(info.get("backbone_options") or {})
+    if "image_size" in info:
+        opts["image_size"] = list(info["image_size"])
+    if info.get("dataset") and pcfg.get("mode") == "reference":
+        opts.setdefault("dataset", pcfg.get("stats_of") or info["dataset"])
+    backbone = load_backbone(info["backbone"], weights=weights, preprocess=pcfg.get("mode", "official"),
+                             settings=settings, device=device, **opts)
+    if digest and backbone.weights_digest != digest:
+        raise WeightsError(
+            f"backbone weights digest {backbone.weights_digest} does not match the run's {digest} (backbone "
+            f"{info['backbone']}); pass the weights file the run was trained with via --weights")
+    return backbone
+
+
+def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) -> TorchClassifier:
+    from qpmcli.artifact import load_model
+
+    if settings is None:
+        from qpmcli.settings import resolve_settings
+
+        settings, _ = resolve_settings()
+    dev = _torch_device(device)
+    model, info = load_model(path, "final", device=dev)
+    meta = metadata_from_run(model, info)
+    backbone = load_run_backbone(info, weights=weights, settings=settings, device=dev)
+    return TorchClassifier(path, backbone, model, meta, dev)
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> tuple[ClassifierMetadata, str]:
+    """``(metadata, graph kind)`` of an exported file, read via ONNX Runtime (no onnx/torch import)."""
+    session = _make_session(Path(path), "cpu")[0]
+    return _metadata_of_session(Path(path), session)
+
+
+def _metadata_of_session(path: Path, session: Any) -> tuple[ClassifierMetadata, str]:
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get(META_PREFIX + "format") != "qpm-onnx":
+        raise ArtifactError(f"{path} has no qpm metadata; export it with `qpm export RUN --onnx`")
+    try:
+        doc = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} has malformed qpm metadata: {exc}") from exc
+    return ClassifierMetadata.from_json(doc, prototypes=doc.get("prototypes")), str(doc.get("graph", "full"))
+
+
+def _providers(device: str) -> tuple[list[Any], bool]:
+    """Execution providers to request for ``device`` and whether to use IO binding (GPU)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"], False
+    gpus = cuda_device_count()
+    if device == "tensorrt":
+        if "TensorrtExecutionProvider" not in available or gpus == 0:
+            raise ConfigError("device tensorrt needs onnxruntime-gpu with the TensorRT EP and a CUDA GPU")
+        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], True
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available or gpus == 0:
+            raise ConfigError(f"device {device} needs onnxruntime-gpu and a CUDA GPU; use --device cpu")
+        dev_id = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"], True
+    if "CUDAExecutionProvider" in available and gpus > 0:  # auto
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], True
+    return ["CPUExecutionProvider"], False
+
+
+def _make_session(path: Path, device: str) -> tuple[Any, bool]:
+    import onnxruntime as ort
+
+    providers, io_binding = _providers(device)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # warnings about unused initialisers or EP fallbacks are noise for users
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable/invalid graphs
+        raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from exc
+    io_binding = io_binding and session.get_providers()[0] != "CPUExecutionProvider"
+    return session, io_binding
+
+
+def _load_onnx(path: Path, device: str, *, weights: str | None, settings: Any) -> OnnxClassifier:
+    session, io_binding = _make_session(path, device)
+    meta, graph = _metadata_of_session(path, session)
+    loader = None
+    if graph == "adapter":
+        info = {"backbone": meta.backbone, "weights_digest": meta.weights_digest, "preprocess": meta.preprocess,
+                "image_size": list(meta.image_size), "backbone_options": meta.extra.get("backbone_options") or {},
+                "dataset": meta.extra.get("dataset")}
+
+        def loader() -> Any:
+            s = settings
+            if s is None:
+                from qpmcli.settings import resolve_settings
+
+                s, _ = resolve_settings()
+            return load_run_backbone(info, weights=weights, settings=s, device="cpu")
+
+    return OnnxClassifier(path, session, meta, graph, io_binding, backbone_loader=loader)
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given (whatever their extension) and, for folders, every image file below them (sorted)."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            out.append(p)  # a missing file is reported per image, like a corrupt one
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: np.ndarray, *, top_k: int = 5,
+                        n_features: int = 5) -> dict[str, Any]:
+    """One image's result: top-k classes with probabilities and the features that drove the top class.
+
+    Features are those with a nonzero weight for the top class (all 5 for QPM), ordered by contribution
+    ``W[c, j] * (f_j - mu_j) / sigma_j`` (largest first); ``feature`` is the index into the dense adapter's features.
+    """
+    import numpy as np
+
+    probs = softmax(logits[None])[0]
+    order = np.argsort(-logits, kind="stable")[: max(1, min(top_k, meta.n_classes))]
+    top = int(order[0])
+    contrib = meta.contributions(features[None], top)[0]
+    cand = np.flatnonzero(meta.weight[top] != 0)
+    cand = cand[np.argsort(-contrib[cand], kind="stable")][:n_features]
+    return {
+        "top_k": [{"class": meta.class_names[i], "index": int(i), "probability": float(probs[i]),
+                   "logit": float(logits[i])} for i in order],
+        "features": [{"feature": int(meta.features[j]), "position": int(j), "weight": float(meta.weight[top, j]),
+                      "activation": float(features[j]), "contribution": float(contrib[j])} for j in cand],
+    }
+
+
+def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[str] | Classifier, *,
+            top_k: int = 5, batch_size: int = 16, device: str = "auto", weights: str | None = None,
+            settings: Any = None, progress: bool = False) -> dict[str, Any]:
+    """Classify images/folders; unreadable images are reported per file and do not stop the batch.
+
+    Returns ``{"model", "kind", "provider", "num_images", "num_failed", "predictions": [{"path", "top_k": [{class,
+    index, probability, logit}], "features": [{feature, position, weight, activation, contribution}]} or {"path",
+    "error"}]}`` in input order.
+    """
+    if top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    if batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    paths = collect_images(inputs)
+    if not paths:
+        raise ImageError("no images found in the given files/folders")
+    clf = model if isinstance(model, Classifier) else load_classifier(model, device, weights=weights,
+                                                                      settings=settings)
+    from qpmcli.images import open_image
+
+    results: list[dict[str, Any] | None] = [None] * len(paths)
+    pending: list[tuple[int, Any]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        try:
+            x = clf.preprocess([im for _, im in pending])
+            out = clf.run_array(x)
+        except QpmError:
+            raise
+        except Exception as exc:  # a runtime failure of the batch (e.g. GPU out of memory): say which files
+            raise ArtifactError(f"inference failed on a batch of {len(pending)} images: {exc}") from exc
+        for row, (i, _) in enumerate(pending):
+            results[i] = {"path": str(paths[i]), **describe_prediction(
+                clf.metadata, out["logits"][row], out["features"][row], top_k=top_k)}
+        pending.clear()
+
+    bar = _progress(len(paths)) if progress else None
+    with bar or nullcontext():
+        task = bar.add_task("predict", total=len(paths)) if bar else None
+        for i, p in enumerate(paths):
+            try:
+                pending.append((i, open_image(p)))
+            except ImageError as exc:
+                results[i] = {"path": str(p), "error": str(exc)}
+            if len(pending) >= batch_size:
+                flush()
+            if bar:
+                bar.update(task, completed=i + 1)
+        flush()
+    done = [r for r in results if r is not None]
+    failed = sum(1 for r in done if "error" in r)
+    return {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "num_images": len(done),
+            "num_failed": failed, "predictions": done}
+
+
+def _progress(total: int) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from qpmcli.commands._common import console
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console(stderr=True), transient=True)
+
