@@ -177,12 +177,18 @@ class TokenData:
         return x.to(self.device, torch.float32), self.labels_dev.index_select(0, idx.to(self.device))
 
 
+def _phase_seed(seed: int, phase: str, offset: int) -> int:
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(phase.encode()) * 7_919 + offset) % 2**63
+
+
 def _epoch_batches(n: int, batch_size: int, seed: int, phase: str, epoch: int, shuffle: bool = True) -> list:
     """The global batches of one epoch: a permutation from a generator seeded by (seed, phase, epoch); no drop_last."""
     import torch
 
     if shuffle:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + (0 if phase == "dense" else 500_009) + epoch) % 2**63)
+        g = torch.Generator().manual_seed(_phase_seed(seed, phase, epoch))
         perm = torch.randperm(n, generator=g)
     else:
         perm = torch.arange(n)
@@ -370,6 +376,8 @@ def train_phase(model: QPMModel, data: TokenData, opts: PhaseOptions, *, phase: 
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, start_step, acc_state = 0, 0, None
     result = PhaseResult(phase, opts.epochs)
+    # dropout draws from the global torch RNG: seed it per phase so a phase is reproducible on its own
+    torch.manual_seed(_phase_seed(seed, phase, 10**6))
     if ckpt_dir is not None:
         state = load_checkpoint(ckpt_dir, phase, model, optimizer)
         if state is not None:
