@@ -1,0 +1,565 @@
+"""The token cache: frozen-backbone outputs of one dataset split, stored once and memory-mapped by training.
+
+Layout, one directory per key (backbone + weights digest, dataset fingerprint, split, preprocessing, image size)::
+
+    <cache_dir>/<dataset>-<split>-<backbone>-<key>/
+        tokens.npy     fp16 [N, 1 + h*w, D]: CLS first, then the patch tokens in row-major grid order
+        labels.npy     int64 [N]
+        masks.npy      bool [N, h, w] (patch-resolution object masks; only when the dataset has masks)
+        indices.npy    int64 [N]: the dataset index of every row (rows of skipped images are left out)
+        manifest.json  everything the key is made of, plus N, T, D, grid, class names, skipped images
+
+Building happens in ``<dir>.partial/`` chunk by chunk; every finished chunk leaves a marker file, so a rerun after a kill
+continues where it stopped and produces a byte-identical cache. A file lock (``<dir>.lock``) keeps two processes from
+building one cache at once (the second waits, then opens the finished cache). The directory is finalised by an atomic
+rename. Under ``torchrun`` every rank extracts a disjoint, contiguous range of chunks into the same partial cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qpmcli.errors import CacheError, ImageError
+
+FORMAT_VERSION = 1
+CHUNK_IMAGES = 256  # images per resumable chunk (rounded up to a multiple of the batch size)
+SPLITS = ("train", "test")
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+@dataclass
+class TokenCache:
+    """An opened, finished cache. ``tokens`` is a read-only fp16 memmap ``[N, 1 + h*w, D]`` (CLS first)."""
+
+    path: Path
+    tokens: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    indices: np.ndarray
+    manifest: dict[str, Any]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.manifest["grid"]
+        return (int(g[0]), int(g[1]))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest.get("classes") or [])
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def open(cls, path: str | Path, expect: dict[str, Any] | None = None) -> TokenCache:
+        """Open a finished cache; with ``expect`` (key fields), refuse one built with other settings."""
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise CacheError(f"{path} is not a finished token cache (no manifest.json); rerun qpm extract")
+        manifest = json.loads(mf.read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise CacheError(f"token cache {path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; "
+                             f"delete it and rerun qpm extract")
+        if expect is not None:
+            _check_key(manifest.get("key_fields", {}), expect, path)
+        tokens = np.load(path / "tokens.npy", mmap_mode="r")
+        labels = np.load(path / "labels.npy")
+        masks = np.load(path / "masks.npy") if (path / "masks.npy").is_file() else None
+        indices = np.load(path / "indices.npy")
+        if tokens.shape[0] != manifest["n"] or labels.shape[0] != manifest["n"]:
+            raise CacheError(f"token cache {path} is inconsistent (rows {tokens.shape[0]} vs manifest "
+                             f"{manifest['n']}); delete it and rerun qpm extract")
+        return cls(path, tokens, labels, masks, indices, manifest)
+
+
+def _check_key(found: dict[str, Any], expect: dict[str, Any], path: Path) -> None:
+    diffs = [k for k in sorted(set(found) | set(expect)) if found.get(k) != expect.get(k)]
+    if diffs:
+        raise CacheError(f"cache {path} was built with other settings ({', '.join(diffs)} differ); "
+                         f"delete it or use another cache_dir")
+
+
+# ------------------------------------------------------------------------------------------------------ keys
+def cache_key_fields(backbone: Any, dataset: Any, split: str) -> dict[str, Any]:
+    """What identifies a cache: backbone (name, weights digest, architecture), dataset, split, preprocessing, size."""
+    info = getattr(backbone, "info", {}) or {}
+    return {
+        "format": FORMAT_VERSION,
+        "backbone": backbone.name,
+        "weights_digest": backbone.weights_digest,
+        "arch": info.get("arch") or {},
+        "dataset": _jsonable(dataset.fingerprint()),
+        "split": split,
+        "preprocess": _jsonable(backbone.preprocess_config),
+        "image_size": list(backbone.image_size),
+        "grid": list(backbone.grid),
+        "embed_dim": int(backbone.embed_dim),
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def cache_path(cache_dir: str | Path, fields: dict[str, Any]) -> Path:
+    """``<cache_dir>/<dataset>-<split>-<backbone>-<sha256(fields)[:16]>``."""
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    ds = fields["dataset"].get("name", "dataset") if isinstance(fields["dataset"], dict) else "dataset"
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{ds}-{fields['split']}-{fields['backbone']}")
+    return Path(cache_dir).expanduser() / f"{label}-{digest}"
+
+
+# ------------------------------------------------------------------------------------------------------ lock
+class CacheLock:
+    """An exclusive ``flock`` on ``<cache>.lock``: waits up to ``timeout`` seconds, then raises :class:`CacheError`."""
+
+    def __init__(self, path: Path, timeout: float | None = None, on_wait=None) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.on_wait = on_wait
+        self._fh = None
+
+    def __enter__(self) -> CacheLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a+")
+        start = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if self.timeout is not None and time.monotonic() - start >= self.timeout:
+                self._fh.close()
+                raise CacheError(f"token cache {self.path.with_suffix('')} is being built by another process "
+                                 f"(lock {self.path} held for over {self.timeout:g} s); wait for it or rerun later")
+            if not told and self.on_wait is not None:
+                self.on_wait(self.path)
+                told = True
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+# ------------------------------------------------------------------------------------------------ distribution
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _dist_context() -> _Dist:
+    """Join the ``torchrun`` process group when launched by it (gloo on CPU, nccl with CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+# ------------------------------------------------------------------------------------------------ data loading
+class _Images:
+    """torch Dataset over dataset indices: decoded, preprocessed images (+ patch masks); errors come back as text."""
+
+    def __init__(self, dataset: Any, preprocess_config: dict[str, Any], grid: tuple[int, int], masks: bool) -> None:
+        self.dataset = dataset
+        self.config = preprocess_config
+        self.grid = grid
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from qpmcli.backbone import preprocess_image
+
+        h, w = self.config["size"]
+        try:
+            sample = self.dataset[index]
+            x = preprocess_image(sample.image, self.config)
+            label = int(sample.label)
+            if self.masks and sample.mask is not None:
+                from qpmcli.metrics import patch_mask
+
+                m = torch.from_numpy(np.ascontiguousarray(patch_mask(sample.mask, self.grid), dtype=bool))
+            else:
+                m = torch.zeros(self.grid, dtype=torch.bool)
+            return index, x, label, m, ""
+        except (ImageError, OSError, ValueError, SyntaxError) as exc:
+            where = getattr(exc, "filename", None) or _sample_path(self.dataset, index)
+            msg = str(exc) if isinstance(exc, ImageError) else f"cannot read image {where}: {exc}"
+            return index, torch.zeros(3, h, w), -1, torch.zeros(self.grid, dtype=torch.bool), msg.replace("\n", " ")
+
+
+def _sample_path(dataset: Any, index: int) -> str:
+    for attr in ("path", "image_path"):
+        fn = getattr(dataset, attr, None)
+        if callable(fn):
+            try:
+                return str(fn(index))
+            except Exception:  # noqa: BLE001 - only used to name a file in a message
+                pass
+    return f"item {index} of {getattr(dataset, 'name', 'dataset')}"
+
+
+def _collate(items):
+    import torch
+
+    idx = torch.tensor([it[0] for it in items], dtype=torch.long)
+    x = torch.stack([it[1] for it in items])
+    y = torch.tensor([it[2] for it in items], dtype=torch.long)
+    m = torch.stack([it[3] for it in items])
+    return idx, x, y, m, [it[4] for it in items]
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # decoding workers must not fight the backbone for cores
+
+
+class _ChunkBatches:
+    """Batch sampler: batches never cross chunk boundaries, so a resumed run forms exactly the same batches."""
+
+    def __init__(self, chunks: list[tuple[int, int]], batch_size: int) -> None:
+        self.batches = [list(range(s, min(s + batch_size, e))) for a, e in chunks for s in range(a, e, batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def build_cache(
+    backbone: Any,
+    dataset: Any,
+    split: str,
+    cache_dir: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    skip_bad: bool = False,
+    progress: bool = True,
+    lock_timeout: float | None = None,
+    chunk_images: int = CHUNK_IMAGES,
+    stop_after_chunks: int | None = None,
+) -> TokenCache:
+    """Extract ``dataset`` with ``backbone`` into the cache for this key (or open it if it exists already).
+
+    Resumable (finished chunks are kept), locked against concurrent builders, finalised atomically. A corrupt image
+    is a :class:`ImageError` naming the file unless ``skip_bad`` (then it is left out and listed in the manifest).
+    ``stop_after_chunks`` stops after that many new chunks without finalising (for tests of resume).
+    """
+    fields = cache_key_fields(backbone, dataset, split)
+    final = cache_path(cache_dir, fields)
+    if (final / "manifest.json").is_file():
+        return TokenCache.open(final, expect=fields)
+    dist = _dist_context()
+    partial = final.with_name(final.name + ".partial")
+    n = len(dataset)
+    if n == 0:
+        raise CacheError(f"dataset {getattr(dataset, 'name', '')} split {split} is empty; nothing to extract")
+    bs = max(1, int(batch_size))
+    chunk = max(bs, (max(1, chunk_images) + bs - 1) // bs * bs)
+    chunks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    grid = tuple(backbone.grid)
+    t = 1 + grid[0] * grid[1]
+    d = int(backbone.embed_dim)
+    has_masks = bool(getattr(dataset, "has_masks", False))
+
+    lock = CacheLock(final.with_name(final.name + ".lock"), timeout=lock_timeout,
+                     on_wait=(lambda p: _say(f"waiting for another process building {final.name} ...")) if progress
+                     else None)
+    held = None
+    if dist.rank == 0:
+        held = lock.__enter__()
+    try:
+        state = "build"
+        if dist.rank == 0:
+            if (final / "manifest.json").is_file():
+                state = "done"
+            else:
+                _prepare_partial(partial, fields, n, t, d, grid, has_masks)
+        state = dist.broadcast(state)
+        if state == "done":
+            dist.barrier()
+            return TokenCache.open(final, expect=fields)
+        dist.barrier()
+        # every rank: a disjoint, contiguous range of chunks
+        per = (len(chunks) + dist.world - 1) // dist.world
+        mine = list(range(dist.rank * per, min(len(chunks), (dist.rank + 1) * per)))
+        done_dir = partial / "done"
+        todo = [c for c in mine if not (done_dir / f"{c:06d}.json").is_file()]
+        if stop_after_chunks is not None:
+            todo = todo[:stop_after_chunks]
+        _extract_chunks(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
+                        progress and dist.rank == 0, sum(chunks[c][1] - chunks[c][0] for c in mine), split)
+        dist.barrier()
+        if stop_after_chunks is not None:
+            missing = [c for c in range(len(chunks)) if not (done_dir / f"{c:06d}.json").is_file()]
+            if missing:
+                raise CacheError(f"extraction of {final.name} stopped early with {len(missing)} chunk(s) left; "
+                                 f"rerun to continue")
+        if dist.rank == 0:
+            _finalise(partial, final, fields, chunks, dataset, backbone, split)
+        dist.barrier()
+        return TokenCache.open(final, expect=fields)
+    finally:
+        if held is not None:
+            lock.__exit__(None, None, None)
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: int, grid: tuple[int, int],
+                     has_masks: bool) -> None:
+    """Create the partial directory with preallocated arrays, or check that an existing one is for this key."""
+    intent = {"key_fields": fields, "n": n, "t": t, "d": d, "has_masks": has_masks}
+    marker = partial / "build.json"
+    if marker.is_file():
+        old = json.loads(marker.read_text())
+        if old != _jsonable(intent):
+            raise CacheError(f"unfinished cache {partial} was started with other settings; delete it and rerun")
+        return
+    if partial.exists():
+        shutil.rmtree(partial)  # no build.json: it died while being created; nothing to keep
+    partial.mkdir(parents=True)
+    (partial / "done").mkdir()
+    np.lib.format.open_memmap(partial / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, t, d)).flush()
+    np.lib.format.open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
+    if has_masks:
+        np.lib.format.open_memmap(partial / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, *grid)).flush()
+    _atomic_write(marker, json.dumps(intent, sort_keys=True))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task):  # images per second
+            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
+                    TimeRemainingColumn(), transient=False)
+
+
+def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,
+                    skip_bad: bool, grid, has_masks: bool, progress: bool, total: int, split: str) -> None:
+    import contextlib
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    if not todo:
+        return
+    tokens = np.load(partial / "tokens.npy", mmap_mode="r+")
+    labels = np.load(partial / "labels.npy", mmap_mode="r+")
+    masks = np.load(partial / "masks.npy", mmap_mode="r+") if has_masks else None
+    loader = DataLoader(
+        _Images(dataset, backbone.preprocess_config, grid, has_masks), batch_sampler=_ChunkBatches(
+            [chunks[c] for c in todo], bs), num_workers=num_workers, collate_fn=_collate,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        pin_memory=backbone.device.type == "cuda", persistent_workers=False)
+    ends = {chunks[c][1]: c for c in todo}
+    skipped: list[dict[str, Any]] = []
+    bar = _progress_bar() if progress else contextlib.nullcontext()
+    with bar:
+        task = None
+        if progress:
+            already = total - sum(chunks[c][1] - chunks[c][0] for c in todo)
+            task = bar.add_task(f"extract {getattr(dataset, 'name', '')}/{split}", total=total, completed=already)
+        for idx, x, y, m, errs in loader:
+            bad = [i for i, e in enumerate(errs) if e]
+            if bad and not skip_bad:
+                raise ImageError(f"{errs[bad[0]]} (rerun with --skip-bad to leave bad images out)")
+            for i in bad:
+                skipped.append({"index": int(idx[i]), "path": _sample_path(dataset, int(idx[i])), "error": errs[i]})
+            cls, patches = backbone(x)
+            out = torch.cat([cls[:, None], patches], dim=1).to(torch.float16).cpu().numpy()
+            a, b = int(idx[0]), int(idx[-1]) + 1
+            tokens[a:b] = out
+            labels[a:b] = y.numpy()
+            if masks is not None:
+                masks[a:b] = m.numpy()
+            if progress:
+                bar.update(task, advance=b - a)
+            if b in ends:  # chunk finished: flush, then leave its marker
+                tokens.flush()
+                labels.flush()
+                if masks is not None:
+                    masks.flush()
+                c = ends[b]
+                mine = [s for s in skipped if chunks[c][0] <= s["index"] < chunks[c][1]]
+                _atomic_write(partial / "done" / f"{c:06d}.json",
+                              json.dumps({"chunk": c, "start": chunks[c][0], "stop": chunks[c][1], "skipped": mine}))
+    del tokens, labels, masks
+
+
+def _finalise(partial: Path, final: Path, fields: dict[str, Any], chunks, dataset, backbone, split: str) -> None:
+    """Check every chunk is done, drop skipped rows, write indices + manifest, rename atomically."""
+    done = partial / "done"
+    skipped: list[dict[str, Any]] = []
+    for c in range(len(chunks)):
+        f = done / f"{c:06d}.json"
+        if not f.is_file():
+            raise CacheError(f"cache {partial} is missing chunk {c}; rerun the extraction to finish it")
+        skipped.extend(json.loads(f.read_text())["skipped"])
+    n = chunks[-1][1]
+    bad = sorted(s["index"] for s in skipped)
+    keep = np.setdiff1d(np.arange(n, dtype=np.int64), np.asarray(bad, dtype=np.int64))
+    if bad:
+        if keep.size == 0:
+            raise CacheError(f"every image of {getattr(dataset, 'name', '')}/{split} failed to load; nothing cached")
+        _compact(partial, keep)
+    np.save(partial / "indices.npy", keep)
+    tokens = np.load(partial / "tokens.npy", mmap_mode="r")
+    manifest = {
+        "format": FORMAT_VERSION,
+        "key_fields": fields,
+        "backbone": backbone.describe() if hasattr(backbone, "describe") else {"name": backbone.name},
+        "weights_digest": backbone.weights_digest,
+        "dataset": fields["dataset"],
+        "split": split,
+        "preprocess": fields["preprocess"],
+        "image_size": fields["image_size"],
+        "grid": fields["grid"],
+        "n": int(tokens.shape[0]),
+        "t": int(tokens.shape[1]),
+        "d": int(tokens.shape[2]),
+        "dtype": "float16",
+        "layout": "cls_first",
+        "classes": list(getattr(dataset, "classes", []) or []),
+        "has_masks": (partial / "masks.npy").is_file(),
+        "skipped": skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    del tokens
+    _atomic_write(partial / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    shutil.rmtree(done)
+    (partial / "build.json").unlink()
+    os.replace(partial, final)
+
+
+def _compact(partial: Path, keep: np.ndarray) -> None:
+    """Rewrite the arrays without the rows of skipped images (streamed, so big caches stay out of RAM)."""
+    for name in ("tokens.npy", "labels.npy", "masks.npy"):
+        src_path = partial / name
+        if not src_path.is_file():
+            continue
+        src = np.load(src_path, mmap_mode="r")
+        tmp = partial / (name + ".compact")
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(keep.size, *src.shape[1:]))
+        for s in range(0, keep.size, 1024):
+            dst[s:s + 1024] = src[keep[s:s + 1024]]
+        dst.flush()
+        del src, dst
+        os.replace(tmp, src_path)
+
+
+# -------------------------------------------------------------------------------------------------- front door
+def ensure_cache(
+    backbone: str,
+    dataset: str,
+    split: str,
+    settings: Any,
+    *,
+    weights: str | None = None,
+    preprocess: str = "official",
+    data_root: str | Path | None = None,
+    dataset_options: dict[str, Any] | None = None,
+    progress: bool = True,
+    backbone_obj: Any = None,
+    dataset_obj: Any = None,
+    batch_size: int = 32,
+    skip_bad: bool = False,
+    image_size: int | None = None,
+    amp: bool = False,
+    lock_timeout: float | None = None,
+) -> TokenCache:
+    """Open the token cache of (backbone, dataset, split), building it (resumably) when missing.
+
+    ``backbone_obj``/``dataset_obj`` reuse already built objects (then the names only label the cache).
+    """
+    if split not in SPLITS:
+        raise CacheError(f"unknown split {split!r}; use train or test")
+    if dataset_obj is None:
+        from qpmcli.data import load_dataset
+
+        dataset_obj = load_dataset(dataset, root=data_root, split=split, settings=settings,
+                                   **(dataset_options or {}))
+    if backbone_obj is None:
+        backbone_obj = backbone_for_cache(backbone, settings, weights=weights, preprocess=preprocess,
+                                          dataset=dataset, image_size=image_size, amp=amp)
+    return build_cache(backbone_obj, dataset_obj, split, settings.cache_dir, batch_size=batch_size,
+                       num_workers=settings.num_workers, skip_bad=skip_bad, progress=progress,
+                       lock_timeout=lock_timeout)
+
+
+def backbone_for_cache(backbone: str, settings: Any, *, weights: str | None = None, preprocess: str = "official",
+                       dataset: str | None = None, image_size: int | None = None, amp: bool = False) -> Any:
+    """Load a backbone for extraction; under ``torchrun`` with CUDA each rank takes ``cuda:LOCAL_RANK``."""
+    from qpmcli.backbone import load_backbone
+
+    opts: dict[str, Any] = {"amp": amp, "dataset": dataset}
+    if image_size is not None:
+        opts["image_size"] = image_size
+    device = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings.torch_device().startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return load_backbone(backbone, weights=weights, preprocess=preprocess, settings=settings, device=device, **opts)

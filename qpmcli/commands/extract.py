@@ -1,0 +1,86 @@
+"""``qpm extract``: run a frozen backbone over a dataset split once and store its tokens in the token cache."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+
+from qpmcli.commands._common import DataRoot, Device, JsonFlag, WeightsDir, console, print_json, settings_from_flags
+
+
+def extract(
+    backbone: str = typer.Option("dinov2-vitb14-reg", "--backbone", "-b", help="Backbone name (see qpm plugins)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name (see qpm plugins)."),
+    split: str = typer.Option("all", "--split", help="train, test or all."),
+    data_root: str = DataRoot,
+    weights: str = typer.Option(None, "--weights", help="Backbone weight file (official .pth or safetensors)."),
+    weights_dir: str = WeightsDir,
+    preprocess: str = typer.Option("official", "--preprocess", help="official or reference (the paper code's)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per backbone forward."),
+    image_size: int = typer.Option(None, "--image-size", help="Square input size (default 224)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and report them."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the backbone forward (GPU)."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Token cache folder (overrides QPM_CACHE_DIR)."),
+    num_workers: int = typer.Option(None, "--num-workers", help="Image decoding workers (default from settings)."),
+    dataset_option: list[str] = typer.Option([], "--dataset-option", "-o",
+                                             help="Dataset option KEY=VALUE (JSON value), repeatable."),
+    device: str = Device,
+    json_out: bool = JsonFlag,
+) -> None:
+    """Extract backbone tokens for a dataset into the token cache (resumable; a rerun continues where it stopped)."""
+    from qpmcli.cache import backbone_for_cache, ensure_cache
+    from qpmcli.errors import ConfigError
+
+    if split not in ("train", "test", "all"):
+        raise ConfigError(f"--split must be train, test or all, not {split!r}")
+    options = {}
+    for item in dataset_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--dataset-option needs KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    settings = settings_from_flags(data_root=data_root, weights_dir=weights_dir, device=device, cache_dir=cache_dir,
+                                   num_workers=num_workers)
+    splits = ["train", "test"] if split == "all" else [split]
+    backbone_obj = backbone_for_cache(backbone, settings, weights=weights, preprocess=preprocess, dataset=dataset,
+                                      image_size=image_size, amp=bf16)
+    results = []
+    for sp in splits:
+        t0 = time.perf_counter()
+        cache = ensure_cache(backbone, dataset, sp, settings, weights=weights, preprocess=preprocess,
+                             data_root=data_root, dataset_options=options, progress=not json_out,
+                             backbone_obj=backbone_obj, batch_size=batch_size, skip_bad=skip_bad,
+                             image_size=image_size, amp=bf16)
+        m = cache.manifest
+        results.append({"split": sp, "path": str(cache.path), "images": m["n"], "tokens": m["t"], "dim": m["d"],
+                        "grid": m["grid"], "masks": m["has_masks"], "weights_digest": m["weights_digest"],
+                        "skipped": m["skipped"], "seconds": round(time.perf_counter() - t0, 3)})
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if json_out:
+        print_json({"backbone": backbone, "dataset": dataset, "caches": results})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"token caches: {backbone} on {dataset}", title_justify="left")
+    for col in ("split", "images", "grid x dim", "skipped", "seconds", "path"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r["split"], str(r["images"]), f"{r['grid'][0]}x{r['grid'][1]} x {r['dim']}",
+                      str(len(r["skipped"])), f"{r['seconds']:.1f}", r["path"])
+    out = console()
+    out.print(table)
+    for r in results:
+        for s in r["skipped"]:
+            out.print(f"[yellow]skipped[/] {s['path']}: {s['error']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extract")(extract)
