@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 META_PREFIX = "qpm."  # metadata_props keys written by qpmcli.export: "qpm.<field>" -> JSON text
+PROTOTYPES_KEY = "qpm_prototypes"  # agreed with qpmcli.explain: {feature_id: [{"png_b64", "class", "activation"}]}
 SIGMA_MIN = 1e-6  # the sparse head's sigma clamp (qpmcli.model.SIGMA_MIN), repeated here to stay torch-free
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -397,13 +398,21 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> tuple[ClassifierMetadata
 
 def _metadata_of_session(path: Path, session: Any) -> tuple[ClassifierMetadata, str]:
     props = session.get_modelmeta().custom_metadata_map
-    if props.get(META_PREFIX + "format") != "qpm-onnx":
-        raise ArtifactError(f"{path} has no qpm metadata; export it with `qpm export RUN --onnx`")
     try:
         doc = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} has malformed qpm metadata: {exc}") from exc
-    return ClassifierMetadata.from_json(doc, prototypes=doc.get("prototypes")), str(doc.get("graph", "full"))
+    if doc.get("format") != "qpm-onnx":
+        raise ArtifactError(f"{path} has no qpm metadata; export it with `qpm export RUN --onnx`")
+    prototypes = None
+    if PROTOTYPES_KEY in props:
+        try:
+            prototypes = json.loads(props[PROTOTYPES_KEY])
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path} has malformed prototypes metadata: {exc}") from exc
+    meta = ClassifierMetadata.from_json(doc, prototypes=prototypes)
+    meta.extra.setdefault("precision", doc.get("precision", "fp32"))
+    return meta, str(doc.get("graph", "full"))
 
 
 def _providers(device: str) -> tuple[list[Any], bool]:
