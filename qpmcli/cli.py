@@ -20,6 +20,8 @@ COMMAND_MODULES = [
     "data",
     "extract",
     "train",
+    "export",
+    "predict",
 ]
 
 app = typer.Typer(
