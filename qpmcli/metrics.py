@@ -659,22 +659,25 @@ def _chunk_size(k: int, p: int, budget: int = 1 << 23) -> int:
     return max(1, budget // max(1, k * p))
 
 
-def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any, test_maps: Any,
-                    weight: Any, test_masks: Any = None, class_attributes: Any = None, image_attributes: Any = None,
-                    which: str | list[str] = "all", seed: int = 0, head_mean: Any = None, head_std: Any = None,
-                    head_bias: Any = None, device: Any = None) -> dict[str, float | None]:
-    """All requested metrics of METHOD.md §8 for one model, as fractions (the paper's tables show x100).
+MAP_KEY_PREFIXES = ("SID@", "SegOverlap-", "Pooling-", "Plausibility")
 
-    train_features [N, K] pooled, un-standardised, no dropout; train_labels [N]; test_logits [M, C];
-    test_labels [M]; test_maps [M, K, h, w] (any array or memmap, e.g. fp16; read in chunks); weight [C, K] the
-    head's class-feature matrix; test_masks [M, h, w] bool at patch resolution (see :func:`patch_mask`);
-    class_attributes [C, A]; image_attributes [N, A] bool (train images). head_mean/head_std/head_bias describe the
-    full head for the pooling baseline (defaults: none, i.e. logits = maps_pooled @ W.T).
 
-    Train-feature metrics use only the relevant features (columns of W with a non-zero entry, §13 C15).
-    Metrics whose inputs are missing are ``None`` ("not applicable"); unrequested metrics are absent.
+def map_scorer(weight: Any, keys: list[str], *, head_mean: Any = None, head_std: Any = None, head_bias: Any = None,
+               device: Any = None) -> TestMapScorer | None:
+    """A :class:`TestMapScorer` for the map-based keys among ``keys`` (None when there are none)."""
+    map_keys = [k for k in keys if k.startswith(MAP_KEY_PREFIXES)]
+    if not map_keys:
+        return None
+    return TestMapScorer(weight, map_keys, head_mean=head_mean, head_std=head_std, head_bias=head_bias, device=device)
+
+
+def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any,
+                   weight: Any, class_attributes: Any = None, image_attributes: Any = None, seed: int = 0,
+                   scorer: TestMapScorer | None = None) -> dict[str, float | None]:
+    """The metrics ``keys`` from train features, test logits and an already fed :class:`TestMapScorer`.
+
+    This is :func:`compute_metrics` for callers that stream test maps batch by batch (``qpmcli.evaluate``).
     """
-    keys = resolve_metric_names(which)
     w = _to_numpy(weight)
     if w.ndim != 2:
         raise ValueError(f"weight must be [C, K], got {w.shape}")
@@ -684,16 +687,15 @@ def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any,
     y_test = _to_numpy(test_labels).astype(np.int64).ravel()
     if logits.shape != (y_test.size, c):
         raise ValueError(f"test logits must be [M={y_test.size}, C={c}], got {logits.shape}")
-    out: dict[str, float | None] = {}
     acc = accuracy(logits, y_test)
-    train_keys = {"Class-Independence", "Contrastiveness", "Correlation", "Alignment"}
     f_rel = None
-    if train_keys & set(keys):
+    if {"Class-Independence", "Contrastiveness", "Correlation", "Alignment"} & set(keys):
         f = _to_numpy(train_features)
         if f.ndim != 2 or f.shape[1] != k_all:
             raise ValueError(f"train features must be [N, K={k_all}], got {f.shape}")
         f_rel = np.asarray(f[:, rel], dtype=np.float64)
     y_train = _to_numpy(train_labels).astype(np.int64).ravel()
+    out: dict[str, float | None] = {}
     for key in keys:
         if key == "Accuracy":
             out[key] = acc
@@ -711,19 +713,44 @@ def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any,
             out[key] = float(rel.size)
         elif key == "PerClass":
             out[key] = float((w != 0).sum() / c)
-    map_keys = [k for k in keys if k.startswith(("SID@", "SegOverlap-", "Pooling-")) or k == "Plausibility"]
-    if map_keys:
-        scorer = TestMapScorer(w, map_keys, head_mean=head_mean, head_std=head_std, head_bias=head_bias,
-                               device=device)
-        maps = test_maps
-        if maps.shape[0] != y_test.size or maps.shape[1] != k_all:
-            raise ValueError(f"test maps must be [M={y_test.size}, K={k_all}, h, w], got {tuple(maps.shape)}")
-        masks = None if test_masks is None else _to_numpy(test_masks)
-        pred = predictions(logits)
-        step = _chunk_size(k_all, int(np.prod(maps.shape[2:])))
-        for s in range(0, y_test.size, step):
-            e = min(s + step, y_test.size)
-            scorer.update(pred[s:e], y_test[s:e], np.asarray(maps[s:e]) if not hasattr(maps, "detach") else
-                          maps[s:e], None if masks is None else masks[s:e])
+    if scorer is not None:
+        if scorer.n != y_test.size:
+            raise ValueError(f"the map scorer saw {scorer.n} test images, the logits hold {y_test.size}")
         out.update(scorer.result(actual_accuracy=acc))
     return {k: out.get(k) for k in keys}
+
+
+def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any, test_maps: Any,
+                    weight: Any, test_masks: Any = None, class_attributes: Any = None, image_attributes: Any = None,
+                    which: str | list[str] = "all", seed: int = 0, head_mean: Any = None, head_std: Any = None,
+                    head_bias: Any = None, device: Any = None) -> dict[str, float | None]:
+    """All requested metrics of METHOD.md §8 for one model, as fractions (the paper's tables show x100).
+
+    train_features [N, K] pooled, un-standardised, no dropout; train_labels [N]; test_logits [M, C];
+    test_labels [M]; test_maps [M, K, h, w] (any array or memmap, e.g. fp16; read in chunks); weight [C, K] the
+    head's class-feature matrix; test_masks [M, h, w] bool at patch resolution (see :func:`patch_mask`);
+    class_attributes [C, A]; image_attributes [N, A] bool (train images). head_mean/head_std/head_bias describe the
+    full head for the pooling baseline (defaults: none, i.e. logits = maps_pooled @ W.T).
+
+    Train-feature metrics use only the relevant features (columns of W with a non-zero entry, §13 C15).
+    Metrics whose inputs are missing are ``None`` ("not applicable"); unrequested metrics are absent.
+    """
+    keys = resolve_metric_names(which)
+    w = _to_numpy(weight)
+    scorer = map_scorer(w, keys, head_mean=head_mean, head_std=head_std, head_bias=head_bias, device=device)
+    if scorer is not None:
+        y_test = _to_numpy(test_labels).astype(np.int64).ravel()
+        maps = test_maps
+        if maps is None or maps.shape[0] != y_test.size or maps.shape[1] != w.shape[1]:
+            raise ValueError(f"test maps must be [M={y_test.size}, K={w.shape[1]}, h, w], got "
+                             f"{None if maps is None else tuple(maps.shape)}")
+        masks = None if test_masks is None else _to_numpy(test_masks)
+        pred = predictions(test_logits)
+        step = _chunk_size(w.shape[1], int(np.prod(maps.shape[2:])))
+        for s in range(0, y_test.size, step):
+            e = min(s + step, y_test.size)
+            chunk = maps[s:e] if hasattr(maps, "detach") else np.asarray(maps[s:e])
+            scorer.update(pred[s:e], y_test[s:e], chunk, None if masks is None else masks[s:e])
+    return finish_metrics(keys, train_features=train_features, train_labels=train_labels, test_logits=test_logits,
+                          test_labels=test_labels, weight=w, class_attributes=class_attributes,
+                          image_attributes=image_attributes, seed=seed, scorer=scorer)

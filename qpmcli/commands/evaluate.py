@@ -1,0 +1,60 @@
+"""``qpm evaluate``: accuracy and the interpretability metrics of a trained run, saved in its metrics.json."""
+
+from __future__ import annotations
+
+import typer
+
+from qpmcli.commands._common import Device, JsonFlag, console, print_json
+
+# How the paper shows each metric: fractions become percentages, counts stay counts.
+_COUNTS = ("NFeatures", "PerClass", "Pooling-Ratio", "Alignment")
+
+
+def evaluate(
+    run: str = typer.Argument(..., help="Run directory written by `qpm train`."),
+    metrics: str = typer.Option("all", "--metrics", help="all, fast, essential, or metric names (comma separated), "
+                                "e.g. Accuracy,SID@5,Plausibility."),
+    stage: str = typer.Option("final", "--stage", help="final (the QPM model) or dense (the dense model)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    device: str = Device,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """Compute the metrics of a run (METHOD.md §8) and merge them into RUN/metrics.json."""
+    from qpmcli.errors import ConfigError
+    from qpmcli.evaluate import evaluate_run
+    from qpmcli.settings import resolve_settings
+
+    if stage not in ("final", "dense"):
+        raise ConfigError(f"unknown --stage {stage!r}; use final or dense")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    settings, _ = resolve_settings(device=device)
+    result = evaluate_run(run, metrics, stage=stage, batch_size=batch_size, progress=not (quiet or json_out),
+                          settings=settings)
+    if json_out:
+        print_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{result['run']} ({stage}, {result['n_test']} test images, {result['device']})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("paper scale", justify="right")
+    for name, value in result["metrics"].items():
+        if value is None:
+            table.add_row(name, "n/a", "not applicable")
+        elif name in _COUNTS:
+            table.add_row(name, f"{value:.4g}", f"{value:.2f}")
+        else:
+            table.add_row(name, f"{value:.4f}", f"{100 * value:.1f} %")
+    out = console()
+    out.print(table)
+    for note in result["notes"]:
+        out.print(f"note: {note}")
+    out.print(f"saved to {result['run']}/metrics.json ({result['seconds']:.1f} s)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("evaluate")(evaluate)

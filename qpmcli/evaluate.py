@@ -1,0 +1,232 @@
+"""Evaluation: run a trained model over the token caches and compute the metrics of METHOD.md §8.
+
+The model runs batch by batch over the memory-mapped caches; test feature maps are scored as they come
+(:class:`qpmcli.metrics.TestMapScorer`) and never held for the whole test set, so a dense 512-feature model on CUB
+(3 GB of maps) evaluates in bounded memory. Only the pooled train features [N, K] and the test logits are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qpmcli import metrics as M
+from qpmcli.errors import ArtifactError, CacheError, QpmError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qpmcli.cache import TokenCache
+    from qpmcli.model import QPMModel
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+def iter_outputs(model: QPMModel, cache: TokenCache, *, batch_size: int = 256, device: str = "cpu",
+                 progress: Any = None, description: str = "evaluate") -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(start, end, ModelOutput)`` for consecutive batches of the cache (eval mode, no gradients)."""
+    import torch
+
+    model.eval()
+    n = len(cache)
+    task = progress.add_task(description, total=n) if progress is not None else None
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            e = min(s + batch_size, n)
+            x = torch.from_numpy(np.ascontiguousarray(cache.tokens[s:e])).to(device=device, dtype=torch.float32)
+            yield s, e, model(x)
+            if task is not None:
+                progress.advance(task, e - s)
+
+
+def collect_outputs(model: QPMModel, cache: TokenCache, batch_size: int = 256, device: str = "cpu",
+                    maps: bool = False, progress: bool = False) -> dict[str, np.ndarray]:
+    """Run ``model`` over a cache: ``logits`` [N, C] and ``features`` [N, K] (float32), ``labels`` [N], and with
+    ``maps=True`` also ``maps`` [N, K, h, w] as float16 (large: N*K*h*w*2 bytes)."""
+    n = len(cache)
+    out: dict[str, np.ndarray] = {"labels": np.asarray(cache.labels, dtype=np.int64)}
+    with _progress(progress) as bar:
+        for s, e, o in iter_outputs(model, cache, batch_size=batch_size, device=device, progress=bar):
+            if "logits" not in out:
+                out["logits"] = np.empty((n, o.logits.shape[1]), np.float32)
+                out["features"] = np.empty((n, o.features.shape[1]), np.float32)
+                if maps:
+                    out["maps"] = np.empty((n, *o.maps.shape[1:]), np.float16)
+            out["logits"][s:e] = o.logits.float().cpu().numpy()
+            out["features"][s:e] = o.features.float().cpu().numpy()
+            if maps:
+                out["maps"][s:e] = o.maps.half().cpu().numpy()
+    return out
+
+
+def head_parameters(model: QPMModel) -> dict[str, np.ndarray | None]:
+    """The head as arrays: ``weight`` [C, K] and the ``head_mean``/``head_std``/``head_bias`` the pooling baseline
+    applies (sparse head: frozen mu, sigma and optional bias; dense head: the Linear bias)."""
+    def arr(t: Any) -> np.ndarray | None:
+        return None if t is None else t.detach().float().cpu().numpy()
+
+    if model.is_sparse:
+        return {"weight": arr(model.head_weight()), "head_mean": arr(model.sel_mu), "head_std": arr(model.sel_sigma),
+                "head_bias": arr(getattr(model, "sel_bias", None))}
+    return {"weight": arr(model.head_weight()), "head_mean": None, "head_std": None,
+            "head_bias": arr(model.linear.bias)}
+
+
+def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCache, *,
+                   class_attributes: Any = None, image_attributes: Any = None, which: str | list[str] = "all",
+                   seed: int = 0, device: str = "cpu", batch_size: int = 256, progress: bool = True,
+                   ) -> dict[str, float | None]:
+    """Metrics of ``model`` (dense or sparse) on the caches: one pass over train (pooled features) and one over test.
+
+    ``class_attributes`` [C, A] enables Structural-Grounding, ``image_attributes`` [N_train, A] bool (rows in the
+    train cache's order) enables Alignment; segmentation overlap needs the test cache's masks. Absent inputs give
+    ``None`` for those metrics.
+    """
+    keys = _checked_names(which)
+    model = model.to(device).eval()
+    head = head_parameters(model)
+    weight = head["weight"]
+    if weight.shape[0] != model.n_classes:
+        raise ArtifactError(f"head weight has {weight.shape[0]} rows for {model.n_classes} classes")
+    needs_train = bool({"Class-Independence", "Contrastiveness", "Correlation", "Alignment"} & set(keys))
+    scorer = M.map_scorer(weight, keys, head_mean=head["head_mean"], head_std=head["head_std"],
+                          head_bias=head["head_bias"], device=device)
+    test_masks = test_cache.masks if scorer is not None and scorer.seg_keys else None
+    n_test = len(test_cache)
+    test_logits = np.empty((n_test, model.n_classes), np.float32)
+    train_features = np.zeros((0, weight.shape[1]), np.float32)
+    with _progress(progress) as bar:
+        if needs_train:
+            train_features = np.empty((len(train_cache), weight.shape[1]), np.float32)
+            for s, e, o in iter_outputs(model, train_cache, batch_size=batch_size, device=device, progress=bar,
+                                        description="train features"):
+                train_features[s:e] = o.features.float().cpu().numpy()
+        for s, e, o in iter_outputs(model, test_cache, batch_size=batch_size, device=device, progress=bar,
+                                    description="test outputs"):
+            logits = o.logits.float().cpu().numpy()
+            test_logits[s:e] = logits
+            if scorer is not None:
+                scorer.update(M.predictions(logits), test_cache.labels[s:e], o.maps,
+                              None if test_masks is None else test_masks[s:e])
+    if image_attributes is not None and needs_train and len(image_attributes) != len(train_cache):
+        raise ArtifactError(f"image attributes have {len(image_attributes)} rows, the train cache "
+                            f"{len(train_cache)}; pass them in the cache's row order")
+    return M.finish_metrics(keys, train_features=train_features, train_labels=train_cache.labels,
+                            test_logits=test_logits, test_labels=test_cache.labels, weight=weight,
+                            class_attributes=class_attributes, image_attributes=image_attributes, seed=seed,
+                            scorer=scorer)
+
+
+def dataset_attributes(dataset: str, settings: Any, *, data_root: str | None = None,
+                       dataset_options: dict[str, Any] | None = None, train_cache: TokenCache | None = None,
+                       n_classes: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
+    """``(class_attributes [C, A], image_attributes [N_train, A], notes)`` of a dataset, where it has them.
+
+    Image attributes are reordered to the train cache's rows (``cache.indices``). Attributes whose class count does
+    not match the model are dropped (METHOD.md §13 C6: never score one dataset's model with another's attributes).
+    A dataset that cannot be opened any more (moved data) yields ``None`` and a note instead of an error.
+    """
+    notes: list[str] = []
+    try:
+        from qpmcli.data import load_dataset
+
+        ds = load_dataset(dataset, root=data_root, split="train", settings=settings, **(dataset_options or {}))
+    except QpmError as exc:
+        return None, None, [f"dataset {dataset} not readable, attribute metrics skipped: {exc}"]
+    class_attrs = ds.class_attributes()
+    if class_attrs is not None:
+        class_attrs = np.asarray(class_attrs, dtype=np.float64)
+        if n_classes is not None and class_attrs.shape[0] != n_classes:
+            notes.append(f"class attributes have {class_attrs.shape[0]} rows for {n_classes} classes; ignored")
+            class_attrs = None
+    image_attrs = None
+    if getattr(ds, "has_image_attributes", False):
+        try:
+            image_attrs = np.asarray(ds.image_attributes(), dtype=bool)
+        except QpmError as exc:
+            notes.append(f"image attributes not readable: {exc}")
+        if image_attrs is not None and train_cache is not None:
+            idx = np.asarray(train_cache.indices, dtype=np.int64)
+            if idx.size and int(idx.max()) >= image_attrs.shape[0]:
+                notes.append("image attributes do not cover the train cache; ignored")
+                image_attrs = None
+            else:
+                image_attrs = image_attrs[idx]
+    return class_attrs, image_attrs, notes
+
+
+def _open_run_caches(run: Path, config: dict[str, Any]) -> tuple[TokenCache, TokenCache]:
+    from qpmcli.cache import TokenCache
+
+    paths = config.get("caches") or {}
+    out = []
+    for split in ("train", "test"):
+        p = paths.get(split)
+        if not p:
+            raise ArtifactError(f"{run / 'config.json'} names no {split} token cache; rerun `qpm train --resume "
+                                f"--run-dir {run}`")
+        try:
+            out.append(TokenCache.open(p))
+        except CacheError as exc:
+            raise ArtifactError(f"the run's {split} token cache is unusable ({exc}); rebuild it with `qpm train "
+                                f"--resume --run-dir {run}`") from exc
+    return out[0], out[1]
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all", *, stage: str = "final",
+                 device: str | None = None, batch_size: int = 256, progress: bool = True, settings: Any = None,
+                 save: bool = True) -> dict[str, Any]:
+    """``qpm evaluate``: load a run's model (``stage`` final or dense) and caches, compute the metrics and merge them
+    into the run's ``metrics.json`` under ``stage``. Returns ``{"run", "stage", "metrics", "device", "seconds",
+    "n_train", "n_test", "notes"}``."""
+    from qpmcli import artifact
+
+    t0 = time.perf_counter()
+    run = Path(run_dir)
+    keys = _checked_names(which)
+    if settings is None:
+        from qpmcli.settings import resolve_settings
+
+        settings, _ = resolve_settings()
+    device = device or settings.torch_device()
+    model, info = artifact.load_model(run, stage=stage, device=device)
+    config = artifact.read_json(run / artifact.CONFIG)
+    train_cache, test_cache = _open_run_caches(run, config)
+    request = config.get("request", {})
+    class_attrs = image_attrs = None
+    notes: list[str] = []
+    if {"Structural-Grounding", "Alignment"} & set(keys) and request.get("dataset"):
+        class_attrs, image_attrs, notes = dataset_attributes(
+            request["dataset"], settings, data_root=request.get("data_root"),
+            dataset_options=request.get("dataset_options"), train_cache=train_cache, n_classes=model.n_classes)
+    if test_cache.masks is None and any(k.startswith("SegOverlap-") or k == "Plausibility" for k in keys):
+        notes.append("the test cache has no object masks: segmentation overlap is not applicable")
+    values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
+                            image_attributes=image_attrs, which=keys, seed=int(request.get("seed", 0) or 0),
+                            device=device, batch_size=batch_size, progress=progress)
+    if save:
+        path = run / artifact.METRICS
+        doc = artifact.read_json(path) if path.is_file() else {}
+        doc[stage] = {**(doc.get(stage) or {}), **values}
+        artifact.atomic_write_json(path, doc)
+    return {"run": str(run), "stage": stage, "metrics": values, "device": device,
+            "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache), "n_test": len(test_cache),
+            "notes": notes}
+
+
+def _checked_names(which: str | list[str]) -> list[str]:
+    """Metric names from a CLI string or list; unknown names become a one-line ``QpmError``."""
+    from qpmcli.errors import ConfigError
+
+    try:
+        return M.resolve_metric_names(which)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
