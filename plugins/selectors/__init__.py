@@ -1,10 +1,44 @@
-"""Built-in qpm selectors."""
+"""Built-in qpm selectors: ``qpm`` (CP-SAT + local search), ``topk`` (greedy baseline), ``sldd`` and ``qsenn``.
+
+Registered through the ``qpm`` entry-point group like any third-party selector. The factories import their modules
+lazily so that ``qpm plugins`` stays fast.
+"""
 
 from __future__ import annotations
 
+from qpmcli.contracts import SelectorSpec
 from qpmcli.hookspecs import hookimpl
+
+
+def _qpm():
+    from qpm_plugins.selectors.qpm import QpmSelector
+
+    return QpmSelector()
+
+
+def _topk():
+    from qpm_plugins.selectors.topk import TopkSelector
+
+    return TopkSelector()
+
+
+def _sldd():
+    from qpm_plugins.selectors.glm import SlddSelector
+
+    return SlddSelector()
+
+
+def _qsenn():
+    from qpm_plugins.selectors.glm import QsennSelector
+
+    return QsennSelector()
 
 
 @hookimpl
 def qpm_selectors() -> list:
-    return []
+    return [
+        SelectorSpec("qpm", _qpm, "QPM: K binary features, k per class, distinct sets; OR-Tools CP-SAT + local search"),
+        SelectorSpec("topk", _topk, "greedy baseline: forward-greedy features, each class its top-k (no search)"),
+        SelectorSpec("sldd", _sldd, "SLDD: glm-saga group elastic-net selection, sparse real weights + bias"),
+        SelectorSpec("qsenn", _qsenn, "Q-SENN: iterative SLDD with ternary weights, 4 iterations with a schedule"),
+    ]
