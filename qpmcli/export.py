@@ -225,7 +225,7 @@ def metadata_props(meta: ClassifierMetadata, graph: str, prototypes: dict[str, A
     for key, value in doc.items():
         props[META_PREFIX + key] = json.dumps(value)
     if prototypes is not None:
-        props[PROTOTYPES_KEY] = json.dumps(prototypes)
+        props[PROTOTYPES_KEY] = json.dumps(prototypes, separators=(",", ":"))
     return props
 
 
@@ -261,20 +261,24 @@ def convert_fp16(src: Path, dst: Path) -> None:
 def read_prototypes(run: Path, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
     """The run's prototypes as ``{feature_id: [{"png_b64", "class", "activation", ...}]}``, or ``None``.
 
-    Uses ``qpmcli.explain.load_prototypes`` (the explain helper's reader of ``<run>/prototypes/``) when it exists;
+    Uses ``qpmcli.explain.prototypes_metadata`` (the explain helper's compact form of ``<run>/prototypes/``, which
+    ``qpm explain`` reads back from the key ``qpm_prototypes``) when it is importable, else reads the folder directly;
     prototype sets larger than :data:`MAX_PROTOTYPE_BYTES` are not embedded.
     """
     folder = run / "prototypes"
     if not folder.is_dir():
         return None
     try:
-        from qpmcli.explain import load_prototypes
+        from qpmcli.explain import prototypes_metadata
     except ImportError:
-        load_prototypes = None
-    doc = load_prototypes(run) if load_prototypes is not None else _read_prototypes_folder(folder)
+        prototypes_metadata = None
+    if prototypes_metadata is not None:
+        doc = json.loads(prototypes_metadata(run))
+    else:
+        doc = _read_prototypes_folder(folder)
     if not doc:
         return None
-    size = len(json.dumps(doc))
+    size = len(json.dumps(doc, separators=(",", ":")))
     if size > MAX_PROTOTYPE_BYTES:
         if log:
             log(f"prototypes are {size / 2**20:.1f} MB (limit {MAX_PROTOTYPE_BYTES >> 20} MB); not embedded")
