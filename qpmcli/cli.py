@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "data",
     "extract",
     "train",
+    "select",
     "evaluate",
     "export",
     "predict",
