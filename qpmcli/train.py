@@ -647,11 +647,18 @@ class _RunLog:
 
 
 def _evaluate(model: QPMModel, train_cache: Any, test_cache: Any, req: TrainRequest, device: str,
-              ) -> dict[str, Any]:
-    from qpmcli.evaluate import evaluate_model
+              settings: Any) -> dict[str, Any]:
+    """The metrics of METHOD.md §8 (``req.metrics``) on the run's caches, with the dataset's attributes if any."""
+    from qpmcli.evaluate import _checked_names, dataset_attributes, evaluate_model
 
-    return evaluate_model(model, train_cache, test_cache, which=req.metrics, seed=req.seed, device=device,
-                          progress=False)
+    keys = _checked_names(req.metrics)
+    class_attrs = image_attrs = None
+    if {"Structural-Grounding", "Alignment"} & set(keys):
+        class_attrs, image_attrs, _ = dataset_attributes(req.dataset, settings, data_root=req.data_root,
+                                                         dataset_options=req.dataset_options,
+                                                         train_cache=train_cache, n_classes=model.n_classes)
+    return evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs, image_attributes=image_attrs,
+                          which=keys, seed=req.seed, device=device, progress=False)
 
 
 def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[str] | None = None,
@@ -803,7 +810,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         metrics = artifact.read_json(metrics_path)
     if dist.is_main and "dense" not in metrics:
         t0 = time.perf_counter()
-        metrics["dense"] = _evaluate(dense_model, train_cache, test_cache, req, device)
+        metrics["dense"] = _evaluate(dense_model, train_cache, test_cache, req, device, settings)
         timings["evaluate_dense"] = time.perf_counter() - t0
         artifact.atomic_write_json(metrics_path, metrics)
         artifact.save_model(dense_model, run, "dense", info={**info_base, "metrics": metrics["dense"]})
@@ -858,7 +865,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         timings["finetune"] = time.perf_counter() - t0
         if dist.is_main:
             t0 = time.perf_counter()
-            metrics["final"] = _evaluate(final_model, train_cache, test_cache, req, device)
+            metrics["final"] = _evaluate(final_model, train_cache, test_cache, req, device, settings)
             timings["evaluate_final"] = time.perf_counter() - t0
             artifact.atomic_write_json(metrics_path, metrics)
             artifact.save_model(final_model, run, "final", info={**info_base, "metrics": metrics["final"],

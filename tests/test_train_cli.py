@@ -1,0 +1,139 @@
+"""`qpm train` end to end as a real subprocess: run files, resume, bad input, and (slow) kill/resume and accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qpmcli.errors import DatasetError
+
+TINY = ["--backbone", "dinov2-vits14", "--weights", "random", "--backbone-option", "image_size=56",
+        "--backbone-option", 'arch={"depth": 1, "embed_dim": 32, "num_heads": 2}',
+        "--dataset", "shapes", "--dataset-option", "n_classes=4", "--dataset-option", "per_class=12",
+        "--dataset-option", "test_per_class=6", "--dataset-option", "image_size=56",
+        "--selector", "topk", "--features", "6", "--per-class", "2", "--dense-features", "16", "--hidden-size", "32",
+        "--dense-epochs", "2", "--finetune-epochs", "2", "--batch-size", "8", "--device", "cpu",
+        "--metrics", "fast", "--quiet"]
+
+
+def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
+    run = tmp_path / "run"
+    res = qpm(["train", *TINY, "--run-dir", str(run), "--json"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    for name in ("config.json", "dense.safetensors", "dense.json", "selection.json", "model.safetensors",
+                 "model.json", "metrics.json", "log.jsonl", "log.csv", "dense_features.npz"):
+        assert (run / name).is_file(), name
+    assert not list((run / "checkpoints").iterdir())  # finished phases leave no checkpoint behind
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in log] == [("dense", 1), ("dense", 2), ("finetune", 1), ("finetune", 2)]
+    assert (run / "log.csv").read_text().splitlines()[0].startswith("phase,epoch,loss,train_acc")
+    feats = np.load(run / "dense_features.npz", allow_pickle=False)
+    assert feats["features"].shape == (48, 16) and feats["labels"].tolist() == [i % 4 for i in range(48)]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["final"]["Accuracy"] <= 1.0 and "Accuracy" in metrics["dense"]
+    assert summary["metrics"] == metrics and summary["selection"]["features"] == json.loads(
+        (run / "selection.json").read_text())["features"]
+
+    from qpmcli.artifact import load_model
+
+    model, info = load_model(run)
+    assert info["selection"]["features"] == summary["selection"]["features"]
+    assert info["backbone"] == "dinov2-vits14" and info["grid"] == [4, 4] and len(info["class_names"]) == 4
+    assert info["image_size"] == [56, 56] and info["preprocess"]["mode"] == "official"
+    assert info["weights_digest"].startswith("random") and info["metrics"]["Accuracy"] == metrics["final"]["Accuracy"]
+    assert model.head_weight().sum(1).tolist() == [2.0] * 4
+    config = json.loads((run / "config.json").read_text())
+    assert config["request"]["dense"]["epochs"] == 2 and Path(config["caches"]["train"]).is_dir()
+
+    again = qpm(["train", *TINY, "--run-dir", str(run)], timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"backbone": "nope"}, "unknown backbone 'nope'; available: "),
+    ({"dataset": "nope"}, "unknown dataset 'nope'; available: "),
+    ({"selector": "nope"}, "unknown selector 'nope'; available: "),
+    ({"n_selected": 3, "per_class": 4}, "--per-class 4 exceeds --features 3"),
+    ({"n_selected": 40}, "--features 40 exceeds the adapter's 16 dense features"),
+    ({"n_features": 100000}, "--dense-features 100000 cannot be trained"),
+    ({"head": "svm"}, "unknown head 'svm'"),
+    ({"pooling": "median"}, "unknown pooling 'median'"),
+])
+def test_bad_train_requests_fail_before_any_work(tmp_path, changes, message):
+    from dataclasses import replace
+
+    from qpmcli.errors import QpmError
+    from qpmcli.settings import QpmSettings
+    from qpmcli.train import TrainRequest, train_run
+
+    req = replace(TrainRequest(backbone="dinov2-vits14", dataset="shapes", selector="topk", n_selected=6,
+                               per_class=2, n_features=16), **changes)
+    run = tmp_path / "bad"
+    settings = QpmSettings(cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", device="cpu")
+    with pytest.raises(QpmError) as err:
+        train_run(req, settings, run_dir=run, progress=False)
+    assert message in str(err.value)
+    assert not run.exists() and not (tmp_path / "cache").exists()
+
+
+def test_an_empty_training_class_is_named():
+    from qpmcli.train import _check_classes
+
+    with pytest.raises(DatasetError, match="1 class\\(es\\) have no training images \\(b\\)"):
+        _check_classes(np.array([0, 0, 2]), ["a", "b", "c"], "train")
+
+
+def _digest(path: Path) -> dict[str, bytes]:
+    from safetensors.numpy import load_file
+
+    return {k: v.tobytes() for k, v in load_file(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_path):
+    full = tmp_path / "full"
+    res = qpm(["train", *TINY, "--finetune-epochs", "3", "--run-dir", str(full)], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    killed = tmp_path / "killed"
+    env = {**isolated_env, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "train", *TINY, "--finetune-epochs", "3",
+                             "--checkpoint-steps", "2", "--run-dir", str(killed)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "checkpoints" / "finetune.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if marker.is_file() and json.loads(marker.read_text())["step"] > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.json").exists()
+    res = qpm(["train", *TINY, "--finetune-epochs", "3", "--checkpoint-steps", "2", "--run-dir", str(killed),
+               "--resume"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _digest(killed / "model.safetensors") == _digest(full / "model.safetensors")
+    assert json.loads((killed / "selection.json").read_text())["features"] == json.loads(
+        (full / "selection.json").read_text())["features"]
+
+
+@pytest.mark.slow
+def test_demo_backbone_learns_shapes_well_above_chance(qpm, tmp_path):
+    run = tmp_path / "effnet"
+    res = qpm(["train", "--backbone", "efficientnet-lite0", "--dataset", "shapes", "--dataset-option", "n_classes=8",
+               "--dataset-option", "per_class=30", "--dataset-option", "test_per_class=15", "--selector", "topk",
+               "--features", "16", "--per-class", "3", "--dense-features", "64", "--hidden-size", "256",
+               "--dense-epochs", "8", "--finetune-epochs", "5", "--dense-lr", "3e-3", "--device", "cpu",
+               "--metrics", "fast", "--quiet", "--run-dir", str(run), "--json"], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads(res.stdout)["metrics"]
+    assert metrics["dense"]["Accuracy"] > 0.5 and metrics["final"]["Accuracy"] > 0.4  # chance = 0.125
