@@ -41,7 +41,7 @@ def iter_outputs(model: QPMModel, cache: TokenCache, *, batch_size: int = 256, d
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
-            x = torch.from_numpy(np.ascontiguousarray(cache.tokens[s:e])).to(device=device, dtype=torch.float32)
+            x = torch.from_numpy(np.array(cache.tokens[s:e])).to(device=device, dtype=torch.float32)
             yield s, e, model(x)
             if task is not None:
                 progress.advance(task, e - s)
@@ -192,6 +192,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
     t0 = time.perf_counter()
     run = Path(run_dir)
     keys = _checked_names(which)
+    if not run.is_dir():
+        raise ArtifactError(f"run directory {run} does not exist; train one with `qpm train --run-dir {run}`")
     if settings is None:
         from qpmcli.settings import resolve_settings
 

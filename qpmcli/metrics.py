@@ -384,7 +384,8 @@ def structural_grounding(weight: Any, class_attributes: Any, top: int = 50) -> f
     S = cos(W_c, W_c') between class rows of the head weight, GT = cos between rows of the class-attribute matrix
     (e.g. CUB's ``class_attribute_labels_continuous.txt``), both with a zero diagonal. Over the ``top`` largest GT
     entries of the flattened C x C matrix (each pair counted twice): sum S / sum GT. Like the reference there is no
-    epsilon: a class with an all-zero row gives NaN. The attribute matrix must have one row per class (C6).
+    epsilon: a class with an all-zero row, or attributes that no two classes share (sum GT = 0), give NaN
+    (:func:`compute_metrics` reports that as None). The attribute matrix must have one row per class (C6).
     """
     w = _to_numpy(weight).astype(np.float64)
     a = _to_numpy(class_attributes).astype(np.float64)
@@ -400,8 +401,9 @@ def structural_grounding(weight: Any, class_attributes: Any, top: int = 50) -> f
 
     s, gt = cos(w).ravel(), cos(a).ravel()
     k = min(int(top), gt.size)
-    idx = np.argsort(-gt, kind="stable")[:k]
-    return float(s[idx].sum() / gt[idx].sum())
+    idx = np.argsort(-np.nan_to_num(gt, nan=-np.inf), kind="stable")[:k]
+    den = gt[idx].sum()
+    return float(s[idx].sum() / den) if den != 0 else float("nan")
 
 
 def alignment(features: Any, image_attributes: Any) -> float:
@@ -706,7 +708,8 @@ def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, t
         elif key == "Correlation":
             out[key] = correlation(f_rel) if rel.size else None
         elif key == "Structural-Grounding":
-            out[key] = None if class_attributes is None else structural_grounding(w, class_attributes)
+            sg = None if class_attributes is None else structural_grounding(w, class_attributes)
+            out[key] = sg if sg is None or np.isfinite(sg) else None
         elif key == "Alignment":
             out[key] = None if image_attributes is None or not rel.size else alignment(f_rel, image_attributes)
         elif key == "NFeatures":

@@ -130,6 +130,13 @@ def test_structural_grounding_hand_value():
     assert M.structural_grounding(w_same, np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])) == pytest.approx(1.0)
 
 
+def test_structural_grounding_is_undefined_when_no_classes_share_attributes():
+    assert math.isnan(M.structural_grounding(np.eye(3), np.eye(3)))
+    p = _random_problem(c=3)
+    res = M.compute_metrics(**p, which="structural_grounding", class_attributes=np.eye(3))
+    assert res == {"Structural-Grounding": None}
+
+
 def test_structural_grounding_rejects_attributes_of_another_class_count():
     with pytest.raises(ValueError, match="one row per class|C=3"):
         M.structural_grounding(np.eye(3), np.ones((4, 2)))
