@@ -20,6 +20,7 @@ The reported gap is (bound - objective) / |objective| with the smallest valid bo
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -102,7 +103,7 @@ def assign(inst: QpmInstance, S: np.ndarray) -> np.ndarray:
     W[np.arange(C)[:, None], order[:, :k]] = True
     if C == 1:
         return W
-    for _ in range(C):
+    for _ in range(min(C, 50)):
         keys = [bytes(np.packbits(r)) for r in W]
         groups: dict[bytes, list[int]] = {}
         for c, key in enumerate(keys):
@@ -126,7 +127,29 @@ def assign(inst: QpmInstance, S: np.ndarray) -> np.ndarray:
                 W[c, alt[1]] = False
                 W[c, alt[2]] = True
                 used.add(bytes(np.packbits(W[c])))
-    raise RuntimeError("duplicate repair did not converge")  # pragma: no cover - C(K,k) >= C is checked upfront
+    return _exact_assignment(sub, k)
+
+
+def _exact_assignment(sub: np.ndarray, k: int) -> np.ndarray:
+    """Optimal distinct assignment for a fixed selection by linear assignment over all k-subsets (small K only).
+
+    Used when single swaps cannot untangle the duplicates (e.g. almost as many classes as k-subsets).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    from qpmcli.errors import SelectionError
+
+    C, K = sub.shape
+    if math.comb(K, k) > 20_000:
+        raise SelectionError(f"could not give {C} classes distinct feature sets from {K} features; "
+                             f"raise --features or lower --per-class")
+    subsets = np.array(list(itertools.combinations(range(K), k)))
+    value = sub[:, subsets].sum(2)  # [C, n_subsets]
+    rows, cols = linear_sum_assignment(-value)
+    W = np.zeros((C, K), dtype=bool)
+    for c, j in zip(rows, cols, strict=True):
+        W[c, subsets[j]] = True
+    return W
 
 
 def _cheapest_swap(values: np.ndarray, row: np.ndarray, used: set[bytes]) -> tuple[float, int, int]:

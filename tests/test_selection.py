@@ -1,0 +1,227 @@
+"""Selection problem (A, R, clique threshold), the qpm/topk selectors, the selection JSON and `qpm select`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qpm_plugins.selectors import qpm as Q
+from qpmcli.contracts import Selection, SelectionProblem
+from qpmcli.errors import SelectionError
+from qpmcli.selection import (
+    build_problem,
+    clique_threshold,
+    compute_A,
+    compute_R,
+    disallowed_pairs,
+    load_selection,
+    save_selection,
+    select,
+    synthetic_problem,
+    validate_selection,
+)
+
+
+def brute_force(inst: Q.QpmInstance) -> float:
+    """The optimum by enumerating every selection and every distinct assignment (tiny instances only)."""
+    best = -math.inf
+    subsets = list(itertools.combinations(range(inst.K), inst.k))
+    for S in itertools.combinations(range(inst.n), inst.K):
+        S = np.array(S)
+        fixed = -0.5 * inst.P[np.ix_(S, S)].sum() + inst.bonus[S].sum()
+        vals = np.array([[inst.coef[S[list(t)], c].sum() for t in subsets] for c in range(inst.C)])
+        for combo in itertools.product(range(len(subsets)), repeat=inst.C):
+            if len(set(combo)) == inst.C:
+                best = max(best, fixed + sum(vals[c, combo[c]] for c in range(inst.C)))
+    return best
+
+
+def test_A_is_normalised_pearson_correlation_with_class_indicator():
+    rng = np.random.default_rng(0)
+    X = rng.random((60, 5))
+    X[:, 4] = 3.0  # dead feature
+    y = np.arange(60) % 3
+    A = compute_A(X, y, 3)
+    ref = np.array([[np.corrcoef(X[:, f], (y == c).astype(float))[0, 1] for c in range(3)] for f in range(4)])
+    ref /= np.abs(ref).max()
+    np.testing.assert_allclose(A[:4], ref, atol=1e-12)
+    assert np.all(A[4] == 0) and np.abs(A).max() == pytest.approx(1.0)
+
+
+def test_R_is_clipped_cosine_of_A_rows():
+    A = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    R = compute_R(A)
+    assert R.shape == (5, 5) and np.allclose(R, R.T)
+    assert R[0, 0] == pytest.approx(1.0) and R[0, 1] == pytest.approx(0.0)
+    assert R[0, 2] == 0.0  # cos = -1, clipped
+    assert R[0, 3] == pytest.approx(1 / math.sqrt(2))
+    assert np.all(R[4] == 0)
+
+
+def test_clique_threshold_returns_a_verified_clique_and_positive_pair_weights():
+    prob = synthetic_problem(60, 20, seed=3, n_samples=600)
+    res = clique_threshold(prob.R, 12)
+    assert len(res.clique) == 12
+    sub = prob.R[np.ix_(res.clique, res.clique)]
+    assert np.all(sub[~np.eye(12, dtype=bool)] < res.threshold)
+    pairs, w = disallowed_pairs(prob.R, res.threshold)
+    assert len(pairs) > 0 and np.all(pairs[:, 0] < pairs[:, 1])
+    assert np.all(prob.R[pairs[:, 0], pairs[:, 1]] >= res.threshold)
+    assert np.all((w > 0) & (w <= 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 4])
+def test_qpm_solves_tiny_instances_to_proven_optimality(seed):
+    prob = synthetic_problem(8, 4, seed=seed, rank=3, n_samples=200)
+    inst = Q.make_instance(prob, 4, 2)
+    res = Q.solve(inst, time_limit=10, seed=0, workers=2, progress=False)
+    assert res.objective == pytest.approx(brute_force(inst), abs=1e-6)
+    assert res.status == "OPTIMAL" and res.bound >= res.objective - 1e-9 and res.gap <= 1e-6
+
+
+def test_qpm_optimal_with_forced_duplicates_matches_brute_force():
+    # classes 0 and 1 have identical A columns: their top-k sets collide and one must give way
+    rng = np.random.default_rng(7)
+    A = rng.normal(size=(7, 4))
+    A[:, 1] = A[:, 0]
+    A /= np.abs(A).max()
+    prob = SelectionProblem(A=A, R=compute_R(A))
+    inst = Q.make_instance(prob, 4, 2)
+    res = Q.solve(inst, time_limit=10, seed=0, workers=2, progress=False)
+    rows = {tuple(np.flatnonzero(r)) for r in res.W}
+    assert len(rows) == 4
+    assert res.objective == pytest.approx(brute_force(inst), abs=1e-6)
+
+
+@pytest.mark.parametrize("selector", ["qpm", "topk"])
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_every_returned_selection_satisfies_all_constraints(selector, seed):
+    rng = np.random.default_rng(seed)
+    n, C = int(rng.integers(20, 40)), int(rng.integers(8, 30))
+    K, k = int(rng.integers(5, 10)), int(rng.integers(2, 4))
+    prob = synthetic_problem(n, C, seed=seed, n_samples=30 * C)
+    sel = select(prob, selector=selector, n_features=K, per_class=k, time_limit=2, seed=0, workers=2,
+                 progress=False)
+    validate_selection(sel, C, K, k)
+    inst = Q.make_instance(prob, K, k)
+    assert sel.objective == pytest.approx(inst.value(sel.features, sel.weight.astype(bool)), abs=1e-6)
+    if selector == "qpm":
+        assert sel.bound is not None and sel.bound >= sel.objective - 1e-9
+        assert sel.gap == pytest.approx((sel.bound - sel.objective) / abs(sel.objective), abs=1e-9)
+
+
+def test_qpm_beats_or_matches_greedy_and_is_deterministic():
+    prob = synthetic_problem(40, 30, seed=5, n_samples=900)
+    kw = dict(selector="qpm", n_features=10, per_class=3, time_limit=3, seed=1, workers=2, progress=False)
+    a, b = select(prob, **kw), select(prob, **kw)
+    greedy = select(prob, selector="topk", n_features=10, per_class=3, progress=False)
+    assert a.objective >= greedy.objective - 1e-9
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    assert a.objective == b.objective
+
+
+def test_local_search_never_worsens_and_assign_gives_distinct_sets():
+    prob = synthetic_problem(80, 40, seed=9, n_samples=1200)
+    inst = Q.make_instance(prob, 12, 3)
+    S0 = Q.greedy(inst)
+    S1 = Q.local_search(inst, S0)
+    assert len(np.unique(S1)) == 12
+    assert inst.selection_value(S1) >= inst.selection_value(S0) - 1e-9
+    W = Q.assign(inst, S1)
+    assert (W.sum(1) == 3).all() and len({tuple(r) for r in W}) == 40
+
+
+def test_assign_untangles_as_many_classes_as_subsets():
+    A = np.tile(np.array([[3.0], [2.0], [1.0], [0.5]]), (1, 6))  # 6 identical classes, C(4,2) = 6 subsets
+    inst = Q.QpmInstance(coef=A, pairs=np.zeros((0, 2), int), pair_w=np.zeros(0), bonus=np.zeros(4), K=4, k=2)
+    W = Q.assign(inst, np.arange(4))
+    assert len({tuple(r) for r in W}) == 6 and (W.sum(1) == 2).all()
+
+
+def test_lp_bound_is_above_the_optimum_of_small_instances():
+    prob = synthetic_problem(9, 4, seed=2, rank=3, n_samples=200)
+    inst = Q.make_instance(prob, 4, 2)
+    opt = brute_force(inst)
+    for M in (3, 5, 9):
+        assert Q.lp_bound(inst, M) >= opt - 1e-6
+
+
+@pytest.mark.parametrize(("K", "k", "C", "n", "msg"), [
+    (5, 6, 4, 10, "exceeds --features"),
+    (12, 3, 4, 10, "exceeds the 10 features"),
+    (4, 3, 5, 10, "distinct feature sets"),
+    (0, 1, 4, 10, "at least 1"),
+])
+def test_infeasible_requests_fail_before_solving(K, k, C, n, msg):
+    A = np.random.default_rng(0).normal(size=(n, C))
+    with pytest.raises(SelectionError, match=msg):
+        select(A, compute_R(A), n_features=K, per_class=k, time_limit=1, progress=False)
+
+
+def test_validate_selection_rejects_broken_selections():
+    W = np.zeros((3, 4))
+    W[:, :2] = 1
+    sel = Selection(features=np.array([1, 2, 5, 7]), weight=W)
+    with pytest.raises(SelectionError, match="same feature set"):
+        validate_selection(sel, 3, 4, 2)
+    W2 = W.copy()
+    W2[0, 2] = 1
+    with pytest.raises(SelectionError, match="class 0 has 3"):
+        validate_selection(Selection(features=np.array([1, 2, 5, 7]), weight=W2), 3, 4, 2)
+    with pytest.raises(SelectionError, match="sorted"):
+        validate_selection(Selection(features=np.array([2, 1, 5, 7]), weight=W), 3, 4, 2)
+
+
+def test_selection_json_roundtrip(tmp_path):
+    prob = synthetic_problem(20, 6, seed=1, n_samples=200)
+    sel = select(prob, n_features=6, per_class=2, time_limit=2, workers=2, progress=False)
+    path = save_selection(sel, tmp_path / "sel.json", class_names=[f"c{i}" for i in range(6)])
+    data = json.loads(path.read_text())
+    assert set(data) >= {"features", "weight", "objective", "bound", "gap", "status", "seconds", "solver", "params"}
+    assert data["features"] == sorted(data["features"]) and np.array(data["weight"]).shape == (6, 6)
+    back = load_selection(path)
+    np.testing.assert_array_equal(back.features, sel.features)
+    np.testing.assert_array_equal(back.weight, sel.weight)
+    assert back.objective == sel.objective and back.status == sel.status
+    with pytest.raises(SelectionError, match="not found"):
+        load_selection(tmp_path / "missing.json")
+
+
+def test_build_problem_keeps_features_for_glm_selectors():
+    rng = np.random.default_rng(0)
+    prob = build_problem(rng.random((50, 6)), np.arange(50) % 5, 5)
+    assert prob.A.shape == (6, 5) and prob.R.shape == (6, 6) and prob.features.shape == (50, 6)
+
+
+def test_cli_select_problem_file_and_run_dir(qpm, tmp_path):
+    prob = synthetic_problem(24, 6, seed=2, n_samples=240)
+    np.savez(tmp_path / "problem.npz", A=prob.A, R=prob.R, class_names=np.array([f"c{i}" for i in range(6)]))
+    r = qpm(["select", "--problem", "problem.npz", "--features", "6", "--per-class", "2", "--time-limit", "2",
+             "--workers", "2", "--out", "sel.json", "--json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["features"]) == 6 and out["status"] in {"OPTIMAL", "FEASIBLE"}
+    saved = json.loads((tmp_path / "sel.json").read_text())
+    assert saved["class_names"] == [f"c{i}" for i in range(6)]
+    run = tmp_path / "run"
+    run.mkdir()
+    np.savez(run / "dense_features.npz", features=prob.features, labels=prob.labels)
+    r = qpm(["select", str(run), "--selector", "topk", "--features", "6", "--per-class", "2"])
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((run / "selection.json").read_text())["features"]) == 6
+
+
+def test_cli_select_errors_are_one_line_exit_2(qpm, tmp_path):
+    r = qpm(["select", "--problem", "nope.npz"])
+    assert r.returncode == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    A = np.random.default_rng(0).normal(size=(10, 4))
+    np.savez(tmp_path / "p.npz", A=A, R=compute_R(A))
+    r = qpm(["select", "--problem", "p.npz", "--features", "4", "--per-class", "5"])
+    assert r.returncode == 2 and "exceeds --features" in r.stderr
+    r = qpm(["select"])
+    assert r.returncode == 2 and "either a run directory or --problem" in r.stderr
