@@ -1,0 +1,54 @@
+"""``qpm explain``: figures that show why an image got its class (local), how two classes differ (--compare), what
+a class's features look like in the training data (--class), optionally as one self-contained HTML report."""
+
+from __future__ import annotations
+
+import typer
+
+from qpmcli.commands._common import JsonFlag, console, print_json
+
+
+def explain(
+    images: list[str] = typer.Argument(None, help="Image files or folders (optional with --class)."),
+    model: str = typer.Option(..., "--model", "-m", help="Run directory or exported .onnx file."),
+    out: str = typer.Option("explanations", "--out", "-o", help="Output folder for figures and the report."),
+    compare: str = typer.Option(None, "--compare", help="Contrast the explained class with this class."),
+    class_name: str = typer.Option(None, "--class",
+                                   help="Explain this class: its features' training prototypes, and the images "
+                                        "with respect to it instead of their predicted class."),
+    html: bool = typer.Option(False, "--html", help="Also write one self-contained report.html."),
+    top_k: int = typer.Option(5, "--top-k", help="Runner-up classes shown."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """Explain predictions: the class's 5 features, where they fire, and what they contribute to the logit."""
+    from qpmcli.errors import ConfigError
+    from qpmcli.explain import explain as run_explain
+
+    if top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    summary = run_explain(images or [], model, out_dir=out, compare=compare, class_name=class_name,
+                          html_report=html, device=device, top_k=top_k, progress=not quiet and not json_out)
+    if json_out:
+        print_json(summary)
+        return
+    con = console()
+    glob = summary.get("global")
+    if glob:
+        con.print(f"class [bold]{glob['class']}[/]: features {', '.join(map(str, glob['features']))} -> "
+                  f"{glob['figure']}")
+    for item in summary["images"]:
+        feats = ", ".join(f"{e['feature']} ({e['contribution']:+.2f})" for e in item["features"])
+        con.print(f"{item['image']}: [bold]{item['class_name']}[/] p={item['probability']:.3f}  features {feats}")
+        con.print(f"  -> {item['figure']}")
+        if item.get("compare"):
+            c = item["compare"]
+            con.print(f"  vs {c['class_b']}: shared {c['shared']}, only A {c['only_a']}, only B {c['only_b']} "
+                      f"-> {c['figure']}")
+    if summary.get("html"):
+        con.print(f"report: {summary['html']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("explain")(explain)

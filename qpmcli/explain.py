@@ -1,0 +1,955 @@
+"""Explanations people can look at: ``qpm explain``.
+
+A QPM model decides with a handful of features per class: ``logit_c = sum_k W[c, k] * (f_k - mu_k) / sigma_k`` where
+``f_k`` is the spatial mean of feature map ``F_k``. Everything here reads that sum back out of one forward pass:
+
+- **local** (:func:`render_local`): the input, the prediction with runner-ups, each of the class's features drawn
+  where it fires (its map upsampled onto the image) with its activation and its contribution to the logit, and the
+  combined evidence map ``sum_k W[c, k] * F_k / sigma_k`` (the per-patch split of the logit, up to a constant);
+- **contrastive** (:func:`render_compare`): two classes side by side: the features they share (which cancel in the
+  logit difference of a binary W) and the ones that tell them apart;
+- **global** (:func:`render_global`): a class's features, each shown by the training patches that activate it most.
+  Those prototypes are computed once after training (:func:`build_prototypes`, stored in ``<run>/prototypes/``) and
+  read back by :func:`load_prototypes` from a run directory or from an exported ONNX file's ``qpm_prototypes``
+  metadata, so explaining never needs the training data;
+- **HTML** (:func:`render_html`): one self-contained report (figures as data URIs) for one image or a folder.
+
+Feature ids are the *dense* feature indices (``feature 305``), the same in every figure, and every feature has a
+stable colour (:func:`feature_colour`). Figures are drawn with matplotlib's Agg backend at a fixed pixel size.
+
+:func:`explain` is the library call behind the CLI; it uses :func:`qpmcli.predict.load_classifier`, so it works the
+same from a run directory (PyTorch) and from an ``.onnx`` file (ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+import shutil
+import textwrap
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpmcli.errors import ArtifactError, ConfigError, ImageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+PROTOTYPES_JSON = "prototypes.json"
+PROTOTYPES_FORMAT = "qpm-prototypes"
+ONNX_PROTOTYPES_KEY = "qpm_prototypes"
+DPI = 100
+LOCAL_FIGSIZE = (16.0, 7.2)  # -> 1600 x 720 px
+MAX_DISPLAY = 320  # longest side of the input as drawn in figures (px)
+HEAT_CMAP = "turbo"
+EVIDENCE_CMAP = "RdBu_r"
+
+
+# ---------------------------------------------------------------------------------------------- small helpers
+def feature_colour(feature_id: int) -> tuple[float, float, float]:
+    """A stable RGB colour for dense feature ``feature_id`` (the same in every figure and every model): golden-ratio
+    hue steps keep nearby ids apart, and brightness/saturation cycle so that ids with similar hues still differ."""
+    import colorsys
+
+    fid = int(feature_id)
+    hue = (fid * 0.6180339887498949 + 0.11) % 1.0
+    value = (0.92, 0.62, 0.78)[fid % 3]
+    sat = (0.78, 0.95, 0.62)[(fid // 3) % 3]
+    return colorsys.hsv_to_rgb(hue, sat, value)
+
+
+def slug(text: str, limit: int = 48) -> str:
+    """A file-name-safe version of a class name."""
+    s = re.sub(r"[^A-Za-z0-9_]+", "-", str(text)).strip("-_").lower()
+    return (s[:limit].rstrip("-") or "class")
+
+
+def _short(text: str, width: int = 30) -> str:
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _wrap(text: str, width: int = 34, lines: int = 2) -> str:
+    return "\n".join(textwrap.wrap(str(text), width=width, max_lines=lines, placeholder="\u2026")) or str(text)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a ``[h, w]`` map to ``size = (H, W)`` (PIL float image; the grid covers the image)."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.ascontiguousarray(grid_map, dtype=np.float32)
+    out = Image.fromarray(arr, mode="F").resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
+    return np.asarray(out, dtype=np.float32)
+
+
+def mask_fraction(saliency: np.ndarray, mask: np.ndarray) -> float:
+    """Share of a non-negative saliency map's mass that lies inside ``mask`` (same shape); NaN for an empty map."""
+    import numpy as np
+
+    s = np.clip(np.asarray(saliency, dtype=np.float64), 0.0, None)
+    total = float(s.sum())
+    if total <= 0.0:
+        return float("nan")
+    return float(s[np.asarray(mask, dtype=bool)].sum() / total)
+
+
+def resolve_class(query: str | int, class_names: list[str]) -> int:
+    """Class index from a name (exact, then case-insensitive, then a unique substring) or an integer index."""
+    q = str(query).strip()
+    if q in class_names:
+        return class_names.index(q)
+    lower = [c.lower() for c in class_names]
+    if q.lower() in lower:
+        return lower.index(q.lower())
+    if re.fullmatch(r"-?\d+", q):
+        i = int(q)
+        if 0 <= i < len(class_names):
+            return i
+        raise ConfigError(f"class index {i} is out of range 0..{len(class_names) - 1}")
+    hits = [i for i, c in enumerate(lower) if q.lower() in c]
+    if len(hits) == 1:
+        return hits[0]
+    examples = ", ".join(repr(c) for c in (class_names[i] for i in hits[:4]) if c) if hits else \
+        ", ".join(repr(c) for c in class_names[:4])
+    what = f"{len(hits)} classes match" if hits else "no class matches"
+    raise ConfigError(f"{what} {q!r} (e.g. {examples}); give an exact class name or a class index")
+
+
+def image_paths(inputs: list[str | os.PathLike[str]]) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted, recursive); missing paths are an error."""
+    out: list[Path] = []
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ImageError(f"image not found: {p}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the explanation
+@dataclass
+class FeatureEvidence:
+    """One feature's part in one class's logit for one image."""
+
+    feature: int  # dense feature index: the stable id shown in every figure
+    column: int  # column of W / channel of the model's maps
+    weight: float  # W[c, k]
+    activation: float  # pooled (spatial mean) feature value f_k
+    zscore: float | None  # (f_k - mu_k) / sigma_k, what the head multiplies by W
+    contribution: float  # W[c, k] * zscore (or W * f_k without standardisation)
+    peak: float  # the map's maximum
+    peak_at: list[int]  # [row, col] of the maximum on the token grid
+
+
+@dataclass
+class LocalExplanation:
+    """Why one image got (or would get) one class: the class's features with activation and contribution."""
+
+    image: str
+    class_index: int
+    class_name: str
+    probability: float
+    logit: float
+    bias: float
+    predicted_index: int
+    predicted_name: str
+    top: list[dict[str, Any]]
+    features: list[FeatureEvidence]
+    figure: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def metadata_dict(meta: Any) -> dict[str, Any]:
+    """A plain dict view of a classifier's metadata (:class:`qpmcli.predict.ClassifierMetadata` or a dict):
+    ``class_names``, ``features``, ``weight``, ``mu``, ``sigma``, ``bias``, ``backbone``, ``grid``, ``prototypes``."""
+    if isinstance(meta, dict):
+        return dict(meta)
+    keys = ("class_names", "features", "weight", "mu", "sigma", "bias", "backbone", "weights_digest", "grid",
+            "image_size", "preprocess", "prototypes")
+    return {k: getattr(meta, k) for k in keys if hasattr(meta, k)}
+
+
+def _head_arrays(metadata: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None,
+                                                     np.ndarray | None, list[int]]:
+    """``(W [C, K], mu [K] | None, sigma [K] | None, bias [C] | None, feature ids [K])`` from a classifier's metadata."""
+    import numpy as np
+
+    if "weight" not in metadata:
+        raise ArtifactError("the model metadata has no class-feature weight matrix ('weight')")
+    w = np.asarray(metadata["weight"], dtype=np.float64)
+    k = w.shape[1]
+    ids = metadata.get("features")
+    ids = [int(i) for i in ids] if ids is not None else list(range(k))
+    if len(ids) != k:
+        raise ArtifactError(f"the model metadata lists {len(ids)} features but its weight has {k} columns")
+    mu = metadata.get("mu")
+    sigma = metadata.get("sigma")
+    bias = metadata.get("bias")
+    mu = None if mu is None else np.asarray(mu, dtype=np.float64).reshape(-1)
+    sigma = None if sigma is None else np.maximum(np.asarray(sigma, dtype=np.float64).reshape(-1), 1e-6)
+    bias = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
+    return w, mu, sigma, bias, ids
+
+
+def class_columns(weight: np.ndarray, class_index: int, max_features: int = 5,
+                  contributions: np.ndarray | None = None) -> list[int]:
+    """The columns a class uses: nonzero weights (all 5 of a QPM class); beyond ``max_features`` the largest |W|,
+    or the largest |contribution| when given (a dense head uses every feature)."""
+    import numpy as np
+
+    row = np.asarray(weight[class_index], dtype=np.float64)
+    cols = np.flatnonzero(row != 0)
+    if len(cols) > max_features:
+        key = np.abs(contributions[cols]) if contributions is not None else np.abs(row[cols])
+        cols = cols[np.argsort(-key, kind="stable")[:max_features]]
+    return [int(c) for c in cols]
+
+
+def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray, metadata: dict[str, Any], *,
+                   image: str = "", class_index: int | None = None, max_features: int = 5,
+                   top_k: int = 5) -> LocalExplanation:
+    """Turn one image's model output (``logits [C]``, ``maps [K, h, w]``, ``features [K]``) into the evidence of
+    ``class_index`` (default: the predicted class), features ordered by contribution (largest first)."""
+    import numpy as np
+
+    w, mu, sigma, bias, ids = _head_arrays(metadata)
+    names = [str(c) for c in metadata.get("class_names") or range(w.shape[0])]
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    f = np.asarray(features, dtype=np.float64).reshape(-1)
+    maps = np.asarray(maps, dtype=np.float32)
+    probs = softmax(logits)
+    pred = int(np.argmax(logits))
+    c = pred if class_index is None else int(class_index)
+    z = (f - mu) / sigma if mu is not None and sigma is not None else None
+    contrib_all = w[c] * (z if z is not None else f)
+    cols = class_columns(w, c, max_features, contrib_all)
+    evidence = []
+    for k in cols:
+        m = maps[k]
+        r, q = np.unravel_index(int(np.argmax(m)), m.shape)
+        evidence.append(FeatureEvidence(feature=ids[k], column=k, weight=float(w[c, k]), activation=float(f[k]),
+                                        zscore=None if z is None else float(z[k]),
+                                        contribution=float(contrib_all[k]), peak=float(m.max()),
+                                        peak_at=[int(r), int(q)]))
+    evidence.sort(key=lambda e: -e.contribution)
+    order = np.argsort(-logits, kind="stable")[:top_k]
+    top = [{"index": int(i), "class": names[i], "probability": float(probs[i]), "logit": float(logits[i])}
+           for i in order]
+    return LocalExplanation(image=image, class_index=c, class_name=names[c], probability=float(probs[c]),
+                            logit=float(logits[c]), bias=float(bias[c]) if bias is not None else 0.0,
+                            predicted_index=pred, predicted_name=names[pred], top=top, features=evidence)
+
+
+def evidence_map(maps: np.ndarray, metadata: dict[str, Any], class_index: int) -> np.ndarray:
+    """Per-patch evidence for a class, ``sum_k W[c, k] * F_k / sigma_k`` ``[h, w]``: its spatial mean minus the
+    constant ``sum_k W[c, k] * mu_k / sigma_k`` (plus bias) is the logit, so it shows where the logit comes from."""
+    import numpy as np
+
+    w, _, sigma, _, _ = _head_arrays(metadata)
+    row = w[class_index] / (sigma if sigma is not None else 1.0)
+    return np.tensordot(row, np.asarray(maps, dtype=np.float64), axes=(0, 0))
+
+
+def compare_classes(metadata: dict[str, Any], class_a: int, class_b: int) -> dict[str, list[int]]:
+    """Columns of W used by both classes (``shared``) and by only one (``only_a``, ``only_b``), plus dense ids."""
+    import numpy as np
+
+    w, _, _, _, ids = _head_arrays(metadata)
+    a = set(np.flatnonzero(w[class_a] != 0).tolist())
+    b = set(np.flatnonzero(w[class_b] != 0).tolist())
+    out = {"shared": sorted(a & b), "only_a": sorted(a - b), "only_b": sorted(b - a)}
+    for key in list(out):
+        out[f"{key}_features"] = [ids[k] for k in out[key]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- drawing
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _display_image(image: Any) -> np.ndarray:
+    """The input as an RGB uint8 array, longest side at most :data:`MAX_DISPLAY` (aspect kept)."""
+    import numpy as np
+    from PIL import Image
+
+    from qpmcli.images import to_rgb
+
+    img = to_rgb(image)
+    scale = MAX_DISPLAY / max(img.size)
+    if scale < 1:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def _overlay(ax: Any, rgb: np.ndarray, heat: np.ndarray, norm: Any, cmap: str = HEAT_CMAP,
+             alpha_max: float = 0.75) -> None:
+    """The image in grey-ish tones with the heat map on top; opacity grows with the value so cold areas stay visible."""
+    import numpy as np
+
+    plt = _pyplot()
+    grey = rgb.astype(np.float32).mean(axis=2, keepdims=True)
+    base = (0.55 * rgb + 0.45 * grey).astype(np.uint8)
+    ax.imshow(base)
+    v = np.clip(norm(heat), 0.0, 1.0)
+    rgba = plt.get_cmap(cmap)(v)
+    rgba[..., 3] = 0.15 + (alpha_max - 0.15) * v
+    ax.imshow(rgba)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _frame(ax: Any, colour: Any, width: float = 4.0) -> None:
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(width)
+        spine.set_visible(True)
+
+
+def _save(fig: Any, path: str | os.PathLike[str], panels: dict[str, Any] | None = None,
+          boxes: dict[str, list[int]] | None = None) -> Path:
+    """Write the figure (atomically); with ``panels``, fill ``boxes`` with each named axis' drawn pixel box
+    ``[x0, y0, x1, y1]`` (origin top-left), so callers and tests can find the panels in the PNG."""
+    from qpmcli.artifact import atomic_path
+
+    plt = _pyplot()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    if panels and boxes is not None:
+        width, height = fig.get_size_inches() * DPI
+        for name, ax in panels.items():
+            b = ax.get_position()  # after drawing: the box as drawn (aspect applied)
+            boxes[name] = [round(b.x0 * width), round((1 - b.y1) * height), round(b.x1 * width),
+                           round((1 - b.y0) * height)]
+    plt.close(fig)
+    return target
+
+
+def _composite(rgb: np.ndarray, ups: list[np.ndarray], colours: list[Any], vmax: float) -> np.ndarray:
+    """Every pixel takes the colour of the class feature that fires most there, its opacity the strength."""
+    import numpy as np
+
+    stack = np.stack(ups)  # [n, H, W]
+    strength = np.clip(stack.max(0) / max(vmax, 1e-12), 0.0, 1.0)
+    winner = stack.argmax(0)
+    pal = np.asarray(colours, dtype=np.float32) * 255.0
+    colour = pal[winner]
+    grey = rgb.astype(np.float32).mean(axis=2, keepdims=True).repeat(3, axis=2) * 0.6 + 60
+    a = (0.85 * strength)[..., None]
+    return np.clip(grey * (1 - a) + colour * a, 0, 255).astype(np.uint8)
+
+
+def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata: dict[str, Any],
+                 path: str | os.PathLike[str]) -> Path:
+    """The local explanation figure (1600 x 720 px): input, prediction, contributions, combined evidence, the
+    feature composite, and one saliency panel per feature of ``expl.class_index``."""
+    import numpy as np
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.cm import ScalarMappable
+
+    plt = _pyplot()
+    rgb = _display_image(image)
+    size = rgb.shape[:2]
+    feats = expl.features
+    n = max(len(feats), 1)
+    ncols = max(5, n)
+    fig = plt.figure(figsize=LOCAL_FIGSIZE, dpi=DPI)
+    gs = fig.add_gridspec(2, ncols + 1, width_ratios=[1] * ncols + [0.06], height_ratios=[1, 1.08],
+                          left=0.03, right=0.95, top=0.86, bottom=0.04, wspace=0.32, hspace=0.42)
+    verdict = "predicted" if expl.class_index == expl.predicted_index else \
+        f"explained class (predicted: {_short(expl.predicted_name, 40)})"
+    fig.suptitle(f"{_short(Path(expl.image).name or 'image', 50)}  \u2192  {_short(expl.class_name, 70)}  "
+                 f"(p = {expl.probability:.3f}, logit {expl.logit:+.2f}; {verdict})", fontsize=13,
+                 fontweight="bold")
+
+    panels: dict[str, Any] = {}
+    ax = panels["input"] = fig.add_subplot(gs[0, 0])
+    ax.imshow(rgb)
+    ax.set_title("input", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+    ax = panels["prediction"] = fig.add_subplot(gs[0, 1])
+    top = expl.top
+    ys = np.arange(len(top))[::-1].astype(float)
+    ax.barh(ys, [t["probability"] for t in top], height=0.42,
+            color=["#d62728" if t["index"] == expl.class_index else "#9aa5b1" for t in top])
+    for y, t in zip(ys, top, strict=True):  # class names above their bars: long names need the full width
+        ax.text(0.0, y + 0.24, f"{_short(t['class'], 40)}  {t['probability']:.3f}", va="bottom", fontsize=7.5,
+                fontweight="bold" if t["index"] == expl.class_index else "normal")
+    ax.set_yticks([])
+    ax.set_ylim(-0.5, len(top) - 0.1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability", fontsize=8)
+    ax.set_title("prediction and runner-ups", fontsize=10)
+    ax.tick_params(axis="x", labelsize=7)
+
+    ax = panels["contributions"] = fig.add_subplot(gs[0, 2])
+    if feats:
+        ys = np.arange(len(feats))[::-1]
+        vals = [e.contribution for e in feats]
+        ax.barh(ys, vals, color=[feature_colour(e.feature) for e in feats])
+        ax.set_yticks(ys, [f"feature {e.feature}" for e in feats], fontsize=7)
+        ax.axvline(0, color="k", lw=0.8)
+        lim = max(1e-6, max(abs(v) for v in vals)) * 1.25
+        ax.set_xlim(-lim, lim)
+        rest = expl.logit - sum(vals)
+        ax.set_xlabel(f"contribution to logit (others + bias {rest:+.2f})", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "this class uses\nno features", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title("feature contributions", fontsize=10)
+    ax.tick_params(axis="x", labelsize=7)
+
+    ev = upsample(evidence_map(maps, metadata, expl.class_index), size)
+    lim = float(np.abs(ev).max()) or 1.0
+    enorm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim) if ev.min() < 0 else Normalize(0.0, lim)
+    ax = panels["evidence"] = fig.add_subplot(gs[0, 3])
+    _overlay(ax, rgb, ev, enorm, cmap=EVIDENCE_CMAP if ev.min() < 0 else HEAT_CMAP)
+    ax.set_title("combined evidence\n\u03a3 W\u00b7F/\u03c3 per location", fontsize=10)
+    cax = ax.inset_axes([0.0, -0.09, 1.0, 0.05])
+    cb = fig.colorbar(ScalarMappable(enorm, EVIDENCE_CMAP if ev.min() < 0 else HEAT_CMAP), cax=cax,
+                      orientation="horizontal")
+    cb.ax.tick_params(labelsize=6)
+
+    ups = [upsample(maps[e.column], size) for e in feats]
+    vmax = max([float(u.max()) for u in ups] + [1e-6])
+    vmin = min([float(u.min()) for u in ups] + [0.0])
+    ax = panels["composite"] = fig.add_subplot(gs[0, 4])
+    if ups:
+        ax.imshow(_composite(rgb, ups, [feature_colour(e.feature) for e in feats], vmax))
+        handles = [plt.Line2D([], [], marker="s", ls="", color=feature_colour(e.feature), label=f"{e.feature}")
+                   for e in feats]
+        ax.legend(handles=handles, fontsize=6, loc="upper right", framealpha=0.7, handlelength=1, borderpad=0.3)
+    else:
+        ax.imshow(rgb)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title("where each feature fires\n(strongest feature per pixel)", fontsize=10)
+
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    for i, (e, u) in enumerate(zip(feats, ups, strict=True)):
+        ax = panels[f"feature {e.feature}"] = fig.add_subplot(gs[1, i])
+        _overlay(ax, rgb, u, norm)
+        _frame(ax, feature_colour(e.feature))
+        z = "" if e.zscore is None else f" (z {e.zscore:+.2f})"
+        ax.set_title(f"feature {e.feature}", fontsize=11, fontweight="bold", color=feature_colour(e.feature))
+        ax.set_xlabel(f"activation {e.activation:.3f}{z}\ncontribution {e.contribution:+.2f}", fontsize=9)
+    if feats:
+        cax = fig.add_subplot(gs[1, ncols])
+        cb = fig.colorbar(ScalarMappable(norm, HEAT_CMAP), cax=cax)
+        cb.set_label("feature map value", fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+    boxes: dict[str, list[int]] = {}
+    out = _save(fig, path, panels, boxes)
+    expl.extra["panels"] = boxes
+    return out
+
+
+def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanation, maps: np.ndarray,
+                   features: np.ndarray, metadata: dict[str, Any], groups: dict[str, list[int]],
+                   path: str | os.PathLike[str]) -> Path:
+    """The contrastive figure: a header (input, logit difference split by feature) and one row per group of
+    features (shared, only class A, only class B), each feature drawn where it fires on this image."""
+    import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    plt = _pyplot()
+    w, mu, sigma, _, ids = _head_arrays(metadata)
+    rgb = _display_image(image)
+    size = rgb.shape[:2]
+    rows = [("shared", f"shared by both classes ({len(groups['shared'])})"),
+            ("only_a", f"only {_short(expl_a.class_name, 44)}"),
+            ("only_b", f"only {_short(expl_b.class_name, 44)}")]
+    ncols = max(5, *(len(groups[k]) for k, _ in rows))
+    fig = plt.figure(figsize=(2.6 * ncols + 1.0, 11.0), dpi=DPI)
+    gs = fig.add_gridspec(4, ncols + 1, width_ratios=[1] * ncols + [0.06], left=0.04, right=0.95, top=0.9,
+                          bottom=0.03, wspace=0.3, hspace=0.5)
+    diff = expl_a.logit - expl_b.logit
+    fig.suptitle(f"{_short(expl_a.class_name, 48)} (p = {expl_a.probability:.3f})  vs  "
+                 f"{_short(expl_b.class_name, 48)} (p = {expl_b.probability:.3f})\n"
+                 f"logit difference {diff:+.2f}; shared features add the same to both classes, the others decide",
+                 fontsize=13, fontweight="bold")
+    ax = fig.add_subplot(gs[0, 0])
+    ax.imshow(rgb)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(_short(Path(expl_a.image).name or "input", 30), fontsize=10)
+
+    f_all = np.asarray(features, dtype=np.float64).reshape(-1)
+    x = (f_all - mu) / sigma if mu is not None and sigma is not None else f_all
+    cols = groups["shared"] + groups["only_a"] + groups["only_b"]
+    delta = [(w[expl_a.class_index, k] - w[expl_b.class_index, k]) * x[k] for k in cols]
+    ax = fig.add_subplot(gs[0, 1:min(ncols, 4)])
+    ys = np.arange(len(cols))[::-1]
+    ax.barh(ys, delta, color=[feature_colour(ids[k]) for k in cols])
+    labels = []
+    for k in cols:
+        tag = "shared" if k in groups["shared"] else ("A" if k in groups["only_a"] else "B")
+        labels.append(f"feature {ids[k]} ({tag})")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_title(f"contribution to logit({_short(expl_a.class_name, 24)}) \u2212 logit({_short(expl_b.class_name, 24)})",
+                 fontsize=10)
+    ax.tick_params(axis="x", labelsize=8)
+
+    ups = {k: upsample(maps[k], size) for k in cols}
+    vmax = max([float(u.max()) for u in ups.values()] + [1e-6])
+    vmin = min([float(u.min()) for u in ups.values()] + [0.0])
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    for r, (key, label) in enumerate(rows, start=1):
+        members = groups[key]
+        if not members:
+            ax = fig.add_subplot(gs[r, 0])
+            ax.axis("off")
+            ax.text(0.0, 0.5, f"{label}:\nnone", fontsize=11, va="center")
+            continue
+        for i, k in enumerate(members):
+            ax = fig.add_subplot(gs[r, i])
+            _overlay(ax, rgb, ups[k], norm)
+            _frame(ax, feature_colour(ids[k]))
+            ax.set_title(f"feature {ids[k]}", fontsize=11, fontweight="bold", color=feature_colour(ids[k]))
+            ax.set_xlabel(f"activation {f_all[k]:.3f}", fontsize=9)
+            if i == 0:
+                ax.set_ylabel(_wrap(label, 22, 3), fontsize=10, fontweight="bold")
+    cax = fig.add_subplot(gs[1:, ncols])
+    cb = fig.colorbar(ScalarMappable(norm, HEAT_CMAP), cax=cax)
+    cb.set_label("feature map value", fontsize=9)
+    return _save(fig, path)
+
+
+def _png_image(b64: str) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def render_global(class_index: int, metadata: dict[str, Any], prototypes: dict[int, list[dict[str, Any]]],
+                  path: str | os.PathLike[str], per_feature: int | None = None) -> Path:
+    """The global explanation of a class: one row per feature, its most activating training patches."""
+    import matplotlib.patches as mpatches
+
+    plt = _pyplot()
+    w, _, _, _, ids = _head_arrays(metadata)
+    names = [str(c) for c in metadata.get("class_names") or range(w.shape[0])]
+    cols = class_columns(w, class_index, max_features=10)
+    feats = [ids[k] for k in cols]
+    missing = [f for f in feats if f not in prototypes]
+    if missing:
+        raise ArtifactError(f"the model's prototypes lack feature(s) {missing}; rebuild them with "
+                            f"qpmcli.explain.build_prototypes(...) after training")
+    n = per_feature or max(len(prototypes[f]) for f in feats)
+    fig = plt.figure(figsize=(1.9 + 1.7 * n, 0.9 + 1.95 * len(feats)), dpi=DPI)
+    gs = fig.add_gridspec(len(feats), n + 1, width_ratios=[1.1] + [1] * n, left=0.01, right=0.99,
+                          top=1 - 0.8 / (0.9 + 1.95 * len(feats)), bottom=0.02, wspace=0.08, hspace=0.5)
+    fig.suptitle(f"{_wrap(names[class_index], 70, 2)}: its {len(feats)} features, each shown by the "
+                 f"training patches that activate it most", fontsize=12, fontweight="bold")
+    for r, (k, fid) in enumerate(zip(cols, feats, strict=True)):
+        colour = feature_colour(fid)
+        ax = fig.add_subplot(gs[r, 0])
+        ax.axis("off")
+        ax.text(0.05, 0.55, f"feature {fid}", color=colour, fontsize=13, fontweight="bold", va="center")
+        shared = [names[c] for c in range(w.shape[0]) if c != class_index and w[c, k] != 0]
+        ax.text(0.05, 0.22, f"weight {w[class_index, k]:+g}\nalso used by {len(shared)}\nother class(es)", fontsize=8,
+                va="center")
+        for i, proto in enumerate(prototypes[fid][:n]):
+            ax = fig.add_subplot(gs[r, i + 1])
+            img = _png_image(proto["png_b64"])
+            ax.imshow(img)
+            box = proto.get("patch_box")
+            if box:
+                ax.add_patch(mpatches.Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1],
+                                                fill=False, edgecolor=colour, lw=1.8))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            _frame(ax, colour, 2.5)
+            ax.set_title(f"{_short(proto.get('class', ''), 22)}\nact {float(proto.get('activation', 0)):.2f}",
+                         fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- prototypes
+def _crop_box(r: int, c: int, grid: tuple[int, int], size: tuple[int, int], context: float) -> tuple[int, ...]:
+    """A square-ish window (``context`` patches wide, at most 45 % of the image) centred on patch ``(r, c)``,
+    shifted to stay inside the image; returned in pixels of an image of ``size = (W, H)``."""
+    gh, gw = grid
+    width, height = size
+    side_x = min(context / gw, 0.45) * width
+    side_y = min(context / gh, 0.45) * height
+    cx, cy = (c + 0.5) / gw * width, (r + 0.5) / gh * height
+    x0 = min(max(cx - side_x / 2, 0.0), width - side_x)
+    y0 = min(max(cy - side_y / 2, 0.0), height - side_y)
+    return (round(x0), round(y0), round(x0 + side_x), round(y0 + side_y))
+
+
+def build_prototypes(model: Any, train_cache: Any, dataset: Any, run_dir: str | os.PathLike[str],
+                     per_feature: int = 6, *, batch_size: int = 256, crop_px: int = 64, context: float = 3.0,
+                     device: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Find, per selected feature, the ``per_feature`` training images whose map peaks highest (one patch each), and
+    store crops around those patches in ``<run>/prototypes/`` (``f<id>_<rank>.png`` + ``prototypes.json``).
+
+    ``model``: the final (sparse) :class:`~qpmcli.model.QPMModel`; ``train_cache``: the run's train
+    :class:`~qpmcli.cache.TokenCache`; ``dataset``: the same train split (for the pixels; ``train_cache.indices``
+    maps cache rows to dataset items). The search is one pass over the cached tokens with a running top-k per feature.
+    Returns a JSON-able summary. A model without a feature selection gets no prototypes (nothing is written).
+    """
+    import numpy as np
+    import torch
+
+    from qpmcli.artifact import atomic_write_json
+
+    run = Path(run_dir)
+    if not getattr(model, "is_sparse", False):
+        return {"written": False, "reason": "the model has no feature selection", "features": 0}
+    if per_feature < 1:
+        raise ConfigError(f"per_feature must be >= 1, not {per_feature}")
+    ids = [int(i) for i in model.sel_index.tolist()]
+    k = len(ids)
+    dev = torch.device(device) if device else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n = len(train_cache)
+    m = min(per_feature, n)
+    best_v = torch.full((0, k), -math.inf)
+    best_i = torch.zeros((0, k), dtype=torch.long)
+    best_p = torch.zeros((0, k), dtype=torch.long)
+    tokens = train_cache.tokens
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("prototypes", total=n)
+    try:
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                x = torch.from_numpy(np.asarray(tokens[start:start + batch_size], dtype=np.float32)).to(dev)
+                maps = model(x).maps.float()  # [B, K, h, w]
+                flat = maps.flatten(2)
+                v, p = flat.max(dim=2)  # [B, K]
+                rows = torch.arange(start, start + x.shape[0]).unsqueeze(1).expand(-1, k)
+                cat_v = torch.cat([best_v, v.cpu()])
+                cat_i = torch.cat([best_i, rows])
+                cat_p = torch.cat([best_p, p.cpu()])
+                top = cat_v.topk(min(m, cat_v.shape[0]), dim=0)
+                best_v = top.values
+                best_i = cat_i.gather(0, top.indices)
+                best_p = cat_p.gather(0, top.indices)
+                if bar is not None:
+                    bar.advance(task, x.shape[0])
+    finally:
+        if bar is not None:
+            bar.stop()
+        model.train(was_training)
+    grid = tuple(int(g) for g in train_cache.grid)
+    names = [str(c) for c in (train_cache.classes or getattr(dataset, "classes", None) or [])]
+    labels = np.asarray(train_cache.labels)
+    indices = np.asarray(train_cache.indices)
+    final = run / "prototypes"
+    tmp = run / ".prototypes.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    images: dict[int, Any] = {}
+    doc_feats: dict[str, list[dict[str, Any]]] = {}
+    from PIL import Image
+
+    for j, fid in enumerate(ids):
+        entries = []
+        for rank in range(best_v.shape[0]):
+            row = int(best_i[rank, j])
+            pos = int(best_p[rank, j])
+            r, c = divmod(pos, grid[1])
+            if row not in images:
+                images[row] = dataset[int(indices[row])].image.convert("RGB")
+            img = images[row]
+            box = _crop_box(r, c, grid, img.size, context)
+            crop = img.crop(box).resize((crop_px, crop_px), Image.Resampling.BICUBIC)
+            sx, sy = crop_px / (box[2] - box[0]), crop_px / (box[3] - box[1])
+            pw, ph = img.size[0] / grid[1], img.size[1] / grid[0]
+            pbox = [round((c * pw - box[0]) * sx, 1), round((r * ph - box[1]) * sy, 1),
+                    round(((c + 1) * pw - box[0]) * sx, 1), round(((r + 1) * ph - box[1]) * sy, 1)]
+            name = f"f{fid}_{rank}.png"
+            crop.save(tmp / name, format="PNG", optimize=True)
+            label = int(labels[row])
+            entries.append({"file": name, "class": names[label] if label < len(names) else str(label),
+                            "label": label, "activation": float(best_v[rank, j]), "row": row,
+                            "index": int(indices[row]), "patch": [r, c], "patch_box": pbox})
+        doc_feats[str(fid)] = entries
+    doc = {"format": PROTOTYPES_FORMAT, "format_version": 1, "per_feature": m, "crop_px": crop_px,
+           "context_patches": context, "grid": list(grid), "n_train": n, "features": doc_feats}
+    atomic_write_json(tmp / PROTOTYPES_JSON, doc)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return {"written": True, "path": str(final), "features": k, "per_feature": m, "images": len(images)}
+
+
+def load_prototypes(source: Any) -> dict[int, list[dict[str, Any]]]:
+    """Prototypes as ``{feature_id: [{"png_b64", "class", "activation", ...}]}`` from a run directory
+    (``prototypes/prototypes.json``), an ``.onnx`` file (metadata key ``qpm_prototypes``, the same JSON with
+    string keys), or a metadata dict holding that key. Missing prototypes are an :class:`ArtifactError`."""
+    if isinstance(source, dict):
+        raw = source.get(ONNX_PROTOTYPES_KEY, source.get("prototypes"))
+        if raw is None:
+            raise ArtifactError("the model carries no prototypes (no 'qpm_prototypes' metadata)")
+        return _parse_prototype_json(raw)
+    path = Path(source)
+    if path.is_dir():
+        doc_path = path / "prototypes" / PROTOTYPES_JSON
+        if not doc_path.is_file():
+            raise ArtifactError(f"{doc_path} is missing: the run has no prototypes; build them with "
+                                f"qpmcli.explain.build_prototypes(model, train_cache, dataset, '{path}')")
+        from qpmcli.artifact import read_json
+
+        doc = read_json(doc_path)
+        out: dict[int, list[dict[str, Any]]] = {}
+        for fid, entries in doc.get("features", {}).items():
+            items = []
+            for e in entries:
+                png = doc_path.parent / e["file"]
+                if not png.is_file():
+                    raise ArtifactError(f"prototype image {png} is missing; rebuild the prototypes")
+                items.append({**e, "png_b64": base64.b64encode(png.read_bytes()).decode("ascii")})
+            out[int(fid)] = items
+        return out
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        raw = _onnx_metadata(path).get(ONNX_PROTOTYPES_KEY)
+        if raw is None:
+            raise ArtifactError(f"{path} carries no prototypes (no '{ONNX_PROTOTYPES_KEY}' metadata); export a run "
+                                f"that has prototypes/")
+        return _parse_prototype_json(raw)
+    raise ArtifactError(f"{path} is neither a run directory nor an .onnx file")
+
+
+def _parse_prototype_json(raw: Any) -> dict[int, list[dict[str, Any]]]:
+    try:
+        doc = json.loads(raw) if isinstance(raw, str | bytes) else raw
+        return {int(fid): [dict(e) for e in entries] for fid, entries in doc.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"the model's '{ONNX_PROTOTYPES_KEY}' metadata is malformed: {exc}") from exc
+
+
+def prototypes_metadata(run_dir: str | os.PathLike[str]) -> str:
+    """The JSON string to embed as ONNX metadata ``qpm_prototypes`` (for ``qpm export``):
+    ``{"<feature id>": [{"png_b64", "class", "activation", "patch_box"}, ...]}``."""
+    protos = load_prototypes(run_dir)
+    keep = ("png_b64", "class", "activation", "patch_box")
+    return json.dumps({str(fid): [{k: e[k] for k in keep if k in e} for e in entries]
+                       for fid, entries in protos.items()}, separators=(",", ":"))
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    """ONNX ``metadata_props`` without running anything (onnx, else ONNX Runtime)."""
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        return {p.key: p.value for p in model.metadata_props}
+    except ImportError:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return dict(sess.get_modelmeta().custom_metadata_map)
+    except Exception as exc:  # a corrupt protobuf
+        raise ArtifactError(f"cannot read ONNX file {path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+def _data_uri(path: str | os.PathLike[str]) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1700px}
+h1{font-size:22px} h2{font-size:18px;margin-top:36px;border-bottom:1px solid #ccc;padding-bottom:4px}
+table{border-collapse:collapse;margin:8px 0;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left} img.fig{max-width:100%;border:1px solid #eee}
+.sw{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:middle}
+.meta{color:#555;font-size:13px}
+"""
+
+
+def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: str = "qpm explain") -> Path:
+    """One self-contained HTML report from :func:`explain`'s summary: every figure embedded as a data URI."""
+    from qpmcli.artifact import atomic_write_text
+
+    def colour_hex(fid: int) -> str:
+        r, g, b = feature_colour(fid)
+        return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+
+    esc = html.escape
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{esc(title)}</title>\n"
+             f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
+             f"<p class=\"meta\">model: {esc(str(summary.get('model', '')))} &middot; backbone: "
+             f"{esc(str(summary.get('backbone', '')))} &middot; {len(summary.get('images', []))} image(s)</p>\n"]
+    glob = summary.get("global")
+    if glob:
+        parts.append(f"<h2>Class {esc(glob['class'])}: global explanation</h2>\n"
+                     f"<p>Features {', '.join(str(f) for f in glob['features'])}, each shown by the training "
+                     f"patches that activate it most.</p>\n"
+                     f"<img class=\"fig\" src=\"{_data_uri(glob['figure'])}\" alt=\"global explanation of "
+                     f"{esc(glob['class'])}\">\n")
+    for item in summary.get("images", []):
+        parts.append(f"<h2>{esc(Path(item['image']).name)}</h2>\n<p>{esc(item['class_name'])} &mdash; "
+                     f"probability {item['probability']:.3f}, logit {item['logit']:+.3f}"
+                     + ("" if item["class_index"] == item["predicted_index"]
+                        else f" (predicted: {esc(item['predicted_name'])})") + "</p>\n")
+        parts.append("<table><tr><th class=\"l\">feature</th><th>activation</th><th>z</th><th>weight</th>"
+                     "<th>contribution</th></tr>\n")
+        for e in item["features"]:
+            z = "" if e["zscore"] is None else f"{e['zscore']:+.3f}"
+            parts.append(f"<tr><td class=\"l\"><span class=\"sw\" style=\"background:{colour_hex(e['feature'])}\">"
+                         f"</span>feature {e['feature']}</td><td>{e['activation']:.4f}</td><td>{z}</td>"
+                         f"<td>{e['weight']:+g}</td><td>{e['contribution']:+.3f}</td></tr>\n")
+        parts.append("</table>\n<table><tr><th class=\"l\">runner-ups</th><th>probability</th></tr>\n")
+        for t in item["top"]:
+            parts.append(f"<tr><td class=\"l\">{esc(t['class'])}</td><td>{t['probability']:.3f}</td></tr>\n")
+        parts.append("</table>\n")
+        if item.get("figure"):
+            parts.append(f"<img class=\"fig\" src=\"{_data_uri(item['figure'])}\" alt=\"local explanation of "
+                         f"{esc(Path(item['image']).name)}\">\n")
+        cmp_ = item.get("compare")
+        if cmp_:
+            parts.append(f"<h3>{esc(cmp_['class_a'])} vs {esc(cmp_['class_b'])}</h3>\n<p>shared features: "
+                         f"{', '.join(map(str, cmp_['shared'])) or 'none'}; only {esc(cmp_['class_a'])}: "
+                         f"{', '.join(map(str, cmp_['only_a'])) or 'none'}; only {esc(cmp_['class_b'])}: "
+                         f"{', '.join(map(str, cmp_['only_b'])) or 'none'}</p>\n"
+                         f"<img class=\"fig\" src=\"{_data_uri(cmp_['figure'])}\" alt=\"contrastive explanation\">\n")
+    parts.append("</body>\n</html>\n")
+    return atomic_write_text(path, "".join(parts))
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem = slug(path.stem, 60) or "image"
+    cand, i = stem, 1
+    while cand in used:
+        i += 1
+        cand = f"{stem}-{i}"
+    used.add(cand)
+    return cand
+
+
+def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str], *,
+            out_dir: str | os.PathLike[str] = "explanations", compare: str | None = None,
+            class_name: str | None = None, html_report: bool = False, device: str = "auto", top_k: int = 5,
+            batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+    """``qpm explain``: figures for ``images`` (files or folders) with the model at ``model`` (run dir or .onnx).
+
+    - each image: ``<out>/<stem>_explain.png`` for the predicted class, or for ``class_name`` when given;
+    - ``compare``: also ``<out>/<stem>_vs_<class>.png``, the explained class against ``compare``;
+    - ``class_name``: also ``<out>/class_<class>_prototypes.png`` (global explanation; needs stored prototypes);
+      ``images`` may then be empty;
+    - ``html_report``: ``<out>/report.html`` with everything embedded.
+    Writes ``<out>/explanations.json`` and returns the same summary.
+    """
+    from qpmcli.artifact import atomic_write_json
+    from qpmcli.images import open_image
+    from qpmcli.predict import load_classifier
+
+    paths = image_paths(list(images))
+    if not paths and not class_name:
+        raise ConfigError("give at least one image (or --class NAME for a global explanation)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clf = load_classifier(model, device=device)
+    md = metadata_dict(clf.metadata)
+    w, _, _, _, ids = _head_arrays(md)
+    names = [str(c) for c in md.get("class_names") or range(w.shape[0])]
+    cls_idx = resolve_class(class_name, names) if class_name else None
+    cmp_idx = resolve_class(compare, names) if compare else None
+    summary: dict[str, Any] = {"model": str(model), "backbone": md.get("backbone"), "out_dir": str(out),
+                               "class_names": len(names), "images": [], "global": None}
+    if cls_idx is not None:
+        if md.get("prototypes"):  # embedded in an ONNX file
+            protos = _parse_prototype_json(md["prototypes"])
+        else:
+            protos = load_prototypes(model)
+        fig = render_global(cls_idx, md, protos, out / f"class_{slug(names[cls_idx])}_prototypes.png")
+        summary["global"] = {"class": names[cls_idx], "class_index": cls_idx, "figure": str(fig),
+                             "features": [ids[k] for k in class_columns(w, cls_idx, 10)]}
+    used: set[str] = set()
+    bar = None
+    if progress and paths:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task("explaining", total=len(paths))
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            pil = [open_image(p) for p in chunk]
+            res = clf.run(pil)
+            for j, (p, img) in enumerate(zip(chunk, pil, strict=True)):
+                logits, maps, feats = res["logits"][j], res["maps"][j], res["features"][j]
+                expl = explain_output(logits, maps, feats, md, image=str(p), class_index=cls_idx, top_k=top_k)
+                stem = _unique_stem(p, used)
+                expl.figure = str(render_local(img, expl, maps, md, out / f"{stem}_explain.png"))
+                item = expl.to_dict()
+                if cmp_idx is not None:
+                    if cmp_idx == expl.class_index:
+                        raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare "
+                                          f"with another class")
+                    other = explain_output(logits, maps, feats, md, image=str(p), class_index=cmp_idx, top_k=top_k)
+                    groups = compare_classes(md, expl.class_index, cmp_idx)
+                    fig = render_compare(img, expl, other, maps, feats, md, groups,
+                                         out / f"{stem}_vs_{slug(names[cmp_idx], 32)}.png")
+                    item["compare"] = {"class_a": expl.class_name, "class_b": other.class_name,
+                                       "logit_a": expl.logit, "logit_b": other.logit,
+                                       "probability_b": other.probability,
+                                       "shared": groups["shared_features"], "only_a": groups["only_a_features"],
+                                       "only_b": groups["only_b_features"], "figure": str(fig)}
+                summary["images"].append(item)
+                if bar is not None:
+                    bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if html_report:
+        summary["html"] = str(render_html(summary, out / "report.html",
+                                          title=f"qpm explain \u2014 {Path(str(model)).name}"))
+    atomic_write_json(out / "explanations.json", summary)
+    return summary
+
+
+__all__ = [
+    "FeatureEvidence", "LocalExplanation", "build_prototypes", "class_columns", "compare_classes", "evidence_map",
+    "explain", "explain_output", "feature_colour", "image_paths", "load_prototypes", "mask_fraction", "metadata_dict",
+    "prototypes_metadata", "render_compare", "render_global", "render_html", "render_local", "resolve_class",
+]

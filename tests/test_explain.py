@@ -1,0 +1,345 @@
+"""`qpm explain`: local figures, the contrastive view, stored prototypes (global view), the HTML report, ONNX input.
+
+Two real runs are built here (no mocks): ``made_run`` has a hand-set binary W on a random-init adapter (so shared and
+distinct features are known exactly) and real prototypes from a real token cache; ``trained_run`` (in
+``test_explain_saliency.py``) is trained on ``shapes``, whose object masks are exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qpmcli import explain as E
+from qpmcli.errors import ArtifactError, ConfigError, ImageError
+
+ARCH = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+IMAGE_SIZE = 112  # 8 x 8 tokens of 14 px
+FEATURE_IDS = [2, 3, 5, 7, 8, 11]  # dense ids of the 6 selected features (n_f = 12)
+W = np.array([[1, 1, 1, 0, 0, 0],  # class 0: features 2, 3, 5
+              [1, 1, 0, 1, 0, 0],  # class 1: features 2, 3, 7  -> vs class 0: shared 2, 3; only 5 / only 7
+              [0, 0, 0, 1, 1, 1],  # class 2: features 7, 8, 11
+              [1, 0, 0, 0, 1, 1]], dtype=np.float32)  # class 3: features 2, 8, 11
+
+
+def build_made_run(root: Path) -> dict:
+    """A run directory loadable by `qpm explain`: random-init adapter, hand-set W, real prototypes."""
+    import torch
+
+    from qpmcli import artifact
+    from qpmcli.backbone import load_backbone
+    from qpmcli.cache import build_cache
+    from qpmcli.data import load_dataset
+    from qpmcli.model import QPMModel
+
+    opts = dict(n_classes=4, per_class=4, test_per_class=2, image_size=IMAGE_SIZE, seed=0)
+    train = load_dataset("shapes", split="train", **opts)
+    test = load_dataset("shapes", split="test", **opts)
+    bb = load_backbone("dinov2-vits14", weights="random", image_size=IMAGE_SIZE, arch=ARCH, device="cpu")
+    cache = build_cache(bb, train, "train", root / "cache", batch_size=16, num_workers=0, progress=False)
+    torch.manual_seed(0)
+    model = QPMModel(bb.embed_dim, 4, cache.grid, n_layers=1, n_features=12, head_dropout=0.0).eval()
+    with torch.no_grad():
+        dense = model(torch.from_numpy(np.asarray(cache.tokens, dtype=np.float32))).features
+    mu, sigma = dense.mean(0), dense.std(0, unbiased=False)
+    model.set_selection(FEATURE_IDS, torch.from_numpy(W), mu, sigma)
+    model.eval()
+    run = root / "run"
+    info = {"class_names": train.classes, "backbone": bb.name, "weights_digest": bb.weights_digest,
+            "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(cache.grid),
+            "embed_dim": bb.embed_dim, "dataset": "shapes", "head": "qpm",
+            "backbone_options": {"arch": ARCH, "image_size": IMAGE_SIZE}, "seed": 0}
+    artifact.save_model(model, run, "final", info=info)
+    summary = E.build_prototypes(model, cache, train, run, per_feature=4)
+    images = root / "images"
+    images.mkdir()
+    paths = []
+    for i in range(3):
+        p = images / f"test_{i}.png"
+        test[i].image.save(p)
+        paths.append(p)
+    return {"run": run, "images": paths, "folder": images, "classes": train.classes, "model": model,
+            "backbone": bb, "prototypes": summary}
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory):
+    return build_made_run(tmp_path_factory.mktemp("explain"))
+
+
+def cli(args: list[str], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPM_")}
+    env.update(XDG_CONFIG_HOME=str(tmp / "xdg-config"), XDG_CACHE_HOME=str(tmp / "xdg-cache"), PYTHONUNBUFFERED="1",
+               MPLCONFIGDIR=str(tmp / "mpl"))
+    return subprocess.run([sys.executable, "-m", "qpmcli.cli", *args], env=env, cwd=tmp, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def distinct_colours(img: np.ndarray) -> int:
+    return len(np.unique(img.reshape(-1, img.shape[-1]), axis=0))
+
+
+# ------------------------------------------------------------------------------------------ pure functions
+def test_compare_classes_splits_shared_and_distinct_features_by_dense_id():
+    md = {"weight": W, "features": FEATURE_IDS, "class_names": ["a", "b", "c", "d"]}
+    g = E.compare_classes(md, 0, 1)
+    assert g["shared_features"] == [2, 3] and g["only_a_features"] == [5] and g["only_b_features"] == [7]
+    g = E.compare_classes(md, 0, 2)
+    assert g["shared_features"] == [] and g["only_a_features"] == [2, 3, 5] and g["only_b_features"] == [7, 8, 11]
+
+
+def test_contributions_plus_bias_sum_to_the_logit_and_are_sorted():
+    rng = np.random.default_rng(0)
+    f = rng.uniform(0, 2, 6)
+    mu, sigma = np.full(6, 0.5), np.full(6, 0.25)
+    bias = np.array([0.1, -0.2, 0.3, 0.0])
+    logits = W @ ((f - mu) / sigma) + bias
+    maps = rng.uniform(0, 1, (6, 8, 8)).astype(np.float32)
+    md = {"weight": W, "features": FEATURE_IDS, "mu": mu, "sigma": sigma, "bias": bias,
+          "class_names": ["a", "b", "c", "d"]}
+    for c in range(4):
+        ex = E.explain_output(logits, maps, f, md, class_index=c)
+        assert len(ex.features) == 3
+        assert sum(e.contribution for e in ex.features) + ex.bias == pytest.approx(logits[c], abs=1e-9)
+        contribs = [e.contribution for e in ex.features]
+        assert contribs == sorted(contribs, reverse=True)
+        assert {e.feature for e in ex.features} == {FEATURE_IDS[k] for k in np.flatnonzero(W[c])}
+    ex = E.explain_output(logits, maps, f, md)
+    assert ex.class_index == int(np.argmax(logits)) and ex.top[0]["index"] == ex.class_index
+    assert sum(t["probability"] for t in E.explain_output(logits, maps, f, md, top_k=4).top) == pytest.approx(1.0)
+
+
+def test_evidence_map_mean_recovers_the_logit():
+    rng = np.random.default_rng(1)
+    maps = rng.uniform(0, 1, (6, 8, 8))
+    f = maps.mean((1, 2))
+    mu, sigma = rng.uniform(0, 1, 6), rng.uniform(0.2, 1, 6)
+    md = {"weight": W, "features": FEATURE_IDS, "mu": mu, "sigma": sigma}
+    for c in range(4):
+        logit = W[c] @ ((f - mu) / sigma)
+        const = W[c] @ (mu / sigma)
+        assert E.evidence_map(maps, md, c).mean() - const == pytest.approx(logit, abs=1e-9)
+
+
+def test_mask_fraction_and_upsampling():
+    m = np.zeros((4, 4), np.float32)
+    m[1, 1] = 1.0
+    up = E.upsample(m, (40, 40))
+    assert up.shape == (40, 40) and up.argmax() // 40 in range(10, 20)
+    mask = np.zeros((40, 40), bool)
+    mask[10:20, 10:20] = True
+    assert E.mask_fraction(up, mask) == pytest.approx(0.5625, abs=1e-6)  # bilinear tent: (3/4)^2 inside
+    assert E.mask_fraction(np.ones((2, 2)), np.array([[1, 0], [0, 0]], bool)) == pytest.approx(0.25)
+    assert np.isnan(E.mask_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)))
+
+
+def test_feature_colours_are_stable_and_distinct_for_neighbouring_ids():
+    assert E.feature_colour(305) == E.feature_colour(305)
+    cols = np.array([E.feature_colour(i) for i in range(50)])
+    d = np.linalg.norm(cols[:, None] - cols[None], axis=-1)[~np.eye(50, dtype=bool)]
+    assert d.min() > 0.02 and np.median(d) > 0.3
+    assert all(0 <= v <= 1 for v in cols.ravel())
+
+
+def test_resolve_class_by_name_index_and_substring():
+    names = ["red circle + blue star", "red circle + green ring", "Black Tern"]
+    assert E.resolve_class("black tern", names) == 2
+    assert E.resolve_class("1", names) == 1
+    assert E.resolve_class("green", names) == 1
+    with pytest.raises(ConfigError, match="2 classes match"):
+        E.resolve_class("red", names)
+    with pytest.raises(ConfigError, match="out of range"):
+        E.resolve_class("7", names)
+
+
+# --------------------------------------------------------------------------------------------- prototypes
+def test_build_prototypes_stores_top_patches_per_selected_feature(made_run):
+    run = made_run["run"]
+    assert made_run["prototypes"]["written"] and made_run["prototypes"]["features"] == 6
+    doc = json.loads((run / "prototypes" / "prototypes.json").read_text())
+    assert doc["format"] == "qpm-prototypes" and doc["grid"] == [8, 8]
+    assert sorted(int(k) for k in doc["features"]) == FEATURE_IDS
+    for entries in doc["features"].values():
+        assert len(entries) == 4
+        acts = [e["activation"] for e in entries]
+        assert acts == sorted(acts, reverse=True)
+        assert len({e["row"] for e in entries}) == 4  # one patch per training image
+        for e in entries:
+            with Image.open(run / "prototypes" / e["file"]) as im:
+                assert im.size == (64, 64)
+            assert e["class"] in made_run["classes"]
+    # the stored activation is the map's maximum on that training image: recompute one
+    import torch
+
+    from qpmcli.cache import TokenCache
+
+    cache_dirs = [p for p in (run.parent / "cache").iterdir() if (p / "manifest.json").is_file()]
+    cache = TokenCache.open(cache_dirs[0])
+    fid, entries = next(iter(doc["features"].items()))
+    k = FEATURE_IDS.index(int(fid))
+    with torch.no_grad():
+        maps = made_run["model"](torch.from_numpy(np.asarray(cache.tokens, dtype=np.float32))).maps
+    peaks = maps[:, k].flatten(1).max(1).values
+    assert entries[0]["activation"] == pytest.approx(float(peaks.max()), rel=1e-5)
+    assert entries[0]["row"] == int(peaks.argmax())
+    r, c = entries[0]["patch"]
+    assert float(maps[entries[0]["row"], k, r, c]) == pytest.approx(entries[0]["activation"], rel=1e-5)
+
+    loaded = E.load_prototypes(run)
+    assert sorted(loaded) == FEATURE_IDS
+    png = base64.b64decode(loaded[FEATURE_IDS[0]][0]["png_b64"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    embedded = json.loads(E.prototypes_metadata(run))
+    assert sorted(int(k) for k in embedded) == FEATURE_IDS
+    assert set(embedded[str(FEATURE_IDS[0])][0]) == {"png_b64", "class", "activation", "patch_box"}
+    assert sorted(E.load_prototypes({"qpm_prototypes": E.prototypes_metadata(run)})) == FEATURE_IDS
+
+
+def test_missing_prototypes_are_a_clear_error(tmp_path):
+    with pytest.raises(ArtifactError, match="no prototypes"):
+        E.load_prototypes(tmp_path)
+    with pytest.raises(ArtifactError, match="no prototypes"):
+        E.load_prototypes({})
+
+
+# ---------------------------------------------------------------------------------------------- the figures
+def test_library_explain_writes_local_compare_global_and_json(made_run, tmp_path):
+    classes = made_run["classes"]
+    out = tmp_path / "out"
+    s = E.explain([made_run["images"][0]], made_run["run"], out_dir=out, class_name=classes[0],
+                  compare=classes[1], device="cpu")
+    item = s["images"][0]
+    assert item["class_index"] == 0 and [e["feature"] for e in item["features"]].count(5) == 1
+    assert sorted(e["feature"] for e in item["features"]) == [2, 3, 5]
+    assert item["compare"]["shared"] == [2, 3] and item["compare"]["only_a"] == [5]
+    assert item["compare"]["only_b"] == [7]
+    # the classifier's own logit equals contributions + bias (no bias for QPM)
+    assert sum(e["contribution"] for e in item["features"]) == pytest.approx(item["logit"], abs=1e-4)
+    with Image.open(item["figure"]) as im:
+        assert im.size == (1600, 720)
+        fig = np.asarray(im.convert("RGB"))
+    # every panel shows something (an image, a heat map, bars), one panel per feature of the class
+    panels = item["extra"]["panels"]
+    assert set(panels) == {"input", "prediction", "contributions", "evidence", "composite", "feature 2",
+                           "feature 3", "feature 5"}
+    for name, (x0, y0, x1, y1) in panels.items():
+        assert 80 < x1 - x0 < 400 and 80 < y1 - y0 < 400, name
+        region = fig[y0 + 4:y1 - 4, x0 + 4:x1 - 4]
+        assert distinct_colours(region) > (200 if name not in ("prediction", "contributions") else 3), name
+    feature_boxes = [panels[f"feature {f}"] for f in (2, 3, 5)]
+    assert all(b[1] > panels["input"][3] for b in feature_boxes)  # the feature row lies below the header row
+    with Image.open(item["compare"]["figure"]) as im:
+        assert im.size == (1400, 1100)
+    with Image.open(s["global"]["figure"]) as im:
+        assert im.size[0] > 500 and im.size[1] > 500
+        assert distinct_colours(np.asarray(im.convert("RGB"))) > 1000
+    assert s["global"]["features"] == [2, 3, 5]
+    saved = json.loads((out / "explanations.json").read_text())
+    assert saved["images"][0]["features"] == item["features"]
+
+
+def test_unknown_class_and_self_compare_are_user_errors(made_run, tmp_path):
+    with pytest.raises(ConfigError, match="no class matches"):
+        E.explain([made_run["images"][0]], made_run["run"], out_dir=tmp_path, compare="purple unicorn", device="cpu")
+    with pytest.raises(ConfigError, match="explained class itself"):
+        E.explain([made_run["images"][0]], made_run["run"], out_dir=tmp_path, class_name="0", compare="0",
+                  device="cpu")
+    with pytest.raises(ImageError, match="not found"):
+        E.explain([tmp_path / "nope.jpg"], made_run["run"], out_dir=tmp_path, device="cpu")
+
+
+class _Checker(HTMLParser):
+    """Checks nesting of non-void elements and collects every URL-bearing attribute."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.urls: list[tuple[str, str, str]] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href", "srcset", "data", "poster"):
+                self.urls.append((tag, name, value or ""))
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}> with open {self.stack[-3:]}")
+        else:
+            self.stack.pop()
+
+
+def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
+    classes = made_run["classes"]
+    out = tmp_path / "report"
+    r = cli(["explain", str(made_run["folder"]), "--model", str(made_run["run"]), "--out", str(out), "--html",
+             "--class", classes[0], "--compare", classes[1], "--device", "cpu", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert len(s["images"]) == 3 and all(i["class_name"] == classes[0] for i in s["images"])
+    assert all(i["compare"]["only_b"] == [7] for i in s["images"])
+    text = Path(s["html"]).read_text(encoding="utf-8")
+    checker = _Checker()
+    checker.feed(text)
+    checker.close()
+    assert text.startswith("<!DOCTYPE html>") and not checker.errors and not checker.stack
+    srcs = [u for u in checker.urls]
+    assert len(srcs) == 1 + 3 * 2  # global figure + (local + compare) per image
+    for tag, attr, url in srcs:
+        assert tag == "img" and attr == "src" and url.startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+            assert im.format == "PNG" and im.size[0] >= 500
+    assert "http://" not in text and "https://" not in text
+    assert all(f"test_{i}.png" in text for i in range(3))
+
+
+def test_cli_single_image_default_and_errors(made_run, tmp_path):
+    r = cli(["explain", str(made_run["images"][1]), "--model", str(made_run["run"]), "--device", "cpu", "-q"],
+            tmp_path)
+    assert r.returncode == 0, r.stderr
+    figure = tmp_path / "explanations" / "test_1_explain.png"
+    with Image.open(figure) as im:
+        assert im.size == (1600, 720)
+    assert "test_1.png" in r.stdout and "features" in r.stdout
+    r = cli(["explain", str(tmp_path / "missing.png"), "--model", str(made_run["run"])], tmp_path)
+    assert r.returncode == 2 and "image not found" in r.stderr and "Traceback" not in r.stderr
+    r = cli(["explain", str(made_run["images"][0]), "--model", str(tmp_path / "no-run")], tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_explain_from_onnx_alone_matches_the_run_directory(made_run, tmp_path):
+    from qpmcli.export import export_onnx
+
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(made_run["run"], onnx_path, adapter=False)
+    alone = tmp_path / "elsewhere" / "model.onnx"  # no run directory next to it
+    alone.parent.mkdir()
+    onnx_path.rename(alone)
+    classes = made_run["classes"]
+    a = E.explain([made_run["images"][2]], made_run["run"], out_dir=tmp_path / "a", class_name=classes[3],
+                  device="cpu")
+    b = E.explain([made_run["images"][2]], alone, out_dir=tmp_path / "b", class_name=classes[3], device="cpu")
+    fa, fb = a["images"][0]["features"], b["images"][0]["features"]
+    assert [e["feature"] for e in fa] == [e["feature"] for e in fb]
+    for x, y in zip(fa, fb, strict=True):
+        assert y["activation"] == pytest.approx(x["activation"], abs=1e-4)
+        assert y["contribution"] == pytest.approx(x["contribution"], abs=1e-3)
+    assert b["global"]["features"] == [2, 8, 11]  # prototypes came from the ONNX metadata
+    with Image.open(b["global"]["figure"]) as im:
+        assert distinct_colours(np.asarray(im.convert("RGB"))) > 1000
