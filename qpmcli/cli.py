@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "train",
     "select",
     "evaluate",
+    "explain",
     "export",
     "predict",
 ]
