@@ -445,7 +445,8 @@ def _as_tensor(x: Any, device: Any = None, dtype: Any = None):
     if isinstance(x, torch.Tensor):
         t = x
     else:
-        t = torch.from_numpy(np.ascontiguousarray(_to_numpy(x)))
+        arr = np.ascontiguousarray(_to_numpy(x))
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # memmaps are read-only
     return t.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else t
 
 
