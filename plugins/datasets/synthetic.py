@@ -122,7 +122,7 @@ class Shapes(Dataset):
     """
 
     name = "shapes"
-    VERSION = 1
+    VERSION = 2  # bump whenever rendering changes, so token caches of older images are never reused
 
     def __init__(self, root: Any = None, split: str = "train", *, n_classes: int = 10, per_class: int = 40,
                  test_per_class: int = 20, image_size: int = 128, parts_per_class: int = 3, seed: int = 0) -> None:
@@ -246,30 +246,35 @@ def _class_parts(seed: int, n_classes: int, parts_per_class: int) -> tuple[tuple
 
 
 def _background(rng, size: int):
-    """A muted texture (stripes, checks or blotches) with every channel in BACKGROUND_RANGE."""
+    """A muted texture (stripes, checks or blotches) with every channel in BACKGROUND_RANGE (float32, separable)."""
     import numpy as np
 
     lo, hi = BACKGROUND_RANGE
-    base = rng.uniform(lo + 20, hi - 20, size=3)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    base = rng.uniform(lo + 20, hi - 20, size=3).astype(np.float32)
+    coords = np.arange(size, dtype=np.float32)
     kind = int(rng.integers(3))
     if kind == 0:
         theta, period = rng.uniform(0, math.pi), rng.uniform(6, 20)
-        pattern = np.sin(2 * math.pi * (xx * math.cos(theta) + yy * math.sin(theta)) / period)
+        phase = (coords[None, :] * math.cos(theta) + coords[:, None] * math.sin(theta)) * (2 * math.pi / period)
+        pattern = np.sin(phase)
     elif kind == 1:
         cell = int(rng.integers(6, 20))
-        pattern = (((xx // cell) + (yy // cell)) % 2) * 2.0 - 1.0
+        cells = coords // cell
+        pattern = ((cells[None, :] + cells[:, None]) % 2) * 2.0 - 1.0
     else:
-        coarse = rng.uniform(-1, 1, size=(6, 6))
         from PIL import Image
 
+        coarse = rng.uniform(-1, 1, size=(6, 6))
         up = Image.fromarray(((coarse + 1) * 127.5).astype(np.uint8), "L").resize((size, size),
                                                                                  Image.Resampling.BICUBIC)
-        pattern = np.asarray(up, dtype=np.float64) / 127.5 - 1.0
-    amplitude = rng.uniform(8, 20, size=3)
-    noise = rng.normal(0, 4, size=(size, size, 3))
-    image = base + pattern[..., None] * amplitude + noise
-    return np.clip(np.round(image), lo, hi).astype(np.uint8)
+        pattern = np.asarray(up, dtype=np.float32) * (1 / 127.5) - 1.0
+    amplitude = rng.uniform(8, 20, size=3).astype(np.float32)
+    image = rng.standard_normal((size, size, 3), dtype=np.float32)
+    image *= 4.0
+    image += base
+    image += pattern[..., None].astype(np.float32) * amplitude
+    np.clip(image, lo, hi, out=image)
+    return np.rint(image).astype(np.uint8)
 
 
 def _draw_part(draw, shape: str, x: float, y: float, r: float, value: int) -> None:
