@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 import pytest
-
 from qpm_plugins.selectors import qpm as Q
+
 from qpmcli.contracts import Selection, SelectionProblem
 from qpmcli.errors import SelectionError
 from qpmcli.selection import (

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from qpm_plugins.selectors.glm import QsennSelector, qsenn_discretise, sldd_weights
+
 from qpmcli.errors import SelectionError
 from qpmcli.selection import select, synthetic_problem
 

@@ -118,7 +118,7 @@ def assign(inst: QpmInstance, S: np.ndarray) -> np.ndarray:
                 moves.append((_cheapest_swap(sub[c], W[c], used), c))
             # the class whose best alternative is most expensive stays; the rest move (cheapest first)
             moves.sort(key=lambda m: (m[0][0], m[1]))
-            for (cost, out_j, in_j), c in moves[:-1]:
+            for (_, out_j, _), c in moves[:-1]:
                 if out_j < 0:
                     continue
                 alt = _cheapest_swap(sub[c], W[c], used)  # recheck: earlier moves may have used its target
@@ -506,8 +506,8 @@ def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: 
             if status == cp_model.INFEASIBLE and bound_valid:
                 bound = -math.inf
             break
-    return CpsatResult(selection=best_S, assignment=best_W, bound=bound, status=status_name, wall=time.perf_counter() - start,
-                       rounds=rounds)
+    return CpsatResult(selection=best_S, assignment=best_W, bound=bound, status=status_name,
+                       wall=time.perf_counter() - start, rounds=rounds)
 
 
 # ----------------------------------------------------------------------------------------------------- solver
@@ -544,8 +544,10 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     greedy_W = assign(inst, greedy_S)
     stats["greedy_objective"] = inst.value(greedy_S, greedy_W)
     best_S, best_W, best_v = greedy_S, greedy_W, stats["greedy_objective"]
-    ls_deadline = start + 0.3 * time_limit
-    rounds = max(5, min(60, int(2000 / max(inst.K, 1))))
+    # The perturbation budget grows with the time limit but is counted in rounds, not seconds, so that a given
+    # (time limit, seed) gives the same result on any machine; the deadline only stops very slow machines.
+    ls_deadline = start + 0.5 * time_limit
+    rounds = max(5, int(time_limit))
     for name, S0 in starts.items():
         S1, _ = iterated_local_search(inst, S0, rng, rounds=rounds, deadline=ls_deadline)
         W1 = assign(inst, S1)
