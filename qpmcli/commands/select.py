@@ -12,7 +12,8 @@ from qpmcli.errors import SelectionError
 
 def select_cmd(
     run: Path = typer.Argument(None, help="Run directory with dense_features.npz (from qpm train)."),
-    problem: Path = typer.Option(None, "--problem", help="Problem file: .npz with A (n_f x C) and R (n_f x n_f), optional class_names."),
+    problem: Path = typer.Option(None, "--problem",
+                                 help="Problem file: .npz with A (n_f x C), R (n_f x n_f), optional class_names."),
     selector: str = typer.Option("qpm", "--selector", help="qpm, topk, sldd or qsenn (see qpm plugins)."),
     features: int = typer.Option(50, "--features", help="Number of selected features K."),
     per_class: int = typer.Option(5, "--per-class", help="Features per class k."),
