@@ -211,6 +211,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
             dataset_options=request.get("dataset_options"), train_cache=train_cache, n_classes=model.n_classes)
     if test_cache.masks is None and any(k.startswith("SegOverlap-") or k == "Plausibility" for k in keys):
         notes.append("the test cache has no object masks: segmentation overlap is not applicable")
+    if "SID@5" in keys and int(((model.head_weight() != 0).sum(dim=1) >= 5).sum()) == 0:
+        notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the reference)")
     values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
                             image_attributes=image_attrs, which=keys, seed=int(request.get("seed", 0) or 0),
                             device=device, batch_size=batch_size, progress=progress)

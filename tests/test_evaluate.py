@@ -139,3 +139,27 @@ def test_qpm_evaluate_user_errors_are_one_line_exit_2(caches, qpm, tmp_path):
     _write_run(run, caches, _sparse_model(caches["train"]))
     res = qpm(["evaluate", str(run), "--metrics", "bogus"])
     assert res.returncode == 2 and "unknown metric 'bogus'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_qpm_train_then_qpm_evaluate_reproduces_the_training_metrics(qpm, tmp_path):
+    """End to end on a trained tiny run: `qpm evaluate` recomputes exactly what `qpm train` stored."""
+    run = tmp_path / "run"
+    opts = ["--backbone", "dinov2-vits14", "--weights", "random", "--backbone-option", "image_size=56",
+            "--backbone-option", 'arch={"depth": 1}', "--dataset", "shapes"]
+    for key, val in SHAPES.items():
+        opts += ["--dataset-option", f"{key}={val}"]
+    res = qpm(["train", *opts, "--layers", "1", "--hidden-size", "16", "--dense-features", "12", "--features", "6",
+               "--per-class", "2", "--dense-epochs", "2", "--finetune-epochs", "1", "--time-limit", "5",
+               "--run-dir", str(run), "--device", "cpu", "--quiet", "--json"])
+    assert res.returncode == 0, res.stderr
+    trained = json.loads((run / "metrics.json").read_text())
+    res = qpm(["evaluate", str(run), "--json", "--device", "cpu"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert any("SID@5" in n for n in out["notes"]) and out["metrics"]["SID@5"] == 0.0
+    for key, val in out["metrics"].items():
+        if key in trained["final"]:
+            assert val == (None if trained["final"][key] is None else pytest.approx(trained["final"][key])), key
+    assert out["metrics"]["NFeatures"] == 6.0 and out["metrics"]["PerClass"] == 2.0
+    assert out["metrics"]["Plausibility"] is not None and out["metrics"]["Alignment"] is not None
