@@ -75,7 +75,7 @@ def test_cub_counts_labels_names_and_paths(tmp_path):
     assert (len(train), len(test), train.num_classes) == (6, 3, 3)
     assert train.classes == ["Black footed Albatross", "Laysan Albatross", "Sooty Albatross"]
     assert train.labels() == [0, 0, 1, 1, 2, 2] and test.labels() == [0, 1, 2]  # 0-based
-    assert test.ids == [3, 6, 9]
+    assert test.ids == [3, 6, 9] and test.path(2).endswith("Sooty_Albatross_0009_109.jpg")
     s = test[1]
     assert s.label == 1 and s.path.endswith("002.Laysan_Albatross/Laysan_Albatross_0006_106.jpg")
     assert s.image.mode == "RGB" and s.image.size == (64, 42)

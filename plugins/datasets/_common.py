@@ -93,6 +93,10 @@ class FileDataset(Dataset):
     def label(self, index: int) -> int:
         return self.targets[index]
 
+    def path(self, index: int) -> str:
+        """The file of item ``index`` (used to name it in errors without decoding it)."""
+        return str(self.paths[index])
+
     def load_image(self, index: int):
         from qpmcli.images import open_image
 
