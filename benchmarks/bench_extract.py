@@ -128,7 +128,7 @@ def bench_epoch_read(args, tmp: Path) -> dict:
     def epoch_ref() -> float:
         loader = torch.utils.data.DataLoader(RefDataset(), batch_size=bs, shuffle=True, num_workers=0)
         t0 = time.perf_counter()
-        for x, _ in loader:
+        for _batch in loader:
             pass
         return time.perf_counter() - t0
 

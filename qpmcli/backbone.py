@@ -90,7 +90,8 @@ def hf_cache_dirs() -> list[Path]:
 
 def torch_hub_checkpoint_dir() -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` keeps downloaded files (searched, never written)."""
-    torch_home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    torch_home = os.environ.get("TORCH_HOME") or cache_home / "torch"
     return Path(torch_home) / "hub" / "checkpoints"
 
 
@@ -329,10 +330,10 @@ def parse_image_size(image_size: int | tuple[int, int] | None, default: int = DE
 
 
 def reference_stats(dataset: str | None) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """The reference code's mean/std for ``dataset`` (CUB's when unknown, the paper's default dataset)."""
+    """The reference code's mean/std for ``dataset``: CUB's when none is named (the paper's default dataset),
+    ImageNet's for datasets the reference code has no statistics for."""
     key = (dataset or "cub200").lower()
     if key in REFERENCE_STATS:
         mean, std = REFERENCE_STATS[key]
         return mean, std, key
-    mean, std = REFERENCE_STATS["cub200"]
-    return mean, std, "cub200"
+    return IMAGENET_MEAN, IMAGENET_STD, "imagenet"

@@ -9,10 +9,10 @@ Layout, one directory per key (backbone + weights digest, dataset fingerprint, s
         indices.npy    int64 [N]: the dataset index of every row (rows of skipped images are left out)
         manifest.json  everything the key is made of, plus N, T, D, grid, class names, skipped images
 
-Building happens in ``<dir>.partial/`` chunk by chunk; every finished chunk leaves a marker file, so a rerun after a kill
-continues where it stopped and produces a byte-identical cache. A file lock (``<dir>.lock``) keeps two processes from
-building one cache at once (the second waits, then opens the finished cache). The directory is finalised by an atomic
-rename. Under ``torchrun`` every rank extracts a disjoint, contiguous range of chunks into the same partial cache.
+Building happens in ``<dir>.partial/`` chunk by chunk; every finished chunk leaves a marker file, so a rerun after a
+kill continues where it stopped and produces a byte-identical cache. A file lock (``<dir>.lock``) keeps two processes
+from building one cache at once (the second waits, then opens the finished cache). The directory is finalised by an
+atomic rename. Under ``torchrun`` every rank extracts a disjoint, contiguous range of chunks into one partial cache.
 """
 
 from __future__ import annotations

@@ -44,8 +44,14 @@ def build_efficientnet_lite0(
     from efficientnet_lite_pytorch import EfficientNet
 
     from qpmcli.backbone import (
-        FrozenBackbone, file_digest, load_strict, make_preprocess_config, parse_image_size, read_state_dict,
-        reference_stats, resolve_weights,
+        FrozenBackbone,
+        file_digest,
+        load_strict,
+        make_preprocess_config,
+        parse_image_size,
+        read_state_dict,
+        reference_stats,
+        resolve_weights,
     )
     from qpmcli.errors import ConfigError, WeightsError
 

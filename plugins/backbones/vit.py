@@ -108,8 +108,16 @@ def build_vit(
     import torch
 
     from qpmcli.backbone import (
-        IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, file_digest, load_strict, make_preprocess_config,
-        parse_image_size, read_state_dict, reference_stats, resolve_weights,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        FrozenBackbone,
+        file_digest,
+        load_strict,
+        make_preprocess_config,
+        parse_image_size,
+        read_state_dict,
+        reference_stats,
+        resolve_weights,
     )
     from qpmcli.errors import ConfigError, WeightsError
 
@@ -184,8 +192,14 @@ def build_timm(
     import torch
 
     from qpmcli.backbone import (
-        FrozenBackbone, file_digest, load_strict, make_preprocess_config, parse_image_size, read_state_dict,
-        reference_stats, resolve_weights,
+        FrozenBackbone,
+        file_digest,
+        load_strict,
+        make_preprocess_config,
+        parse_image_size,
+        read_state_dict,
+        reference_stats,
+        resolve_weights,
     )
     from qpmcli.errors import PluginError, WeightsError
 
