@@ -235,3 +235,18 @@ def test_preprocess_handles_odd_image_modes_and_exif_rotation(tmp_path, settings
     img = x * std + mean
     top, bottom = img[:, :100].mean((1, 2)), img[:, 124:].mean((1, 2))
     assert top[0] > 0.8 and top[2] < 0.2 and bottom[2] > 0.8 and bottom[0] < 0.2  # red on top after EXIF rotation
+
+
+def test_weights_fall_back_to_local_hugging_face_cache_without_download(settings, monkeypatch, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    snap = tmp_path / "hf" / "hub" / "models--timm--vit_small_patch14_dinov2.lvd142m" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    src = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=518, depth=1)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(snap / "model.safetensors"))
+    bb = load_backbone("dinov2-vits14", settings=settings, arch={"depth": 1})
+    assert bb.weights_path == str(snap / "model.safetensors")
+    torch.testing.assert_close(bb.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
