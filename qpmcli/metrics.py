@@ -545,7 +545,7 @@ class TestMapScorer:
         self.mean = None if head_mean is None else _as_tensor(head_mean, self.device, torch.float32).flatten()
         self.std = None if head_std is None else _as_tensor(head_std, self.device, torch.float32).flatten()
         self.bias = None if head_bias is None else _as_tensor(head_bias, self.device, torch.float32).flatten()
-        self.want_sid = f"SID@{self.k}" in self.keys or "SID@5" in self.keys
+        self.want_sid = f"SID@{self.k}" in self.keys
         self.seg_keys = [v for v in SEG_VARIANTS
                          if f"SegOverlap-{v}" in self.keys or (v == "gradcam_dilated" and "Plausibility" in self.keys)]
         self.want_pool = any(k.startswith("Pooling-") for k in self.keys)
@@ -660,6 +660,68 @@ class TestMapScorer:
 
 def _chunk_size(k: int, p: int, budget: int = 1 << 23) -> int:
     return max(1, budget // max(1, k * p))
+
+
+def _pred_of(predicted: Any) -> np.ndarray:
+    """Class indices [M] from predicted classes [M] or logits [M, C]."""
+    arr = _to_numpy(predicted)
+    return predictions(arr) if arr.ndim == 2 else arr.astype(np.int64).ravel()
+
+
+def _map_metric(keys: list[str], maps: Any, weight: Any, predicted: Any, labels: Any = None, masks: Any = None,
+                **head: Any) -> dict[str, float | None]:
+    pred = _pred_of(predicted)
+    scorer = TestMapScorer(weight, keys, **head)
+    w = _to_numpy(weight)
+    step = _chunk_size(w.shape[1], int(np.prod(maps.shape[2:])))
+    lab = pred if labels is None else _to_numpy(labels).astype(np.int64).ravel()
+    for s in range(0, pred.size, step):
+        chunk = maps[s:s + step] if hasattr(maps, "detach") else np.asarray(maps[s:s + step])
+        scorer.update(pred[s:s + step], lab[s:s + step], chunk,
+                      None if masks is None else _to_numpy(masks)[s:s + step])
+    return scorer.result(actual_accuracy=None if labels is None else float(np.mean(pred == lab)))
+
+
+def sid_at_k(maps: Any, weight: Any, predicted: Any, k: int = 5) -> float:
+    """SID@k over a test set: maps [M, K, h, w], head weight [C, K], predicted classes [M] (or logits [M, C]).
+
+    The mean of :func:`sid_per_image` over images whose predicted class has >= k non-zero weights, using that
+    class's top-k features by raw weight; 0.0 when no image is eligible (METHOD.md §8, §13 B8). Range [1/k, 1].
+    """
+    key = f"SID@{int(k)}"
+    return float(_map_metric([key], maps, weight, predicted, k=int(k))[key])
+
+
+def segmentation_overlap(maps: Any, weight: Any, predicted: Any, masks: Any, variant: str = "gradcam_dilated",
+                         ) -> float:
+    """Mean segmentation overlap over a test set (one of :data:`SEG_VARIANTS`), see
+    :func:`segmentation_overlap_per_image`. maps [M, K, h, w], weight [C, K], predicted [M] or logits [M, C],
+    masks [M, h, w] bool at patch resolution (un-dilated; ``*_dilated`` variants dilate them). Range [0, 1]."""
+    if variant not in SEG_VARIANTS:
+        raise ValueError(f"unknown overlap variant {variant!r}; use one of {', '.join(SEG_VARIANTS)}")
+    key = f"SegOverlap-{variant}"
+    return float(_map_metric([key], maps, weight, predicted, masks=masks)[key])
+
+
+def plausibility(maps: Any, weight: Any, predicted: Any, masks: Any) -> float:
+    """The paper's Plausibility: ``gradcam_dilated`` segmentation overlap (METHOD.md §8). Range [0, 1].
+
+    For the "DINO GradCAM" linear-probe baseline pass ``maps = tokens_to_maps(tokens, grid)`` and the probe's
+    weight [C, D].
+    """
+    return segmentation_overlap(maps, weight, predicted, masks, "gradcam_dilated")
+
+
+def pooling_baseline(maps: Any, weight: Any, labels: Any, logits: Any, *, head_mean: Any = None,
+                     head_std: Any = None, head_bias: Any = None) -> dict[str, float | None]:
+    """Accuracy of the head on the spatial mean and on the max of the maps, and max(avg, max) / actual accuracy.
+
+    Keys ``Pooling-Avg-Accuracy``, ``Pooling-Max-Accuracy``, ``Pooling-Ratio`` (None when the accuracy is 0).
+    The head is ``W ((x - head_mean) / max(head_std, 1e-6)) + head_bias`` over all K features.
+    """
+    keys = list(METRIC_GROUPS["pooling_baseline"])
+    return _map_metric(keys, maps, weight, logits, labels=labels, head_mean=head_mean, head_std=head_std,
+                       head_bias=head_bias)
 
 
 MAP_KEY_PREFIXES = ("SID@", "SegOverlap-", "Pooling-", "Plausibility")

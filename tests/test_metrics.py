@@ -269,3 +269,16 @@ def test_tokens_to_maps_gives_dino_gradcam_maps():
     maps = M.tokens_to_maps(tokens, (2, 2))
     assert maps.shape == (2, 3, 2, 2)
     assert maps[1, 2, 1, 0] == tokens[1, 1 + 2, 2]
+
+
+def test_public_test_set_functions_match_compute_metrics():
+    p = _random_problem(3)
+    res = M.compute_metrics(**p)
+    pred = M.predictions(p["test_logits"])
+    assert M.sid_at_k(p["test_maps"], p["weight"], p["test_logits"]) == pytest.approx(res["SID@5"])
+    assert M.sid_at_k(p["test_maps"], p["weight"], pred, k=3) >= 1 / 3
+    assert M.plausibility(p["test_maps"], p["weight"], pred, p["test_masks"]) == pytest.approx(res["Plausibility"])
+    assert M.segmentation_overlap(p["test_maps"], p["weight"], pred, p["test_masks"], "max") == pytest.approx(
+        res["SegOverlap-max"])
+    pool = M.pooling_baseline(p["test_maps"], p["weight"], p["test_labels"], p["test_logits"])
+    assert pool == {k: pytest.approx(res[k]) for k in pool}
