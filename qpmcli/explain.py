@@ -258,7 +258,9 @@ def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray, m
                                         contribution=float(contrib_all[k]), peak=float(m.max()),
                                         peak_at=[int(r), int(q)]))
     evidence.sort(key=lambda e: -e.contribution)
-    order = np.argsort(-logits, kind="stable")[:top_k]
+    order = list(np.argsort(-logits, kind="stable")[:top_k])
+    if c not in order:  # an explained class outside the top-k still gets its bar
+        order.append(c)
     top = [{"index": int(i), "class": names[i], "probability": float(probs[i]), "logit": float(logits[i])}
            for i in order]
     return LocalExplanation(image=image, class_index=c, class_name=names[c], probability=float(probs[c]),
@@ -347,7 +349,7 @@ def _save(fig: Any, path: str | os.PathLike[str], panels: dict[str, Any] | None 
     plt = _pyplot()
     target = Path(path)
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+        fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs={"compress_level": 3})  # zlib 6-9 costs ~2x time
     if panels and boxes is not None:
         width, height = fig.get_size_inches() * DPI
         for name, ax in panels.items():
@@ -388,7 +390,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     ncols = max(5, n)
     fig = plt.figure(figsize=LOCAL_FIGSIZE, dpi=DPI)
     gs = fig.add_gridspec(2, ncols + 1, width_ratios=[1] * ncols + [0.06], height_ratios=[1, 1.08],
-                          left=0.03, right=0.95, top=0.86, bottom=0.04, wspace=0.32, hspace=0.42)
+                          left=0.03, right=0.95, top=0.86, bottom=0.04, wspace=0.42, hspace=0.42)
     verdict = "predicted" if expl.class_index == expl.predicted_index else \
         f"explained class (predicted: {_short(expl.predicted_name, 40)})"
     fig.suptitle(f"{_short(Path(expl.image).name or 'image', 50)}  \u2192  {_short(expl.class_name, 70)}  "
@@ -408,7 +410,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     ax.barh(ys, [t["probability"] for t in top], height=0.42,
             color=["#d62728" if t["index"] == expl.class_index else "#9aa5b1" for t in top])
     for y, t in zip(ys, top, strict=True):  # class names above their bars: long names need the full width
-        ax.text(0.0, y + 0.24, f"{_short(t['class'], 40)}  {t['probability']:.3f}", va="bottom", fontsize=7.5,
+        ax.text(0.0, y + 0.24, f"{_short(t['class'], 36)}  {t['probability']:.3f}", va="bottom", fontsize=7.5,
                 fontweight="bold" if t["index"] == expl.class_index else "normal")
     ax.set_yticks([])
     ax.set_ylim(-0.5, len(top) - 0.1)
@@ -574,9 +576,10 @@ def render_global(class_index: int, metadata: dict[str, Any], prototypes: dict[i
     n = per_feature or max(len(prototypes[f]) for f in feats)
     fig = plt.figure(figsize=(1.9 + 1.7 * n, 0.9 + 1.95 * len(feats)), dpi=DPI)
     gs = fig.add_gridspec(len(feats), n + 1, width_ratios=[1.1] + [1] * n, left=0.01, right=0.99,
-                          top=1 - 0.8 / (0.9 + 1.95 * len(feats)), bottom=0.02, wspace=0.08, hspace=0.5)
-    fig.suptitle(f"{_wrap(names[class_index], 70, 2)}: its {len(feats)} features, each shown by the "
-                 f"training patches that activate it most", fontsize=12, fontweight="bold")
+                          top=1 - 0.95 / (0.9 + 1.95 * len(feats)), bottom=0.02, wspace=0.08, hspace=0.5)
+    chars = int(fig.get_size_inches()[0] * 8)
+    fig.suptitle(f"{_short(names[class_index], chars)}\nits {len(feats)} features, each shown by the training "
+                 f"patches that activate it most", fontsize=11, fontweight="bold")
     for r, (k, fid) in enumerate(zip(cols, feats, strict=True)):
         colour = feature_colour(fid)
         ax = fig.add_subplot(gs[r, 0])

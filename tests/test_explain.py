@@ -64,7 +64,7 @@ def build_made_run(root: Path) -> dict:
     images = root / "images"
     images.mkdir()
     paths = []
-    for i in range(3):
+    for i in range(2):
         p = images / f"test_{i}.png"
         test[i].image.save(p)
         paths.append(p)
@@ -292,7 +292,7 @@ def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
              "--class", classes[0], "--compare", classes[1], "--device", "cpu", "--json"], tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert len(s["images"]) == 3 and all(i["class_name"] == classes[0] for i in s["images"])
+    assert len(s["images"]) == 2 and all(i["class_name"] == classes[0] for i in s["images"])
     assert all(i["compare"]["only_b"] == [7] for i in s["images"])
     text = Path(s["html"]).read_text(encoding="utf-8")
     checker = _Checker()
@@ -300,13 +300,13 @@ def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
     checker.close()
     assert text.startswith("<!DOCTYPE html>") and not checker.errors and not checker.stack
     srcs = [u for u in checker.urls]
-    assert len(srcs) == 1 + 3 * 2  # global figure + (local + compare) per image
+    assert len(srcs) == 1 + 2 * 2  # global figure + (local + compare) per image
     for tag, attr, url in srcs:
         assert tag == "img" and attr == "src" and url.startswith("data:image/png;base64,")
         with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
             assert im.format == "PNG" and im.size[0] >= 500
     assert "http://" not in text and "https://" not in text
-    assert all(f"test_{i}.png" in text for i in range(3))
+    assert all(f"test_{i}.png" in text for i in range(2))
 
 
 def test_cli_single_image_default_and_errors(made_run, tmp_path):
@@ -332,9 +332,9 @@ def test_explain_from_onnx_alone_matches_the_run_directory(made_run, tmp_path):
     alone.parent.mkdir()
     onnx_path.rename(alone)
     classes = made_run["classes"]
-    a = E.explain([made_run["images"][2]], made_run["run"], out_dir=tmp_path / "a", class_name=classes[3],
+    a = E.explain([made_run["images"][1]], made_run["run"], out_dir=tmp_path / "a", class_name=classes[3],
                   device="cpu")
-    b = E.explain([made_run["images"][2]], alone, out_dir=tmp_path / "b", class_name=classes[3], device="cpu")
+    b = E.explain([made_run["images"][1]], alone, out_dir=tmp_path / "b", class_name=classes[3], device="cpu")
     fa, fb = a["images"][0]["features"], b["images"][0]["features"]
     assert [e["feature"] for e in fa] == [e["feature"] for e in fb]
     for x, y in zip(fa, fb, strict=True):
