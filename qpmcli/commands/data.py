@@ -1,4 +1,4 @@
-"""``qpm data check``: open a dataset's splits and report counts, classes, masks and attributes, or say what is wrong."""
+"""``qpm data check``: open both splits of a dataset and report counts, classes, masks and attributes."""
 
 from __future__ import annotations
 
