@@ -2,7 +2,8 @@
 
 Both variants train the same adapter with the same schedule-free dense step for the same epochs. The baseline reads
 the reference's layout -- two small ``.pt`` files per image (patch tokens, CLS token) -- through a shuffling DataLoader
-(``num_workers`` workers, pinned memory), the way the reference's ``DinoData`` does. Ours is ``qpmcli.train.train_phase``
+(``num_workers`` workers, pinned memory), the way the reference's ``DinoData`` does. Ours is
+``qpmcli.train.train_phase``
 on a ``TokenData`` (including its BN recompute pass). Each variant runs in its own process so peak memory is its own.
 
     python benchmarks/bench_train.py [--quick] [--json-out PATH] [--device cpu|cuda]
@@ -172,9 +173,9 @@ def main() -> None:
         prepare(workdir, args)
         results = {}
         base_cmd = [sys.executable, __file__, "--workdir", str(workdir), "--device", args.device,
-                    "--workers", str(args.workers)] + (["--bf16"] if args.bf16 else []) + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                                                       ("n", "grid", "dim", "classes", "hidden", "features",
-                                                        "epochs", "batch_size")]
+                    "--workers", str(args.workers)] + (["--bf16"] if args.bf16 else [])
+        base_cmd += [f"--{k.replace('_', '-')}={getattr(args, k)}"
+                     for k in ("n", "grid", "dim", "classes", "hidden", "features", "epochs", "batch_size")]
         for variant in ("baseline", "ours"):
             out = subprocess.run(base_cmd + ["--variant", variant], capture_output=True, text=True, check=False)
             if out.returncode != 0:

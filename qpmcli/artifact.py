@@ -48,7 +48,7 @@ STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
 # ------------------------------------------------------------------------------------------------------ atomic writes
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed over ``path`` (readers never see half files)."""
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` (readers never see half files)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -15,6 +15,7 @@ Unlike the reference, the selection, W, mu and sigma are buffers of the state di
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -73,7 +74,9 @@ def _sync_batch_norm(bn: TokenBatchNorm, x: torch.Tensor) -> torch.Tensor:
 
     n_local = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
     stats = torch.cat([x.sum(0), (x * x).sum(0), n_local])
-    stats = dnn.all_reduce(stats)
+    with warnings.catch_warnings():  # the differentiable all_reduce is flagged deprecated; its successor has no grad
+        warnings.simplefilter("ignore", FutureWarning)
+        stats = dnn.all_reduce(stats)
     c = x.shape[1]
     count = stats[-1]
     mean = stats[:c] / count

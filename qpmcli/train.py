@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli import artifact
-from qpmcli.errors import ArtifactError, ConfigError, DatasetError, QpmError
+from qpmcli.errors import ArtifactError, ConfigError, DatasetError
 from qpmcli.losses import DENSE_WEIGHTS, FINETUNE_WEIGHTS, LossWeights
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     import torch
 
     from qpmcli.model import QPMModel
@@ -153,7 +151,7 @@ class TokenData:
         out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, tokens.dtype)).dtype, device=self.device)
         step = max(1, (256 << 20) // max(1, int(np.prod(self.shape[1:])) * tokens.dtype.itemsize))
         for i in range(0, self.n, step):
-            out[i:i + step] = torch.from_numpy(np.ascontiguousarray(tokens[i:i + step])).to(self.device)
+            out[i:i + step] = torch.from_numpy(np.array(tokens[i:i + step])).to(self.device)
         return out
 
     def __len__(self) -> int:
@@ -371,8 +369,7 @@ def train_phase(model: QPMModel, data: TokenData, opts: PhaseOptions, *, phase: 
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, start_step, acc_state = 0, 0, None
     result = PhaseResult(phase, opts.epochs)
@@ -611,7 +608,8 @@ def _check_classes(labels: Any, class_names: list[str], split: str) -> None:
     empty = np.flatnonzero(counts == 0)
     if split == "train" and len(empty):
         names = ", ".join(str(class_names[i]) for i in empty[:5])
-        raise DatasetError(f"{len(empty)} class(es) have no training images ({names}{', ...' if len(empty) > 5 else ''})"
+        more = ", ..." if len(empty) > 5 else ""
+        raise DatasetError(f"{len(empty)} class(es) have no training images ({names}{more})"
                            f"; every class needs at least one")
     if len(counts) > len(class_names):
         raise DatasetError(f"{split} labels go up to {len(counts) - 1} but the dataset has {len(class_names)} classes")
@@ -694,7 +692,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     timings: dict[str, float] = {}
 
-    # ---- extract (rank 0 builds, the others open the finished caches)
+    # ---- extract
     t0 = time.perf_counter()
     if backbone_obj is None:
         from qpmcli.backbone import load_backbone
@@ -705,16 +703,10 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
     from qpmcli.cache import ensure_cache
 
     caches = {}
-    for split in ("train", "test"):
-        if dist.is_main:
-            caches[split] = ensure_cache(req.backbone, req.dataset, split, settings, data_root=req.data_root,
-                                         dataset_options=req.dataset_options, progress=progress and dist.is_main,
-                                         backbone_obj=backbone_obj, preprocess=req.preprocess)
-        barrier()
-        if not dist.is_main:
-            caches[split] = ensure_cache(req.backbone, req.dataset, split, settings, data_root=req.data_root,
-                                         dataset_options=req.dataset_options, progress=False,
-                                         backbone_obj=backbone_obj, preprocess=req.preprocess)
+    for split in ("train", "test"):  # collective under torchrun: every rank extracts a disjoint share
+        caches[split] = ensure_cache(req.backbone, req.dataset, split, settings, data_root=req.data_root,
+                                     dataset_options=req.dataset_options, progress=progress and dist.is_main,
+                                     backbone_obj=backbone_obj, preprocess=req.preprocess)
     timings["extract"] = time.perf_counter() - t0
     train_cache, test_cache = caches["train"], caches["test"]
     manifest = train_cache.manifest

@@ -6,8 +6,15 @@ import math
 
 import torch
 
-from qpmcli.losses import (DENSE_WEIGHTS, FINETUNE_WEIGHTS, LossWeights, feature_diversity_loss, l1_features, l1_maps,
-                           total_loss)
+from qpmcli.losses import (
+    DENSE_WEIGHTS,
+    FINETUNE_WEIGHTS,
+    LossWeights,
+    feature_diversity_loss,
+    l1_features,
+    l1_maps,
+    total_loss,
+)
 
 
 def test_fdl_matches_a_hand_computed_value():

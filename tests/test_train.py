@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from qpmcli.model import QPMModel
-from qpmcli.train import (DENSE_PHASE, FINETUNE_PHASE, PhaseOptions, TokenData, collect_outputs, feature_stats,
-                          recompute_bn_stats, train_phase)
+from qpmcli.train import (
+    DENSE_PHASE,
+    FINETUNE_PHASE,
+    PhaseOptions,
+    TokenData,
+    collect_outputs,
+    feature_stats,
+    recompute_bn_stats,
+    train_phase,
+)
 
 N, H, W, D, C = 96, 3, 3, 16, 4
 
@@ -41,7 +49,8 @@ def _same_state(a, b):
 
 
 def test_phase_defaults_are_the_papers():
-    assert (DENSE_PHASE.epochs, DENSE_PHASE.lr, DENSE_PHASE.weight_decay, DENSE_PHASE.batch_size) == (25, 1e-3, 7e-4, 32)
+    dense = DENSE_PHASE
+    assert (dense.epochs, dense.lr, dense.weight_decay, dense.batch_size) == (25, 1e-3, 7e-4, 32)
     assert (FINETUNE_PHASE.epochs, FINETUNE_PHASE.lr, FINETUNE_PHASE.weight_decay, FINETUNE_PHASE.batch_size) == (
         25, 5e-3, 8e-4, 16)
     assert PhaseOptions.from_dict(DENSE_PHASE.to_dict()) == DENSE_PHASE
