@@ -151,6 +151,18 @@ def test_lp_bound_is_above_the_optimum_of_small_instances():
         assert Q.lp_bound(inst, M) >= opt - 1e-6
 
 
+def test_clique_cuts_tighten_the_bound_but_never_below_the_optimum():
+    # four interchangeable copies of a strong feature: the LP takes each half and pays no penalty
+    rng = np.random.default_rng(4)
+    coef = rng.normal(size=(8, 4))
+    coef[:4] = 10 + 0.1 * rng.normal(size=(4, 4))
+    pairs = np.array([(f, g) for f in range(4) for g in range(f + 1, 4)])
+    inst = Q.QpmInstance(coef=coef, pairs=pairs, pair_w=np.full(len(pairs), 5.0), bonus=np.zeros(8), K=4, k=2)
+    opt = brute_force(inst)
+    plain, cut = Q.lp_bound(inst, 8), Q.lp_bound(inst, 8, cut_rounds=20)
+    assert opt - 1e-6 <= cut < plain - 1e-3
+
+
 @pytest.mark.parametrize(("K", "k", "C", "n", "msg"), [
     (5, 6, 4, 10, "exceeds --features"),
     (12, 3, 4, 10, "exceeds the 10 features"),

@@ -265,11 +265,18 @@ def candidates(inst: QpmInstance, M: int) -> np.ndarray:
     return np.argsort(-inst.coef, axis=0, kind="stable")[:M].T
 
 
-def lp_bound(inst: QpmInstance, M: int, penalty: bool = True) -> float:
-    """Upper bound from the LP relaxation of the pruned model (fallback slot per class, McCormick pair penalties).
+def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int = 0,
+             deadline: float = math.inf, report=None) -> float:
+    """Upper bound from the LP relaxation of the pruned model (fallback slot per class, McCormick pair penalties),
+    optionally tightened by rounds of clique cuts on the penalty.
 
     Valid because every feasible solution maps to a feasible LP point of at least the same value: a class's features
-    outside its top-M are worth at most the (M+1)-th best value, which the fallback slot pays without needing s.
+    outside its top-M are worth at most the (M+1)-th best value, which the fallback slot pays without needing s;
+    penalties between features that are no class's candidate are dropped (which only raises the optimum).
+    Clique cut: for features T that are pairwise disallowed, m = |S & T| selected ones pay at least
+    w_min(T) m(m-1)/2 >= w_min(T) (j m - j(j+1)/2) for every integer j, so
+    sum_{pairs in T} w y >= w_min(T) (j sum_T s - j(j+1)/2) holds for every solution. These are the cuts the
+    McCormick LP needs: it likes to take redundant features half each, paying no penalty.
     """
     from ortools.linear_solver import pywraplp
 
@@ -296,20 +303,67 @@ def lp_bound(inst: QpmInstance, M: int, penalty: bool = True) -> float:
             obj.SetCoefficient(z, float(order_vals[M, c]))
             xs.append(z)
         solver.Add(solver.Sum(xs) == k)
+    relevant = np.zeros(n, dtype=bool)
+    relevant[np.unique(cand)] = True
+    Y: dict[tuple[int, int], Any] = {}
     if penalty:
-        relevant = np.zeros(n, dtype=bool)
-        relevant[np.unique(cand)] = True
         for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
             if relevant[f] and relevant[g]:  # other pairs dropped: a relaxation, still an upper bound
                 y = solver.NumVar(0.0, 1.0, "")
                 solver.Add(y >= s[int(f)] + s[int(g)] - 1)
                 obj.SetCoefficient(y, -float(w))
+                Y[(int(f), int(g))] = y
     obj.SetMaximization()
-    status = solver.Solve()
-    if status != pywraplp.Solver.OPTIMAL:
-        return math.inf
-    # GLOP works in floating point: pad by its tolerance so the bound stays on the safe side
-    return float(obj.Value()) + 1e-6 * max(1.0, abs(obj.Value()))
+    best = math.inf
+    for rnd in range(cut_rounds + 1):
+        remaining = deadline - time.perf_counter()
+        if rnd > 0 and remaining <= 1.0:
+            break
+        if math.isfinite(remaining):
+            solver.SetTimeLimit(int(max(remaining, 1.0) * 1000))
+        status = solver.Solve()
+        if status != pywraplp.Solver.OPTIMAL:
+            break  # an unfinished LP proves nothing; keep the last bound
+        # GLOP works in floating point: pad by its tolerance so the bound stays on the safe side
+        best = min(best, float(obj.Value()) + 1e-6 * max(1.0, abs(obj.Value())))
+        if report is not None:
+            report(best)
+        if rnd == cut_rounds or not Y:
+            break
+        sv = np.array([v.solution_value() for v in s])
+        yv = {p: v.solution_value() for p, v in Y.items()}
+        if _add_clique_cuts(inst, solver, s, Y, sv, yv, relevant) == 0:
+            break
+    return best
+
+
+def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, relevant: np.ndarray) -> int:
+    """Greedy separation: grow a clique of disallowed pairs around every feature with s > 0.05; add violated cuts."""
+    D = inst.P > 0
+    order = [int(f) for f in np.argsort(-sv, kind="stable") if sv[f] > 0.05 and relevant[f]]
+    seen: set[tuple[int, ...]] = set()
+    added = 0
+    for f0 in order:
+        T = [f0]
+        for g in order:
+            if g != f0 and all(D[g, h] for h in T):
+                T.append(g)
+        key = tuple(sorted(T))
+        if len(T) < 2 or key in seen:
+            continue
+        seen.add(key)
+        pairs = [(min(a, b), max(a, b)) for i, a in enumerate(T) for b in T[i + 1:]]
+        if not all(p in Y for p in pairs):
+            continue
+        wmin = min(float(inst.P[a, b]) for a, b in pairs)
+        ssum = float(sv[T].sum())
+        ysum = sum(float(inst.P[a, b]) * yv[(a, b)] for a, b in pairs)
+        for j in range(1, len(T)):
+            if ysum < wmin * (j * ssum - j * (j + 1) / 2) - 1e-6:
+                lhs = solver.Sum([float(inst.P[a, b]) * Y[(a, b)] for a, b in pairs])
+                solver.Add(lhs >= wmin * (j * solver.Sum([s[f] for f in T]) - j * (j + 1) / 2))
+                added += 1
+    return added
 
 
 # ----------------------------------------------------------------------------------------------------- CP-SAT
@@ -345,7 +399,7 @@ def _scale(inst: QpmInstance) -> float:
 
 def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: float, *, workers: int = 8,
                 seed: int = 0, deterministic: bool = True, report=None, max_rounds: int = 20,
-                mode: str = "restrict") -> CpsatResult:
+                mode: str = "restrict", dtime: float | None = None) -> CpsatResult:
     """CP-SAT with lazy duplicate cuts on one of three models of the problem.
 
     ``mode="full"``: the plain model of METHOD §6.5 (every feature a candidate of every class, every penalised pair);
@@ -354,6 +408,8 @@ def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: 
     solutions fast; its bound is not valid for the original problem and is not reported.
     ``mode="relax"``: top-M plus a fallback slot worth the (M+1)-th value and penalties only among candidates: a
     relaxation whose bound is valid.
+    With ``deterministic``, CP-SAT interleaves its workers deterministically and stops after ``dtime`` deterministic
+    seconds (a work measure), so the result does not depend on the machine unless the wall-clock limit hits first.
     """
     from ortools.sat.python import cp_model
 
@@ -455,7 +511,7 @@ def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: 
         p.max_time_in_seconds = float(remaining)
         if deterministic:
             p.interleave_search = True
-            p.max_deterministic_time = float(remaining)
+            p.max_deterministic_time = float(min(remaining, dtime)) if dtime else float(remaining)
         cb = _Progress(Q, report).cb if report is not None else None
         status = solver.Solve(model, cb) if cb is not None else solver.Solve(model)
         status_name = solver.StatusName(status)
@@ -524,7 +580,8 @@ class SolveResult:
 
 def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers: int = 8,
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
-          progress: bool = True, use_cpsat: bool = True) -> SolveResult:
+          progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50,
+          bound_share: float = 0.9) -> SolveResult:
     """Warm start + local search, LP bound, CP-SAT refinement on the pruned model; returns the best solution found."""
     start = time.perf_counter()
     deadline = start + time_limit
@@ -546,8 +603,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     best_S, best_W, best_v = greedy_S, greedy_W, stats["greedy_objective"]
     # The perturbation budget grows with the time limit but is counted in rounds, not seconds, so that a given
     # (time limit, seed) gives the same result on any machine; the deadline only stops very slow machines.
-    ls_deadline = start + 0.5 * time_limit
-    rounds = max(5, int(time_limit))
+    ls_deadline = start + 0.35 * time_limit
+    rounds = max(5, int(time_limit / 2))
     for name, S0 in starts.items():
         S1, _ = iterated_local_search(inst, S0, rng, rounds=rounds, deadline=ls_deadline)
         W1 = assign(inst, S1)
@@ -559,13 +616,10 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     stats["local_search_seconds"] = round(time.perf_counter() - start, 3)
     bar.update(time.perf_counter() - start, best_v, math.inf)
 
-    # 2. LP bound on the pruned relaxation
-    bound = math.inf
+    # 2. LP bound on the pruned relaxation, tightened by clique cuts while the bound budget lasts
     t0 = time.perf_counter()
-    try:
-        bound = lp_bound(inst, M)
-    except Exception as exc:  # pragma: no cover - GLOP failures only weaken the report
-        stats["lp_error"] = str(exc)
+    bound = lp_bound(inst, M, cut_rounds=cut_rounds, deadline=start + bound_share * time_limit,
+                     report=lambda b: bar.update(time.perf_counter() - start, best_v, b))
     stats["lp_bound"] = bound
     stats["lp_seconds"] = round(time.perf_counter() - t0, 3)
     bar.update(time.perf_counter() - start, best_v, bound)
@@ -579,7 +633,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
         mode = "full" if M >= inst.n else "restrict"
         res = cpsat_solve(inst, M, best_S, remaining, workers=workers, seed=seed, deterministic=deterministic,
-                          report=report if progress else None, mode=mode)
+                          report=report if progress else None, mode=mode, dtime=max(0.1 * time_limit, 1.0))
         stats.update(cpsat_model=mode, cpsat_status=res.status, cpsat_seconds=round(res.wall, 3),
                      cpsat_rounds=res.rounds, candidates_per_class=int(min(M, inst.n)))
         if mode == "full":
