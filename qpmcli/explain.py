@@ -445,6 +445,8 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     cb = fig.colorbar(ScalarMappable(enorm, EVIDENCE_CMAP if ev.min() < 0 else HEAT_CMAP), cax=cax,
                       orientation="horizontal")
     cb.ax.tick_params(labelsize=6)
+    offset = expl.logit - float(evidence_map(maps, metadata, expl.class_index).mean())
+    cb.set_label(f"logit = mean of this map {offset:+.2f}", fontsize=7)
 
     ups = [upsample(maps[e.column], size) for e in feats]
     vmax = max([float(u.max()) for u in ups] + [1e-6])
@@ -496,16 +498,17 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     rows = [("shared", f"shared by both classes ({len(groups['shared'])})"),
             ("only_a", f"only {_short(expl_a.class_name, 44)}"),
             ("only_b", f"only {_short(expl_b.class_name, 44)}")]
-    ncols = max(5, *(len(groups[k]) for k, _ in rows))
+    ncols = max(4, *(len(groups[k]) for k, _ in rows))
     fig = plt.figure(figsize=(2.6 * ncols + 1.0, 11.0), dpi=DPI)
-    gs = fig.add_gridspec(4, ncols + 1, width_ratios=[1] * ncols + [0.06], left=0.04, right=0.95, top=0.9,
+    gs = fig.add_gridspec(4, ncols + 1, width_ratios=[1] * ncols + [0.06], left=0.04, right=0.93, top=0.9,
                           bottom=0.03, wspace=0.3, hspace=0.5)
     diff = expl_a.logit - expl_b.logit
     fig.suptitle(f"{_short(expl_a.class_name, 48)} (p = {expl_a.probability:.3f})  vs  "
                  f"{_short(expl_b.class_name, 48)} (p = {expl_b.probability:.3f})\n"
                  f"logit difference {diff:+.2f}; shared features add the same to both classes, the others decide",
                  fontsize=13, fontweight="bold")
-    ax = fig.add_subplot(gs[0, 0])
+    head = gs[0, :ncols].subgridspec(1, 2, width_ratios=[1, ncols - 1.6], wspace=0.55)
+    ax = fig.add_subplot(head[0, 0])
     ax.imshow(rgb)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -515,7 +518,7 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     x = (f_all - mu) / sigma if mu is not None and sigma is not None else f_all
     cols = groups["shared"] + groups["only_a"] + groups["only_b"]
     delta = [(w[expl_a.class_index, k] - w[expl_b.class_index, k]) * x[k] for k in cols]
-    ax = fig.add_subplot(gs[0, 1:min(ncols, 4)])
+    ax = fig.add_subplot(head[0, 1])
     ys = np.arange(len(cols))[::-1]
     ax.barh(ys, delta, color=[feature_colour(ids[k]) for k in cols])
     labels = []
@@ -524,6 +527,8 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
         labels.append(f"feature {ids[k]} ({tag})")
     ax.set_yticks(ys, labels, fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"> 0 favours {_short(expl_a.class_name, 30)},  < 0 favours {_short(expl_b.class_name, 30)}\n"
+                  f"(a class's feature that fires below its training mean counts against that class)", fontsize=8)
     ax.set_title(f"contribution to logit({_short(expl_a.class_name, 24)}) \u2212 logit({_short(expl_b.class_name, 24)})",
                  fontsize=10)
     ax.tick_params(axis="x", labelsize=8)

@@ -239,7 +239,7 @@ def test_library_explain_writes_local_compare_global_and_json(made_run, tmp_path
     feature_boxes = [panels[f"feature {f}"] for f in (2, 3, 5)]
     assert all(b[1] > panels["input"][3] for b in feature_boxes)  # the feature row lies below the header row
     with Image.open(item["compare"]["figure"]) as im:
-        assert im.size == (1400, 1100)
+        assert im.size == (1140, 1100)  # 4 columns: 2.6 in each + 1 in, 11 in high, 100 dpi
     with Image.open(s["global"]["figure"]) as im:
         assert im.size[0] > 500 and im.size[1] > 500
         assert distinct_colours(np.asarray(im.convert("RGB"))) > 1000
