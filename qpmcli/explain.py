@@ -852,7 +852,9 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
             parts.append(f"<img class=\"fig\" src=\"{_data_uri(item['figure'])}\" alt=\"local explanation of "
                          f"{esc(Path(item['image']).name)}\">\n")
         cmp_ = item.get("compare")
-        if cmp_:
+        if cmp_ and "skipped" in cmp_:
+            parts.append(f"<p class=\"meta\">no contrastive view: {esc(cmp_['skipped'])}</p>\n")
+        elif cmp_:
             parts.append(f"<h3>{esc(cmp_['class_a'])} vs {esc(cmp_['class_b'])}</h3>\n<p>shared features: "
                          f"{', '.join(map(str, cmp_['shared'])) or 'none'}; only {esc(cmp_['class_a'])}: "
                          f"{', '.join(map(str, cmp_['only_a'])) or 'none'}; only {esc(cmp_['class_b'])}: "
@@ -901,6 +903,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     names = [str(c) for c in md.get("class_names") or range(w.shape[0])]
     cls_idx = resolve_class(class_name, names) if class_name else None
     cmp_idx = resolve_class(compare, names) if compare else None
+    if cmp_idx is not None and cmp_idx == cls_idx:
+        raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare with another class")
     summary: dict[str, Any] = {"model": str(model), "backbone": md.get("backbone"), "out_dir": str(out),
                                "class_names": len(names), "images": [], "global": None}
     if cls_idx is not None:
@@ -930,10 +934,9 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                 stem = _unique_stem(p, used)
                 expl.figure = str(render_local(img, expl, maps, md, out / f"{stem}_explain.png"))
                 item = expl.to_dict()
-                if cmp_idx is not None:
-                    if cmp_idx == expl.class_index:
-                        raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare "
-                                          f"with another class")
+                if cmp_idx is not None and cmp_idx == expl.class_index:  # predicted class == --compare
+                    item["compare"] = {"skipped": f"the image is explained as {names[cmp_idx]} itself"}
+                elif cmp_idx is not None:
                     other = explain_output(logits, maps, feats, md, image=str(p), class_index=cmp_idx, top_k=top_k)
                     groups = compare_classes(md, expl.class_index, cmp_idx)
                     fig = render_compare(img, expl, other, maps, feats, md, groups,

@@ -254,6 +254,11 @@ def test_unknown_class_and_self_compare_are_user_errors(made_run, tmp_path):
     with pytest.raises(ConfigError, match="explained class itself"):
         E.explain([made_run["images"][0]], made_run["run"], out_dir=tmp_path, class_name="0", compare="0",
                   device="cpu")
+    pred = E.explain([made_run["images"][0]], made_run["run"], out_dir=tmp_path / "p", device="cpu")["images"][0]
+    same = E.explain([made_run["images"][0]], made_run["run"], out_dir=tmp_path / "q", device="cpu",
+                     compare=str(pred["predicted_index"]), html_report=True)
+    assert "skipped" in same["images"][0]["compare"]  # the predicted class is the --compare class: no view, no error
+    assert "no contrastive view" in Path(same["html"]).read_text()
     with pytest.raises(ImageError, match="not found"):
         E.explain([tmp_path / "nope.jpg"], made_run["run"], out_dir=tmp_path, device="cpu")
 

@@ -33,18 +33,22 @@ def explain(
     if json_out:
         print_json(summary)
         return
+    from rich.markup import escape
+
     con = console()
     glob = summary.get("global")
     if glob:
-        con.print(f"class [bold]{glob['class']}[/]: features {', '.join(map(str, glob['features']))} -> "
+        con.print(f"class [bold]{escape(glob['class'])}[/]: features {', '.join(map(str, glob['features']))} -> "
                   f"{glob['figure']}")
     for item in summary["images"]:
         feats = ", ".join(f"{e['feature']} ({e['contribution']:+.2f})" for e in item["features"])
-        con.print(f"{item['image']}: [bold]{item['class_name']}[/] p={item['probability']:.3f}  features {feats}")
+        con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  features {feats}")
         con.print(f"  -> {item['figure']}")
-        if item.get("compare"):
-            c = item["compare"]
-            con.print(f"  vs {c['class_b']}: shared {c['shared']}, only A {c['only_a']}, only B {c['only_b']} "
+        c = item.get("compare")
+        if c and "skipped" in c:
+            con.print(f"  no contrastive view: {escape(c['skipped'])}")
+        elif c:
+            con.print(f"  vs {escape(c['class_b'])}: shared {c['shared']}, only A {c['only_a']}, only B {c['only_b']} "
                       f"-> {c['figure']}")
     if summary.get("html"):
         con.print(f"report: {summary['html']}")
