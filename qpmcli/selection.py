@@ -245,23 +245,37 @@ def load_problem_npz(path: str | Path) -> SelectionProblem:
 
 
 def problem_from_run(run_dir: str | Path) -> SelectionProblem:
-    """The problem of a training run: ``<run>/dense_features.npz`` (pooled dense train features and labels)."""
+    """The problem of a training run: ``<run>/dense_features.npz`` (pooled dense train features and labels).
+
+    Class names (and so the number of classes, even when the last class has no sample) come from the npz or from
+    the run's ``model.json`` / ``dense.json`` / ``config.json`` when one of them lists ``class_names``.
+    """
     run = Path(run_dir)
     path = run / "dense_features.npz"
     if not run.is_dir():
         raise SelectionError(f"run directory {run} not found")
     if not path.is_file():
         raise SelectionError(f"{path} not found; train the dense model first (qpm train) or pass --problem FILE")
-    prob = load_problem_npz(path)
-    if prob.class_names is None:
-        cfg = run / "model.json" if (run / "model.json").is_file() else run / "dense.json"
+    names: list[str] | None = None
+    for name in ("model.json", "dense.json", "config.json"):
         try:
-            names = json.loads(cfg.read_text()).get("class_names") if cfg.is_file() else None
-        except (OSError, json.JSONDecodeError):
-            names = None
-        if names and len(names) == prob.n_classes:
-            prob.class_names = list(names)
-    return prob
+            found = json.loads((run / name).read_text()).get("class_names") if (run / name).is_file() else None
+        except (OSError, json.JSONDecodeError, AttributeError):
+            found = None
+        if found:
+            names = [str(c) for c in found]
+            break
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not {"features", "labels"} <= set(data.files):
+                raise SelectionError(f"{path} must hold 'features' [N, n_f] and 'labels' [N]; has {data.files}")
+            features, labels = data["features"], data["labels"].astype(np.int64)
+            if "class_names" in data.files:
+                names = [str(c) for c in data["class_names"].tolist()]
+    except (OSError, ValueError) as exc:
+        raise SelectionError(f"cannot read {path}: {exc}") from exc
+    n_classes = len(names) if names else int(labels.max()) + 1
+    return build_problem(features, labels, n_classes, class_names=names)
 
 
 # -------------------------------------------------------------------------------------------------- selecting

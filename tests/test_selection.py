@@ -237,3 +237,18 @@ def test_cli_select_errors_are_one_line_exit_2(qpm, tmp_path):
     assert r.returncode == 2 and "exceeds --features" in r.stderr
     r = qpm(["select"])
     assert r.returncode == 2 and "either a run directory or --problem" in r.stderr
+
+
+def test_problem_from_run_takes_class_count_from_run_metadata(tmp_path):
+    from qpmcli.selection import problem_from_run
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "dense_features.npz", features=rng.random((40, 7)), labels=np.arange(40) % 3)
+    (tmp_path / "model.json").write_text(json.dumps({"class_names": ["a", "b", "c", "d"]}))
+    prob = problem_from_run(tmp_path)
+    assert prob.A.shape == (7, 4) and prob.class_names == ["a", "b", "c", "d"]
+    assert np.all(prob.A[:, 3] == 0)  # class without samples: no correlation
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    with pytest.raises(SelectionError, match="dense_features.npz not found"):
+        problem_from_run(empty)
