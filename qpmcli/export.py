@@ -24,6 +24,7 @@ difference <= 1e-4 for fp32, <= 1e-2 for fp16, 100 % top-1 agreement); a failed 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
+from qpmcli.model import SIGMA_MIN, ModelOutput
 from qpmcli.predict import META_PREFIX, PROTOTYPES_KEY, ClassifierMetadata
 
 MAX_PROTOTYPE_BYTES = 8 << 20  # keep the metadata small: larger prototype sets are not embedded (a warning says so)
@@ -52,6 +54,7 @@ def export_onnx(
     fp16: bool = False,
     verify: bool = False,
     adapter: bool = True,
+    prune: bool = True,
     weights: str | None = None,
     settings: Any = None,
     opset: int = DEFAULT_OPSET,
@@ -66,7 +69,8 @@ def export_onnx(
     ``<stem>.adapter.onnx`` and the fp16 variants as ``<stem>.fp16.onnx`` / ``<stem>.fp16.adapter.onnx``.
     ``weights``: the backbone weights file (default: looked up like in training; random-weight runs rebuild theirs);
     its digest must equal the run's. ``check_images``: files/folders for ``verify`` (default: the run's test split,
-    else deterministic synthetic images). ``device`` is the ONNX Runtime device used by the check.
+    else deterministic synthetic images). ``device`` is the ONNX Runtime device used by the check. ``prune``: export
+    :class:`SelectedFeaturesModel` (the last adapter layer cut to the selected features; same outputs, less work).
     """
     from qpmcli.artifact import load_model
     from qpmcli.predict import load_run_backbone, metadata_from_run
@@ -85,7 +89,9 @@ def export_onnx(
         raise ConfigError(f"--out must end in .onnx, not {out_path.name}")
     prototypes = read_prototypes(run, log=say)
 
-    full = FullGraph(backbone, model).eval()
+    full = FullGraph(backbone, model).eval()  # the PyTorch reference for --verify
+    exported = graph_model(model, prune)
+    graph_full = FullGraph(backbone, exported).eval()
     tokens_dim = backbone.embed_dim
     h, w = meta.grid
     image = torch.zeros(2, 3, *meta.image_size)
@@ -94,17 +100,18 @@ def export_onnx(
     report: dict[str, Any] = {"run": str(run), "backbone": meta.backbone, "weights_digest": meta.weights_digest,
                               "image_size": list(meta.image_size), "grid": list(meta.grid),
                               "classes": meta.n_classes, "features": meta.n_features, "files": {},
-                              "prototypes_embedded": prototypes is not None}
+                              "prototypes_embedded": prototypes is not None,
+                              "pruned_to_selection": exported is not model}
     try:
         t0 = time.perf_counter()
         say(f"exporting the full graph to {out_path}")
-        _export(full, image, "image", out_path, meta, "full", opset, prototypes)
+        _export(graph_full, image, "image", out_path, meta, "full", opset, prototypes)
         written.append(out_path)
         report["files"]["full"] = str(out_path)
         adapter_path = out_path.with_name(out_path.stem + ".adapter.onnx")
         if adapter:
             say(f"exporting the adapter graph to {adapter_path}")
-            _export(AdapterGraph(model).eval(), tokens, "tokens", adapter_path, meta, "adapter", opset, prototypes)
+            _export(AdapterGraph(exported).eval(), tokens, "tokens", adapter_path, meta, "adapter", opset, prototypes)
             written.append(adapter_path)
             report["files"]["adapter"] = str(adapter_path)
         if fp16:
@@ -185,6 +192,83 @@ class AdapterGraph(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model(tokens)
         return out.logits, out.maps, out.features
+
+
+class SelectedFeaturesModel(nn.Module):
+    """The sparse model with its last adapter layer cut to the selected features: an export-time optimisation.
+
+    BatchNorm and the activation act per channel, so computing only the K selected output channels of the last
+    Linear gives exactly ``F[:, sel]``; the other n_f - K channels (462 of 512 by default) are never used by a
+    QPM model. With patch-only pooling (avg/max) the CLS token is not run through the MLP either. Outputs equal
+    :class:`qpmcli.model.QPMModel`'s (checked by ``--verify`` against the unpruned model).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        layers = list(model.mlp)
+        last = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+        sel = model.sel_index.cpu()
+        old = layers[last]
+        lin = nn.Linear(old.in_features, int(sel.numel()))
+        with torch.no_grad():
+            lin.weight.copy_(old.weight[sel])
+            lin.bias.copy_(old.bias[sel])
+        tail: list[nn.Module] = []
+        for layer in layers[last + 1:]:
+            if isinstance(layer, nn.BatchNorm1d):
+                bn = copy.deepcopy(layer)
+                bn.num_features = int(sel.numel())
+                with torch.no_grad():
+                    for name in ("weight", "bias"):
+                        setattr(bn, name, nn.Parameter(getattr(layer, name)[sel].clone(), requires_grad=False))
+                    for name in ("running_mean", "running_var"):
+                        setattr(bn, name, getattr(layer, name)[sel].clone())
+                tail.append(bn)
+            else:  # an elementwise activation
+                tail.append(copy.deepcopy(layer))
+        self.mlp = nn.Sequential(*[copy.deepcopy(m) for m in layers[:last]], lin, *tail).eval()
+        self.grid = model.grid
+        self.pooling = model.pooling
+        self.register_buffer("mu", model.sel_mu.detach().clone())
+        self.register_buffer("sigma", model.sel_sigma.detach().clone())
+        self.register_buffer("weight", model.sel_weight.detach().clone())
+        bias = getattr(model, "sel_bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @staticmethod
+    def applies_to(model: Any) -> bool:
+        """Only sparse models with an MLP whose layers after the last Linear act per channel."""
+        if not getattr(model, "is_sparse", False) or not isinstance(model.mlp, nn.Sequential):
+            return False
+        layers = list(model.mlp)
+        linears = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)]
+        if not linears:
+            return False
+        elementwise = (nn.BatchNorm1d, nn.ReLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity)
+        return all(isinstance(layer, elementwise) for layer in layers[linears[-1] + 1:])
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        b = tokens.shape[0]
+        h, w = self.grid
+        patch_only = self.pooling in ("avg", "max")
+        z = self.mlp(tokens[:, 1:] if patch_only else tokens)
+        patches = z if patch_only else z[:, 1:]
+        maps = patches.transpose(1, 2).reshape(b, patches.shape[-1], h, w)
+        if self.pooling == "avg":
+            f = patches.mean(1)
+        elif self.pooling == "max":
+            f = patches.amax(1)
+        elif self.pooling == "cls":
+            f = z[:, 0]
+        else:  # mean-avg
+            f = 0.5 * (z[:, 0] + patches.mean(1))
+        x = (f - self.mu) / self.sigma.clamp_min(SIGMA_MIN)
+        return ModelOutput(nn.functional.linear(x, self.weight, self.bias), maps, f)
+
+
+def graph_model(model: Any, prune: bool = True) -> Any:
+    """The module to export: :class:`SelectedFeaturesModel` where it applies (and ``prune``), else ``model``."""
+    return SelectedFeaturesModel(model).eval() if prune and SelectedFeaturesModel.applies_to(model) else model
 
 
 def _export(module: Any, example: Any, input_name: str, path: Path, meta: ClassifierMetadata, graph: str,

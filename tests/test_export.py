@@ -29,7 +29,8 @@ W = np.array([[1, 1, 1, 0, 0, 0],
 
 
 def make_run(run_dir: Path, backbone: str = "dinov2-vits14-reg", options: dict | None = None, *,
-             n_features: int = 16, hidden: int = 32, dataset: str = "shapes", seed: int = 0) -> Path:
+             n_features: int = 16, hidden: int = 32, dataset: str = "shapes", seed: int = 0,
+             pooling: str = "avg", sparse: bool = True) -> Path:
     """Write a finetuned-looking run: model.json + model.safetensors (+ config.json naming the dataset)."""
     import torch
 
@@ -40,17 +41,20 @@ def make_run(run_dir: Path, backbone: str = "dinov2-vits14-reg", options: dict |
     options = dict(TINY if options is None else options)
     bb = load_backbone(backbone, weights="random", device="cpu", **options)
     torch.manual_seed(seed)
-    model = QPMModel(bb.embed_dim, len(CLASS_NAMES), bb.grid, hidden_size=hidden, n_features=n_features).eval()
+    model = QPMModel(bb.embed_dim, len(CLASS_NAMES), bb.grid, hidden_size=hidden, n_features=n_features,
+                     pooling=pooling).eval()
     gen = torch.Generator().manual_seed(seed)
     for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):  # "trained" BN statistics
         bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
         bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
     mu = torch.rand(n_features, generator=gen) * 0.2
     sigma = torch.rand(n_features, generator=gen) * 0.2 + 0.05
-    model.set_selection(FEATURES, torch.from_numpy(W), mu, sigma)
+    if sparse:
+        model.set_selection(FEATURES, torch.from_numpy(W), mu, sigma)
     info = {"class_names": CLASS_NAMES, "backbone": bb.name, "weights_digest": bb.weights_digest,
             "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(bb.grid),
-            "embed_dim": bb.embed_dim, "dataset": dataset, "head": "qpm", "backbone_options": options, "seed": seed}
+            "embed_dim": bb.embed_dim, "dataset": dataset, "head": "qpm" if sparse else "dense",
+            "backbone_options": options, "seed": seed}
     artifact.save_model(model, run_dir, "final", info=info)
     artifact.atomic_write_json(run_dir / "config.json", {"request": {
         "backbone": backbone, "dataset": dataset, "data_root": None,
@@ -211,6 +215,40 @@ def test_prototypes_are_embedded_in_metadata(tmp_path, exported):
     (entry,) = meta.prototypes["3"]
     assert entry["class"] == "square" and entry["activation"] == 0.75
     assert base64.b64decode(entry["png_b64"]) == buf.getvalue()
+
+
+def test_exported_graph_computes_only_the_selected_features(exported):
+    """The last adapter layer is cut to the 6 selected of 16 features; the CLS token skips the MLP (avg pooling)."""
+    import onnx
+    from onnx import numpy_helper
+
+    _, report = exported
+    assert report["pruned_to_selection"] is True
+    proto = onnx.load(report["files"]["adapter"])
+    shapes = sorted(numpy_helper.to_array(i).shape for i in proto.graph.initializer
+                    if numpy_helper.to_array(i).ndim == 2)
+    assert (32, 6) in shapes or (6, 32) in shapes  # the last Linear: 32 hidden -> 6 selected
+    assert (32, 16) not in shapes and (16, 32) not in shapes
+
+
+def test_unpruned_and_dense_and_cls_pooled_models_export_with_parity(tmp_path, exported):
+    """Every head/pooling path exports and verifies: unpruned sparse, dense (linear-probe-like), CLS pooling."""
+    from qpmcli.export import export_onnx
+    from qpmcli.predict import read_onnx_metadata
+
+    run, _ = exported
+    rep = export_onnx(run, tmp_path / "u.onnx", prune=False, adapter=False, verify=True, n_check=4)
+    assert rep["pruned_to_selection"] is False and rep["verify"]["fp32"]["passed"]
+    dense = make_run(tmp_path / "dense", sparse=False, pooling="mean-avg")
+    rep = export_onnx(dense, tmp_path / "d.onnx", verify=True, n_check=4)
+    assert rep["pruned_to_selection"] is False and rep["features"] == 16
+    assert rep["verify"]["fp32"]["passed"] and rep["verify"]["adapter_fp32"]["passed"]
+    meta, _ = read_onnx_metadata(tmp_path / "d.onnx")
+    assert meta.features == list(range(16)) and meta.bias is not None and meta.weight.shape == (5, 16)
+    assert meta.mu.tolist() == [0.0] * 16 and meta.sigma.tolist() == [1.0] * 16
+    cls_run = make_run(tmp_path / "cls", pooling="cls")
+    rep = export_onnx(cls_run, tmp_path / "c.onnx", verify=True, adapter=False, n_check=4)
+    assert rep["pruned_to_selection"] is True and rep["verify"]["fp32"]["max_abs_diff"]["logits"] <= 1e-4
 
 
 def test_cli_export_verify_json(qpm, exported, tmp_path):

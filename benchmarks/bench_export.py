@@ -1,0 +1,257 @@
+"""Inference speed of the exported classifier: ONNX Runtime vs PyTorch eager, and the adapter + head's cost.
+
+Headline model: the real DINOv2 ViT-B/14-reg shape (random weights; 224x224, 16x16 grid, 4 registers) with the
+default adapter (4 layers, 768 -> 2048 -> 2048 -> 2048 -> 512) and a QPM head (200 classes, 50 features, 5 per class),
+saved as a run and exported with ``qpmcli.export.export_onnx`` (the code users run). Inputs are the same preprocessed
+batch for every variant; preprocessing is not timed. Each measurement warms up first, variants are interleaved
+(A B A B ...) and the median of the repeats is used, so a busy machine affects both sides alike.
+
+Rows (ratios measured in this one process):
+- CPU: images/s of ONNX Runtime (CPU EP, fp32) / PyTorch eager (fp32) per batch size (target >= 1.0);
+- adapter + head share: time(whole classifier) / time(backbone alone) - 1 in PyTorch eager (target <= 0.05), and
+  the same share in ONNX Runtime estimated from the adapter-only graph;
+- CUDA (``--device cuda``): PyTorch eager fp16 (autocast) / fp32 images/s, the adapter + head share in fp32 and fp16,
+  and ONNX Runtime CUDA (IO binding) fp32 / fp16 vs eager -- only when the CUDA EP is available.
+
+    python benchmarks/bench_export.py [--quick] [--json-out PATH] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+
+def build_run(run_dir: Path, backbone: str, classes: int, selected: int, per_class: int, device: str):
+    """Save a QPM run with random weights (valid binary W: every class ``per_class`` distinct features)."""
+    import numpy as np
+    import torch
+
+    from qpmcli import artifact
+    from qpmcli.backbone import load_backbone
+    from qpmcli.model import QPMModel
+
+    bb = load_backbone(backbone, weights="random", device="cpu")
+    torch.manual_seed(0)
+    model = QPMModel(bb.embed_dim, classes, bb.grid).eval()
+    rng = np.random.default_rng(0)
+    w = np.zeros((classes, selected), np.float32)
+    seen: set[tuple[int, ...]] = set()
+    for c in range(classes):
+        while True:
+            cols = tuple(sorted(rng.choice(selected, per_class, replace=False).tolist()))
+            if cols not in seen:
+                seen.add(cols)
+                break
+        w[c, list(cols)] = 1
+    feats = np.sort(rng.choice(model.n_features, selected, replace=False))
+    model.set_selection(feats, w, torch.rand(model.n_features) * 0.1, torch.rand(model.n_features) * 0.1 + 0.05)
+    info = {"class_names": [f"class {i}" for i in range(classes)], "backbone": bb.name,
+            "weights_digest": bb.weights_digest, "preprocess": bb.preprocess_config,
+            "image_size": list(bb.image_size), "grid": list(bb.grid), "embed_dim": bb.embed_dim,
+            "dataset": "benchmark", "head": "qpm", "backbone_options": {}, "seed": 0}
+    artifact.save_model(model, run_dir, "final", info=info)
+    return bb.to(device), model.to(device)
+
+
+def timed(fn: Callable[[], object], sync: Callable[[], None], min_seconds: float, max_iters: int = 50,
+          warmup: int = 2) -> float:
+    """Seconds per call: warm up, then run until ``min_seconds`` have passed (at least 2 calls)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    n, start = 0, time.perf_counter()
+    while n < 2 or (time.perf_counter() - start < min_seconds and n < max_iters):
+        fn()
+        n += 1
+    sync()
+    return (time.perf_counter() - start) / n
+
+
+def interleaved(fns: dict[str, Callable[[], object]], sync: Callable[[], None], repeats: int,
+                min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each variant, measured in alternation."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(timed(fn, sync, min_seconds, warmup=2 if i == 0 else 1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def row(what: str, ours: float, baseline: float, ratio: float, target: str, met: bool | None, **extra) -> dict:
+    return {"what": what, "ours": round(ours, 4), "baseline": round(baseline, 4), "ratio": round(ratio, 4),
+            "target": target, "met": met, **extra}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer batch sizes and shorter timing")
+    ap.add_argument("--json-out", type=Path, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--backbone", default="dinov2-vitb14-reg")
+    ap.add_argument("--classes", type=int, default=200)
+    ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: cpu 1,8[,32]; cuda 1,32[,128])")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+    import torch
+
+    from qpmcli.export import AdapterGraph, FullGraph, export_onnx
+    from qpmcli.predict import _make_session, cuda_device_count
+
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device visible to torch", file=sys.stderr)
+        return 2
+    if args.batch_sizes:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+    elif dev == "cpu":
+        batches = [1, 8] if args.quick else [1, 8, 32]
+    else:
+        batches = [1, 32] if args.quick else [1, 32, 128]
+    min_s = 1.0 if args.quick else 3.0
+    repeats = 3 if args.quick else 5
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    with tempfile.TemporaryDirectory(prefix="qpm-bench-export-") as tmp:
+        run = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        bb, model = build_run(run, args.backbone, args.classes, 50, 5, dev)
+        full = FullGraph(bb, model).eval()
+        adapter = AdapterGraph(model).eval()
+        report = export_onnx(run, Path(tmp) / "model.onnx", fp16=dev == "cuda", adapter=True)
+        notes.append(f"{args.backbone} (random weights) {bb.image_size[0]}x{bb.image_size[1]}, adapter 4x2048 -> 512, "
+                     f"{args.classes} classes, 50 features; build + export {time.perf_counter() - t0:.0f} s")
+        ort_device = "cpu"
+        cuda_ep = dev == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers() and \
+            cuda_device_count() > 0
+        if cuda_ep:
+            ort_device = "cuda"
+        elif dev == "cuda":
+            notes.append("ONNX Runtime CUDA EP not available: ORT rows skipped on this machine")
+        sessions = {}
+        if dev == "cpu" or cuda_ep:
+            for key in ("full", "adapter", "full_fp16", "adapter_fp16"):
+                if key in report["files"]:
+                    sess, io = _make_session(Path(report["files"][key]), ort_device)
+                    sessions[key] = (sess, io)
+            notes.append("ORT providers: " + ", ".join(f"{k}={s.get_providers()[0]}" for k, (s, _) in
+                                                       sessions.items()))
+
+        def ort_call(key: str, x_np):
+            sess, io = sessions[key]
+            name = sess.get_inputs()[0].name
+            if not io:
+                return lambda: sess.run(None, {name: x_np})
+            binding = sess.io_binding()
+            x_dev = ort.OrtValue.ortvalue_from_numpy(x_np, "cuda", 0)  # input already on the GPU (IO binding)
+            binding.bind_ortvalue_input(name, x_dev)
+            for o in sess.get_outputs():
+                binding.bind_output(o.name, "cuda")
+
+            def call():
+                sess.run_with_iobinding(binding)
+            return call
+
+        gen = torch.Generator().manual_seed(0)
+        for b in batches:
+            x = torch.randn(b, 3, *bb.image_size, generator=gen)
+            x_np = x.numpy()
+            xd = x.to(dev)
+            with torch.inference_mode():
+                tokens = full.tokens(xd)
+            tok_np = tokens.float().cpu().numpy()
+
+            def eager_full(xd=xd):
+                with torch.inference_mode():
+                    return full(xd)
+
+            def eager_backbone(xd=xd):
+                with torch.inference_mode():
+                    return full.tokens(xd)
+
+            def eager_adapter(tokens=tokens):
+                with torch.inference_mode():
+                    return adapter(tokens)
+
+            fns = {"eager": eager_full, "eager_backbone": eager_backbone}
+            if dev == "cuda":
+                def autocast(fn):
+                    def call():
+                        with torch.autocast("cuda", dtype=torch.float16):
+                            return fn()
+                    return call
+                fns.update(eager_fp16=autocast(eager_full), eager_backbone_fp16=autocast(eager_backbone))
+            if "full" in sessions:
+                fns["ort"] = ort_call("full", x_np)
+                fns["ort_adapter"] = ort_call("adapter", tok_np)
+            if "full_fp16" in sessions:
+                fns["ort_fp16"] = ort_call("full_fp16", x_np)
+            t = interleaved(fns, sync, repeats, min_s)
+            ips = {k: b / v for k, v in t.items()}
+            if "ort" in t:
+                target = ">= 1.0" if dev == "cpu" else "report"
+                rows.append(row(f"ORT {ort_device.upper()} fp32 vs torch eager fp32, images/s, batch {b}", ips["ort"],
+                                ips["eager"], ips["ort"] / ips["eager"], target,
+                                ips["ort"] >= ips["eager"] if dev == "cpu" else None))
+            share = t["eager"] / t["eager_backbone"] - 1
+            rows.append(row(f"adapter + head share of backbone time, torch eager fp32 {dev}, batch {b}",
+                            t["eager"], t["eager_backbone"], share, "<= 0.05", share <= 0.05))
+            if "ort_adapter" in t:
+                share_ort = t["ort_adapter"] / max(t["ort"] - t["ort_adapter"], 1e-12)
+                rows.append(row(f"adapter + head share of backbone time, ORT fp32 {ort_device} (adapter graph), "
+                                f"batch {b}", t["ort_adapter"], t["ort"] - t["ort_adapter"], share_ort, "<= 0.05",
+                                share_ort <= 0.05))
+            if dev == "cuda":
+                rows.append(row(f"torch eager fp16 autocast vs fp32, images/s, batch {b}", ips["eager_fp16"],
+                                ips["eager"], ips["eager_fp16"] / ips["eager"], "report", None))
+                share16 = t["eager_fp16"] / t["eager_backbone_fp16"] - 1
+                rows.append(row(f"adapter + head share of backbone time, torch eager fp16 cuda, batch {b}",
+                                t["eager_fp16"], t["eager_backbone_fp16"], share16, "<= 0.05", share16 <= 0.05))
+                if "ort_fp16" in t:
+                    rows.append(row(f"ORT CUDA fp16 graph vs torch eager fp16 autocast, images/s, batch {b}",
+                                    ips["ort_fp16"], ips["eager_fp16"], ips["ort_fp16"] / ips["eager_fp16"],
+                                    "report", None))
+            for r in rows[-(4 if dev == "cuda" else 3):]:
+                print(f"{r['what']}: ratio {r['ratio']:.3f} (target {r['target']})", flush=True)
+        # the arithmetic floor of the adapter's share (multiply-accumulates per image)
+        n_tok = 1 + bb.grid[0] * bb.grid[1]
+        adapter_macs = n_tok * sum(m.in_features * m.out_features for m in model.mlp if hasattr(m, "in_features"))
+        from qpmcli.export import graph_model
+
+        pruned = graph_model(model.cpu())
+        pruned_macs = (n_tok - 1) * sum(m.in_features * m.out_features for m in pruned.mlp
+                                        if hasattr(m, "in_features"))
+        vit = bb.model
+        d = bb.embed_dim
+        n_all = n_tok + int(bb.info.get("registers", 0))
+        block_macs = n_all * (4 * d * d + 2 * d * 4 * d) + 2 * n_all * n_all * d
+        bb_macs = len(vit.blocks) * block_macs + bb.grid[0] * bb.grid[1] * 3 * 14 * 14 * d
+        notes.append(f"arithmetic per image: backbone {bb_macs / 1e9:.2f} GMAC; adapter as trained "
+                     f"{adapter_macs / 1e9:.2f} GMAC = {adapter_macs / bb_macs:.3f} of it, as exported (last layer cut "
+                     f"to the selected features, no CLS) {pruned_macs / 1e9:.2f} GMAC = {pruned_macs / bb_macs:.3f}: "
+                     f"the share any implementation pays at equal efficiency")
+        notes.append(f"torch threads {torch.get_num_threads()}, onnxruntime {ort.__version__}, "
+                     f"torch {torch.__version__}")
+    result = {"benchmark": "export", "device": dev, "rows": rows, "notes": "; ".join(notes)}
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
