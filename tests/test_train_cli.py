@@ -99,6 +99,7 @@ def _digest(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_path):
     full = tmp_path / "full"
     res = qpm(["train", *TINY, "--finetune-epochs", "3", "--run-dir", str(full)], timeout=300)
@@ -127,13 +128,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_demo_backbone_learns_shapes_well_above_chance(qpm, tmp_path):
     run = tmp_path / "effnet"
-    res = qpm(["train", "--backbone", "efficientnet-lite0", "--dataset", "shapes", "--dataset-option", "n_classes=8",
-               "--dataset-option", "per_class=30", "--dataset-option", "test_per_class=15", "--selector", "topk",
-               "--features", "16", "--per-class", "3", "--dense-features", "64", "--hidden-size", "256",
+    res = qpm(["train", "--backbone", "efficientnet-lite0", "--dataset", "shapes", "--dataset-option", "n_classes=6",
+               "--dataset-option", "per_class=20", "--dataset-option", "test_per_class=10", "--selector", "topk",
+               "--features", "12", "--per-class", "3", "--dense-features", "64", "--hidden-size", "256",
                "--dense-epochs", "8", "--finetune-epochs", "5", "--dense-lr", "3e-3", "--device", "cpu",
-               "--metrics", "fast", "--quiet", "--run-dir", str(run), "--json"], timeout=900)
+               "--metrics", "fast", "--quiet", "--run-dir", str(run), "--json"], timeout=1700)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads(res.stdout)["metrics"]
-    assert metrics["dense"]["Accuracy"] > 0.5 and metrics["final"]["Accuracy"] > 0.4  # chance = 0.125
+    # measured: dense 0.90, final 0.85 (chance = 1/6)
+    assert metrics["dense"]["Accuracy"] > 0.6 and metrics["final"]["Accuracy"] > 0.5
