@@ -240,14 +240,14 @@ def preprocess_image(image: Any, config: dict[str, Any]) -> torch.Tensor:
     h, w = config["size"]
     if img.size != (w, h):
         img = img.resize((w, h), _RESAMPLE[config.get("interpolation", "bilinear")])
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr.transpose(2, 0, 1).copy())
-    mean = torch.tensor(config["mean"], dtype=torch.float32)[:, None, None]
-    std = torch.tensor(config["std"], dtype=torch.float32)[:, None, None]
-    x = (x - mean) / std
+    # numpy, not torch: this runs in DataLoader workers, where small torch ops pay thread-pool overhead
+    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)  # = torchvision ToTensor
+    arr -= np.asarray(config["mean"], dtype=np.float32)  # = Normalize (sub, then div), in float32
+    arr /= np.asarray(config["std"], dtype=np.float32)
     if config.get("minmax"):
-        lo, hi = x.min(), x.max()
-        x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0) if hi > lo else torch.zeros_like(x)
+        lo, hi = arr.min(), arr.max()
+        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
     return x
 
 
