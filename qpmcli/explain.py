@@ -197,7 +197,7 @@ def metadata_dict(meta: Any) -> dict[str, Any]:
 
 def _head_arrays(metadata: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None,
                                                      np.ndarray | None, list[int]]:
-    """``(W [C, K], mu [K] | None, sigma [K] | None, bias [C] | None, feature ids [K])`` from a classifier's metadata."""
+    """``(W [C, K], mu [K] | None, sigma [K] | None, bias [C] | None, feature ids [K])`` from the metadata."""
     import numpy as np
 
     if "weight" not in metadata:
@@ -278,13 +278,17 @@ def evidence_map(maps: np.ndarray, metadata: dict[str, Any], class_index: int) -
     return np.tensordot(row, np.asarray(maps, dtype=np.float64), axes=(0, 0))
 
 
-def compare_classes(metadata: dict[str, Any], class_a: int, class_b: int) -> dict[str, list[int]]:
-    """Columns of W used by both classes (``shared``) and by only one (``only_a``, ``only_b``), plus dense ids."""
+def compare_classes(metadata: dict[str, Any], class_a: int, class_b: int, columns_a: list[int] | None = None,
+                    columns_b: list[int] | None = None) -> dict[str, list[int]]:
+    """Columns of W used by both classes (``shared``) and by only one (``only_a``, ``only_b``), plus dense ids.
+
+    ``columns_a``/``columns_b`` restrict the comparison to the columns shown for each class (a dense head, where
+    every class uses every feature, is compared on the features that matter most for this image)."""
     import numpy as np
 
     w, _, _, _, ids = _head_arrays(metadata)
-    a = set(np.flatnonzero(w[class_a] != 0).tolist())
-    b = set(np.flatnonzero(w[class_b] != 0).tolist())
+    a = set(columns_a) if columns_a is not None else set(np.flatnonzero(w[class_a] != 0).tolist())
+    b = set(columns_b) if columns_b is not None else set(np.flatnonzero(w[class_b] != 0).tolist())
     out = {"shared": sorted(a & b), "only_a": sorted(a - b), "only_b": sorted(b - a)}
     for key in list(out):
         out[f"{key}_features"] = [ids[k] for k in out[key]]
@@ -379,8 +383,8 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     """The local explanation figure (1600 x 720 px): input, prediction, contributions, combined evidence, the
     feature composite, and one saliency panel per feature of ``expl.class_index``."""
     import numpy as np
-    from matplotlib.colors import Normalize, TwoSlopeNorm
     from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize, TwoSlopeNorm
 
     plt = _pyplot()
     rgb = _display_image(image)
@@ -529,8 +533,8 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(f"> 0 favours {_short(expl_a.class_name, 30)},  < 0 favours {_short(expl_b.class_name, 30)}\n"
                   f"(a class's feature that fires below its training mean counts against that class)", fontsize=8)
-    ax.set_title(f"contribution to logit({_short(expl_a.class_name, 24)}) \u2212 logit({_short(expl_b.class_name, 24)})",
-                 fontsize=10)
+    ax.set_title(f"contribution to logit({_short(expl_a.class_name, 24)}) \u2212 "
+                 f"logit({_short(expl_b.class_name, 24)})", fontsize=10)
     ax.tick_params(axis="x", labelsize=8)
 
     ups = {k: upsample(maps[k], size) for k in cols}
@@ -805,7 +809,8 @@ def _data_uri(path: str | os.PathLike[str]) -> str:
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1700px}
 h1{font-size:22px} h2{font-size:18px;margin-top:36px;border-bottom:1px solid #ccc;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px} td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0;font-size:13px}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4} td.l,th.l{text-align:left} img.fig{max-width:100%;border:1px solid #eee}
 .sw{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:middle}
 .meta{color:#555;font-size:13px}
@@ -908,6 +913,9 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     summary: dict[str, Any] = {"model": str(model), "backbone": md.get("backbone"), "out_dir": str(out),
                                "class_names": len(names), "images": [], "global": None}
     if cls_idx is not None:
+        if int((w[cls_idx] != 0).sum()) > 10:
+            raise ConfigError("--class (global explanation) needs a QPM model with a feature selection; this model's "
+                              "head is dense (every class uses every feature)")
         if md.get("prototypes"):  # embedded in an ONNX file
             protos = _parse_prototype_json(md["prototypes"])
         else:
@@ -938,7 +946,10 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                     item["compare"] = {"skipped": f"the image is explained as {names[cmp_idx]} itself"}
                 elif cmp_idx is not None:
                     other = explain_output(logits, maps, feats, md, image=str(p), class_index=cmp_idx, top_k=top_k)
-                    groups = compare_classes(md, expl.class_index, cmp_idx)
+                    sparse = max(int((w[expl.class_index] != 0).sum()), int((w[cmp_idx] != 0).sum())) <= 10
+                    groups = compare_classes(md, expl.class_index, cmp_idx) if sparse else compare_classes(
+                        md, expl.class_index, cmp_idx, [e.column for e in expl.features],
+                        [e.column for e in other.features])
                     fig = render_compare(img, expl, other, maps, feats, md, groups,
                                          out / f"{stem}_vs_{slug(names[cmp_idx], 32)}.png")
                     item["compare"] = {"class_a": expl.class_name, "class_b": other.class_name,

@@ -348,3 +348,31 @@ def test_explain_from_onnx_alone_matches_the_run_directory(made_run, tmp_path):
     assert b["global"]["features"] == [2, 8, 11]  # prototypes came from the ONNX metadata
     with Image.open(b["global"]["figure"]) as im:
         assert distinct_colours(np.asarray(im.convert("RGB"))) > 1000
+
+
+def test_dense_head_runs_compare_the_top_features_and_refuse_global_view(made_run, tmp_path):
+    """A linear-probe run (no MLP, CLS pooling, dense W over 48 features) still gets local and contrastive views."""
+    import torch
+
+    from qpmcli import artifact
+    from qpmcli.model import QPMModel, linear_probe_config
+
+    bb = made_run["backbone"]
+    torch.manual_seed(0)
+    model = QPMModel(**linear_probe_config(bb.embed_dim, 4, bb.grid)).eval()
+    run = tmp_path / "probe"
+    info = {"class_names": made_run["classes"], "backbone": bb.name, "weights_digest": bb.weights_digest,
+            "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(bb.grid),
+            "embed_dim": bb.embed_dim, "head": "linear-probe",
+            "backbone_options": {"arch": ARCH, "image_size": IMAGE_SIZE}}
+    artifact.save_model(model, run, "final", info=info)
+    pred = E.explain([made_run["images"][0]], run, out_dir=tmp_path / "p", device="cpu")["images"][0]
+    s = E.explain([made_run["images"][0]], run, out_dir=tmp_path / "out", device="cpu",
+                  compare=str((pred["predicted_index"] + 1) % 4))
+    item = s["images"][0]
+    assert len(item["features"]) == 5  # the 5 largest |contributions| of 48
+    c = item["compare"]
+    assert len(c["shared"]) + len(c["only_a"]) == 5 and len(c["shared"]) + len(c["only_b"]) == 5
+    assert set(c["shared"]) | set(c["only_a"]) == {e["feature"] for e in item["features"]}
+    with pytest.raises(ConfigError, match="needs a QPM model"):
+        E.explain([], run, out_dir=tmp_path / "g", class_name="0", device="cpu")

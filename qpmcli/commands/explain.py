@@ -42,7 +42,8 @@ def explain(
                   f"{glob['figure']}")
     for item in summary["images"]:
         feats = ", ".join(f"{e['feature']} ({e['contribution']:+.2f})" for e in item["features"])
-        con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  features {feats}")
+        con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  "
+                  f"features {feats}")
         con.print(f"  -> {item['figure']}")
         c = item.get("compare")
         if c and "skipped" in c:
