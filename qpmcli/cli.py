@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "explain",
     "export",
     "predict",
+    "demo",
 ]
 
 app = typer.Typer(

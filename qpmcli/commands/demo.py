@@ -1,0 +1,53 @@
+"""``qpm demo``: the whole pipeline on embedded data and weights."""
+
+from __future__ import annotations
+
+import typer
+
+from qpmcli.commands._common import Device, JsonFlag, console, print_json
+
+
+def demo(
+    out: str = typer.Option("qpm-demo", "--out", help="Output folder (re-running continues where it stopped)."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (smoke test)."),
+    time_limit: float = typer.Option(20.0, "--time-limit", help="CP-SAT selection time limit in seconds."),
+    device: str = Device,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    json_out: bool = JsonFlag,
+) -> None:
+    """Train, select, finetune, evaluate, export and explain on data and weights that ship with qpm (no downloads)."""
+    import time
+
+    from qpmcli.demo import TABLE_COLUMNS, run_demo
+
+    out_console = console(stderr=json_out)
+    start = time.perf_counter()
+    summary = run_demo(out, quick=quick, device=device, time_limit=time_limit, progress=not (quiet or json_out),
+                       log=lambda m: out_console.print(m))
+    summary["seconds"] = time.perf_counter() - start
+    if json_out:
+        print_json(summary)
+        return
+    from rich.table import Table
+
+    table = Table(title="qpm demo: shapes dataset, EfficientNet-Lite0 (values in %)", title_justify="left")
+    table.add_column("method")
+    for _, label in TABLE_COLUMNS:
+        table.add_column(label, justify="right")
+    for row in summary["table"]:
+        table.add_row(row["method"], *("n/a" if row[k] is None else f"{row[k]:.1f}" for k, _ in TABLE_COLUMNS))
+    out_console.print(table)
+    sel = summary.get("selection") or {}
+    if sel:
+        out_console.print(f"selection: {sel.get('status')} objective {sel.get('objective')} gap {sel.get('gap')} "
+                          f"in {sel.get('seconds', 0):.1f} s")
+    exp = summary["export"]
+    out_console.print(f"ONNX model: {summary['onnx']} (verified: {exp.get('verified', exp.get('verify'))})")
+    figures = [img.get("figure") or img.get("png") for img in summary["explanations"].get("images", [])]
+    out_console.print(f"explanation figures: {', '.join(str(f) for f in figures if f)}")
+    out_console.print(f"runs: {summary['runs']['qpm']} and {summary['runs']['linear_probe']}")
+    out_console.print(f"finished in {summary['seconds']:.0f} s; everything is under {summary['out_dir']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
