@@ -2,6 +2,30 @@
 
 These definitions exist in no library; they are exposed here so that users can score their own models.
 Every function takes numpy arrays or torch tensors and returns plain Python floats.
+
+==========================  =====================================================  ==================================
+JSON key (compute_metrics)  definition (function)                                  range, better
+==========================  =====================================================  ==================================
+Accuracy                    argmax(logits) == label (:func:`accuracy`)             [0, 1], higher
+SID@5                       (1/k) sum_p max_{j in top-k} softmax_p(M_j / mean|M_j|)  [1/k, 1], higher (0 if no image
+                            (:func:`sid_at_k`)                                     is eligible)
+Class-Independence          1 - mean_j max_c P_cj (:func:`class_independence`)      [0, 1), lower = class-specific
+Contrastiveness             1 - mean_j OVL(2-component GMM) (:func:`contrastiveness`)  [0, 1], higher
+Correlation                 mean_j max_i cos(F_i, F_j) (:func:`correlation`)        [0, 1] for F >= 0, lower
+Structural-Grounding        sum cos(W) / sum cos(attributes) on the top-50 pairs    >= 0 for W >= 0, 1 = matches
+                            (:func:`structural_grounding`)
+Alignment                   mean_j max_a (mean F_j | a - mean F_j | not a) / scale   unbounded, higher
+                            (:func:`alignment`)
+Plausibility                = SegOverlap-gradcam_dilated (:func:`plausibility`)     [0, 1], higher
+SegOverlap-<variant>        mass / peak of the maps inside the object mask          [0, 1], higher
+                            (:func:`segmentation_overlap`)
+Pooling-Avg/Max-Accuracy    head applied to mean / max pooled maps                   [0, 1]
+Pooling-Ratio               max(avg, max) / Accuracy (:func:`pooling_baseline`)      >= 0
+NFeatures, PerClass         features with a class; non-zero weights per class        counts
+==========================  =====================================================  ==================================
+
+Fractions are reported as fractions; the paper's tables show them x100. ``None`` means "not applicable" (no masks,
+no attributes, an undefined value), never a faked number.
 """
 
 from __future__ import annotations
@@ -379,7 +403,10 @@ def contrastiveness(features: Any, seed: int = 0, backend: str = "fast") -> floa
 
 
 def structural_grounding(weight: Any, class_attributes: Any, top: int = 50) -> float:
-    """Structural Grounding (METHOD.md §8): do classes that share attributes share features? Range [0, 1].
+    """Structural Grounding (METHOD.md §8): do classes that share attributes share features? Higher is better.
+
+    1 when the class-weight similarity equals the attribute similarity on the most similar pairs; >= 0 for
+    non-negative weights and attributes, and it can exceed 1 when those classes share more features than attributes.
 
     S = cos(W_c, W_c') between class rows of the head weight, GT = cos between rows of the class-attribute matrix
     (e.g. CUB's ``class_attribute_labels_continuous.txt``), both with a zero diagonal. Over the ``top`` largest GT
@@ -407,7 +434,8 @@ def structural_grounding(weight: Any, class_attributes: Any, top: int = 50) -> f
 
 
 def alignment(features: Any, image_attributes: Any) -> float:
-    """CUB attribute alignment (METHOD.md §8): how well each feature matches one human attribute. Higher is better.
+    """CUB attribute alignment (METHOD.md §8): how well each feature matches one human attribute. Higher is better;
+    unbounded (a feature that fires exactly on one attribute present in a fraction q of images scores 1/q).
 
     For feature j and attribute a: (mean F_j over images with a - mean over images without a) /
     max(mean_i(F_ij - min F_j), 1e-10); the score is mean_j max_a. ``image_attributes`` [N, A] bool is the
