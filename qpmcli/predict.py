@@ -362,13 +362,16 @@ def load_run_backbone(info: dict[str, Any], *, weights: str | None, settings: An
     if weights is None and digest.startswith("random"):
         weights = "random"  # a run trained on random-init weights (tests, benchmarks) rebuilds them exactly
     pcfg = info.get("preprocess") or {}
-    opts = dict(info.get("backbone_options") or {})
-    if "image_size" in info:
-        opts["image_size"] = list(info["image_size"])
-    if info.get("dataset") and pcfg.get("mode") == "reference":
-        opts.setdefault("dataset", pcfg.get("stats_of") or info["dataset"])
-    backbone = load_backbone(info["backbone"], weights=weights, preprocess=pcfg.get("mode", "official"),
-                             settings=settings, device=device, **opts)
+    opts = {"dataset": info.get("dataset"), **(info.get("backbone_options") or {})}  # as qpmcli.train builds it
+
+    def build(**extra: Any) -> Any:
+        return load_backbone(info["backbone"], weights=weights, preprocess=pcfg.get("mode", "official"),
+                             settings=settings, device=device, **{**opts, **extra})
+
+    backbone = build()
+    size = [int(v) for v in info.get("image_size") or backbone.image_size]
+    if list(backbone.image_size) != size:  # a run trained at a non-default size that its options do not record
+        backbone = build(image_size=size)
     if digest and backbone.weights_digest != digest:
         raise WeightsError(
             f"backbone weights digest {backbone.weights_digest} does not match the run's {digest} (backbone "
