@@ -106,7 +106,7 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from qpmcli.export import AdapterGraph, FullGraph, export_onnx
+    from qpmcli.export import FullGraph, export_onnx
     from qpmcli.predict import _make_session, cuda_device_count
 
     dev = args.device
@@ -130,7 +130,6 @@ def main() -> int:
         t0 = time.perf_counter()
         bb, model = build_run(run, args.backbone, args.classes, 50, 5, dev)
         full = FullGraph(bb, model).eval()
-        adapter = AdapterGraph(model).eval()
         report = export_onnx(run, Path(tmp) / "model.onnx", fp16=dev == "cuda", adapter=True)
         notes.append(f"{args.backbone} (random weights) {bb.image_size[0]}x{bb.image_size[1]}, adapter 4x2048 -> 512, "
                      f"{args.classes} classes, 50 features; build + export {time.perf_counter() - t0:.0f} s")
@@ -181,10 +180,6 @@ def main() -> int:
             def eager_backbone(xd=xd):
                 with torch.inference_mode():
                     return full.tokens(xd)
-
-            def eager_adapter(tokens=tokens):
-                with torch.inference_mode():
-                    return adapter(tokens)
 
             fns = {"eager": eager_full, "eager_backbone": eager_backbone}
             if dev == "cuda":
