@@ -577,10 +577,9 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
 
 
 def _progress(total: int) -> Any:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from qpmcli.commands._common import console
-
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console(stderr=True), transient=True)
+                    console=Console(stderr=True), transient=True)
 
