@@ -273,9 +273,9 @@ def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int
     Valid because every feasible solution maps to a feasible LP point of at least the same value: a class's features
     outside its top-M are worth at most the (M+1)-th best value, which the fallback slot pays without needing s;
     penalties between features that are no class's candidate are dropped (which only raises the optimum).
-    Clique cut: for features T that are pairwise disallowed, m = |S & T| selected ones pay at least
-    w_min(T) m(m-1)/2 >= w_min(T) (j m - j(j+1)/2) for every integer j, so
-    sum_{pairs in T} w y >= w_min(T) (j sum_T s - j(j+1)/2) holds for every solution. These are the cuts the
+    Clique cut: for features T that are pairwise disallowed, m = |S & T| selected ones pay at least phi(m), the sum
+    of the m(m-1)/2 smallest pair weights in T. phi is convex on the integers, so for every j the secant
+    sum_{pairs in T} w y >= phi(j) + (phi(j+1) - phi(j)) (sum_T s - j) holds for every solution. These are the cuts the
     McCormick LP needs: it likes to take redundant features half each, paying no penalty.
     """
     from ortools.linear_solver import pywraplp
@@ -355,13 +355,17 @@ def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, 
         pairs = [(min(a, b), max(a, b)) for i, a in enumerate(T) for b in T[i + 1:]]
         if not all(p in Y for p in pairs):
             continue
-        wmin = min(float(inst.P[a, b]) for a, b in pairs)
+        # phi(m) = the least penalty of m selected members = sum of the m(m-1)/2 smallest weights: convex in m,
+        # so each secant through (j, phi(j)) and (j+1, phi(j+1)) is a valid cut
+        w_sorted = np.sort([float(inst.P[a, b]) for a, b in pairs])
+        phi = [float(w_sorted[: m * (m - 1) // 2].sum()) for m in range(len(T) + 1)]
         ssum = float(sv[T].sum())
         ysum = sum(float(inst.P[a, b]) * yv[(a, b)] for a, b in pairs)
         for j in range(1, len(T)):
-            if ysum < wmin * (j * ssum - j * (j + 1) / 2) - 1e-6:
+            slope = phi[j + 1] - phi[j]
+            if ysum < phi[j] + slope * (ssum - j) - 1e-6:
                 lhs = solver.Sum([float(inst.P[a, b]) * Y[(a, b)] for a, b in pairs])
-                solver.Add(lhs >= wmin * (j * solver.Sum([s[f] for f in T]) - j * (j + 1) / 2))
+                solver.Add(lhs >= phi[j] + slope * (solver.Sum([s[f] for f in T]) - j))
                 added += 1
     return added
 
