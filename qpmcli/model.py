@@ -220,7 +220,8 @@ class QPMModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # --------------------------------------------------------------------------------------------------- forward
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+    def adapt(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``n_f`` feature maps ``[B, n_f, h, w]`` and pooled features ``[B, n_f]`` (before selection/dropout)."""
         b, t, _ = tokens.shape
         h, w = self.grid
         if t != 1 + h * w:
@@ -236,6 +237,10 @@ class QPMModel(nn.Module):
             f = cls_tok
         else:  # mean-avg
             f = 0.5 * (cls_tok + patches.mean(1))
+        return maps, f
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        maps, f = self.adapt(tokens)
         if not self.is_sparse:
             f = self.dropout(f)
             return ModelOutput(self.linear(f), maps, f)

@@ -17,7 +17,7 @@ import csv
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,8 +259,13 @@ def load_checkpoint(ckpt_dir: Path, phase: str, model: QPMModel, optimizer: Any)
 
 
 def clear_checkpoint(ckpt_dir: Path, phase: str) -> None:
-    for p in ckpt_dir.glob(f"{phase}*"):
-        p.unlink()
+    """Remove a finished phase's checkpoint (its JSON and the tensor files it wrote)."""
+    _, json_path = _checkpoint_paths(ckpt_dir, phase)
+    for p in ckpt_dir.glob(f"{phase}-*-*.safetensors"):
+        parts = p.name[len(phase) + 1:-len(".safetensors")].split("-")  # "<epoch>-<step>"
+        if len(parts) == 2 and all(x.isdigit() for x in parts):
+            p.unlink()
+    json_path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -319,6 +324,20 @@ def collect_outputs(model: QPMModel, data: TokenData, batch_size: int = 256, bf1
             feats.append(out.features.float().cpu())
             logits.append(out.logits.float().cpu())
     return {"features": torch.cat(feats), "logits": torch.cat(logits), "labels": data.labels.clone()}
+
+
+def collect_pooled(model: QPMModel, data: TokenData, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+    """Eval-mode pooled features of all ``n_f`` adapter outputs ``[N, n_f]`` (before any selection), in data order."""
+    import torch
+
+    model.eval()
+    feats = []
+    with torch.no_grad():
+        for batch in _epoch_batches(data.n, batch_size, 0, "eval", 0, shuffle=False):
+            x, _ = data.batch(batch)
+            with _autocast(data.device, bf16):
+                feats.append(model.adapt(x)[1].float().cpu())
+    return torch.cat(feats)
 
 
 def feature_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -817,54 +836,113 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         summary.update(metrics=metrics, timings=timings, selection=None)
         return summary
 
-    # ---- select (rank 0 solves, the others read the file)
-    from qpmcli.selection import build_problem, load_selection, save_selection, select, selection_summary
+    # ---- select -> finetune (an iterative selector such as Q-SENN repeats both)
+    from qpmcli.selection import load_selection, selection_summary
 
-    sel_path = run / artifact.SELECTION
     t0 = time.perf_counter()
-    if dist.is_main and not (resume and sel_path.is_file()):
-        problem = build_problem(dense_feats.numpy(), np.asarray(train_cache.labels), n_classes, class_names)
-        sel = select(problem, selector=req.selector, n_features=req.n_selected, per_class=req.per_class,
-                     time_limit=req.time_limit, seed=req.seed % 2**31, workers=req.workers, progress=progress)
-        save_selection(sel, sel_path, class_names=class_names)
-    barrier()
-    sel = load_selection(sel_path)
-    timings["select"] = time.perf_counter() - t0
-    summary["selection"] = selection_summary(sel)
-
-    # ---- finetune
-    t0 = time.perf_counter()
-    if resume and (run / artifact.MODEL_JSON).is_file() and "final" in metrics:
+    if resume and (run / artifact.MODEL_JSON).is_file():
         final_model, _ = artifact.load_model(run, "final", device=device)
-        say("final model found, skipping finetuning")
+        sel = load_selection(run / artifact.SELECTION)
+        say("final model found, skipping selection and finetuning")
     else:
-        if resume and (run / artifact.MODEL_JSON).is_file():
-            final_model, _ = artifact.load_model(run, "final", device=device)
-        else:
-            final_model = dense_model
-            final_model.set_selection(sel.features, sel.weight, mu, sigma, bias=sel.bias,
-                                      trainable_norm=sel.trainable_norm, dropout=0.1 if sel.trainable_norm else 0.0)
-            seed_all(1)
-            if dist.is_main and not (ckpt_dir / "finetune.json").is_file():
-                run_log.drop_phase("finetune")
-            res = train_phase(final_model, train_data, req.finetune, phase="finetune", seed=req.seed,
-                              test_data=test_data, checkpoint_dir=ckpt_dir, on_epoch=run_log, progress=progress)
-            summary["finetune_tokens_per_second"] = res.tokens_per_second
-            if dist.is_main:
-                artifact.save_model(final_model, run, "final", info=info_base)
-                clear_checkpoint(ckpt_dir, "finetune")
-            barrier()
-        timings["finetune"] = time.perf_counter() - t0
+        final_model, sel, ft_timings = _select_and_finetune(
+            req, dense_model, dense_feats, mu, sigma, train_data, test_data, run, ckpt_dir, run_log, class_names,
+            resume=resume, progress=progress, dist=dist, device=device, seed_all=seed_all)
+        timings.update(ft_timings)
         if dist.is_main:
-            t0 = time.perf_counter()
-            metrics["final"] = _evaluate(final_model, train_cache, test_cache, req, device, settings)
-            timings["evaluate_final"] = time.perf_counter() - t0
-            artifact.atomic_write_json(metrics_path, metrics)
-            artifact.save_model(final_model, run, "final", info={**info_base, "metrics": metrics["final"],
-                                                                 "selection_result": summary["selection"]})
+            artifact.save_model(final_model, run, "final", info=info_base)
+            metrics.pop("final", None)
+        barrier()
+    summary["selection"] = selection_summary(sel)
+    timings.setdefault("select_and_finetune", time.perf_counter() - t0)
+    if dist.is_main and "final" not in metrics:
+        t0 = time.perf_counter()
+        metrics["final"] = _evaluate(final_model, train_cache, test_cache, req, device, settings)
+        timings["evaluate_final"] = time.perf_counter() - t0
+        artifact.atomic_write_json(metrics_path, metrics)
+        artifact.save_model(final_model, run, "final", info={**info_base, "metrics": metrics["final"],
+                                                             "selection_result": summary["selection"]})
     barrier()
     summary.update(metrics=metrics, timings=timings)
     return summary
+
+
+def _select_and_finetune(req: TrainRequest, model: QPMModel, dense_feats: torch.Tensor, mu: torch.Tensor,
+                         sigma: torch.Tensor, train_data: TokenData, test_data: TokenData, run: Path, ckpt_dir: Path,
+                         run_log: _RunLog, class_names: list[str], *, resume: bool, progress: bool, dist: DistInfo,
+                         device: str, seed_all: Callable[[int], None]) -> tuple[QPMModel, Any, dict[str, float]]:
+    """Selection (rank 0 solves, the others read the file) and finetuning, ``selector.iterations`` times.
+
+    Iteration i > 0 (Q-SENN) re-poses the problem on the current adapter's pooled features, passes the previous
+    selection and finetunes with the selector's ``finetune_schedule(i)`` (epochs, lr_scale). Every finished iteration
+    is kept under ``checkpoints/`` so a resumed run continues with the next one.
+    """
+    import numpy as np
+
+    from qpmcli.model import QPMModel as _Model
+    from qpmcli.registry import get_registry
+    from qpmcli.selection import build_problem, load_selection, save_selection, select
+
+    selector = get_registry().get("selector", req.selector).factory()
+    iterations = max(1, int(getattr(selector, "iterations", 1)))
+    labels = np.asarray(train_data.labels.numpy(), dtype=np.int64)
+    timings = {"select": 0.0, "finetune": 0.0}
+    sel = None
+    feats = dense_feats
+    for it in range(iterations):
+        last = it == iterations - 1
+        tag = "" if iterations == 1 else f"-{it + 1}"
+        phase = "finetune" + tag
+        done = ckpt_dir / f"iteration{tag}.json"
+        sel_path = run / (artifact.SELECTION if last else f"selection{tag}.json")
+        if not last and resume and done.is_file():  # a finished earlier iteration (Q-SENN)
+            doc = artifact.read_json(done)
+            model = _Model.from_config(doc["model"]).to(device)
+            model.load_state_dict(artifact.read_safetensors(ckpt_dir / doc["weights"], device=device))
+            sel = load_selection(sel_path)
+            feats = None
+            continue
+        if feats is None:  # the problem of iteration > 0 comes from the current adapter
+            feats = collect_pooled(model, train_data, 256, req.finetune.bf16)
+            mu, sigma = feature_stats(feats)
+        t0 = time.perf_counter()
+        if dist.is_main and not (resume and sel_path.is_file()):
+            problem = build_problem(feats.numpy(), labels, len(class_names), class_names)
+            new = select(problem, selector=req.selector, n_features=req.n_selected, per_class=req.per_class,
+                         time_limit=req.time_limit, seed=req.seed % 2**31, workers=req.workers, previous=sel,
+                         progress=progress)
+            save_selection(new, sel_path, class_names=class_names)
+        barrier()
+        sel = load_selection(sel_path)
+        timings["select"] += time.perf_counter() - t0
+        model.set_selection(sel.features, sel.weight, mu, sigma, bias=sel.bias, trainable_norm=sel.trainable_norm,
+                            dropout=0.1 if sel.trainable_norm else 0.0)  # SLDD/Q-SENN head dropout (§7.1, C7)
+        opts = req.finetune
+        schedule = dict(selector.finetune_schedule(it) or {}) if iterations > 1 else {}
+        if "epochs" in schedule:
+            opts = replace(opts, epochs=int(schedule["epochs"]))
+        if "lr" in schedule or "lr_scale" in schedule:
+            opts = replace(opts, lr=float(schedule.get("lr", opts.lr)) * float(schedule.get("lr_scale", 1.0)))
+        seed_all(1 + it)
+        if dist.is_main and not (ckpt_dir / f"{phase}.json").is_file():
+            run_log.drop_phase(phase)
+        t0 = time.perf_counter()
+        train_phase(model, train_data, opts, phase=phase, seed=req.seed, test_data=test_data,
+                    checkpoint_dir=ckpt_dir, on_epoch=run_log, progress=progress)
+        timings["finetune"] += time.perf_counter() - t0
+        if dist.is_main:
+            if not last:
+                weights = f"iteration{tag}.safetensors"
+                artifact.atomic_write_safetensors(ckpt_dir / weights, dict(model.state_dict()))
+                artifact.atomic_write_json(done, {"model": model.config, "weights": weights, "iteration": it + 1})
+            clear_checkpoint(ckpt_dir, phase)
+        barrier()
+        feats = None
+    if dist.is_main and iterations > 1:
+        for p in ckpt_dir.glob("iteration-*"):
+            p.unlink()
+    assert sel is not None
+    return model, sel, timings
 
 
 def _norm(value: Any) -> Any:

@@ -140,3 +140,21 @@ def test_demo_backbone_learns_shapes_well_above_chance(qpm, tmp_path):
     metrics = json.loads(res.stdout)["metrics"]
     # measured: dense 0.90, final 0.85 (chance = 1/6)
     assert metrics["dense"]["Accuracy"] > 0.6 and metrics["final"]["Accuracy"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_qsenn_runs_its_four_iterations_with_its_schedule(qpm, tmp_path):
+    run = tmp_path / "qsenn"
+    res = qpm(["train", *TINY, "--selector", "qsenn", "--time-limit", "20", "--run-dir", str(run)], timeout=1700)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = {p: max(r["epoch"] for r in log if r["phase"] == p) for p in {r["phase"] for r in log}}
+    assert epochs == {"dense": 2, "finetune-1": 10, "finetune-2": 10, "finetune-3": 10, "finetune-4": 40}
+    lrs = [next(r["lr"] for r in log if r["phase"] == f"finetune-{i}") for i in (1, 2, 3, 4)]
+    assert lrs == pytest.approx([5e-3 * 0.9 ** i for i in range(4)])
+    from qpmcli.artifact import load_model
+
+    model, info = load_model(run)
+    assert info["selection"]["trainable_norm"] and info["selection"]["has_bias"] and model.dropout.p == 0.1
+    assert not list((run / "checkpoints").iterdir())
