@@ -284,13 +284,11 @@ def build_cache(
     progress: bool = True,
     lock_timeout: float | None = None,
     chunk_images: int = CHUNK_IMAGES,
-    stop_after_chunks: int | None = None,
 ) -> TokenCache:
     """Extract ``dataset`` with ``backbone`` into the cache for this key (or open it if it exists already).
 
     Resumable (finished chunks are kept), locked against concurrent builders, finalised atomically. A corrupt image
     is a :class:`ImageError` naming the file unless ``skip_bad`` (then it is left out and listed in the manifest).
-    ``stop_after_chunks`` stops after that many new chunks without finalising (for tests of resume).
     """
     fields = cache_key_fields(backbone, dataset, split)
     final = cache_path(cache_dir, fields)
@@ -332,16 +330,9 @@ def build_cache(
         mine = list(range(dist.rank * per, min(len(chunks), (dist.rank + 1) * per)))
         done_dir = partial / "done"
         todo = [c for c in mine if not (done_dir / f"{c:06d}.json").is_file()]
-        if stop_after_chunks is not None:
-            todo = todo[:stop_after_chunks]
         _extract_chunks(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
                         progress and dist.rank == 0, sum(chunks[c][1] - chunks[c][0] for c in mine), split)
         dist.barrier()
-        if stop_after_chunks is not None:
-            missing = [c for c in range(len(chunks)) if not (done_dir / f"{c:06d}.json").is_file()]
-            if missing:
-                raise CacheError(f"extraction of {final.name} stopped early with {len(missing)} chunk(s) left; "
-                                 f"rerun to continue")
         if dist.rank == 0:
             _finalise(partial, final, fields, chunks, dataset, backbone, split)
         dist.barrier()
