@@ -900,7 +900,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     paths = image_paths(list(images))
     if not paths and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().resolve()  # explanations.json lists absolute paths: valid from anywhere
     out.mkdir(parents=True, exist_ok=True)
     clf = load_classifier(model, device=device)
     md = metadata_dict(clf.metadata)

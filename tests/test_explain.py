@@ -292,13 +292,17 @@ class _Checker(HTMLParser):
 
 def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
     classes = made_run["classes"]
-    out = tmp_path / "report"
-    r = cli(["explain", str(made_run["folder"]), "--model", str(made_run["run"]), "--out", str(out), "--html",
-             "--class", classes[0], "--compare", classes[1], "--device", "cpu", "--json"], tmp_path)
+    r = cli(["explain", str(made_run["folder"]), "--model", str(made_run["run"]), "--html", "--class", classes[0],
+             "--compare", classes[1], "--device", "cpu", "-q"], tmp_path)
     assert r.returncode == 0, r.stderr
-    s = json.loads(r.stdout)
+    out = tmp_path / "explanations"  # the default --out, relative to the working directory
+    s = json.loads((out / "explanations.json").read_text())
     assert len(s["images"]) == 2 and all(i["class_name"] == classes[0] for i in s["images"])
     assert all(i["compare"]["only_b"] == [7] for i in s["images"])
+    printed = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "test_0.png" in printed and "report:" in printed and "only B [7]" in printed
+    with Image.open(out / "test_1_explain.png") as im:
+        assert im.size == (1600, 720)
     text = Path(s["html"]).read_text(encoding="utf-8")
     checker = _Checker()
     checker.feed(text)
@@ -314,18 +318,11 @@ def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
     assert all(f"test_{i}.png" in text for i in range(2))
 
 
-def test_cli_single_image_default_and_errors(made_run, tmp_path):
-    r = cli(["explain", str(made_run["images"][1]), "--model", str(made_run["run"]), "--device", "cpu", "-q"],
-            tmp_path)
-    assert r.returncode == 0, r.stderr
-    figure = tmp_path / "explanations" / "test_1_explain.png"
-    with Image.open(figure) as im:
-        assert im.size == (1600, 720)
-    assert "test_1.png" in r.stdout and "features" in r.stdout
-    r = cli(["explain", str(tmp_path / "missing.png"), "--model", str(made_run["run"])], tmp_path)
+def test_cli_user_errors_are_one_line_exit_2(tmp_path):
+    r = cli(["explain", str(tmp_path / "missing.png"), "--model", str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "image not found" in r.stderr and "Traceback" not in r.stderr
-    r = cli(["explain", str(made_run["images"][0]), "--model", str(tmp_path / "no-run")], tmp_path)
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = cli(["explain", "--model", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "at least one image" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_explain_from_onnx_alone_matches_the_run_directory(made_run, tmp_path):
