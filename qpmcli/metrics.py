@@ -550,6 +550,8 @@ class TestMapScorer:
     :meth:`result`.
     """
 
+    __test__ = False  # not a pytest test class despite its name
+
     def __init__(self, weight: Any, keys: list[str], *, k: int = 5, head_mean: Any = None, head_std: Any = None,
                  head_bias: Any = None, device: Any = None) -> None:
         torch = _torch()
