@@ -838,6 +838,10 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
                      f"<img class=\"fig\" src=\"{_data_uri(glob['figure'])}\" alt=\"global explanation of "
                      f"{esc(glob['class'])}\">\n")
     for item in summary.get("images", []):
+        if "error" in item:
+            parts.append(f"<h2>{esc(Path(item['image']).name)}</h2>\n<p class=\"meta\">skipped: "
+                         f"{esc(item['error'])}</p>\n")
+            continue
         parts.append(f"<h2>{esc(Path(item['image']).name)}</h2>\n<p>{esc(item['class_name'])} &mdash; "
                      f"probability {item['probability']:.3f}, logit {item['logit']:+.3f}"
                      + ("" if item["class_index"] == item["predicted_index"]
@@ -934,9 +938,19 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            pil = [open_image(p) for p in chunk]
+            good, pil = [], []
+            for p in chunk:  # an unreadable file in a folder is reported, not fatal
+                try:
+                    pil.append(open_image(p))
+                    good.append(p)
+                except ImageError as exc:
+                    summary["images"].append({"image": str(p), "error": str(exc)})
+                    if bar is not None:
+                        bar.advance(task)
+            if not good:
+                continue
             res = clf.run(pil)
-            for j, (p, img) in enumerate(zip(chunk, pil, strict=True)):
+            for j, (p, img) in enumerate(zip(good, pil, strict=True)):
                 logits, maps, feats = res["logits"][j], res["maps"][j], res["features"][j]
                 expl = explain_output(logits, maps, feats, md, image=str(p), class_index=cls_idx, top_k=top_k)
                 stem = _unique_stem(p, used)
@@ -963,6 +977,10 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     finally:
         if bar is not None:
             bar.stop()
+    summary["num_failed"] = sum(1 for i in summary["images"] if "error" in i)
+    if paths and summary["num_failed"] == len(paths):
+        raise ImageError(f"none of the {len(paths)} image(s) could be read; first error: "
+                         f"{summary['images'][0]['error']}")
     if html_report:
         summary["html"] = str(render_html(summary, out / "report.html",
                                           title=f"qpm explain \u2014 {Path(str(model)).name}"))

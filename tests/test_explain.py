@@ -259,6 +259,15 @@ def test_unknown_class_and_self_compare_are_user_errors(made_run, tmp_path):
                      compare=str(pred["predicted_index"]), html_report=True)
     assert "skipped" in same["images"][0]["compare"]  # the predicted class is the --compare class: no view, no error
     assert "no contrastive view" in Path(same["html"]).read_text()
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    Image.open(made_run["images"][0]).save(folder / "fine.png")
+    mixed = E.explain([folder], made_run["run"], out_dir=tmp_path / "m", device="cpu", html_report=True)
+    assert mixed["num_failed"] == 1 and "cannot read image" in mixed["images"][0]["error"]
+    assert mixed["images"][1]["figure"] and "skipped: cannot read image" in Path(mixed["html"]).read_text()
+    with pytest.raises(ImageError, match="none of the 1 image"):
+        E.explain([folder / "broken.png"], made_run["run"], out_dir=tmp_path / "n", device="cpu")
     with pytest.raises(ImageError, match="not found"):
         E.explain([tmp_path / "nope.jpg"], made_run["run"], out_dir=tmp_path, device="cpu")
 

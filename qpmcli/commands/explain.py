@@ -41,6 +41,9 @@ def explain(
         con.print(f"class [bold]{escape(glob['class'])}[/]: features {', '.join(map(str, glob['features']))} -> "
                   f"{glob['figure']}")
     for item in summary["images"]:
+        if "error" in item:
+            con.print(f"{escape(item['image'])}: [red]skipped[/] ({escape(item['error'])})")
+            continue
         feats = ", ".join(f"{e['feature']} ({e['contribution']:+.2f})" for e in item["features"])
         con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  "
                   f"features {feats}")
