@@ -258,6 +258,12 @@ def load_checkpoint(ckpt_dir: Path, phase: str, model: QPMModel, optimizer: Any)
     return state
 
 
+def checkpoint_epoch(ckpt_dir: Path, phase: str) -> int:
+    """Completed epochs stored in the phase checkpoint (0 without one): log rows after it will be written again."""
+    _, json_path = _checkpoint_paths(ckpt_dir, phase)
+    return int(artifact.read_json(json_path)["epoch"]) if json_path.is_file() else 0
+
+
 def clear_checkpoint(ckpt_dir: Path, phase: str) -> None:
     """Remove a finished phase's checkpoint (its JSON and the tensor files it wrote)."""
     _, json_path = _checkpoint_paths(ckpt_dir, phase)
@@ -790,8 +796,8 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
     else:
         seed_all(0)
         dense_model = QPMModel(**model_cfg).to(device)
-        if dist.is_main and not (ckpt_dir / "dense.json").is_file():
-            run_log.drop_phase("dense")
+        if dist.is_main:
+            run_log.drop_phase("dense", keep_epochs=checkpoint_epoch(ckpt_dir, "dense"))
         res = train_phase(dense_model, train_data, req.dense, phase="dense", seed=req.seed, test_data=test_data,
                           checkpoint_dir=ckpt_dir, on_epoch=run_log, progress=progress)
         summary["dense_tokens_per_second"] = res.tokens_per_second
@@ -924,8 +930,8 @@ def _select_and_finetune(req: TrainRequest, model: QPMModel, dense_feats: torch.
         if "lr" in schedule or "lr_scale" in schedule:
             opts = replace(opts, lr=float(schedule.get("lr", opts.lr)) * float(schedule.get("lr_scale", 1.0)))
         seed_all(1 + it)
-        if dist.is_main and not (ckpt_dir / f"{phase}.json").is_file():
-            run_log.drop_phase(phase)
+        if dist.is_main:
+            run_log.drop_phase(phase, keep_epochs=checkpoint_epoch(ckpt_dir, phase))
         t0 = time.perf_counter()
         train_phase(model, train_data, opts, phase=phase, seed=req.seed, test_data=test_data,
                     checkpoint_dir=ckpt_dir, on_epoch=run_log, progress=progress)

@@ -123,6 +123,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_p
                "--resume"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _digest(killed / "model.safetensors") == _digest(full / "model.safetensors")
+
+    def rows(run):
+        lines = (run / "log.jsonl").read_text().splitlines()
+        return [(r["phase"], r["epoch"], r["loss"]) for r in map(json.loads, lines)]
+
+    assert rows(killed) == rows(full)
     assert json.loads((killed / "selection.json").read_text())["features"] == json.loads(
         (full / "selection.json").read_text())["features"]
 
@@ -158,3 +164,19 @@ def test_qsenn_runs_its_four_iterations_with_its_schedule(qpm, tmp_path):
     model, info = load_model(run)
     assert info["selection"]["trainable_norm"] and info["selection"]["has_bias"] and model.dropout.p == 0.1
     assert not list((run / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
+def test_linear_probe_trains_only_a_head_on_the_cls_token(qpm, tmp_path):
+    run = tmp_path / "probe"
+    res = qpm(["train", *TINY, "--head", "linear-probe", "--run-dir", str(run), "--json"], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["selection"] is None and summary["metrics"]["final"] == summary["metrics"]["dense"]
+    from qpmcli.artifact import load_model
+
+    model, info = load_model(run)
+    assert info["model"]["n_layers"] == 0 and info["model"]["pooling"] == "cls" and model.n_features == 32
+    assert [n for n, _ in model.named_parameters()] == ["linear.weight", "linear.bias"]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in log} == {"dense"} and "fdl" not in log[0]
