@@ -8,13 +8,13 @@ the same set, maximising
 How we solve it (see ``solve``):
 1. For a fixed S each class simply takes its top-k A-values in S (up to duplicate sets), so the search is over S only:
    greedy and clique starts, then best-improvement swap local search with perturbations, all vectorised in numpy.
-   Duplicate class sets are repaired afterwards at minimal loss (``assign``).
+   Duplicate class sets are repaired afterwards at minimal loss (``assign``; exact linear assignment when needed).
 2. An honest upper bound: the LP relaxation (GLOP) of a *relaxed* model in which class c keeps only its top-M
-   candidates plus an unconstrained "fallback" slot worth the (M+1)-th best value; dropping the penalty only raises
-   the optimum, so the bound stays valid.
-3. CP-SAT on the same pruned relaxation with the penalty, hinted with the best solution; duplicate pairs are
-   forbidden lazily. Its best bound is valid for the original problem (a relaxation); every solution it finds is
-   mapped back to S and re-assigned exactly, so only truly feasible solutions are reported.
+   candidates plus an unconstrained "fallback" slot worth the (M+1)-th best value, with McCormick pair penalties,
+   tightened by rounds of clique cuts on the penalty (``lp_bound``). Every relaxation step only raises the optimum.
+3. CP-SAT hinted with the incumbent: on small problems the exact model (its bound is valid and it proves optimality,
+   duplicate sets forbidden lazily); on large ones the top-M restriction, which searches near the incumbent. Every
+   solution it finds is mapped back to S and re-assigned exactly, so only truly feasible solutions are reported.
 The reported gap is (bound - objective) / |objective| with the smallest valid bound.
 """
 
