@@ -42,10 +42,13 @@ def test_fdl_averages_over_the_batch_and_is_minus_beta_for_one_hot_maps():
 
 
 def test_fdl_gradient_reaches_maps_features_and_head_weight():
-    maps = torch.randn(2, 3, 2, 2, requires_grad=True)
-    f = torch.rand(2, 3, requires_grad=True)
-    weight = torch.randn(4, 3, requires_grad=True)
-    feature_diversity_loss(maps, f, torch.randn(2, 4), weight).backward()
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 3, 2, 2, generator=g)
+    maps[:, 1, 0, 0] += 5  # feature 1 (not the largest f) wins position 0, so the gradient reaches f through a
+    maps.requires_grad_(True)
+    f = torch.tensor([[1.0, 0.9, 0.2], [0.5, 0.4, 1.0]], requires_grad=True)
+    weight = torch.randn(4, 3, generator=g, requires_grad=True)
+    feature_diversity_loss(maps, f, torch.randn(2, 4, generator=g), weight).backward()
     assert maps.grad.abs().sum() > 0 and f.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
 
 
