@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli import artifact
-from qpmcli.errors import ArtifactError, ConfigError, DatasetError
+from qpmcli.errors import ArtifactError, ConfigError, DatasetError, QpmError
 from qpmcli.losses import DENSE_WEIGHTS, FINETUNE_WEIGHTS, LossWeights
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -868,9 +868,27 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         artifact.atomic_write_json(metrics_path, metrics)
         artifact.save_model(final_model, run, "final", info={**info_base, "metrics": metrics["final"],
                                                              "selection_result": summary["selection"]})
+    if dist.is_main and not (run / artifact.PROTOTYPES).is_dir():
+        t0 = time.perf_counter()
+        summary["prototypes"] = _prototypes(final_model, train_cache, req, settings, run, device)
+        timings["prototypes"] = time.perf_counter() - t0
     barrier()
     summary.update(metrics=metrics, timings=timings)
     return summary
+
+
+def _prototypes(model: QPMModel, train_cache: Any, req: TrainRequest, settings: Any, run: Path,
+                device: str) -> dict[str, Any]:
+    """Representative training patches per selected feature (``<run>/prototypes/``, for ``qpm explain --class``)."""
+    from qpmcli.data import load_dataset
+    from qpmcli.explain import build_prototypes
+
+    try:
+        dataset = load_dataset(req.dataset, root=req.data_root, split="train", settings=settings,
+                               **req.dataset_options)
+    except QpmError as exc:  # the tokens are cached but the images moved: the model is still complete
+        return {"written": False, "reason": f"train images not readable: {exc}"}
+    return build_prototypes(model, train_cache, dataset, run, device=device)
 
 
 def _select_and_finetune(req: TrainRequest, model: QPMModel, dense_feats: torch.Tensor, mu: torch.Tensor,

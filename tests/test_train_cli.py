@@ -33,6 +33,8 @@ def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
                  "model.json", "metrics.json", "log.jsonl", "log.csv", "dense_features.npz"):
         assert (run / name).is_file(), name
     assert not list((run / "checkpoints").iterdir())  # finished phases leave no checkpoint behind
+    protos = json.loads((run / "prototypes" / "prototypes.json").read_text())
+    assert summary["prototypes"]["written"] and protos["format"] == "qpm-prototypes"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [(r["phase"], r["epoch"]) for r in log] == [("dense", 1), ("dense", 2), ("finetune", 1), ("finetune", 2)]
     assert (run / "log.csv").read_text().splitlines()[0].startswith("phase,epoch,loss,train_acc")
