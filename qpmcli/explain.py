@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError, ConfigError, ImageError
+from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -696,39 +696,45 @@ def build_prototypes(model: Any, train_cache: Any, dataset: Any, run_dir: str | 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    images: dict[int, Any] = {}
-    doc_feats: dict[str, list[dict[str, Any]]] = {}
     from PIL import Image
 
-    for j, fid in enumerate(ids):
-        entries = []
+    # decode each training image once (rows in order), crop every prototype it holds, then let it go
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for j in range(k):
         for rank in range(best_v.shape[0]):
-            row = int(best_i[rank, j])
-            pos = int(best_p[rank, j])
-            r, c = divmod(pos, grid[1])
-            if row not in images:
-                images[row] = dataset[int(indices[row])].image.convert("RGB")
-            img = images[row]
+            wanted.setdefault(int(best_i[rank, j]), []).append((j, rank))
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    unreadable = 0
+    for row in sorted(wanted):
+        try:
+            img = dataset[int(indices[row])].image.convert("RGB")
+        except (QpmError, OSError, ValueError):  # an image moved/broke after caching: fewer prototypes
+            unreadable += 1
+            continue
+        label = int(labels[row])
+        pw, ph = img.size[0] / grid[1], img.size[1] / grid[0]
+        for j, rank in wanted[row]:
+            r, c = divmod(int(best_p[rank, j]), grid[1])
             box = _crop_box(r, c, grid, img.size, context)
             crop = img.crop(box).resize((crop_px, crop_px), Image.Resampling.BICUBIC)
             sx, sy = crop_px / (box[2] - box[0]), crop_px / (box[3] - box[1])
-            pw, ph = img.size[0] / grid[1], img.size[1] / grid[0]
             pbox = [round((c * pw - box[0]) * sx, 1), round((r * ph - box[1]) * sy, 1),
                     round(((c + 1) * pw - box[0]) * sx, 1), round(((r + 1) * ph - box[1]) * sy, 1)]
-            name = f"f{fid}_{rank}.png"
+            name = f"f{ids[j]}_{rank}.png"
             crop.save(tmp / name, format="PNG", optimize=True)
-            label = int(labels[row])
-            entries.append({"file": name, "class": names[label] if label < len(names) else str(label),
-                            "label": label, "activation": float(best_v[rank, j]), "row": row,
-                            "index": int(indices[row]), "patch": [r, c], "patch_box": pbox})
-        doc_feats[str(fid)] = entries
+            found[(j, rank)] = {"file": name, "class": names[label] if label < len(names) else str(label),
+                                "label": label, "activation": float(best_v[rank, j]), "row": row,
+                                "index": int(indices[row]), "patch": [r, c], "patch_box": pbox}
+    doc_feats = {str(fid): [found[(j, rank)] for rank in range(best_v.shape[0]) if (j, rank) in found]
+                 for j, fid in enumerate(ids)}
     doc = {"format": PROTOTYPES_FORMAT, "format_version": 1, "per_feature": m, "crop_px": crop_px,
            "context_patches": context, "grid": list(grid), "n_train": n, "features": doc_feats}
     atomic_write_json(tmp / PROTOTYPES_JSON, doc)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    return {"written": True, "path": str(final), "features": k, "per_feature": m, "images": len(images)}
+    return {"written": True, "path": str(final), "features": k, "per_feature": m,
+            "images": len(wanted) - unreadable, "unreadable": unreadable}
 
 
 def load_prototypes(source: Any) -> dict[int, list[dict[str, Any]]]:

@@ -205,6 +205,34 @@ def test_build_prototypes_stores_top_patches_per_selected_feature(made_run):
     assert sorted(E.load_prototypes({"qpm_prototypes": E.prototypes_metadata(run)})) == FEATURE_IDS
 
 
+def test_prototypes_skip_training_images_that_became_unreadable(made_run, tmp_path):
+    from qpmcli.cache import TokenCache
+    from qpmcli.data import load_dataset
+
+    class EvenImagesGone:
+        """The shapes train split whose even items fail to load (as if those files were deleted after caching)."""
+
+        def __init__(self, ds):
+            self.ds, self.classes = ds, ds.classes
+
+        def __getitem__(self, i):
+            if i % 2 == 0:
+                raise ImageError(f"image {i} not found")
+            return self.ds[i]
+
+    run = tmp_path / "run"
+    cache = TokenCache.open(next(p for p in (made_run["run"].parent / "cache").iterdir()
+                                 if (p / "manifest.json").is_file()))
+    train = load_dataset("shapes", split="train", n_classes=4, per_class=4, test_per_class=2, image_size=IMAGE_SIZE,
+                         seed=0)
+    res = E.build_prototypes(made_run["model"], cache, EvenImagesGone(train), run, per_feature=4)
+    assert res["written"] and res["unreadable"] > 0
+    doc = json.loads((run / "prototypes" / "prototypes.json").read_text())
+    kept = [e for entries in doc["features"].values() for e in entries]
+    assert kept and all(e["index"] % 2 == 1 for e in kept) and len(kept) < 6 * 4
+    assert all((run / "prototypes" / e["file"]).is_file() for e in kept)
+
+
 def test_missing_prototypes_are_a_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="no prototypes"):
         E.load_prototypes(tmp_path)
