@@ -91,7 +91,7 @@ def main() -> int:
         res.update(script=script.name, seconds=seconds)
         results.append(res)
     info = machine()
-    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results.json").write_text(json.dumps({"date": date, "machine": info, "results": results}, indent=2))
     (out / "RESULTS.md").write_text(to_markdown(results, info, date))
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'}")

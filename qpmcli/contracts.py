@@ -148,9 +148,10 @@ class SelectionProblem:
 class Selection:
     """Output of a selector.
 
-    ``features``: sorted indices (length K) into the dense features; ``weight``: [C, K] class-feature weights (binary for
-    QPM; real or ternary for SLDD/Q-SENN); ``bias``: [C] or None; ``trainable_norm``: whether finetuning also learns the
-    feature normalisation (SLDD/Q-SENN). ``objective``/``bound``/``gap``/``status``/``seconds`` report the solve.
+    ``features``: sorted indices (length K) into the dense features; ``weight``: [C, K] class-feature weights
+    (binary for QPM; real or ternary for SLDD/Q-SENN); ``bias``: [C] or None; ``trainable_norm``: whether finetuning
+    also learns the feature normalisation (SLDD/Q-SENN). ``objective``/``bound``/``gap``/``status``/``seconds``
+    report the solve.
     """
 
     features: np.ndarray

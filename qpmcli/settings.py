@@ -111,7 +111,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def resolve_settings(**cli: Any) -> tuple[QpmSettings, dict[str, str]]:
     """Resolve settings from ``cli`` flags (``None`` = not given), env, config files and defaults.
 
-    Returns the settings and, per field, where its value came from (``flag``, ``env QPM_X``, the file path, ``default``).
+    Returns the settings and, per field, where its value came from: ``flag``, ``env QPM_X``, the file path or
+    ``default``.
     """
     overrides = {k: v for k, v in cli.items() if v is not None}
     unknown = set(overrides) - set(QpmSettings.model_fields)
