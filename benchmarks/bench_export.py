@@ -166,6 +166,7 @@ def main() -> int:
 
         gen = torch.Generator().manual_seed(0)
         for b in batches:
+            first_row = len(rows)
             x = torch.randn(b, 3, *bb.image_size, generator=gen)
             x_np = x.numpy()
             xd = x.to(dev)
@@ -227,7 +228,7 @@ def main() -> int:
                     rows.append(row(f"ORT CUDA fp16 graph vs torch eager fp16 autocast, images/s, batch {b}",
                                     ips["ort_fp16"], ips["eager_fp16"], ips["ort_fp16"] / ips["eager_fp16"],
                                     "report", None))
-            for r in rows[-(4 if dev == "cuda" else 3):]:
+            for r in rows[first_row:]:
                 print(f"{r['what']}: ratio {r['ratio']:.3f} (target {r['target']})", flush=True)
         # the arithmetic floor of the adapter's share (multiply-accumulates per image)
         n_tok = 1 + bb.grid[0] * bb.grid[1]
