@@ -43,8 +43,9 @@ class ClassifierMetadata:
     ``features`` are the selected indices into the dense adapter's n_f features (``range(n_f)`` for a dense model),
     ``weight [C, K]`` the class-feature matrix (binary for QPM), ``mu``/``sigma [K]`` the frozen standardisation
     (0/1 for a dense head), ``bias [C]`` or ``None``. ``preprocess`` is the backbone's preprocessing config
-    (mode, size, mean, std, interpolation, minmax). ``prototypes`` is the explain helper's prototypes document when
-    embedded in an ONNX file (else ``None``; for a run directory read ``<run>/prototypes/``).
+    (mode, size, mean, std, interpolation, minmax). ``prototypes`` is the explain helper's prototypes document
+    ``{feature_id (str): [{"png_b64", "class", "activation", ...}]}`` (from ``<run>/prototypes/`` or the ONNX
+    metadata key ``qpm_prototypes``), or ``None``.
     """
 
     class_names: list[str]
@@ -389,6 +390,13 @@ def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) ->
     dev = _torch_device(device)
     model, info = load_model(path, "final", device=dev)
     meta = metadata_from_run(model, info)
+    if (path / "prototypes").is_dir():  # the same {feature_id: [...]} document an exported file embeds
+        from qpmcli.export import read_prototypes
+
+        try:
+            meta.prototypes = read_prototypes(path)
+        except QpmError:
+            meta.prototypes = None  # broken prototypes must not stop predictions; `qpm explain --class` says why
     backbone = load_run_backbone(info, weights=weights, settings=settings, device=dev)
     return TorchClassifier(path, backbone, model, meta, dev)
 

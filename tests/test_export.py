@@ -215,6 +215,9 @@ def test_prototypes_are_embedded_in_metadata(tmp_path, exported):
     (entry,) = meta.prototypes["3"]
     assert entry["class"] == "square" and entry["activation"] == 0.75
     assert base64.b64decode(entry["png_b64"]) == buf.getvalue()
+    from qpmcli.predict import load_classifier
+
+    assert load_classifier(run, "cpu").metadata.prototypes == meta.prototypes  # run dir and ONNX file agree
 
 
 def test_exported_graph_computes_only_the_selected_features(exported):
