@@ -12,6 +12,7 @@ metrics and library versions. ``load_model(run_dir)`` rebuilds the :class:`qpmcl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -58,10 +59,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give artifacts the usual permissions
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it briefly)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

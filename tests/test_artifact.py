@@ -56,3 +56,16 @@ def test_missing_or_mismatching_artifacts_are_clear_errors(tmp_path):
     (tmp_path / "dense.json").write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="does not match"):
         artifact.load_model(tmp_path, "dense")
+
+
+def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
+    """mkstemp creates 0600 files; artifacts users share (model.onnx, run files) must follow the umask instead."""
+    import os
+
+    from qpmcli.artifact import atomic_write_json
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = atomic_write_json(tmp_path / "x.json", {"a": 1})
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
+    assert (path.stat().st_mode & 0o044) == 0o044 or mask & 0o044  # readable by others unless the umask forbids it
