@@ -19,13 +19,13 @@ from typing import Any
 
 BACKBONE = "efficientnet-lite0"
 DATASET = "shapes"
-TABLE_COLUMNS = [
+TABLE_COLUMNS = [  # (metric key, short column header)
     ("Accuracy", "Acc"),
-    ("Plausibility", "Plausibility"),
+    ("Plausibility", "Plaus."),
     ("SID@5", "SID@5"),
-    ("Class-Independence", "Class-Indep."),
-    ("Contrastiveness", "Contrast."),
-    ("Structural-Grounding", "Struct. Grounding"),
+    ("Class-Independence", "Indep."),
+    ("Contrastiveness", "Contr."),
+    ("Structural-Grounding", "Ground."),
 ]
 
 
@@ -50,7 +50,7 @@ def results_rows(metrics_qpm: dict[str, Any], metrics_probe: dict[str, Any]) -> 
     """The paper's table shape: linear probe, dense model, QPM model; values in %."""
     rows = []
     for label, m in (("Linear probe (CLS)", metrics_probe.get("final", {})),
-                     ("Dense (before selection)", metrics_qpm.get("dense", {})),
+                     ("Dense", metrics_qpm.get("dense", {})),
                      ("QPM (ours)", metrics_qpm.get("final", {}))):
         row: dict[str, Any] = {"method": label}
         for key, _ in TABLE_COLUMNS:

@@ -42,4 +42,4 @@ def print_json(obj: Any) -> None:
 def console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True)  # never hard-wrap paths users copy; tables still fit the width
