@@ -90,6 +90,11 @@ def main() -> int:
             res = {"benchmark": script.stem, "error": f"exit code {proc.returncode}"}
         res.update(script=script.name, seconds=seconds)
         results.append(res)
+    previous = out / "results.json"
+    if only and previous.is_file():  # a partial run keeps the other benchmarks' last results
+        ran = {r["script"] for r in results}
+        kept = [r for r in json.loads(previous.read_text()).get("results", []) if r.get("script") not in ran]
+        results = sorted(kept + results, key=lambda r: r["script"])
     info = machine()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results.json").write_text(json.dumps({"date": date, "machine": info, "results": results}, indent=2))
