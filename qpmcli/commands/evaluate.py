@@ -20,7 +20,7 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     json_out: bool = JsonFlag,
 ) -> None:
-    """Compute the metrics of a run (METHOD.md §8) and merge them into RUN/metrics.json."""
+    """Compute the accuracy and interpretability metrics of a run and merge them into RUN/metrics.json."""
     from qpmcli.errors import ConfigError
     from qpmcli.evaluate import evaluate_run
     from qpmcli.settings import resolve_settings
