@@ -67,6 +67,7 @@ def test_paper_commands_parse_and_explain_what_is_missing(command, isolated_env,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_readme_demo_command_runs_the_whole_product(isolated_env, tmp_path):
     """`qpm demo --out qpm-demo` exactly as the README says, in a clean home with no data and no network."""
     args = shlex.split("qpm demo --out qpm-demo")
