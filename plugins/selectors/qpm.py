@@ -7,7 +7,8 @@ the same set, maximising
 
 How we solve it (see ``solve``):
 1. For a fixed S each class simply takes its top-k A-values in S (up to duplicate sets), so the search is over S only:
-   greedy and clique starts, then best-improvement swap local search with perturbations, all vectorised in numpy.
+   greedy and clique starts, then best-improvement swap local search with perturbations (kicks of 4..16 random
+   swaps, cycled; a budget counted in rounds, so deterministic), all vectorised in numpy.
    Duplicate class sets are repaired afterwards at minimal loss (``assign``; exact linear assignment when needed).
 2. An honest upper bound: the LP relaxation (GLOP) of a *relaxed* model in which class c keeps only its top-M
    candidates plus an unconstrained "fallback" slot worth the (M+1)-th best value, with McCormick pair penalties,
