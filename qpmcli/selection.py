@@ -222,12 +222,16 @@ def load_problem_npz(path: str | Path) -> SelectionProblem:
     path = Path(path)
     if not path.is_file():
         raise SelectionError(f"problem file {path} not found; write one with numpy.savez(path, A=A, R=R)")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try (and refuse) to unpickle it
+        raise SelectionError(f"{path} is not a numpy .npz archive; write one with numpy.savez(path, A=A, R=R)")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
             arrays = {k: data[k] for k in keys}
-    except (OSError, ValueError) as exc:
-        raise SelectionError(f"cannot read {path} as a numpy .npz file: {exc}") from exc
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise SelectionError(f"cannot read {path} as a numpy .npz archive (object arrays are refused): {exc}") from exc
     names = [str(s) for s in arrays["class_names"].tolist()] if "class_names" in arrays else None
     if {"A", "R"} <= keys:
         A, R = np.asarray(arrays["A"], np.float64), np.asarray(arrays["R"], np.float64)

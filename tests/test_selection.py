@@ -237,6 +237,12 @@ def test_cli_select_errors_are_one_line_exit_2(qpm, tmp_path):
     assert r.returncode == 2 and "exceeds --features" in r.stderr
     r = qpm(["select"])
     assert r.returncode == 2 and "either a run directory or --problem" in r.stderr
+    (tmp_path / "notes.npz").write_text("not an archive")
+    r = qpm(["select", "--problem", "notes.npz"])
+    assert r.returncode == 2 and "is not a numpy .npz archive" in r.stderr and "pickle" not in r.stderr
+    np.savez(tmp_path / "objects.npz", A=np.array([{"evil": 1}], dtype=object), R=np.eye(1))
+    r = qpm(["select", "--problem", "objects.npz"])
+    assert r.returncode == 2 and "object arrays are refused" in r.stderr
 
 
 def test_problem_from_run_takes_class_count_from_run_metadata(tmp_path):
