@@ -6,6 +6,7 @@ at import time (type hints only).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -78,7 +79,7 @@ class DatasetSpec:
     source: str | None = None  # where users obtain the data (printed in errors)
 
 
-class Dataset:
+class Dataset(ABC):
     """Base class for dataset plugins: a finite, indexable sequence of :class:`Sample`.
 
     Subclasses set ``name``, ``split``, ``classes`` and implement ``__len__``/``__getitem__``/``label``.
@@ -88,11 +89,11 @@ class Dataset:
     split: str = "train"
     classes: list[str]
 
-    def __len__(self) -> int:
-        raise NotImplementedError  # abstract: subclasses implement
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> Sample:
-        raise NotImplementedError  # abstract: subclasses implement
+    @abstractmethod
+    def __getitem__(self, index: int) -> Sample: ...
 
     def label(self, index: int) -> int:
         """The label of item ``index`` without decoding its image (fast; used for caches and statistics)."""
