@@ -98,7 +98,11 @@ def main() -> int:
     info = machine()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results.json").write_text(json.dumps({"date": date, "machine": info, "results": results}, indent=2))
-    (out / "RESULTS.md").write_text(to_markdown(results, info, date))
+    text = to_markdown(results, info, date)
+    extra = sorted(p.name for p in out.glob("*.md") if p.name != "RESULTS.md")
+    if extra:  # hand-written records of longer or other-machine runs kept beside the table
+        text += "\nSee also: " + ", ".join(f"[{name}]({name})" for name in extra) + "\n"
+    (out / "RESULTS.md").write_text(text)
     print(f"wrote {out / 'RESULTS.md'} and {out / 'results.json'}")
     return 1 if any(r.get("error") for r in results) else 0
 
