@@ -60,6 +60,22 @@ class PhaseOptions:
 DENSE_PHASE = PhaseOptions(epochs=25, lr=1e-3, weight_decay=7e-4, batch_size=32, losses=DENSE_WEIGHTS)
 FINETUNE_PHASE = PhaseOptions(epochs=25, lr=5e-3, weight_decay=8e-4, batch_size=16, losses=FINETUNE_WEIGHTS)
 LINEAR_PROBE_PHASE = PhaseOptions(epochs=40, lr=1e-3, weight_decay=7e-4, batch_size=32, losses=LossWeights())
+# The paper's baselines (METHOD.md §3.6 sldd/dinov2, qsenn/dinov2): dense 40 epochs and FDL 0.196 in both phases, no
+# L1 losses; SLDD finetunes 50 epochs, Q-SENN 25 per iteration (its selector's schedule then sets epochs and lr).
+BASELINE_DENSE_PHASE = replace(DENSE_PHASE, epochs=40, losses=LossWeights(fdl=0.196))
+BASELINE_FINETUNE_PHASES = {
+    "sldd": replace(FINETUNE_PHASE, epochs=50, losses=LossWeights(fdl=0.196)),
+    "qsenn": replace(FINETUNE_PHASE, epochs=25, losses=LossWeights(fdl=0.196)),
+}
+
+
+def phase_presets(head: str, selector: str) -> tuple[PhaseOptions, PhaseOptions]:
+    """The (dense, finetune) defaults of the paper's table row for ``head`` and ``selector``."""
+    if head == "linear-probe":
+        return LINEAR_PROBE_PHASE, FINETUNE_PHASE
+    if selector in BASELINE_FINETUNE_PHASES:
+        return BASELINE_DENSE_PHASE, BASELINE_FINETUNE_PHASES[selector]
+    return DENSE_PHASE, FINETUNE_PHASE
 
 
 # ---------------------------------------------------------------------------------------------------- distributed

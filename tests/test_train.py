@@ -165,3 +165,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert torch.allclose(one["logits"], two["logits"], atol=1e-3, rtol=1e-3)
     for k in one.keys() - pre_bn:
         assert torch.allclose(one[k], two[k], atol=2e-4, rtol=1e-3), k
+
+
+def test_phase_presets_follow_the_papers_rows():
+    """`--selector sldd/qsenn` trains the baselines with their own settings (METHOD.md §3.6), qpm with DINO-QPM's."""
+    from qpmcli.train import phase_presets
+
+    dense, ft = phase_presets("qpm", "qpm")
+    assert (dense.epochs, dense.losses.fdl, ft.epochs, ft.losses.fdl, ft.losses.l1_maps, ft.losses.l1_features) == (
+        25, 0.5, 25, 1.0, 5.0, 1.0)
+    dense, ft = phase_presets("qpm", "sldd")
+    assert (dense.epochs, dense.losses.fdl, ft.epochs, ft.losses.fdl, ft.losses.l1_maps, ft.losses.l1_features) == (
+        40, 0.196, 50, 0.196, 0.0, 0.0)
+    dense, ft = phase_presets("qpm", "qsenn")
+    assert (dense.epochs, dense.losses.fdl, ft.epochs, ft.losses.fdl, ft.losses.l1_maps) == (40, 0.196, 25, 0.196, 0.0)
+    assert (dense.lr, ft.lr, dense.batch_size, ft.batch_size) == (1e-3, 5e-3, 32, 16)
+    dense, _ = phase_presets("linear-probe", "qpm")
+    assert (dense.epochs, dense.losses.fdl) == (40, 0.0)

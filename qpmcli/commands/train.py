@@ -41,8 +41,10 @@ def train(
     seed: int = Seed,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; finished stages are skipped."),
     head: str = typer.Option("qpm", "--head", help="qpm (selection + finetune) or linear-probe (CLS, no MLP)."),
-    dense_epochs: int = typer.Option(None, "--dense-epochs", help="Dense epochs (default 25; 40 for linear-probe)."),
-    finetune_epochs: int = typer.Option(25, "--finetune-epochs", help="Finetune epochs."),
+    dense_epochs: int = typer.Option(None, "--dense-epochs",
+                                     help="Dense epochs (default 25; 40 for linear-probe, sldd and qsenn)."),
+    finetune_epochs: int = typer.Option(None, "--finetune-epochs",
+                                        help="Finetune epochs (default 25; 50 for sldd; qsenn follows its schedule)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Batch size of both phases (default 32 / 16)."),
     dense_lr: float = typer.Option(None, "--dense-lr", help="Dense learning rate (default 1e-3)."),
     finetune_lr: float = typer.Option(None, "--finetune-lr", help="Finetune learning rate (default 5e-3)."),
@@ -68,15 +70,15 @@ def train(
     from dataclasses import replace
 
     from qpmcli.settings import resolve_settings
-    from qpmcli.train import DENSE_PHASE, FINETUNE_PHASE, LINEAR_PROBE_PHASE, TrainRequest, train_run
+    from qpmcli.train import TrainRequest, phase_presets, train_run
 
     settings, _ = resolve_settings(data_root=data_root, weights_dir=weights_dir, device=device, seed=seed)
-    dense = LINEAR_PROBE_PHASE if head == "linear-probe" else DENSE_PHASE
+    dense, finetune = phase_presets(head, selector)  # the paper's settings for this row of its table
     common = dict(recompute_bn=not no_bn_recompute, bf16=bf16, eval_every=eval_every,
                   checkpoint_steps=checkpoint_steps)
     dense = replace(dense, **common, **({"epochs": dense_epochs} if dense_epochs is not None else {}),
                     **({"batch_size": batch_size} if batch_size else {}), **({"lr": dense_lr} if dense_lr else {}))
-    finetune = replace(FINETUNE_PHASE, epochs=finetune_epochs, **common,
+    finetune = replace(finetune, **common, **({"epochs": finetune_epochs} if finetune_epochs is not None else {}),
                        **({"batch_size": batch_size} if batch_size else {}),
                        **({"lr": finetune_lr} if finetune_lr else {}))
     from qpmcli.data import parse_options
