@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -24,19 +22,11 @@ def settings_from_flags(**flags: Any):
     return settings
 
 
-def _default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
-
-
 def print_json(obj: Any) -> None:
-    """Write ``obj`` as JSON to stdout (paths and numpy values converted)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_default) + "\n")
+    """Write ``obj`` as JSON to stdout, with the same conversions as the run files (paths, numpy/torch values)."""
+    from qpmcli.artifact import to_json
+
+    sys.stdout.write(to_json(obj) + "\n")
 
 
 def console(stderr: bool = False):
