@@ -163,6 +163,33 @@ def test_clique_cuts_tighten_the_bound_but_never_below_the_optimum():
     assert opt - 1e-6 <= cut < plain - 1e-3
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_clique_penalty_floor_is_a_convex_lower_bound_that_is_exact_where_convex(seed):
+    rng = np.random.default_rng(seed)
+    L = int(rng.integers(2, 9))
+    w = rng.uniform(0.2, 1.0, size=(L, L)) ** (1 + 3 * rng.random())  # skewed weights: exact phi not convex
+    P = np.triu(w, 1) + np.triu(w, 1).T
+    T = [int(t) for t in rng.permutation(L)]
+    phi = Q.clique_penalty_floor(T, P)
+    least = [min(0.5 * P[np.ix_(sub, sub)].sum() for sub in itertools.combinations(range(L), m))
+             for m in range(L + 1)]
+    assert np.all(phi <= np.array(least) + 1e-9)  # valid at every size
+    assert np.all(np.diff(phi, 2) >= -1e-9)  # convex, so every secant is a valid cut
+    assert phi[0] == 0 and phi[1] == 0 and phi[2] == pytest.approx(least[2])  # the cheapest pair is exact
+    assert phi[L] == pytest.approx(least[L])  # all members: exactly all pairs
+
+
+def test_clique_cuts_with_uneven_weights_stay_valid_on_random_instances():
+    for seed in range(4):
+        rng = np.random.default_rng(10 + seed)
+        coef = rng.normal(size=(8, 4))
+        coef[:5] += 4
+        pairs = np.array([(f, g) for f in range(6) for g in range(f + 1, 6) if rng.random() < 0.8])
+        inst = Q.QpmInstance(coef=coef, pairs=pairs, pair_w=rng.uniform(0.1, 3.0, len(pairs)), bonus=np.zeros(8),
+                             K=4, k=2)
+        assert Q.lp_bound(inst, 8, cut_rounds=20) >= brute_force(inst) - 1e-6
+
+
 @pytest.mark.parametrize(("K", "k", "C", "n", "msg"), [
     (5, 6, 4, 10, "exceeds --features"),
     (12, 3, 4, 10, "exceeds the 10 features"),

@@ -282,8 +282,8 @@ def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int
     Valid because every feasible solution maps to a feasible LP point of at least the same value: a class's features
     outside its top-M are worth at most the (M+1)-th best value, which the fallback slot pays without needing s;
     penalties between features that are no class's candidate are dropped (which only raises the optimum).
-    Clique cut: for features T that are pairwise disallowed, m = |S & T| selected ones pay at least phi(m), the sum
-    of the m(m-1)/2 smallest pair weights in T. phi is convex on the integers, so for every j the secant
+    Clique cut: for features T that are pairwise disallowed, m = |S & T| selected ones pay at least phi(m), the convex
+    envelope of the least penalty of m members of T (:func:`clique_penalty_floor`), so for every j the secant
     sum_{pairs in T} w y >= phi(j) + (phi(j+1) - phi(j)) (sum_T s - j) holds for every solution. These are the cuts the
     McCormick LP needs: it likes to take redundant features half each, paying no penalty.
     """
@@ -346,36 +346,103 @@ def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int
     return best
 
 
+def _subset_penalties(T: list[int], P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Penalty and size of every subset of T, indexed by bit mask (bit i = T[i]); the subsets of the first i members
+    are exactly the masks below 2^i."""
+    pen = np.zeros(1)
+    cnt = np.zeros(1, dtype=np.int64)
+    for i in range(len(T)):  # subsets of the first i+1 members = those of the first i, without and with member i
+        add = ((np.arange(2 ** i)[:, None] >> np.arange(i)[None, :]) & 1) @ P[T[i], T[:i]] if i else np.zeros(1)
+        pen = np.concatenate([pen, pen + add])
+        cnt = np.concatenate([cnt, cnt + 1])
+    return pen, cnt
+
+
+def clique_penalty_floor(T: list[int], P: np.ndarray, _subsets: tuple[np.ndarray, np.ndarray] | None = None
+                         ) -> np.ndarray:
+    """phi[m] for m = 0..|T|: a convex lower bound on the penalty that any m selected members of T pay.
+
+    The exact least penalty of an m-subset comes from enumerating all 2^|T| subsets (|T| <= 16); phi is its lower
+    convex envelope, so every secant of phi is a valid inequality at every integer m. ``_subsets``: the enumeration
+    of a longer list that starts with T (its masks below 2^|T| are T's subsets).
+    """
+    L = len(T)
+    pen, cnt = _subset_penalties(T, P) if _subsets is None else (_subsets[0][: 2 ** L], _subsets[1][: 2 ** L])
+    least = np.full(L + 1, np.inf)
+    np.minimum.at(least, cnt, pen)
+    hull: list[int] = []
+    for m in range(L + 1):  # lower convex hull of the points (m, least[m])
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (least[b] - least[a]) * (m - a) >= (least[m] - least[a]) * (b - a) - 1e-12:
+                hull.pop()
+            else:
+                break
+        hull.append(m)
+    return np.interp(np.arange(L + 1), hull, least[hull])
+
+
+_MAX_CLIQUE = 14
+
+
 def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, relevant: np.ndarray) -> int:
-    """Greedy separation: grow a clique of disallowed pairs around every feature with s > 0.05; add violated cuts."""
-    D = inst.P > 0
-    order = [int(f) for f in np.argsort(-sv, kind="stable") if sv[f] > 0.05 and relevant[f]]
+    """Greedy separation of clique cuts; adds the most violated cut per seed feature, returns how many were added.
+
+    Around every feature with s > 0.01 (largest first) a clique of disallowed pairs is grown greedily by s. For each
+    prefix T of that clique and each j, phi(j) + (phi(j+1) - phi(j)) (sum_T s - j) <= sum_{pairs in T} w y is a valid
+    cut (:func:`clique_penalty_floor`); the most violated one is added. Exact phi (instead of the sum of the smallest
+    pair weights) and all prefixes lowered the saturated bound by 0.4-1.4 units on the benchmark instances.
+    """
+    P = inst.P
+    Ym = np.zeros_like(P)
+    for (f, g), val in yv.items():
+        Ym[f, g] = Ym[g, f] = val
+    PY = P * Ym
+    D = P > 0
+    live = relevant & (sv > 1e-6)
     seen: set[tuple[int, ...]] = set()
     added = 0
-    for f0 in order:
+    for f0 in (int(f) for f in np.argsort(-sv, kind="stable") if sv[f] > 0.01 and relevant[f]):
         T = [f0]
-        for g in order:
-            if g != f0 and all(D[g, h] for h in T):
-                T.append(g)
-        key = tuple(sorted(T))
-        if len(T) < 2 or key in seen:
+        ok = D[f0] & live
+        while len(T) < _MAX_CLIQUE and ok.any():
+            g = int(np.argmax(np.where(ok, sv, -np.inf)))
+            T.append(g)
+            ok &= D[g]
+            ok[g] = False
+        if len(T) < 2:
             continue
-        seen.add(key)
-        pairs = [(min(a, b), max(a, b)) for i, a in enumerate(T) for b in T[i + 1:]]
-        if not all(p in Y for p in pairs):
+        subsets = _subset_penalties(T, P)
+        cuts: list[tuple[float, tuple[int, ...], list[int], float, float]] = []
+        for i in range(2, len(T) + 1):
+            Ti = T[:i]
+            key = tuple(sorted(Ti))
+            if key in seen:
+                continue
+            ssum = float(sv[Ti].sum())
+            lhs = 0.5 * float(PY[np.ix_(Ti, Ti)].sum())
+            phi = clique_penalty_floor(Ti, P, subsets)
+            for j in range(1, i):
+                slope = phi[j + 1] - phi[j]
+                viol = phi[j] + slope * (ssum - j) - lhs
+                if slope > 1e-12 and viol > 1e-6:
+                    cuts.append((viol, key, Ti, float(phi[j] - slope * j), float(slope)))
+        if not cuts:
             continue
-        # phi(m) = the least penalty of m selected members = sum of the m(m-1)/2 smallest weights: convex in m,
-        # so each secant through (j, phi(j)) and (j+1, phi(j+1)) is a valid cut
-        w_sorted = np.sort([float(inst.P[a, b]) for a, b in pairs])
-        phi = [float(w_sorted[: m * (m - 1) // 2].sum()) for m in range(len(T) + 1)]
-        ssum = float(sv[T].sum())
-        ysum = sum(float(inst.P[a, b]) * yv[(a, b)] for a, b in pairs)
-        for j in range(1, len(T)):
-            slope = phi[j + 1] - phi[j]
-            if ysum < phi[j] + slope * (ssum - j) - 1e-6:
-                lhs = solver.Sum([float(inst.P[a, b]) * Y[(a, b)] for a, b in pairs])
-                solver.Add(lhs >= phi[j] + slope * (solver.Sum([s[f] for f in T]) - j))
-                added += 1
+        # every violated secant of the whole clique (as many as possible early on) and the most violated prefix cut
+        full = tuple(sorted(T))
+        chosen = [c for c in cuts if c[1] == full]
+        best = max(cuts, key=lambda c: c[0])
+        if best[1] != full:
+            chosen.append(best)
+        for _, key, Ti, a, b in chosen:
+            pairs = [(min(x, y), max(x, y)) for i, x in enumerate(Ti) for y in Ti[i + 1:]]
+            if not all(p in Y for p in pairs):
+                continue
+            seen.add(key)
+            lhs = solver.Sum([float(P[x, y]) * Y[(x, y)] for x, y in pairs])
+            solver.Add(lhs >= a + b * solver.Sum([s[f] for f in Ti]))
+            added += 1
     return added
 
 
@@ -594,7 +661,8 @@ class SolveResult:
 def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers: int = 8,
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
           progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50,
-          bound_share: float = 0.9, ls_share: float = 0.4, ls_rounds_per_second: float = 1.0) -> SolveResult:
+          bound_share: float = 0.9, ls_share: float = 0.4, ls_rounds_per_second: float = 1.0,
+          random_starts: int = 2) -> SolveResult:
     """Warm start + local search, LP bound, CP-SAT refinement on the pruned model; returns the best solution found."""
     start = time.perf_counter()
     deadline = start + time_limit
@@ -610,6 +678,11 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         starts["clique"] = np.sort(np.asarray(inst.clique[: inst.K]))
     if previous is not None and len(previous) == inst.K:
         starts["previous"] = np.sort(np.asarray(previous))
+    alive = np.flatnonzero(np.abs(inst.coef).sum(1) > 0)
+    if len(alive) < inst.K:
+        alive = np.arange(inst.n)
+    for i in range(random_starts if inst.n > inst.K else 0):  # seeded random starts leave the greedy basin
+        starts[f"random{i}"] = np.sort(rng.choice(alive, size=inst.K, replace=False))
     greedy_S = starts["greedy"]
     greedy_W = assign(inst, greedy_S)
     stats["greedy_objective"] = inst.value(greedy_S, greedy_W)
