@@ -5,6 +5,10 @@ class families, redundant and dead ReLU features, A and R computed as from a den
 same time limit for the plain model. Prints ratios measured in this one process.
 
     python benchmarks/bench_selection.py [--quick] [--time-limit 60] [--long 300] [--workers 8] [--json-out PATH]
+                                         [--problem RUN_DIR_OR_NPZ]
+
+``--problem`` takes the A/R of a trained dense model instead: a run directory of ``qpm train`` (its
+dense_features.npz) or an .npz with A and R, as ``qpm select --problem`` reads it.
 """
 
 from __future__ import annotations
@@ -24,15 +28,24 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--problem", default=None, help="run directory or .npz with A and R (default: synthetic)")
     args = ap.parse_args()
+
+    from pathlib import Path
 
     from qpm_plugins.selectors import qpm as Q
 
-    from qpmcli.selection import synthetic_problem
+    from qpmcli.selection import load_problem_npz, problem_from_run, synthetic_problem
 
     n, C, T = (256, 100, 10.0) if args.quick else (512, 200, args.time_limit)
     long_T = 0.0 if args.quick else args.long
-    prob = synthetic_problem(n, C, seed=args.seed)
+    if args.problem:
+        prob = problem_from_run(args.problem) if Path(args.problem).is_dir() else load_problem_npz(args.problem)
+        n, C = prob.A.shape
+        source = f"problem {args.problem}"
+    else:
+        prob = synthetic_problem(n, C, seed=args.seed)
+        source = f"synthetic {n}x{C} seed {args.seed}"
     t0 = time.perf_counter()
     inst = Q.make_instance(prob, 50, 5)
     setup = time.perf_counter() - t0
@@ -88,7 +101,7 @@ def main() -> int:
         runs["ours_long"] = {"seconds": long_T, "objective": longer.objective, "bound": longer.bound,
                              "gap": longer.gap, "stats": longer.stats}
     result = {"benchmark": "selection", "rows": rows, "runs": runs,
-              "notes": f"synthetic {n}x{C} seed {args.seed}; {args.workers} CP-SAT workers on {os.cpu_count()} cpus; "
+              "notes": f"{source}; {args.workers} CP-SAT workers on {os.cpu_count()} cpus; "
                        f"ours stats: {json.dumps(ours.stats, default=float)}"}
     if args.json_out:
         with open(args.json_out, "w") as fh:
