@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
-from qpmcli.model import SIGMA_MIN, ModelOutput
+from qpmcli.model import SIGMA_MIN, ModelOutput, pool_tokens
 from qpmcli.predict import META_PREFIX, PROTOTYPES_KEY, ClassifierMetadata
 
 MAX_PROTOTYPE_BYTES = 8 << 20  # keep the metadata small: larger prototype sets are not embedded (a warning says so)
@@ -254,14 +254,7 @@ class SelectedFeaturesModel(nn.Module):
         z = self.mlp(tokens[:, 1:] if patch_only else tokens)
         patches = z if patch_only else z[:, 1:]
         maps = patches.transpose(1, 2).reshape(b, patches.shape[-1], h, w)
-        if self.pooling == "avg":
-            f = patches.mean(1)
-        elif self.pooling == "max":
-            f = patches.amax(1)
-        elif self.pooling == "cls":
-            f = z[:, 0]
-        else:  # mean-avg
-            f = 0.5 * (z[:, 0] + patches.mean(1))
+        f = pool_tokens(patches, None if patch_only else z[:, 0], self.pooling)
         x = (f - self.mu) / self.sigma.clamp_min(SIGMA_MIN)
         return ModelOutput(nn.functional.linear(x, self.weight, self.bias), maps, f)
 

@@ -109,6 +109,17 @@ def build_mlp(in_dim: int, *, n_layers: int, hidden_size: int, n_features: int, 
     return nn.Sequential(*layers)
 
 
+def pool_tokens(patches: torch.Tensor, cls_tok: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """Pool adapted tokens [B, h*w, n_f] (+ CLS [B, n_f]) to [B, n_f]: avg, max (a real max), cls or mean-avg."""
+    if pooling == "avg":
+        return patches.mean(1)
+    if pooling == "max":
+        return patches.amax(1)
+    if pooling == "cls":
+        return cls_tok
+    return 0.5 * (cls_tok + patches.mean(1))  # mean-avg
+
+
 class QPMModel(nn.Module):
     """Adapter + head on cached tokens ``[B, 1 + h*w, D]`` (CLS first). See the module docstring."""
 
@@ -229,15 +240,7 @@ class QPMModel(nn.Module):
         z = self.mlp(tokens)  # [B, T, n_f]
         cls_tok, patches = z[:, 0], z[:, 1:]
         maps = patches.transpose(1, 2).reshape(b, z.shape[-1], h, w)
-        if self.pooling == "avg":
-            f = patches.mean(1)
-        elif self.pooling == "max":
-            f = patches.amax(1)
-        elif self.pooling == "cls":
-            f = cls_tok
-        else:  # mean-avg
-            f = 0.5 * (cls_tok + patches.mean(1))
-        return maps, f
+        return maps, pool_tokens(patches, cls_tok, self.pooling)
 
     def forward(self, tokens: torch.Tensor) -> ModelOutput:
         maps, f = self.adapt(tokens)
