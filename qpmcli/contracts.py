@@ -17,6 +17,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
 
+# ----------------------------------------------------------------------------------------------------- plugin options
+@dataclass(frozen=True)
+class PluginOption:
+    """One option a backbone or dataset plugin accepts (``--backbone-option``/``--dataset-option KEY=VALUE``).
+
+    ``type`` says how the CLI parses VALUE: ``int``, ``float``, ``bool``, ``str``, ``size`` (``224``, ``224x448`` or
+    ``[224, 448]``) or ``json`` (any JSON value; text that is not JSON stays text). ``choices`` restricts the value.
+    A wrong key or type is a one-line error naming the option and its type (``qpmcli.options.parse_plugin_options``).
+    """
+
+    name: str
+    type: str = "str"
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+
+
 # --------------------------------------------------------------------------------------------------------- backbones
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -33,6 +50,7 @@ class BackboneSpec:
     patch_size: int | None = None
     weights_filename: str | None = None
     weights_source: str | None = None
+    options: tuple[PluginOption, ...] | None = None  # None: undeclared (keyword-only factory parameters are used)
 
 
 @runtime_checkable
@@ -77,6 +95,7 @@ class DatasetSpec:
     description: str = ""
     needs_root: bool = True
     source: str | None = None  # where users obtain the data (printed in errors)
+    options: tuple[PluginOption, ...] | None = None  # None: undeclared (keyword-only factory parameters are used)
 
 
 class Dataset(ABC):

