@@ -1,0 +1,348 @@
+"""A certified semidefinite (Shor-type) upper bound for the QPM selection problem, solved with SCS.
+
+The selection problem (``qpm.QpmInstance``): choose K of n features (s binary, sum s = K) and for every class c
+k of them, maximising the scaled class values minus the pair penalties sum_{penalised f<g} w_fg s_f s_g (plus an
+optional linear bonus). Distinct class sets are dropped here, which only raises the optimum.
+
+Relaxation (the "lean" form). Variables s in [0,1]^n and a symmetric X standing for s s^T:
+
+    [[1, s^T], [s, X]] PSD,   diag X = s,   sum_j X_ij = K s_i,   sum s = K,   X >= 0,
+    X_fg >= s_f + s_g - 1 on the penalised pairs,
+
+and the gain part of the LP bound of ``qpm.lp_bound``: class c keeps its top-M candidates (x_fc <= s_f) plus a
+fallback slot z_c worth the (M+1)-th best value (no s needed), sum_f x_fc + z_c = k. Objective
+
+    max  sum_{f,c} coef_fc x_fc + sum_c v_c z_c + bonus^T s - sum_{penalised} w_fg X_fg.
+
+Every selection S with its top-k assignment maps into it: s = 1_S, X = s s^T, x = top-k indicators (z counts those
+outside the top-M), and the objective is at least the selection's value. So the relaxation's optimum is an upper
+bound on the best selection.
+
+Certification: SCS solves  min c^T v  s.t.  A v + slack = b,  slack in K  (c = minus our objective), a first-order
+method whose iterate is never exactly optimal. For any dual y in the dual cone K* and any v in the boxes l <= v <= u
+that every integer solution satisfies (s, X, x in [0,1], z in [0,k]):
+
+    c^T v = (c + A^T y)^T v - y^T (A v) = r^T v - b^T y + y^T slack >= sum_i min(r_i l_i, r_i u_i) - b^T y,
+
+so our maximum is at most  b^T y - sum_i min(r_i l_i, r_i u_i)  with r = c + A^T y, whether SCS converged or not.
+We project SCS's y onto K* (nonnegative part clipped at 0, the PSD block's negative eigenvalues removed) and
+report that number, never SCS's own objective. Rounding in the projection is covered by adding the leftover
+negative eigenvalue times an upper bound on the trace of the PSD slack (1 + K), plus a relative pad.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SQRT2 = math.sqrt(2.0)
+
+
+@dataclass
+class ConicModel:
+    """SCS data ``min c^T v, A v + slack = b, slack in cone`` plus the boxes every integer solution satisfies."""
+
+    A: Any  # scipy.sparse.csc_matrix [rows, vars]
+    b: np.ndarray
+    c: np.ndarray
+    cone: dict[str, Any]  # {"z": zero rows, "l": nonnegative rows, "s": [n + 1]}
+    lower: np.ndarray
+    upper: np.ndarray
+    n: int
+    K: int
+
+    @property
+    def psd_offset(self) -> int:
+        return int(self.cone["z"] + self.cone["l"])
+
+
+def _pair_index(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Position of the pair (i, j), i < j, in ``np.triu_indices(n, 1)`` order."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    return i * n - i * (i + 1) // 2 + (j - i - 1)
+
+
+def _svec_index(m: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """SCS's position of entry (i, j), i >= j, of an m x m matrix (lower triangle, column by column)."""
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    return j * m - j * (j - 1) // 2 + (i - j)
+
+
+def default_candidates(inst) -> int:
+    """The top-M candidate count ``qpm.solve`` uses for its LP bound when none is given."""
+    return inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
+
+
+def build_model(inst, M: int | None = None) -> ConicModel:
+    """The lean Shor relaxation of ``inst`` as SCS conic data (see the module docstring)."""
+    import scipy.sparse as sp
+    from qpm_plugins.selectors.qpm import candidates
+
+    n, C, k, K = inst.n, inst.C, inst.k, inst.K
+    M = min(default_candidates(inst) if M is None else int(M), n)
+    cand = candidates(inst, M)  # [C, M], as in lp_bound
+    fallback = M < n
+    n_pair = n * (n - 1) // 2
+    # variable layout: s [n] | X_ij, i<j [n_pair] | x_fc [C*M] | z_c [C if fallback]
+    o_s, o_X, o_x = 0, n, n + n_pair
+    o_z = o_x + C * M
+    n_var = o_z + (C if fallback else 0)
+    iu, ju = np.triu_indices(n, 1)
+
+    rows: list[np.ndarray] = []
+    cols: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    b_parts: list[np.ndarray] = []
+    r = 0
+
+    def add(rr: np.ndarray, cc: np.ndarray, vv: np.ndarray | float) -> None:
+        rr = np.asarray(rr, dtype=np.int64)
+        rows.append(rr)
+        cols.append(np.asarray(cc, dtype=np.int64))
+        vals.append(np.broadcast_to(np.asarray(vv, dtype=np.float64), rr.shape).copy())
+
+    # ---- zero cone: equalities A v = b
+    add(np.full(n, r), o_s + np.arange(n), 1.0)  # sum s = K
+    b_parts.append(np.array([float(K)]))
+    r += 1
+    # sum_j X_ij = K s_i, with X_ii = s_i:  (1 - K) s_i + sum_{j != i} X_ij = 0
+    add(r + np.arange(n), o_s + np.arange(n), 1.0 - K)
+    pidx = o_X + np.arange(n_pair)
+    add(r + iu, pidx, 1.0)
+    add(r + ju, pidx, 1.0)
+    b_parts.append(np.zeros(n))
+    r += n
+    # class c: sum_f x_fc + z_c = k
+    xc_rows = np.repeat(np.arange(C), M)
+    add(r + xc_rows, o_x + np.arange(C * M), 1.0)
+    if fallback:
+        add(r + np.arange(C), o_z + np.arange(C), 1.0)
+    b_parts.append(np.full(C, float(k)))
+    r += C
+    n_zero = r
+
+    # ---- nonnegative cone: b - A v >= 0
+    # x_fc <= s_f
+    xf = cand.reshape(-1)
+    add(r + np.arange(C * M), o_x + np.arange(C * M), 1.0)
+    add(r + np.arange(C * M), o_s + xf, -1.0)
+    b_parts.append(np.zeros(C * M))
+    r += C * M
+    # x_fc >= 0, z_c >= 0
+    add(r + np.arange(C * M), o_x + np.arange(C * M), -1.0)
+    r += C * M
+    if fallback:
+        add(r + np.arange(C), o_z + np.arange(C), -1.0)
+        r += C
+    b_parts.append(np.zeros(C * M + (C if fallback else 0)))
+    # X_ij >= 0
+    add(r + np.arange(n_pair), pidx, -1.0)
+    b_parts.append(np.zeros(n_pair))
+    r += n_pair
+    # X_fg >= s_f + s_g - 1 on the penalised pairs: slack = b - A v = 1 + X_fg - s_f - s_g
+    pf, pg = inst.pairs[:, 0].astype(np.int64), inst.pairs[:, 1].astype(np.int64)
+    n_pen = len(pf)
+    if n_pen:
+        pr = r + np.arange(n_pen)
+        add(pr, o_X + _pair_index(n, pf, pg), -1.0)
+        add(pr, o_s + pf, 1.0)
+        add(pr, o_s + pg, 1.0)
+    b_parts.append(np.ones(n_pen))
+    r += n_pen
+    n_lin = r - n_zero
+
+    # ---- PSD cone of size n + 1: slack = svec([[1, s^T], [s, X]])
+    m = n + 1
+    b_psd = np.zeros(m * (m + 1) // 2)
+    b_psd[0] = 1.0  # entry (0, 0)
+    feat = np.arange(n)
+    add(r + _svec_index(m, feat + 1, np.zeros(n, np.int64)), o_s + feat, -SQRT2)  # (i, 0) = s_i
+    add(r + _svec_index(m, feat + 1, feat + 1), o_s + feat, -1.0)  # (i, i) = X_ii = s_i
+    add(r + _svec_index(m, ju + 1, iu + 1), pidx, -SQRT2)  # (j, i), j > i: X_ij
+    b_parts.append(b_psd)
+    r += len(b_psd)
+
+    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(r, n_var))
+    b = np.concatenate(b_parts)
+
+    # ---- objective (min form: minus our maximisation objective)
+    c = np.zeros(n_var)
+    c[o_s:o_s + n] = -np.asarray(inst.bonus, dtype=np.float64)
+    if n_pen:
+        np.add.at(c, o_X + _pair_index(n, pf, pg), np.asarray(inst.pair_w, dtype=np.float64))
+    c[o_x:o_x + C * M] = -inst.coef[cand, np.arange(C)[:, None]].reshape(-1)
+    if fallback:
+        order_vals = -np.sort(-inst.coef, axis=0)
+        c[o_z:o_z + C] = -order_vals[M]
+    lower = np.zeros(n_var)
+    upper = np.ones(n_var)
+    if fallback:
+        upper[o_z:] = float(k)
+    return ConicModel(A=A, b=b, c=c, cone={"z": int(n_zero), "l": int(n_lin), "s": [m]}, lower=lower, upper=upper,
+                      n=n, K=K)
+
+
+# ------------------------------------------------------------------------------------------------ certification
+def _unvec(v: np.ndarray, m: int) -> np.ndarray:
+    il, jl = np.tril_indices(m)
+    order = np.lexsort((il, jl))  # column-major lower triangle
+    ii, jj = il[order], jl[order]
+    Y = np.zeros((m, m))
+    scale = np.where(ii == jj, 1.0, 1.0 / SQRT2)
+    Y[ii, jj] = v * scale
+    Y[jj, ii] = v * scale
+    return Y
+
+
+def _vec(Y: np.ndarray) -> np.ndarray:
+    m = Y.shape[0]
+    il, jl = np.tril_indices(m)
+    order = np.lexsort((il, jl))
+    ii, jj = il[order], jl[order]
+    return Y[ii, jj] * np.where(ii == jj, 1.0, SQRT2)
+
+
+def certify(model: ConicModel, y: np.ndarray) -> float:
+    """A valid upper bound on the relaxation's (and so the selection problem's) maximum from any dual vector y."""
+    y = np.array(y, dtype=np.float64, copy=True)
+    if y.shape != model.b.shape or not np.all(np.isfinite(y)):
+        return math.inf
+    z, lin = model.cone["z"], model.cone["l"]
+    y[z:z + lin] = np.maximum(y[z:z + lin], 0.0)
+    m = model.cone["s"][0]
+    o = model.psd_offset
+    Y = _unvec(y[o:], m)
+    w, V = np.linalg.eigh(Y)
+    Yp = (V * np.maximum(w, 0.0)) @ V.T
+    Yp = 0.5 * (Yp + Yp.T)
+    y[o:] = _vec(Yp)
+    # what rounding left negative: y^T slack >= lam_min * trace(slack) >= -leak * (1 + K)
+    leak = max(0.0, -float(np.linalg.eigvalsh(_unvec(y[o:], m))[0]))
+    r = model.c + model.A.T @ y
+    box = np.minimum(r * model.lower, r * model.upper).sum()
+    bound = float(model.b @ y) - float(box) + leak * (1.0 + model.K)
+    return bound + 1e-9 * max(1.0, abs(bound))
+
+
+# ------------------------------------------------------------------------------------------------------ solve
+class _PeakRss:
+    """Samples this process's resident memory in a thread; ``peak - start`` is what the solve added (bytes)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: int | None = None,
+              eps: float = 1e-3, chunk: int = 100, report=None, verbose: bool = False,
+              **scs_settings: Any) -> tuple[float, dict[str, Any]]:
+    """Certified upper bound on ``inst``'s optimum from the lean Shor relaxation, SCS within a time/iteration budget.
+
+    ``time_limit`` counts everything (model build, SCS setup and factorisation, iterations, certification). SCS runs
+    in warm-started chunks (about 6 % of the budget each, 25 to ``chunk`` iterations; a chunk that would overrun the
+    time limit is not started, so ``max_iters`` is used in whole chunks); every chunk's dual is certified and the
+    smallest certified value is kept, so stopping early still returns a valid bound. ``report`` is called with each
+    improved certified bound.
+
+    Returns ``(bound, info)``: info has time (s), iterations, status (SCS's last status, or why we stopped), memory
+    (bytes the solve added to the process's resident set, sampled), the uncertified SCS objective and the model size.
+    The bound is ``inf`` only if no chunk finished (a time limit shorter than the setup) or SCS gave no usable dual.
+    """
+    import scs
+
+    t0 = time.perf_counter()
+    deadline = t0 + float(time_limit)
+    best = math.inf
+    iters = 0
+    chunks = 0
+    status = "not started"
+    scs_obj = math.nan
+    with _PeakRss() as mem:
+        model = build_model(inst, M)
+        t_build = time.perf_counter() - t0
+        settings = {"eps_abs": eps, "eps_rel": eps, "verbose": bool(verbose)}
+        settings.update(scs_settings)
+        # chunk size: about 6 % of the budget per chunk, from the time of one eigendecomposition of the PSD block
+        m = model.cone["s"][0]
+        G = np.random.default_rng(0).normal(size=(m, m))
+        t1 = time.perf_counter()
+        np.linalg.eigh(G + G.T)
+        per_iter = 1.5 * (time.perf_counter() - t1)
+        del G
+        step = int(0.06 * max(deadline - time.perf_counter(), 0.0) / max(per_iter, 1e-6))
+        step = max(1, min(int(chunk), int(max_iters), max(step, 25)))
+        solver = scs.SCS({"A": model.A, "b": model.b, "c": model.c}, model.cone, max_iters=step,
+                         time_limit_secs=max(deadline - time.perf_counter(), 0.1), **settings)
+        t_setup = time.perf_counter() - t0 - t_build
+        measured = False
+        while iters + step <= max_iters or chunks == 0:
+            left = deadline - time.perf_counter()
+            if chunks and (left <= 0 or (measured and per_iter * (step + 2) > left)):
+                status = f"{status}; stopped at the time limit"
+                break  # the next chunk would not fit (certification costs about two iterations)
+            if left <= 0:
+                status = "time limit before the first iteration"
+                break
+            t1 = time.perf_counter()
+            sol = solver.solve(warm_start=chunks > 0)
+            info = sol["info"]
+            chunks += 1
+            iters += int(info["iter"])
+            status = str(info["status"])
+            scs_obj = -float(info["pobj"])
+            value = certify(model, sol["y"])
+            per_iter = (time.perf_counter() - t1) / max(int(info["iter"]), 1)
+            measured = True
+            if value < best:
+                best = value
+                if report is not None:
+                    report(best)
+            if int(info["iter"]) < step:
+                break  # converged to eps, or SCS stopped for its own reason (its time guard, infeasibility)
+        del solver
+    return best, {
+        "time": round(time.perf_counter() - t0, 3),
+        "build_seconds": round(t_build, 3),
+        "setup_seconds": round(t_setup, 3),
+        "iterations": iters,
+        "chunks": chunks,
+        "status": status,
+        "memory": int(mem.peak - mem.start),
+        "scs_objective": scs_obj,
+        "variables": int(model.A.shape[1]),
+        "rows": int(model.A.shape[0]),
+        "nonzeros": int(model.A.nnz),
+    }

@@ -1,0 +1,145 @@
+"""The certified semidefinite bound (plugins/selectors/sdp.py): the model holds every selection, any dual gives a
+valid bound, and the bound from SCS is never below the proven optimum of small problems."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from qpm_plugins.selectors import qpm as Q
+from qpm_plugins.selectors import sdp as D
+from test_selection import brute_force  # exact optimum (every selection, every distinct assignment)
+
+from qpmcli.selection import synthetic_problem
+
+
+def best_without_distinct_sets(inst: Q.QpmInstance) -> float:
+    """max over all selections of the top-k value: the optimum without distinct class sets (>= the true optimum)."""
+    return max(inst.selection_value(np.array(S)) for S in itertools.combinations(range(inst.n), inst.K))
+
+
+def random_instance(seed: int, n: int = 9, C: int = 4, K: int = 4, k: int = 2) -> Q.QpmInstance:
+    """Clusters of near-duplicate strong features with uneven penalties: where the LP is loose."""
+    rng = np.random.default_rng(seed)
+    coef = rng.normal(size=(n, C))
+    coef[: n // 2] += rng.uniform(2, 6)
+    pairs = np.array([(f, g) for f in range(n) for g in range(f + 1, n) if rng.random() < 0.5]).reshape(-1, 2)
+    w = rng.uniform(0.1, 4.0, len(pairs))
+    bonus = rng.normal(size=n) if seed % 3 == 0 else np.zeros(n)
+    return Q.QpmInstance(coef=coef, pairs=pairs, pair_w=w, bonus=bonus, K=K, k=k)
+
+
+def selection_point(model: D.ConicModel, inst: Q.QpmInstance, S: np.ndarray, M: int) -> np.ndarray:
+    """The model's variable vector for selection S: s = 1_S, X = s s^T, x = each class's top-k in S, z the rest."""
+    n, C, k = inst.n, inst.C, inst.k
+    s = np.zeros(n)
+    s[S] = 1.0
+    X = np.outer(s, s)
+    iu, ju = np.triu_indices(n, 1)
+    cand = Q.candidates(inst, M)
+    x = np.zeros((C, min(M, n)))
+    z = np.zeros(C)
+    for c in range(C):
+        top = S[np.argsort(-inst.coef[S, c], kind="stable")[:k]]
+        for f in top:
+            hit = np.flatnonzero(cand[c] == f)
+            if len(hit):
+                x[c, hit[0]] = 1.0
+            else:
+                z[c] += 1.0
+    parts = [s, X[iu, ju], x.reshape(-1)] + ([z] if M < n else [])
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_selection_is_a_feasible_point_of_the_relaxation_with_at_least_its_value(seed):
+    inst = random_instance(seed)
+    for M in (3, inst.n):
+        model = D.build_model(inst, M)
+        z, lin, m = model.cone["z"], model.cone["l"], model.cone["s"][0]
+        for S in itertools.combinations(range(inst.n), inst.K):
+            S = np.array(S)
+            v = selection_point(model, inst, S, M)
+            assert np.all(v >= model.lower) and np.all(v <= model.upper)
+            slack = model.b - model.A @ v
+            np.testing.assert_allclose(slack[:z], 0.0, atol=1e-9)
+            assert slack[z:z + lin].min() >= -1e-9
+            assert np.linalg.eigvalsh(D._unvec(slack[z + lin:], m))[0] >= -1e-9
+            assert -model.c @ v >= inst.selection_value(S) - 1e-9
+
+
+def test_svec_matches_the_trace_inner_product():
+    rng = np.random.default_rng(0)
+    m = 5
+    A, B = rng.normal(size=(2, m, m))
+    A, B = A + A.T, B + B.T
+    a, b = D._vec(A), D._vec(B)
+    assert a @ b == pytest.approx(np.trace(A @ B))
+    np.testing.assert_allclose(D._unvec(a, m), A)
+    il, jl = np.tril_indices(m)
+    assert sorted(D._svec_index(m, il, jl).tolist()) == list(range(m * (m + 1) // 2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_any_dual_vector_certifies_a_valid_bound(seed):
+    """The certificate needs no convergence: random, scaled and zero duals all give bounds >= the optimum."""
+    inst = random_instance(seed)
+    opt = best_without_distinct_sets(inst)
+    model = D.build_model(inst, 4)
+    rng = np.random.default_rng(seed)
+    for scale in (0.0, 0.01, 1.0, 100.0):
+        y = scale * rng.normal(size=model.b.shape)
+        assert D.certify(model, y) >= opt - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_certified_bound_is_never_below_the_optimum(seed):
+    inst = random_instance(seed, n=8 + seed % 3, C=3 + seed % 2)
+    opt = best_without_distinct_sets(inst)
+    for M in (3, inst.n):
+        bound, info = D.sdp_bound(inst, time_limit=30, M=M, eps=1e-6)
+        assert bound >= opt - 1e-9
+        assert info["iterations"] > 0 and info["time"] >= 0 and info["memory"] >= 0 and info["status"]
+        # converged: the certificate is within solver tolerance of SCS's own objective
+        assert bound == pytest.approx(info["scs_objective"], rel=1e-4, abs=1e-3)
+        early, _ = D.sdp_bound(inst, max_iters=25, M=M, chunk=25)  # stopped long before convergence
+        assert early >= opt - 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4])
+def test_certified_bound_is_above_the_proven_optimum_with_distinct_sets(seed):
+    prob = synthetic_problem(8, 4, seed=seed, rank=3, n_samples=200)
+    inst = Q.make_instance(prob, 4, 2)
+    opt = brute_force(inst)
+    for M in (3, 8):
+        assert D.sdp_bound(inst, time_limit=30, M=M, eps=1e-6)[0] >= opt - 1e-9
+
+
+def test_sdp_is_tighter_than_the_lp_where_redundant_copies_make_the_lp_loose():
+    # four interchangeable copies of a strong feature: the McCormick LP takes each half and pays no penalty
+    rng = np.random.default_rng(4)
+    coef = rng.normal(size=(8, 4))
+    coef[:4] = 10 + 0.1 * rng.normal(size=(4, 4))
+    pairs = np.array([(f, g) for f in range(4) for g in range(f + 1, 4)])
+    inst = Q.QpmInstance(coef=coef, pairs=pairs, pair_w=np.full(len(pairs), 5.0), bonus=np.zeros(8), K=4, k=2)
+    opt = brute_force(inst)
+    sdp, _ = D.sdp_bound(inst, time_limit=30, eps=1e-6)
+    assert opt - 1e-9 <= sdp < Q.lp_bound(inst, 8) - 1.0
+
+
+def test_sdp_bound_is_usually_at_most_the_lp_bound_on_random_instances():
+    wins = 0
+    for seed in range(10):
+        inst = random_instance(100 + seed, n=10, C=4, K=5, k=2)
+        sdp, _ = D.sdp_bound(inst, time_limit=30, eps=1e-6)
+        lp = Q.lp_bound(inst, inst.n)
+        wins += sdp <= lp + 1e-6
+    assert wins >= 8
+
+
+def test_a_time_limit_shorter_than_the_setup_gives_no_bound_instead_of_a_wrong_one():
+    inst = random_instance(0)
+    bound, info = D.sdp_bound(inst, time_limit=0.0)
+    assert bound == math.inf and info["iterations"] == 0
