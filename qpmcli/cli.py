@@ -25,14 +25,17 @@ COMMAND_MODULES = [
     "explain",
     "export",
     "predict",
+    "serve",
     "demo",
+    "runs",
+    "doctor",
 ]
 
 app = typer.Typer(
     name="qpm",
     help="Globally interpretable image classifiers on frozen vision foundation models (DINO-QPM).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion; plugin names complete from the registry
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -60,7 +63,7 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app()
+        app(prog_name="qpm")
     except QpmError as exc:
         typer.secho(f"Error: {exc}", err=True, fg="red")
         sys.exit(exc.exit_code)

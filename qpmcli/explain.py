@@ -893,7 +893,8 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str], *,
             out_dir: str | os.PathLike[str] = "explanations", compare: str | None = None,
             class_name: str | None = None, html_report: bool = False, device: str = "auto", top_k: int = 5,
-            batch_size: int = 8, progress: bool = False) -> dict[str, Any]:
+            batch_size: int = 8, progress: bool = False, weights: str | None = None,
+            settings: Any = None) -> dict[str, Any]:
     """``qpm explain``: figures for ``images`` (files or folders) with the model at ``model`` (run dir or .onnx).
 
     - each image: ``<out>/<stem>_explain.png`` for the predicted class, or for ``class_name`` when given;
@@ -912,7 +913,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     out = Path(out_dir).expanduser().resolve()  # explanations.json lists absolute paths: valid from anywhere
     out.mkdir(parents=True, exist_ok=True)
-    clf = load_classifier(model, device=device)
+    clf = load_classifier(model, device=device, weights=weights, settings=settings)
     md = metadata_dict(clf.metadata)
     w, _, _, _, ids = _head_arrays(md)
     names = [str(c) for c in md.get("class_names") or range(w.shape[0])]

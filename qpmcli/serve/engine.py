@@ -1,0 +1,490 @@
+"""The serving engine: one exported model in ONNX Runtime, its explorer facts, upload decoding, micro-batching.
+
+Nothing here imports torch: the model is the exported ``.onnx`` file (its metadata carries class names, W, mu, sigma,
+preprocessing and the training prototypes), run by ONNX Runtime in one session.
+
+Micro-batching (:class:`MicroBatcher`): requests hand their preprocessed image to one worker thread, which runs the
+session on every image that is queued when it picks up work, and waits up to ``window`` seconds for more only while
+other requests are still decoding their uploads (so a lone request never waits), up to ``max_batch`` images per call.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qpmcli.errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+DEFAULT_MAX_UPLOAD = 20 << 20  # bytes
+DEFAULT_MAX_PIXELS = 40_000_000  # decoded pixels; larger images are refused before decoding (decompression bombs)
+DEFAULT_MAX_BATCH = 16
+DEFAULT_WINDOW = 0.004  # seconds
+HEATMAP_SIDE = 256  # longest side of the heatmap PNGs (aspect of the upload kept)
+METRIC_COLUMNS = [  # the paper's table columns (metric key, header)
+    ("Accuracy", "Accuracy"), ("Plausibility", "Plausibility"), ("SID@5", "SID@5"),
+    ("Class-Independence", "Class-Indep."), ("Contrastiveness", "Contrastiveness"),
+    ("Structural-Grounding", "Struct. Grounding")]
+
+
+class UploadError(Exception):
+    """A bad upload: ``status`` is the HTTP status to answer (4xx), the message says what is wrong."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------- model location
+def resolve_model_path(model: str | os.PathLike[str] | None, settings: Any = None) -> Path:
+    """The ``.onnx`` file to serve: the file itself, a run directory's export, or (no MODEL) the ``model`` setting /
+    the current run's export (:mod:`qpmcli.current`). A run without an export and an adapter-only graph are
+    :class:`ArtifactError` naming the command that fixes it."""
+    from qpmcli.current import exported_model, resolve_model
+
+    if settings is None:
+        from qpmcli.settings import resolve_settings
+
+        settings, _ = resolve_settings()
+    resolved = resolve_model(settings, str(model) if model is not None else None, prefer_onnx=True)
+    path = resolved.path
+    if path.is_dir():
+        onnx = exported_model(path) or (path / "model.onnx" if (path / "model.onnx").is_file() else None)
+        if onnx is None:
+            raise ArtifactError(f"run directory {path} has no exported model; run `qpm export {path} --onnx` first "
+                                f"(qpm serve runs the ONNX graph with ONNX Runtime, without PyTorch)")
+        return onnx
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise ArtifactError(f"{path} is neither a run directory nor an .onnx file")
+        if path.name.endswith(".adapter.onnx"):
+            raise ArtifactError(f"{path} is an adapter-only graph (tokens in) and needs the backbone in PyTorch; "
+                                f"serve the full graph {path.name.replace('.adapter.onnx', '.onnx')}")
+        return path
+    raise ArtifactError(f"model {path} does not exist; pass a run directory or an .onnx file from `qpm export`")
+
+
+# ----------------------------------------------------------------------------------------------- uploads
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+    """Upload bytes -> RGB PIL image, or :class:`UploadError`: empty/non-image 415 (400 when empty), more than
+    ``max_pixels`` pixels 413 (checked from the header, before decoding), truncated or corrupt 400."""
+    from PIL import Image, UnidentifiedImageError
+
+    from qpmcli.images import to_rgb
+
+    if not data:
+        raise UploadError(400, "the upload is empty; send an image file in the form field 'file'")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UploadError(413, f"the image has too many pixels to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
+        raise UploadError(415, "the upload is not an image format that can be read (PNG, JPEG, WebP, GIF, BMP, "
+                               "TIFF, ...)") from exc
+    w, h = im.size
+    if w * h > max_pixels:
+        raise UploadError(413, f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} MP); the limit is "
+                               f"{max_pixels / 1e6:.0f} MP")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            return to_rgb(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UploadError(413, f"the image has too many pixels to decode safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UploadError(400, f"the image cannot be decoded (truncated or corrupt): {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------ batching
+@dataclass
+class _Item:
+    x: Any
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """One worker thread that runs ``run_fn(batch [B, ...]) -> {name: [B, ...]}`` on queued single images."""
+
+    def __init__(self, run_fn: Callable[[Any], dict[str, Any]], *, max_batch: int = DEFAULT_MAX_BATCH,
+                 window: float = DEFAULT_WINDOW) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"the batch cap must be at least 1, not {max_batch}")
+        if window < 0:
+            raise ConfigError(f"the batching window must be >= 0 ms, not {window * 1e3:g}")
+        self.run_fn = run_fn
+        self.max_batch = int(max_batch)
+        self.window = float(window)
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._incoming = 0  # requests that are decoding/preprocessing and will submit soon
+        self.requests = 0
+        self.batches = 0
+        self.largest_batch = 0
+        self._thread = threading.Thread(target=self._loop, name="qpm-serve-batcher", daemon=True)
+        self._thread.start()
+
+    @contextmanager
+    def incoming(self) -> Iterator[Callable[[Any], Future]]:
+        """Announce a request that will submit an image; yields ``submit(x) -> Future``. While announced requests
+        are outstanding, the worker may wait (up to the window) to batch them with queued ones."""
+        with self._lock:
+            self._incoming += 1
+        done = False
+
+        def submit(x: Any) -> Future:
+            nonlocal done
+            item = _Item(x)
+            with self._lock:
+                if not done:
+                    done = True
+                    self._incoming -= 1
+                self.requests += 1
+            self._queue.put(item)
+            return item.future
+
+        try:
+            yield submit
+        finally:
+            with self._lock:
+                if not done:
+                    done = True
+                    self._incoming -= 1
+
+    def submit(self, x: Any) -> Future:
+        with self.incoming() as submit:
+            return submit(x)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest_batch,
+                    "max_batch": self.max_batch, "window_ms": self.window * 1e3}
+
+    def _loop(self) -> None:
+        import numpy as np
+
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + self.window
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    with self._lock:
+                        waiting = self._incoming
+                    remaining = deadline - time.perf_counter()
+                    if waiting == 0 or remaining <= 0:
+                        break
+                    try:
+                        item = self._queue.get(timeout=min(remaining, 0.0005))
+                    except queue.Empty:
+                        continue
+                if item is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            try:
+                out = self.run_fn(np.stack([it.x for it in batch]))
+            except BaseException as exc:  # the session failed: every waiting request gets the error
+                for it in batch:
+                    it.future.set_exception(exc)
+                continue
+            with self._lock:
+                self.batches += 1
+                self.largest_batch = max(self.largest_batch, len(batch))
+            for row, it in enumerate(batch):
+                it.future.set_result({name: value[row] for name, value in out.items()})
+
+
+# --------------------------------------------------------------------------------------------------- model
+class ServedModel:
+    """An exported model opened for serving: ONNX Runtime session + metadata + the explorer's derived facts."""
+
+    def __init__(self, path: Path, classifier: Any, *, max_batch: int = DEFAULT_MAX_BATCH,
+                 window: float = DEFAULT_WINDOW, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        import numpy as np
+
+        self.path = path
+        self.classifier = classifier
+        self.meta = classifier.metadata
+        self.max_pixels = int(max_pixels)
+        m = self.meta
+        self.class_names: list[str] = [str(c) for c in m.class_names]
+        self.feature_ids: list[int] = [int(f) for f in m.features]
+        self.weight = np.asarray(m.weight, dtype=np.float32)  # [C, K]
+        self.uses = self.weight != 0
+        self.sparse = bool(self.uses.sum(axis=1).max(initial=0) <= 10) if self.weight.size else False
+        self.column_of = {fid: k for k, fid in enumerate(self.feature_ids)}
+        self.prototypes = _prototypes(m.prototypes)
+        extra = dict(m.extra or {})
+        self.metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
+        self.selection = extra.get("selection_result") or _run_selection(path)
+        self.dataset = extra.get("dataset")
+        self.head = extra.get("head")
+        self.batcher = MicroBatcher(classifier.run_array, max_batch=max_batch, window=window)
+
+    # ---------------------------------------------------------------------------------------------- facts
+    def summary(self) -> dict[str, Any]:
+        """``GET /api/model``: what the model is, how good it is, how it was selected, and its W (binary for QPM)."""
+        sel = self.selection or {}
+        return {
+            "model": str(self.path), "kind": self.classifier.kind, "provider": self.classifier.provider,
+            "backbone": self.meta.backbone, "weights_digest": self.meta.weights_digest, "dataset": self.dataset,
+            "head": self.head, "image_size": list(self.meta.image_size), "grid": list(self.meta.grid),
+            "precision": (self.meta.extra or {}).get("precision", "fp32"), "qpm_version": self.meta.qpm_version,
+            "classes": len(self.class_names), "features": len(self.feature_ids), "feature_ids": self.feature_ids,
+            "per_class": _per_class(self.uses), "sparse": self.sparse,
+            "metrics": {k: self.metrics.get(k) for k, _ in METRIC_COLUMNS if k in self.metrics} | {
+                k: v for k, v in self.metrics.items() if isinstance(v, int | float) or v is None},
+            "selection": {k: sel.get(k) for k in ("status", "objective", "bound", "gap", "solver", "seconds")
+                          if k in sel} or None,
+            "has_prototypes": bool(self.prototypes),
+            "weight": self.weight.tolist(),
+        }
+
+    def class_info(self, c: int) -> dict[str, Any]:
+        """A class: its features (weight, prototypes, the other classes that use each) and its nearest classes."""
+        import numpy as np
+
+        cols = [int(k) for k in np.flatnonzero(self.uses[c])]
+        if not self.sparse:  # a dense head: its 10 strongest weights
+            cols = [int(k) for k in np.argsort(-np.abs(self.weight[c]), kind="stable")[:10]]
+        feats = []
+        for k in cols:
+            fid = self.feature_ids[k]
+            others = [int(o) for o in np.flatnonzero(self.uses[:, k]) if o != c]
+            feats.append({"feature": fid, "column": k, "weight": float(self.weight[c, k]),
+                          "shared_with": [{"index": o, "class": self.class_names[o]} for o in others],
+                          "prototypes": self.prototype_refs(fid)})
+        return {"index": c, "class": self.class_names[c], "features": feats, "similar": self.similar(c)}
+
+    def similar(self, c: int, n: int = 10) -> list[dict[str, Any]]:
+        """The classes sharing most features with class ``c`` (ties: by index)."""
+        import numpy as np
+
+        shared = (self.uses & self.uses[c]).sum(axis=1)
+        shared[c] = -1
+        order = np.argsort(-shared, kind="stable")
+        out = []
+        for o in order[:n]:
+            if shared[o] <= 0:
+                break
+            fids = [self.feature_ids[k] for k in np.flatnonzero(self.uses[o] & self.uses[c])]
+            out.append({"index": int(o), "class": self.class_names[o], "shared": int(shared[o]), "features": fids})
+        return out
+
+    def feature_info(self, fid: int) -> dict[str, Any]:
+        """A feature (dense id): the classes that use it, its training statistics and its prototypes."""
+        import numpy as np
+
+        k = self.column_of[fid]
+        users = [int(c) for c in np.flatnonzero(self.uses[:, k])]
+        co = {}
+        for c in users:
+            for j in np.flatnonzero(self.uses[c]):
+                if j != k:
+                    co[int(j)] = co.get(int(j), 0) + 1
+        protos = self.prototypes.get(fid, [])
+        acts = [float(p.get("activation", 0.0)) for p in protos]
+        return {
+            "feature": fid, "column": k,
+            "classes": [{"index": c, "class": self.class_names[c], "weight": float(self.weight[c, k])}
+                        for c in users],
+            "statistics": {"mu": float(self.meta.mu[k]), "sigma": float(self.meta.sigma[k]),
+                           "classes_using": len(users), "share_of_classes": len(users) / max(len(self.class_names), 1),
+                           "prototype_activation_max": max(acts) if acts else None,
+                           "prototype_activation_min": min(acts) if acts else None},
+            "co_occurring": [{"feature": self.feature_ids[j], "classes": n}
+                             for j, n in sorted(co.items(), key=lambda t: (-t[1], t[0]))[:10]],
+            "prototypes": self.prototype_refs(fid),
+        }
+
+    def prototype_refs(self, fid: int) -> list[dict[str, Any]]:
+        return [{"rank": r, "class": str(p.get("class", "")), "activation": float(p.get("activation", 0.0)),
+                 "url": f"/api/prototypes/{fid}/{r}.png"} for r, p in enumerate(self.prototypes.get(fid, []))]
+
+    def prototype_png(self, fid: int, rank: int) -> bytes | None:
+        import base64
+        import binascii
+
+        protos = self.prototypes.get(fid)
+        if not protos or not 0 <= rank < len(protos) or "png_b64" not in protos[rank]:
+            return None
+        try:
+            return base64.b64decode(protos[rank]["png_b64"], validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def resolve_class(self, query: str | int | None) -> int | None:
+        """A class index from an index or a name (exact, case-insensitive, unique substring); ``None`` passes."""
+        if query is None or str(query).strip() == "":
+            return None
+        from qpmcli.explain import resolve_class
+
+        try:
+            return resolve_class(query, self.class_names)
+        except ConfigError as exc:
+            raise UploadError(422, str(exc)) from exc
+
+    # ---------------------------------------------------------------------------------------------- inference
+    def preprocess(self, image: Any) -> np.ndarray:
+        from qpmcli.predict import preprocess_array
+
+        return preprocess_array(image, self.meta.preprocess)
+
+    def describe(self, out: dict[str, Any], top_k: int) -> dict[str, Any]:
+        from qpmcli.predict import describe_prediction
+
+        return describe_prediction(self.meta, out["logits"], out["features"], top_k=top_k)
+
+    def explain(self, out: dict[str, Any], image_size: tuple[int, int], *, class_index: int | None,
+                compare: int | None, top_k: int, heatmaps: str) -> dict[str, Any]:
+        """The explain page's data: top-k, the explained class's evidence, the compared class's evidence and which
+        features they share, and one heatmap per feature shown (PNG data URIs or arrays on the token grid)."""
+        import numpy as np
+
+        from qpmcli.explain import compare_classes, explain_output, metadata_dict
+
+        md = metadata_dict(self.meta)
+        logits, maps, feats = out["logits"], out["maps"], out["features"]
+        expl = explain_output(logits, maps, feats, md, class_index=class_index, top_k=top_k)
+        if compare is None:  # the runner-up: the best other class
+            order = [int(i) for i in np.argsort(-logits, kind="stable")]
+            compare = next(i for i in order if i != expl.class_index) if len(order) > 1 else None
+        result: dict[str, Any] = {
+            "model": str(self.path), "predicted": {"index": expl.predicted_index, "class": expl.predicted_name},
+            "top_k": expl.top, "explained": self._evidence(expl), "compare": None, "grid": list(self.meta.grid)}
+        cols = [e.column for e in expl.features]
+        if compare is not None and compare != expl.class_index:
+            other = explain_output(logits, maps, feats, md, class_index=compare, top_k=top_k)
+            if self.sparse:
+                groups = compare_classes(md, expl.class_index, compare)
+            else:
+                groups = compare_classes(md, expl.class_index, compare, cols, [e.column for e in other.features])
+            result["compare"] = {**self._evidence(other), "shared": groups["shared_features"],
+                                 "only_explained": groups["only_a_features"],
+                                 "only_compared": groups["only_b_features"],
+                                 "logit_difference": expl.logit - other.logit}
+            cols += [e.column for e in other.features if e.column not in cols]
+        shown = np.clip(maps[cols], 0.0, None) if cols else np.zeros((0, 1, 1), dtype=np.float32)
+        vmax = float(shown.max()) if shown.size else 0.0
+        result["heatmap_scale"] = {"min": 0.0, "max": vmax}
+        if heatmaps == "array":
+            result["heatmaps"] = {str(self.feature_ids[k]): maps[k].tolist() for k in cols}
+        elif heatmaps == "png":
+            result["heatmaps"] = {str(self.feature_ids[k]): heatmap_png(maps[k], vmax, image_size) for k in cols}
+        return result
+
+    def _evidence(self, expl: Any) -> dict[str, Any]:
+        return {"index": expl.class_index, "class": expl.class_name, "probability": expl.probability,
+                "logit": expl.logit, "bias": expl.bias,
+                "features": [{"feature": e.feature, "column": e.column, "weight": e.weight,
+                              "activation": e.activation, "zscore": e.zscore, "contribution": e.contribution,
+                              "peak": e.peak, "peak_at": e.peak_at, "prototypes": self.prototype_refs(e.feature)}
+                             for e in expl.features]}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _per_class(uses: Any) -> int | None:
+    counts = set(int(n) for n in uses.sum(axis=1))
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _prototypes(doc: Any) -> dict[int, list[dict[str, Any]]]:
+    """The metadata's prototypes document ``{feature_id: [entries]}`` with int keys; malformed parts are dropped."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    if not isinstance(doc, dict):
+        return out
+    for fid, entries in doc.items():
+        try:
+            key = int(fid)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(entries, list):
+            out[key] = [dict(e) for e in entries if isinstance(e, dict)]
+    return out
+
+
+def _run_selection(path: Path) -> dict[str, Any] | None:
+    """The selection facts of the run an exported file sits in (``<run>/selection.json``), when it is one."""
+    import json
+
+    sel = path.parent / "selection.json"
+    if not sel.is_file():
+        return None
+    try:
+        doc = json.loads(sel.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+_LUT: Any = None
+
+
+def _turbo_lut() -> Any:
+    global _LUT
+    if _LUT is None:
+        import numpy as np
+        from matplotlib import colormaps
+
+        _LUT = (colormaps["turbo"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    return _LUT
+
+
+def heatmap_png(grid_map: Any, vmax: float, image_size: tuple[int, int], side: int = HEATMAP_SIDE) -> str:
+    """A feature map as a transparent PNG data URI at the upload's aspect ratio (longest side ``side``): turbo
+    colours on a shared scale ``[0, vmax]``, opacity growing with the value so that cold areas show the image."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from qpmcli.explain import upsample
+
+    w, h = image_size
+    scale = side / max(w, h)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    v = np.clip(upsample(np.clip(np.asarray(grid_map, dtype=np.float32), 0, None), size) / max(vmax, 1e-12), 0, 1)
+    rgba = np.empty((*size, 4), dtype=np.uint8)
+    rgba[..., :3] = _turbo_lut()[(v * 255).astype(np.uint8)]
+    rgba[..., 3] = (40 + 215 * v).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=3)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def load_served_model(model: str | os.PathLike[str] | None, *, device: str = "auto",
+                      max_batch: int = DEFAULT_MAX_BATCH, window: float = DEFAULT_WINDOW,
+                      max_pixels: int = DEFAULT_MAX_PIXELS, settings: Any = None) -> ServedModel:
+    """Open MODEL (an ``.onnx`` file, a run directory with its export, or the current run) for serving."""
+    from qpmcli.predict import load_classifier
+
+    path = resolve_model_path(model, settings)
+    clf = load_classifier(path, device)
+    if getattr(clf, "graph", "full") != "full":
+        raise ArtifactError(f"{path} is an adapter-only graph; serve the full graph (model.onnx) instead")
+    return ServedModel(path, clf, max_batch=max_batch, window=window, max_pixels=max_pixels)
