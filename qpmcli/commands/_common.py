@@ -1,25 +1,38 @@
-"""Helpers shared by the CLI commands: option definitions, JSON output, settings resolution."""
+"""Helpers shared by the CLI commands: option definitions (from :mod:`qpmcli.options`), settings with the up-front
+device check, JSON output, consoles."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-import typer
+from qpmcli import options as opts
 
-DataRoot = typer.Option(None, "--data-root", help="Dataset root folder (overrides QPM_DATA_ROOT / config).")
-WeightsDir = typer.Option(None, "--weights-dir", help="Folder with official backbone weight files.")
-Device = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N.")
-Seed = typer.Option(None, "--seed", help="Random seed (default from settings).")
-JsonFlag = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+# Shared option objects (the same long and short names in every command); see qpmcli/options.py.
+DataRoot = opts.data_root_opt()
+WeightsDir = opts.weights_dir_opt()
+Weights = opts.weights_opt()
+Device = opts.device_opt()
+Seed = opts.seed_opt()
+JsonFlag = opts.json_opt()
+Quiet = opts.quiet_opt()
 
 
-def settings_from_flags(**flags: Any):
-    """Resolve settings with the given CLI flags on top (``None`` = flag not given)."""
+def settings_from_flags(*, device_check: str | None = "plain", **flags: Any):
+    """Resolve settings with the given CLI flags on top (``None`` = flag not given) and check the resulting device
+    before any work: ``device_check`` ``"plain"`` (driver check), ``"torch"`` (also a CUDA build of torch),
+    ``"ort"`` (tensorrt allowed) or ``None`` (the command uses no device)."""
     from qpmcli.settings import resolve_settings
 
     settings, _ = resolve_settings(**flags)
+    if device_check is not None:
+        opts.check_device(settings.device, torch=device_check == "torch")
     return settings
+
+
+def say(line: str) -> None:
+    """One informational line on stderr (keeps stdout clean for --json)."""
+    console(stderr=True).print(line, highlight=False, markup=False)
 
 
 def print_json(obj: Any) -> None:

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import options as opts
 from qpmcli.commands._common import DataRoot, JsonFlag, console, print_json, settings_from_flags
 
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 
-DatasetOpt = typer.Option(..., "--dataset", "-d", help="Dataset name (see `qpm plugins`).")
-OptionOpt = typer.Option(None, "--option", "-o", help="Dataset option KEY=VALUE (repeatable), e.g. crop=bbox.")
-
 
 @data_app.command("check")
-def check(dataset: str = DatasetOpt, data_root: str = DataRoot, option: list[str] = OptionOpt,
-          json_out: bool = JsonFlag) -> None:
+def check(dataset: str = opts.dataset_opt("cub200"), data_root: str = DataRoot,
+          dataset_option: list[str] = opts.dataset_option_opt(), json_out: bool = JsonFlag) -> None:
     """Verify a dataset: counts per split, number of classes, whether masks and class attributes are present."""
-    from qpmcli.data import check_dataset, parse_options
+    from qpmcli.data import check_dataset
 
-    settings = settings_from_flags(data_root=data_root)
-    report = check_dataset(dataset, root=None, settings=settings, **parse_options(option))
+    options = opts.parse_plugin_options("dataset", dataset, dataset_option)
+    settings = settings_from_flags(data_root=data_root, device_check=None)
+    report = check_dataset(dataset, root=None, settings=settings, **options)
     if json_out:
         print_json(report)
         return

@@ -4,26 +4,40 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli.commands._common import Device, JsonFlag, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
 
 
 def demo(
-    out: str = typer.Option("qpm-demo", "--out", help="Output folder (re-running continues where it stopped)."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller, faster run (smoke test)."),
+    out: str = opts.out_opt("qpm-demo", "Output folder (re-running continues where it stopped)."),
+    quick: bool = typer.Option(False, "--quick/--no-quick", help="A smaller, faster run (smoke test)."),
     time_limit: float = typer.Option(20.0, "--time-limit", help="CP-SAT selection time limit in seconds."),
+    current: bool = typer.Option(True, "--current/--no-current",
+                                 help="Make the demo's QPM run the current run (for export/explain/predict)."),
     device: str = Device,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Train, select, finetune, evaluate, export and explain on data and weights that ship with qpm (no downloads)."""
     import time
 
+    from qpmcli.commands._common import settings_from_flags
+
+    opts.check_time_limit(time_limit)
+    opts.check_out_dir(out, "--out")
+    settings = settings_from_flags(device=device, device_check="torch")
     from qpmcli.demo import TABLE_COLUMNS, run_demo
 
     out_console = console(stderr=json_out)
     start = time.perf_counter()
-    summary = run_demo(out, quick=quick, device=device, time_limit=time_limit, progress=not (quiet or json_out),
-                       log=lambda m: out_console.print(m))
+    summary = run_demo(out, quick=quick, device=settings.device, time_limit=time_limit,
+                       progress=not (quiet or json_out),
+                       log=(lambda m: None) if quiet else (lambda m: out_console.print(m)))
+    if current:
+        from qpmcli.current import set_current
+
+        set_current(settings, summary["runs"]["qpm"], onnx=summary["onnx"], by="demo")
+        summary["current"] = summary["runs"]["qpm"]
     summary["seconds"] = time.perf_counter() - start
     if json_out:
         print_json(summary)
@@ -52,6 +66,9 @@ def demo(
     out_console.print(f"explanation figures: {', '.join(str(f) for f in figures if f)}")
     out_console.print(f"runs: {summary['runs']['qpm']} and {summary['runs']['linear_probe']}")
     out_console.print(f"finished in {summary['seconds']:.0f} s; everything is under {summary['out_dir']}")
+    if current:
+        out_console.print(f"current run: {summary['runs']['qpm']}; next: qpm export --onnx, qpm explain IMAGE, "
+                          f"qpm predict IMAGE")
 
 
 def register(app: typer.Typer) -> None:

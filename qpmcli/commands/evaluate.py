@@ -4,34 +4,38 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli.commands._common import Device, JsonFlag, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
 
 # How the paper shows each metric: fractions become percentages, counts stay counts.
 _COUNTS = ("NFeatures", "PerClass", "Pooling-Ratio", "Alignment")
 
 
 def evaluate(
-    run: str = typer.Argument(..., help="Run directory written by `qpm train`."),
+    run: str = typer.Argument(None, help="Run directory written by `qpm train` (default: QPM_MODEL, else the "
+                                         "current run)."),
     metrics: str = typer.Option("all", "--metrics", help="all, fast, essential, or metric names (comma separated), "
-                                "e.g. Accuracy,SID@5,Plausibility."),
+                                "e.g. Accuracy,SID@5,Plausibility.", autocompletion=opts.complete_metrics),
     stage: str = typer.Option("final", "--stage", help="final (the QPM model) or dense (the dense model)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
     device: str = Device,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Compute the accuracy and interpretability metrics of a run and merge them into RUN/metrics.json."""
-    from qpmcli.errors import ConfigError
-    from qpmcli.evaluate import evaluate_run
-    from qpmcli.settings import resolve_settings
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.current import resolve_model
 
-    if stage not in ("final", "dense"):
-        raise ConfigError(f"unknown --stage {stage!r}; use final or dense")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    settings, _ = resolve_settings(device=device)
-    result = evaluate_run(run, metrics, stage=stage, batch_size=batch_size, progress=not (quiet or json_out),
-                          settings=settings)
+    opts.check_choice(stage, ("final", "dense"), "--stage")
+    opts.check_positive(batch_size, "--batch-size")
+    opts.check_metrics(metrics)
+    settings = settings_from_flags(device=device, device_check="torch")
+    target = resolve_model(settings, run, run_only=True)
+    say(target.line("evaluating"))
+    from qpmcli.evaluate import evaluate_run
+
+    result = evaluate_run(str(target.path), metrics, stage=stage, batch_size=batch_size,
+                          progress=not (quiet or json_out), settings=settings)
     if json_out:
         print_json(result)
         return

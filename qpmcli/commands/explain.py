@@ -5,31 +5,44 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli.commands._common import JsonFlag, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
 
 def explain(
     images: list[str] = typer.Argument(None, help="Image files or folders (optional with --class)."),
-    model: str = typer.Option(..., "--model", "-m", help="Run directory or exported .onnx file."),
-    out: str = typer.Option("explanations", "--out", "-o", help="Output folder for figures and the report."),
+    model: str = opts.model_opt(),
+    out: str = opts.out_opt("explanations", "Output folder for figures and the report."),
     compare: str = typer.Option(None, "--compare", help="Contrast the explained class with this class."),
     class_name: str = typer.Option(None, "--class",
                                    help="Explain this class: its features' training prototypes, and the images "
                                         "with respect to it instead of their predicted class."),
-    html: bool = typer.Option(False, "--html", help="Also write one self-contained report.html."),
+    html: bool = typer.Option(False, "--html/--no-html", help="Also write one self-contained report.html."),
     top_k: int = typer.Option(5, "--top-k", help="Runner-up classes shown."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    device: str = opts.device_opt(tensorrt=True),
+    weights: str = Weights,
+    weights_dir: str = WeightsDir,
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Explain predictions: the class's 5 features, where they fire, and what they contribute to the logit."""
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.current import resolve_model
     from qpmcli.errors import ConfigError
+
+    settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
+    device = opts.check_device(device or settings.device, tensorrt=True)
+    opts.check_positive(top_k, "--top-k")
+    opts.check_out_dir(out, "--out")
+    if not images and not class_name:
+        raise ConfigError("give at least one image (or --class NAME for a global explanation)")
+    target = resolve_model(settings, model)
+    say(target.line())
     from qpmcli.explain import explain as run_explain
 
-    if top_k < 1:
-        raise ConfigError("--top-k must be at least 1")
-    summary = run_explain(images or [], model, out_dir=out, compare=compare, class_name=class_name,
-                          html_report=html, device=device, top_k=top_k, progress=not quiet and not json_out)
+    summary = run_explain(images or [], str(target.path), out_dir=out, compare=compare, class_name=class_name,
+                          html_report=html, device=device, top_k=top_k, progress=not quiet and not json_out,
+                          weights=weights, settings=settings)
     if json_out:
         print_json(summary)
         return

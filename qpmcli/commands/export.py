@@ -4,38 +4,50 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli.commands._common import JsonFlag, WeightsDir, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
 
 def export(
-    run: str = typer.Argument(..., help="Run directory (from `qpm train`)."),
+    run: str = typer.Argument(None, help="Run directory (default: QPM_MODEL, else the current run)."),
     onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format so far; required)."),
-    out: str = typer.Option(None, "--out", help="Output file (default <run>/model.onnx)."),
-    fp16: bool = typer.Option(False, "--fp16", help="Also write <stem>.fp16.onnx (fp16 weights, fp32 I/O)."),
-    verify: bool = typer.Option(False, "--verify",
+    out: str = opts.out_opt(None, "Output file (default <run>/model.onnx)."),
+    fp16: bool = typer.Option(False, "--fp16/--no-fp16", help="Also write <stem>.fp16.onnx (fp16 weights, fp32 I/O)."),
+    verify: bool = typer.Option(False, "--verify/--no-verify",
                                 help="Compare ONNX Runtime with PyTorch on check images; a mismatch fails."),
-    no_adapter: bool = typer.Option(False, "--no-adapter", help="Skip the adapter-only (tokens in) graph."),
+    adapter: bool = typer.Option(True, "--adapter/--no-adapter", help="Also write the adapter-only (tokens in) graph."),
     check_images: list[str] = typer.Option(None, "--check-images",
                                            help="Images/folders for --verify (default: the run's test split)."),
-    weights: str = typer.Option(None, "--weights", help="Backbone weights file (digest must match the run's)."),
+    weights: str = Weights,
     weights_dir: str = WeightsDir,
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
-    device: str = typer.Option("cpu", "--device", help="ONNX Runtime device for --verify: cpu, cuda, auto."),
+    device: str = opts.device_opt(),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Export a trained run as ONNX: image -> logits, feature maps [B,K,h,w], features [B,K], with metadata."""
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.current import record_export, resolve_model
     from qpmcli.errors import ConfigError
 
     if not onnx:
         raise ConfigError("choose an export format: pass --onnx")
+    settings = settings_from_flags(weights_dir=weights_dir, device=device)
+    opts.check_out_file(out, "--out")
+    if out is not None and not str(out).lower().endswith(".onnx"):
+        raise ConfigError(f"--out {out}: the file name must end in .onnx")
+    opts.check_positive(opset, "--opset", 7)
+    target = resolve_model(settings, run, run_only=True)
+    say(target.line("exporting"))
     from qpmcli.export import export_onnx
-    from qpmcli.settings import resolve_settings
 
-    settings, _ = resolve_settings(weights_dir=weights_dir)
     err = console(stderr=True)
-    report = export_onnx(run, out, fp16=fp16, verify=verify, adapter=not no_adapter, weights=weights,
-                         settings=settings, opset=opset, check_images=check_images or None, device=device,
-                         log=None if json_out else (lambda m: err.print(m)))
+    report = export_onnx(target.path, out, fp16=fp16, verify=verify, adapter=adapter, weights=weights,
+                         settings=settings, opset=opset, check_images=check_images or None, device=settings.device,
+                         log=None if (json_out or quiet) else (lambda m: err.print(m)))
+    full = report.get("files", {}).get("full")
+    if full:
+        report["current"] = record_export(settings, target.path, full)
     if json_out:
         print_json(report)
         return

@@ -2,50 +2,50 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import typer
 
-from qpmcli.commands._common import DataRoot, Device, JsonFlag, WeightsDir, console, print_json, settings_from_flags
+from qpmcli import options as opts
+from qpmcli.commands._common import DataRoot, Device, JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
 
 def extract(
-    backbone: str = typer.Option("dinov2-vitb14-reg", "--backbone", "-b", help="Backbone name (see qpm plugins)."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset name (see qpm plugins)."),
+    backbone: str = opts.backbone_opt("dinov2-vitb14-reg"),
+    dataset: str = opts.dataset_opt("cub200"),
     split: str = typer.Option("all", "--split", help="train, test or all."),
     data_root: str = DataRoot,
-    weights: str = typer.Option(None, "--weights", help="Backbone weight file (official .pth or safetensors)."),
+    weights: str = Weights,
     weights_dir: str = WeightsDir,
     preprocess: str = typer.Option("official", "--preprocess", help="official or reference (the paper code's)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per backbone forward."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per backbone forward."),
     image_size: int = typer.Option(None, "--image-size", help="Square input size (default 224)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave unreadable images out and report them."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for the backbone forward (GPU)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad/--no-skip-bad",
+                                  help="Leave unreadable images out and report them."),
+    bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="bf16 autocast for the backbone forward (GPU)."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="Token cache folder (overrides QPM_CACHE_DIR)."),
     num_workers: int = typer.Option(None, "--num-workers", help="Image decoding workers (default from settings)."),
-    dataset_option: list[str] = typer.Option([], "--dataset-option", "-o",
-                                             help="Dataset option KEY=VALUE (JSON value), repeatable."),
+    dataset_option: list[str] = opts.dataset_option_opt(),
     device: str = Device,
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Extract backbone tokens for a dataset into the token cache (resumable; a rerun continues where it stopped)."""
-    from qpmcli.cache import backbone_for_cache, ensure_cache
-    from qpmcli.errors import ConfigError
+    from qpmcli.commands._common import settings_from_flags
+    from qpmcli.registry import get_registry
 
-    if split not in ("train", "test", "all"):
-        raise ConfigError(f"--split must be train, test or all, not {split!r}")
-    options = {}
-    for item in dataset_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--dataset-option needs KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+    opts.check_choice(split, ("train", "test", "all"), "--split")
+    opts.check_choice(preprocess, ("official", "reference"), "--preprocess")
+    opts.check_positive(batch_size, "--batch-size")
+    opts.check_positive(image_size, "--image-size")
+    opts.check_positive(num_workers, "--num-workers", 0)
+    opts.check_out_dir(cache_dir, "--cache-dir")
+    get_registry().get("backbone", backbone)
+    options = opts.parse_plugin_options("dataset", dataset, dataset_option)
     settings = settings_from_flags(data_root=data_root, weights_dir=weights_dir, device=device, cache_dir=cache_dir,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, device_check="torch")
+    from qpmcli.cache import backbone_for_cache, ensure_cache
+
     splits = ["train", "test"] if split == "all" else [split]
     backbone_obj = backbone_for_cache(backbone, settings, weights=weights, preprocess=preprocess, dataset=dataset,
                                       image_size=image_size, amp=bf16)
@@ -53,7 +53,7 @@ def extract(
     for sp in splits:
         t0 = time.perf_counter()
         cache = ensure_cache(backbone, dataset, sp, settings, weights=weights, preprocess=preprocess,
-                             data_root=data_root, dataset_options=options, progress=not json_out,
+                             data_root=data_root, dataset_options=options, progress=not (json_out or quiet),
                              backbone_obj=backbone_obj, batch_size=batch_size, skip_bad=skip_bad,
                              image_size=image_size, amp=bf16)
         m = cache.manifest

@@ -4,28 +4,36 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli.commands._common import JsonFlag, WeightsDir, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
 
 def predict(
     inputs: list[str] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    model: str = typer.Option(..., "--model", "-m", help="Run directory or exported .onnx file."),
+    model: str = opts.model_opt(),
     top_k: int = typer.Option(5, "--top-k", help="Classes to list per image."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per inference batch."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda[:N], tensorrt."),
-    weights: str = typer.Option(None, "--weights", help="Backbone weights (run directories / adapter graphs)."),
+    device: str = opts.device_opt(tensorrt=True),
+    weights: str = Weights,
     weights_dir: str = WeightsDir,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Classify images; unreadable images are reported per file and do not stop the others."""
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.current import resolve_model
     from qpmcli.errors import ImageError
-    from qpmcli.predict import predict as run_predict
-    from qpmcli.settings import resolve_settings
 
-    settings, _ = resolve_settings(weights_dir=weights_dir)
-    result = run_predict(inputs, model, top_k=top_k, batch_size=batch_size, device=device, weights=weights,
-                         settings=settings, progress=not quiet and not json_out)
+    settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
+    device = opts.check_device(device or settings.device, tensorrt=True)
+    opts.check_positive(top_k, "--top-k")
+    opts.check_positive(batch_size, "--batch-size")
+    target = resolve_model(settings, model)
+    say(target.line())
+    from qpmcli.predict import predict as run_predict
+
+    result = run_predict(inputs, str(target.path), top_k=top_k, batch_size=batch_size, device=device,
+                         weights=weights, settings=settings, progress=not quiet and not json_out)
     if json_out:
         print_json(result)
     else:

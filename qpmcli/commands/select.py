@@ -2,40 +2,80 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
 
-from qpmcli.commands._common import JsonFlag, console, print_json
+from qpmcli import options as opts
+from qpmcli.commands._common import JsonFlag, Quiet, Seed, console, print_json
 from qpmcli.errors import SelectionError
+
+STALE = "stale.json"  # written into a run whose selection.json was replaced after finetuning (`qpm runs` shows it)
 
 
 def select_cmd(
-    run: Path = typer.Argument(None, help="Run directory with dense_features.npz (from qpm train)."),
+    run: Path = typer.Argument(None, help="Run directory with dense_features.npz (default: the current run)."),
     problem: Path = typer.Option(None, "--problem",
                                  help="Problem file: .npz with A (n_f x C), R (n_f x n_f), optional class_names."),
-    selector: str = typer.Option("qpm", "--selector", help="qpm, topk, sldd or qsenn (see qpm plugins)."),
+    selector: str = opts.selector_opt("qpm"),
     features: int = typer.Option(50, "--features", help="Number of selected features K."),
     per_class: int = typer.Option(5, "--per-class", help="Features per class k."),
     time_limit: float = typer.Option(60.0, "--time-limit", help="Solver time limit in seconds."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed + workers = same result)."),
+    seed: int = Seed,
     workers: int = typer.Option(8, "--workers", help="CP-SAT worker threads."),
-    out: Path = typer.Option(None, "--out", help="Selection JSON to write (default: RUN/selection.json)."),
+    out: Path = opts.out_opt(None, "Selection JSON to write (default: RUN/selection-<selector>.json, or "
+                                   "./selection-<selector>.json with --problem)."),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace the run's own selection.json (the finetuned model is then marked stale)."),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
-    """Select K features and assign k of them to every class; writes the selection JSON."""
+    """Select K features and assign k of them to every class; writes the selection JSON (never silently the run's
+    own selection.json: that needs --force)."""
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.registry import get_registry
+
+    settings = settings_from_flags(seed=seed, device_check=None)
+    get_registry().get("selector", selector)
+    opts.check_selection_sizes(features, per_class)
+    opts.check_time_limit(time_limit)
+    opts.check_positive(workers, "--workers")
+    if run is not None and problem is not None:
+        raise SelectionError("give either a run directory or --problem FILE (not both)")
+    if run is None and problem is None:
+        from qpmcli.current import resolve_model
+
+        target = resolve_model(settings, None, run_only=True)
+        run = target.path
+        say(target.line("selecting for"))
+    own = None if run is None else (run / "selection.json")
+    if out is None:
+        name = f"selection-{selector}.json"
+        out = own if (force and own is not None) else ((run / name) if run is not None else Path(name))
+    opts.check_out_file(out, "--out")
+    replacing = own is not None and out.resolve() == own.resolve() and own.exists()
+    if replacing and not force:
+        raise SelectionError(f"{own} is the run's own selection (its finetuned model was trained on it); pass --force "
+                             f"to replace it, or choose another --out")
     from qpmcli.selection import load_problem_npz, problem_from_run, save_selection, select, selection_summary
 
-    if (run is None) == (problem is None):
-        raise SelectionError("give either a run directory or --problem FILE (not both)")
     prob = problem_from_run(run) if run is not None else load_problem_npz(problem)
-    if out is None:
-        out = (run / "selection.json") if run is not None else Path("selection.json")
+    opts.check_selection_sizes(features, per_class, prob.n_classes, prob.n_features_total)
     sel = select(prob, selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
-                 seed=seed, workers=workers, progress=not json_out)
+                 seed=settings.seed, workers=workers, progress=not (json_out or quiet))
     save_selection(sel, out, class_names=prob.class_names)
     summary = selection_summary(sel)
     summary["out"] = str(out)
+    if replacing and (run / "model.json").is_file():
+        from qpmcli.artifact import atomic_write_json
+
+        atomic_write_json(run / STALE, {"reason": "selection.json was replaced by `qpm select --force` after the "
+                                                  "model was finetuned on the previous selection",
+                                        "selection": str(out), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        summary["stale"] = True
+        say(f"{run}: model.safetensors was finetuned on the previous selection and is now marked stale "
+            f"({run / STALE}); `qpm runs` shows it")
     if json_out:
         print_json(summary)
         return

@@ -2,44 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import typer
 
-from qpmcli.commands._common import DataRoot, Device, JsonFlag, Seed, WeightsDir, console, print_json
-
-
-def _parse_pairs(pairs: list[str] | None, what: str) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it is JSON (numbers, true, {"a": 1}), else kept as text."""
-    from qpmcli.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"{what} {pair!r} is not KEY=VALUE")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+from qpmcli import options as opts
+from qpmcli.commands._common import DataRoot, Device, JsonFlag, Quiet, Seed, Weights, WeightsDir, console, print_json
 
 
 def train(
-    backbone: str = typer.Option("dinov2-vitb14-reg", "--backbone", help="Backbone name (see `qpm plugins`)."),
-    dataset: str = typer.Option("cub200", "--dataset", help="Dataset name (see `qpm plugins`)."),
+    backbone: str = opts.backbone_opt("dinov2-vitb14-reg"),
+    dataset: str = opts.dataset_opt("cub200"),
     data_root: str = DataRoot,
-    weights: str = typer.Option(None, "--weights", help="Backbone weights file ('random' for random init)."),
+    weights: str = Weights,
     weights_dir: str = WeightsDir,
-    selector: str = typer.Option("qpm", "--selector", help="Feature selector (qpm, sldd, qsenn, topk, ...)."),
+    selector: str = opts.selector_opt("qpm"),
     features: int = typer.Option(50, "--features", help="Number of selected features."),
     per_class: int = typer.Option(5, "--per-class", help="Features assigned to every class."),
     run_dir: str = typer.Option(None, "--run-dir", help="Run directory (default: <runs_dir>/<dataset>-<backbone>)."),
     time_limit: float = typer.Option(60.0, "--time-limit", help="Selection time limit in seconds."),
     seed: int = Seed,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run; finished stages are skipped."),
+    resume: bool = typer.Option(False, "--resume/--no-resume",
+                                help="Continue an interrupted run; finished stages are skipped."),
     head: str = typer.Option("qpm", "--head", help="qpm (selection + finetune) or linear-probe (CLS, no MLP)."),
     dense_epochs: int = typer.Option(None, "--dense-epochs",
                                      help="Dense epochs (default 25; 40 for linear-probe, sldd and qsenn)."),
@@ -53,53 +37,97 @@ def train(
     dense_features: int = typer.Option(512, "--dense-features", help="Adapter output features n_f."),
     pooling: str = typer.Option("avg", "--pooling", help="avg, max, cls or mean-avg."),
     preprocess: str = typer.Option("official", "--preprocess", help="official or reference (paper quirks)."),
-    dataset_option: list[str] = typer.Option(None, "--dataset-option", help="Dataset option KEY=VALUE (repeat)."),
-    backbone_option: list[str] = typer.Option(None, "--backbone-option",
-                                              help="Backbone option KEY=VALUE, VALUE as JSON (e.g. image_size=112)."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA)."),
-    no_bn_recompute: bool = typer.Option(False, "--no-bn-recompute",
-                                         help="Keep the reference's BN statistics after the schedule-free swap."),
+    dataset_option: list[str] = opts.dataset_option_opt(),
+    backbone_option: list[str] = opts.backbone_option_opt(),
+    bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="bf16 autocast (CUDA)."),
+    bn_recompute: bool = typer.Option(True, "--bn-recompute/--no-bn-recompute",
+                                      help="Recompute BN statistics after the schedule-free swap (--no-bn-recompute "
+                                           "keeps the reference's)."),
     eval_every: int = typer.Option(0, "--eval-every", help="Test accuracy every N epochs (0 = last epoch only)."),
     checkpoint_steps: int = typer.Option(0, "--checkpoint-steps", help="Also checkpoint every N steps."),
-    metrics: str = typer.Option("all", "--metrics", help="Metrics to compute: all, fast or NAME,..."),
+    metrics: str = typer.Option("all", "--metrics", help="Metrics to compute: all, fast or NAME,...",
+                                autocompletion=opts.complete_metrics),
+    current: bool = typer.Option(True, "--current/--no-current",
+                                 help="Record the run as the current run (used by export/explain/predict)."),
     device: str = Device,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
     """Train a DINO-QPM model end to end: extract -> dense -> select -> finetune -> evaluate."""
     from dataclasses import replace
 
-    from qpmcli.settings import resolve_settings
+    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.errors import QpmError
+
+    # ---- every check that needs no data, before any work
+    settings = settings_from_flags(data_root=data_root, weights_dir=weights_dir, device=device, seed=seed,
+                                   device_check="torch")
+    from qpmcli.registry import get_registry
+
+    reg = get_registry()
+    reg.get("backbone", backbone)
+    reg.get("dataset", dataset)
+    opts.check_choice(head, ("qpm", "linear-probe"), "--head")
+    opts.check_choice(preprocess, ("official", "reference"), "--preprocess")
+    opts.check_choice(pooling, ("avg", "max", "cls", "mean-avg"), "--pooling")
+    if head == "qpm":
+        reg.get("selector", selector)
+        opts.check_selection_sizes(features, per_class, n_total=dense_features if layers > 0 else None)
+    opts.check_time_limit(time_limit)
+    for flag, value in (("--dense-epochs", dense_epochs), ("--finetune-epochs", finetune_epochs),
+                        ("--batch-size", batch_size), ("--hidden-size", hidden_size)):
+        opts.check_positive(value, flag)
+    opts.check_positive(layers, "--layers", 0)
+    for flag, value in (("--dense-lr", dense_lr), ("--finetune-lr", finetune_lr)):
+        if value is not None and not value > 0:
+            raise opts.ConfigError(f"{flag} must be positive, got {value}")
+    opts.check_metrics(metrics)
+    opts.check_out_dir(run_dir, "--run-dir")
+    dataset_options = opts.parse_plugin_options("dataset", dataset, dataset_option)
+    backbone_options = opts.parse_plugin_options("backbone", backbone, backbone_option)
+    if head == "qpm":  # C <= binomial(K, k): the class count comes from the dataset's lists (no image is read)
+        from qpmcli.data import load_dataset
+
+        try:
+            n_classes = load_dataset(dataset, root=data_root, split="train", settings=settings,
+                                     **dataset_options).num_classes
+        except QpmError:
+            n_classes = None  # a missing root or layout is reported by the run itself, after the weights check
+        if n_classes is not None:
+            opts.check_selection_sizes(features, per_class, n_classes)
+
     from qpmcli.train import TrainRequest, phase_presets, train_run
 
-    settings, _ = resolve_settings(data_root=data_root, weights_dir=weights_dir, device=device, seed=seed)
     dense, finetune = phase_presets(head, selector)  # the paper's settings for this row of its table
-    common = dict(recompute_bn=not no_bn_recompute, bf16=bf16, eval_every=eval_every,
-                  checkpoint_steps=checkpoint_steps)
+    common = dict(recompute_bn=bn_recompute, bf16=bf16, eval_every=eval_every, checkpoint_steps=checkpoint_steps)
     dense = replace(dense, **common, **({"epochs": dense_epochs} if dense_epochs is not None else {}),
                     **({"batch_size": batch_size} if batch_size else {}), **({"lr": dense_lr} if dense_lr else {}))
     finetune = replace(finetune, **common, **({"epochs": finetune_epochs} if finetune_epochs is not None else {}),
                        **({"batch_size": batch_size} if batch_size else {}),
                        **({"lr": finetune_lr} if finetune_lr else {}))
-    from qpmcli.data import parse_options
-
     req = TrainRequest(backbone=backbone, dataset=dataset, data_root=data_root, weights=weights,
-                       preprocess=preprocess, dataset_options=parse_options(dataset_option),
-                       backbone_options=_parse_pairs(backbone_option, "backbone option"), selector=selector,
-                       n_selected=features, per_class=per_class, time_limit=time_limit, head=head, n_layers=layers,
-                       hidden_size=hidden_size, n_features=dense_features, pooling=pooling, dense=dense,
-                       finetune=finetune, seed=settings.seed, metrics=metrics)
+                       preprocess=preprocess, dataset_options=dataset_options, backbone_options=backbone_options,
+                       selector=selector, n_selected=features, per_class=per_class, time_limit=time_limit, head=head,
+                       n_layers=layers, hidden_size=hidden_size, n_features=dense_features, pooling=pooling,
+                       dense=dense, finetune=finetune, seed=settings.seed, metrics=metrics)
     err = console(stderr=True)
     summary = train_run(req, settings, run_dir=run_dir, resume=resume, progress=not quiet and not json_out,
-                        log=None if json_out else (lambda m: err.print(m)))
+                        log=None if (json_out or quiet) else (lambda m: err.print(m)))
     from qpmcli.train import dist_info
 
     if not dist_info().is_main:
         return
+    if current:
+        from qpmcli.current import set_current
+
+        set_current(settings, summary["run_dir"], by="train")
+        summary["current"] = True
     if json_out:
         print_json(summary)
-        return
-    _print_summary(summary)
+    else:
+        _print_summary(summary)
+    if current:
+        say(f"current run: {summary['run_dir']} (next: qpm export --onnx, qpm explain IMAGE)")
 
 
 def _fmt(value: Any) -> str:
