@@ -9,8 +9,13 @@ Layout, one directory per key (backbone + weights digest, dataset fingerprint, s
         indices.npy    int64 [N]: the dataset index of every row (rows of skipped images are left out)
         manifest.json  everything the key is made of, plus N, T, D, grid, class names, skipped images
 
-Building happens in ``<dir>.partial/`` chunk by chunk; every finished chunk leaves a marker file, so a rerun after a
-kill continues where it stopped and produces a byte-identical cache. A file lock (``<dir>.lock``) keeps two processes
+Building happens in ``<dir>.partial/`` chunk by chunk. Chunks are fixed row ranges (``chunk_images`` rows, never
+derived from the batch size; batches never cross them) and every finished chunk leaves a marker naming the rows it
+covers and the SHA-256 of what was written, so a rerun after a kill continues where it stopped (with any batch size
+or worker count; a marker that does not describe its chunk is redone) and with the same batch size produces a
+byte-identical cache. The manifest keeps those per-chunk records: opening a cache checks that they tile every row and
+probes the first and last row of each chunk (cheap), :meth:`TokenCache.verify` (``qpm extract --verify``) rehashes
+everything. A file lock (``<dir>.lock``) keeps two processes
 from building one cache at once (the second waits, then opens the finished cache). The directory is finalised by an
 atomic rename. Under ``torchrun`` every rank extracts a disjoint, contiguous range of chunks into one partial cache.
 """
@@ -33,8 +38,8 @@ import numpy as np
 
 from qpmcli.errors import CacheError, ImageError
 
-FORMAT_VERSION = 1
-CHUNK_IMAGES = 256  # images per resumable chunk (rounded up to a multiple of the batch size)
+FORMAT_VERSION = 2  # 2: per-chunk records (row ranges + SHA-256) in the manifest
+CHUNK_IMAGES = 256  # rows per resumable chunk, whatever the batch size
 SPLITS = ("train", "test")
 
 
@@ -82,7 +87,62 @@ class TokenCache:
         if tokens.shape[0] != manifest["n"] or labels.shape[0] != manifest["n"]:
             raise CacheError(f"token cache {path} is inconsistent (rows {tokens.shape[0]} vs manifest "
                              f"{manifest['n']}); delete it and rerun qpm extract")
+        _check_chunks(path, manifest.get("chunks"), tokens, labels, masks, full=False)
         return cls(path, tokens, labels, masks, indices, manifest)
+
+    def verify(self) -> int:
+        """Rehash every row against the per-chunk SHA-256 records; returns the number of chunks checked."""
+        return _check_chunks(self.path, self.manifest.get("chunks"), self.tokens, self.labels, self.masks, full=True)
+
+
+def _chunk_digests(tokens: np.ndarray, labels: np.ndarray, masks: np.ndarray | None, a: int, b: int,
+                   full: bool) -> dict[str, str]:
+    """The record of rows ``a..b-1``: ``probe`` (first + last token row and all labels) and, with ``full``, the
+    SHA-256 of every token, label and mask byte."""
+    probe = hashlib.sha256()
+    if b > a:
+        probe.update(np.ascontiguousarray(tokens[a]).tobytes())
+        probe.update(np.ascontiguousarray(tokens[b - 1]).tobytes())
+        probe.update(np.ascontiguousarray(labels[a:b]).tobytes())
+    out = {"probe": probe.hexdigest()}
+    if full:
+        h = hashlib.sha256()
+        step = max(1, (64 << 20) // max(1, tokens[0].nbytes if len(tokens) else 1))
+        for s in range(a, b, step):
+            h.update(np.ascontiguousarray(tokens[s:min(b, s + step)]).tobytes())
+        out["tokens"] = h.hexdigest()
+        out["labels"] = hashlib.sha256(np.ascontiguousarray(labels[a:b]).tobytes()).hexdigest()
+        if masks is not None:
+            out["masks"] = hashlib.sha256(np.ascontiguousarray(masks[a:b]).tobytes()).hexdigest()
+    return out
+
+
+def _check_chunks(path: Path, chunks: Any, tokens: np.ndarray, labels: np.ndarray, masks: np.ndarray | None,
+                  full: bool) -> int:
+    """The per-chunk records must tile the rows ``0..n-1``; each chunk's probe (or, with ``full``, every hash) must
+    match what is on disk. Any mismatch is a :class:`CacheError` naming the chunk and its rows."""
+    n = int(tokens.shape[0])
+    fix = "; delete it and rerun qpm extract"
+    if not isinstance(chunks, list):
+        raise CacheError(f"token cache {path} has no per-chunk records{fix}")
+    row = 0
+    for c, rec in enumerate(chunks):
+        try:
+            a, b = int(rec["rows"][0]), int(rec["rows"][1])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise CacheError(f"token cache {path}: chunk {c} has a malformed record{fix}") from exc
+        if a != row or b < a or b > n:
+            raise CacheError(f"token cache {path}: chunk {c} covers rows {a}..{b - 1}, expected to start at row "
+                             f"{row} (of {n}){fix}")
+        got = _chunk_digests(tokens, labels, masks, a, b, full)
+        for key, value in got.items():
+            if rec.get(key) != value:
+                what = "was not completely written" if key == "probe" else f"has changed ({key} hash differs)"
+                raise CacheError(f"token cache {path}: chunk {c} (rows {a}..{b - 1}) {what}{fix}")
+        row = b
+    if row != n:
+        raise CacheError(f"token cache {path}: its chunks cover rows 0..{row - 1} of {n}{fix}")
+    return len(chunks)
 
 
 def _check_key(found: dict[str, Any], expect: dict[str, Any], path: Path) -> None:
@@ -300,8 +360,7 @@ def build_cache(
     if n == 0:
         raise CacheError(f"dataset {getattr(dataset, 'name', '')} split {split} is empty; nothing to extract")
     bs = max(1, int(batch_size))
-    chunk = max(bs, (max(1, chunk_images) + bs - 1) // bs * bs)
-    chunks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    chunk = max(1, int(chunk_images))  # fixed rows per chunk: a resume with another batch size keeps the same chunks
     grid = tuple(backbone.grid)
     t = 1 + grid[0] * grid[1]
     d = int(backbone.embed_dim)
@@ -318,9 +377,10 @@ def build_cache(
         if dist.rank == 0:
             if (final / "manifest.json").is_file():
                 state = "done"
-            else:
-                _prepare_partial(partial, fields, n, t, d, grid, has_masks)
-        state = dist.broadcast(state)
+            else:  # an unfinished build keeps the chunking it started with
+                chunk = _prepare_partial(partial, fields, n, t, d, grid, has_masks, chunk)
+        state, chunk = dist.broadcast((state, chunk))
+        chunks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
         if state == "done":
             dist.barrier()
             return TokenCache.open(final, expect=fields)
@@ -329,7 +389,7 @@ def build_cache(
         per = (len(chunks) + dist.world - 1) // dist.world
         mine = list(range(dist.rank * per, min(len(chunks), (dist.rank + 1) * per)))
         done_dir = partial / "done"
-        todo = [c for c in mine if not (done_dir / f"{c:06d}.json").is_file()]
+        todo = [c for c in mine if not _chunk_done(done_dir, c, chunks[c])]
         _extract_chunks(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
                         progress and dist.rank == 0, sum(chunks[c][1] - chunks[c][0] for c in mine), split)
         dist.barrier()
@@ -348,16 +408,36 @@ def _say(msg: str) -> None:
     Console(stderr=True).print(msg)
 
 
+def _chunk_done(done_dir: Path, c: int, rows: tuple[int, int]) -> bool:
+    """Whether chunk ``c``'s marker exists and describes exactly ``rows`` (else the chunk is extracted again)."""
+    f = done_dir / f"{c:06d}.json"
+    if not f.is_file():
+        return False
+    try:
+        rec = json.loads(f.read_text())
+        ok = (rec.get("chunk"), rec.get("start"), rec.get("stop")) == (c, rows[0], rows[1]) and "tokens" in rec
+    except (OSError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        f.unlink(missing_ok=True)
+    return ok
+
+
 def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: int, grid: tuple[int, int],
-                     has_masks: bool) -> None:
-    """Create the partial directory with preallocated arrays, or check that an existing one is for this key."""
+                     has_masks: bool, chunk: int) -> int:
+    """Create the partial directory with preallocated arrays, or check that an existing one is for this key.
+    Returns the rows per chunk: ``chunk`` for a new build, the recorded one for an unfinished build."""
     intent = {"key_fields": fields, "n": n, "t": t, "d": d, "has_masks": has_masks}
     marker = partial / "build.json"
     if marker.is_file():
-        old = json.loads(marker.read_text())
-        if old != _jsonable(intent):
+        try:
+            old = json.loads(marker.read_text())
+            started = int(old.pop("chunk"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            old, started = None, 0
+        if old != _jsonable(intent) or started < 1:
             raise CacheError(f"unfinished cache {partial} was started with other settings; delete it and rerun")
-        return
+        return started
     if partial.exists():
         shutil.rmtree(partial)  # no build.json: it died while being created; nothing to keep
     partial.mkdir(parents=True)
@@ -366,7 +446,8 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
     np.lib.format.open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
     if has_masks:
         np.lib.format.open_memmap(partial / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, *grid)).flush()
-    _atomic_write(marker, json.dumps(intent, sort_keys=True))
+    _atomic_write(marker, json.dumps({**intent, "chunk": chunk}, sort_keys=True))
+    return chunk
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -408,6 +489,8 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
         worker_init_fn=_worker_init if num_workers > 0 else None,
         pin_memory=backbone.device.type == "cuda", persistent_workers=False)
     ends = {chunks[c][1]: c for c in todo}
+    starts = {chunks[c][0]: c for c in todo}
+    record: _ChunkRecord | None = None
     skipped: list[dict[str, Any]] = []
     bar = _progress_bar() if progress else contextlib.nullcontext()
     with bar:
@@ -424,10 +507,14 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
             cls, patches = backbone(x)
             out = torch.cat([cls[:, None], patches], dim=1).to(torch.float16).cpu().numpy()
             a, b = int(idx[0]), int(idx[-1]) + 1
+            if a in starts:
+                record = _ChunkRecord(masks is not None)
             tokens[a:b] = out
             labels[a:b] = y.numpy()
             if masks is not None:
                 masks[a:b] = m.numpy()
+            kept = [i for i in range(b - a) if not errs[i]]
+            record.add(out[kept], y.numpy()[kept], None if masks is None else m.numpy()[kept])
             if progress:
                 bar.update(task, advance=b - a)
             if b in ends:  # chunk finished: flush, then leave its marker
@@ -438,19 +525,63 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
                 c = ends[b]
                 mine = [s for s in skipped if chunks[c][0] <= s["index"] < chunks[c][1]]
                 _atomic_write(partial / "done" / f"{c:06d}.json",
-                              json.dumps({"chunk": c, "start": chunks[c][0], "stop": chunks[c][1], "skipped": mine}))
+                              json.dumps({"chunk": c, "start": chunks[c][0], "stop": chunks[c][1], "skipped": mine,
+                                          **record.digests()}))
     del tokens, labels, masks
+
+
+class _ChunkRecord:
+    """SHA-256 of the rows of one chunk as they were written (skipped images left out, so the hashes describe the
+    finished cache's rows): the same record :func:`_chunk_digests` computes from the files."""
+
+    def __init__(self, has_masks: bool) -> None:
+        self.rows = 0
+        self.tokens, self.labels = hashlib.sha256(), hashlib.sha256()
+        self.masks = hashlib.sha256() if has_masks else None
+        self.first = self.last = b""
+        self.label_bytes: list[bytes] = []
+
+    def add(self, tokens: np.ndarray, labels: np.ndarray, masks: np.ndarray | None) -> None:
+        if len(tokens) == 0:
+            return
+        tokens = np.ascontiguousarray(tokens, dtype=np.float16)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        if self.rows == 0:
+            self.first = tokens[0].tobytes()
+        self.last = tokens[-1].tobytes()
+        self.rows += len(tokens)
+        self.tokens.update(tokens.tobytes())
+        self.labels.update(labels.tobytes())
+        self.label_bytes.append(labels.tobytes())
+        if self.masks is not None and masks is not None:
+            self.masks.update(np.ascontiguousarray(masks, dtype=np.bool_).tobytes())
+
+    def digests(self) -> dict[str, Any]:
+        probe = hashlib.sha256()
+        if self.rows:
+            probe.update(self.first + self.last + b"".join(self.label_bytes))
+        out = {"rows": self.rows, "probe": probe.hexdigest(), "tokens": self.tokens.hexdigest(),
+               "labels": self.labels.hexdigest()}
+        if self.masks is not None:
+            out["masks"] = self.masks.hexdigest()
+        return out
 
 
 def _finalise(partial: Path, final: Path, fields: dict[str, Any], chunks, dataset, backbone, split: str) -> None:
     """Check every chunk is done, drop skipped rows, write indices + manifest, rename atomically."""
     done = partial / "done"
     skipped: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    row = 0
     for c in range(len(chunks)):
         f = done / f"{c:06d}.json"
-        if not f.is_file():
+        if not _chunk_done(done, c, chunks[c]):
             raise CacheError(f"cache {partial} is missing chunk {c}; rerun the extraction to finish it")
-        skipped.extend(json.loads(f.read_text())["skipped"])
+        rec = json.loads(f.read_text())
+        skipped.extend(rec["skipped"])
+        records.append({"chunk": c, "start": rec["start"], "stop": rec["stop"], "rows": [row, row + rec["rows"]],
+                        **{k: rec[k] for k in ("probe", "tokens", "labels", "masks") if k in rec}})
+        row += rec["rows"]
     n = chunks[-1][1]
     bad = sorted(s["index"] for s in skipped)
     keep = np.setdiff1d(np.arange(n, dtype=np.int64), np.asarray(bad, dtype=np.int64))
@@ -460,6 +591,9 @@ def _finalise(partial: Path, final: Path, fields: dict[str, Any], chunks, datase
         _compact(partial, keep)
     np.save(partial / "indices.npy", keep)
     tokens = np.load(partial / "tokens.npy", mmap_mode="r")
+    labels = np.load(partial / "labels.npy", mmap_mode="r")
+    _check_chunks(partial, records, tokens, labels, None, full=False)  # every row written before it is published
+    del labels
     manifest = {
         "format": FORMAT_VERSION,
         "key_fields": fields,
@@ -478,6 +612,7 @@ def _finalise(partial: Path, final: Path, fields: dict[str, Any], chunks, datase
         "classes": list(getattr(dataset, "classes", []) or []),
         "has_masks": (partial / "masks.npy").is_file(),
         "skipped": skipped,
+        "chunks": records,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     del tokens

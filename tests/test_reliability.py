@@ -1,0 +1,207 @@
+"""Issue 19 regressions that need more than a one-line CLI call: cache resume/verification, export write-aside and
+the fp16 criterion, mathtext-safe figures, data check, Ctrl-C. The table of one-line hostile inputs lives in
+tests/test_hostile.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qpmcli.errors import CacheError
+
+# A tiny dataset of real PNG files; a module file so the build subprocesses (and their DataLoader workers) import it.
+TINY_DS = '''
+import os, time
+import numpy as np
+from PIL import Image
+from qpmcli.contracts import Dataset, Sample
+from qpmcli.images import open_image
+
+
+class Tiny(Dataset):
+    name = "tiny19"
+
+    def __init__(self, root, n=20, delay=0.0):
+        self.root, self.delay = str(root), delay
+        self.classes = ["a", "b", "c"]
+        os.makedirs(root, exist_ok=True)
+        self.paths = []
+        rng = np.random.default_rng(1)
+        for i in range(n):
+            p = os.path.join(root, f"im{i:03d}.png")
+            if not os.path.exists(p):
+                Image.fromarray(rng.integers(0, 256, (30 + i % 5, 36, 3), dtype=np.uint8)).save(p)
+            self.paths.append(p)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if self.delay:
+            time.sleep(self.delay)
+        return Sample(open_image(self.paths[i]), i % 3, None, self.paths[i])
+
+    def label(self, i):
+        return i % 3
+
+    def path(self, i):
+        return self.paths[i]
+
+    def fingerprint(self):
+        return {"name": self.name, "split": "train", "size": len(self), "root": self.root}
+'''
+
+BUILD = '''
+import sys
+sys.path.insert(0, {moddir!r})
+from tiny19 import Tiny
+from qpmcli.backbone import load_backbone
+from qpmcli.cache import build_cache
+from qpmcli.settings import QpmSettings
+bb = load_backbone("dinov2-vits14", weights="random", settings=QpmSettings(device="cpu"), arch={{"depth": 1}},
+                   image_size=56)
+c = build_cache(bb, Tiny({root!r}, n={n}, delay={delay}), "train", {cache!r}, batch_size={bs},
+                num_workers={workers}, progress=False, chunk_images=8)
+print("DONE", len(c))
+'''
+
+
+@pytest.fixture(scope="module")
+def tinymod(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mod19")
+    (d / "tiny19.py").write_text(TINY_DS)
+    sys.path.insert(0, str(d))
+    import tiny19
+
+    yield d, tiny19
+    sys.path.remove(str(d))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from qpmcli.backbone import load_backbone
+    from qpmcli.settings import QpmSettings
+
+    return load_backbone("dinov2-vits14", weights="random", settings=QpmSettings(device="cpu"), arch={"depth": 1},
+                         image_size=56)
+
+
+def _build_proc(script: Path, moddir: Path, root: Path, cache: Path, *, bs: int, workers: int, delay: float):
+    script.write_text(BUILD.format(moddir=str(moddir), root=str(root), n=20, delay=delay, cache=str(cache), bs=bs,
+                                   workers=workers))
+    return [sys.executable, str(script)]
+
+
+# ------------------------------------------------------------------------------------------------- 1. the cache
+def test_resume_with_another_batch_size_and_worker_count_is_complete_and_correct(tmp_path, tinymod, backbone):
+    """Issue 19.1: killed after the first chunk marker, resumed with another batch size (6, not a divisor of the
+    chunk) and 2 decoding workers: every row equals an uninterrupted build's, none is left unwritten."""
+    from qpmcli.cache import build_cache
+
+    moddir, mod = tinymod
+    root, cache = tmp_path / "imgs", tmp_path / "c1"
+    mod.Tiny(root, n=20)  # write the images before the timed run
+    cmd = _build_proc(tmp_path / "b1.py", moddir, root, cache, bs=4, workers=0, delay=0.2)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*.partial/done/*.json")):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (partial,) = cache.glob("*.partial")
+    assert 1 <= len(list((partial / "done").glob("*.json"))) < 3, "the kill should land mid-extraction"
+    cmd = _build_proc(tmp_path / "b2.py", moddir, root, cache, bs=6, workers=2, delay=0.0)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DONE 20" in out.stdout and not partial.exists()
+    ref = build_cache(backbone, mod.Tiny(root, n=20), "train", tmp_path / "c2", batch_size=4, progress=False,
+                      chunk_images=8)
+    (d1,) = [p for p in cache.iterdir() if p.is_dir()]
+    got = np.load(d1 / "tokens.npy")
+    np.testing.assert_array_equal(np.load(d1 / "labels.npy"), np.arange(20) % 3)
+    np.testing.assert_array_equal(np.load(d1 / "indices.npy"), np.arange(20))
+    assert (np.abs(got.astype(np.float32)).reshape(20, -1).max(1) > 0).all(), "a row was never written"
+    np.testing.assert_allclose(got.astype(np.float32), ref.tokens.astype(np.float32), atol=2e-3, rtol=2e-3)
+    manifest = json.loads((d1 / "manifest.json").read_text())
+    assert [(c["start"], c["stop"]) for c in manifest["chunks"]] == [(0, 8), (8, 16), (16, 20)]
+
+
+def test_a_stale_chunk_marker_is_redone_not_trusted(tmp_path, tinymod, backbone):
+    """A marker that does not describe the rows of the chunk it names (written by a build with another chunking) is
+    ignored: that chunk is extracted again."""
+    from qpmcli.cache import build_cache, cache_key_fields, cache_path
+
+    ds = tinymod[1].Tiny(tmp_path / "imgs", n=12)
+    final = cache_path(tmp_path / "c", cache_key_fields(backbone, ds, "train"))
+    with pytest.raises(KeyboardInterrupt):  # stop after the first chunk of the first build
+        _interrupt_after_first_chunk(backbone, ds, tmp_path / "c")
+    partial = final.with_name(final.name + ".partial")
+    marker = partial / "done" / "000000.json"
+    doc = json.loads(marker.read_text())
+    doc["stop"] = 4  # a marker from a build whose chunks were 4 rows: it does not cover rows 4..7 ...
+    marker.write_text(json.dumps(doc))
+    tokens = np.load(partial / "tokens.npy", mmap_mode="r+")
+    tokens[4:8] = 0  # ... and those rows were never written
+    tokens.flush()
+    del tokens
+    c = build_cache(backbone, ds, "train", tmp_path / "c", batch_size=4, progress=False, chunk_images=8)
+    assert (np.abs(c.tokens.astype(np.float32)).reshape(12, -1).max(1) > 0).all()
+
+
+def _interrupt_after_first_chunk(backbone, ds, cache_dir):
+    from qpmcli import cache as cache_mod
+
+    real = cache_mod._atomic_write
+
+    def write_then_stop(path, text):
+        real(path, text)
+        if path.parent.name == "done":
+            raise KeyboardInterrupt
+
+    cache_mod._atomic_write = write_then_stop
+    try:
+        cache_mod.build_cache(backbone, ds, "train", cache_dir, batch_size=4, progress=False, chunk_images=8)
+    finally:
+        cache_mod._atomic_write = real
+
+
+def test_open_checks_every_chunk_and_verify_checks_every_byte(tmp_path, tinymod, backbone):
+    from qpmcli.cache import TokenCache, build_cache
+
+    ds = tinymod[1].Tiny(tmp_path / "imgs", n=20)
+    c = build_cache(backbone, ds, "train", tmp_path / "c", batch_size=4, progress=False, chunk_images=8)
+    assert TokenCache.open(c.path).verify() == 3  # chunks checked
+    tokens = c.path / "tokens.npy"
+    pristine = tokens.read_bytes()
+    # a row never written (all zero) at the end of a chunk: found by the cheap check when opening
+    arr = np.load(tokens, mmap_mode="r+")
+    arr[15] = 0
+    arr.flush()
+    del arr
+    with pytest.raises(CacheError, match=r"rows 8\.\.15|chunk 1"):
+        TokenCache.open(c.path)
+    # one flipped value inside a chunk: the cheap check passes, the full check does not
+    tokens.write_bytes(pristine)
+    arr = np.load(tokens, mmap_mode="r+")
+    arr[11, 3, 5] += 1
+    arr.flush()
+    del arr
+    opened = TokenCache.open(c.path)
+    with pytest.raises(CacheError, match="chunk 1"):
+        opened.verify()
+    # a manifest whose chunks do not cover the rows is refused
+    tokens.write_bytes(pristine)
+    mf = c.path / "manifest.json"
+    m = json.loads(mf.read_text())
+    m["chunks"] = m["chunks"][:2]
+    mf.write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="chunk"):
+        TokenCache.open(c.path)
