@@ -25,6 +25,8 @@ def extract(
     bf16: bool = typer.Option(False, "--bf16/--no-bf16", help="bf16 autocast for the backbone forward (GPU)."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="Token cache folder (overrides QPM_CACHE_DIR)."),
     num_workers: int = typer.Option(None, "--num-workers", help="Image decoding workers (default from settings)."),
+    verify: bool = typer.Option(False, "--verify/--no-verify",
+                                help="Rehash every cached row against its chunk's SHA-256 (opening checks a sample)."),
     dataset_option: list[str] = opts.dataset_option_opt(),
     device: str = Device,
     quiet: bool = Quiet,
@@ -56,10 +58,12 @@ def extract(
                              data_root=data_root, dataset_options=options, progress=not (json_out or quiet),
                              backbone_obj=backbone_obj, batch_size=batch_size, skip_bad=skip_bad,
                              image_size=image_size, amp=bf16)
+        verified = cache.verify() if verify else None  # a mismatch is a CacheError naming the chunk
         m = cache.manifest
         results.append({"split": sp, "path": str(cache.path), "images": m["n"], "tokens": m["t"], "dim": m["d"],
                         "grid": m["grid"], "masks": m["has_masks"], "weights_digest": m["weights_digest"],
-                        "skipped": m["skipped"], "seconds": round(time.perf_counter() - t0, 3)})
+                        "skipped": m["skipped"], "seconds": round(time.perf_counter() - t0, 3),
+                        "verified_chunks": verified})
     import os
 
     if int(os.environ.get("RANK", "0")) != 0:
