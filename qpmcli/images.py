@@ -6,6 +6,8 @@ and refuses empty, truncated or absurdly large files with a message naming the f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qpmcli.errors import ImageError
@@ -37,6 +39,42 @@ def to_rgb(image):
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+@contextmanager
+def pixel_limit() -> Iterator[None]:
+    """Inside: PIL's decompression-bomb guard is ours (:data:`MAX_PIXELS`) and says nothing on its own.
+
+    PIL warns (``DecompressionBombWarning``, a raw warning on stderr) above ``Image.MAX_IMAGE_PIXELS`` and refuses
+    above twice that; callers check ``MAX_PIXELS`` themselves right after ``Image.open`` (a header read), so the
+    warning is silenced and PIL's refusal moved to our limit, where a :class:`PIL.Image.DecompressionBombError` is
+    reworded by :func:`bomb_message`.
+    """
+    import warnings
+
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # PIL refuses beyond 2x its limit: exactly beyond ours
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def too_large(path: object, width: int, height: int) -> ImageError | None:
+    """Our error for an image over :data:`MAX_PIXELS`, or ``None``."""
+    if width * height > MAX_PIXELS:
+        return ImageError(f"image {path} is too large ({width}x{height} pixels; limit {MAX_PIXELS})")
+    return None
+
+
+def bomb_message(path: object, exc: Exception) -> str:
+    """PIL's decompression-bomb refusal in our words."""
+    import re
+
+    m = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(m.group(1))} pixels" if m else "too many pixels"
+    return f"image {path} is too large ({size}; limit {MAX_PIXELS})"
+
+
 def open_image(path: str | Path):
     """Open ``path`` fully (decoding now, not lazily) and return an RGB image, or raise :class:`ImageError`."""
     from PIL import Image, UnidentifiedImageError
@@ -45,12 +83,15 @@ def open_image(path: str | Path):
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"image {path} is too large ({im.width}x{im.height} pixels; limit {MAX_PIXELS})")
+        with pixel_limit(), Image.open(path) as im:
+            err = too_large(path, im.width, im.height)
+            if err is not None:
+                raise err
             im.load()
             return to_rgb(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(bomb_message(path, exc)) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from exc

@@ -205,3 +205,37 @@ def test_open_checks_every_chunk_and_verify_checks_every_byte(tmp_path, tinymod,
     mf.write_text(json.dumps(m))
     with pytest.raises(CacheError, match="chunk"):
         TokenCache.open(c.path)
+
+
+# ------------------------------------------------------------------------------------------ 7. pixel limit
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels and holds no pixel data (a decompression bomb's
+    signature, in 57 bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width,height,message", [
+    (10_000, 10_000, "cannot read image"),  # over PIL's warning threshold, under our limit: truncated, no warning
+    (20_000, 10_000, "cannot read image"),  # over PIL's own refusal (179 M), under ours (300 M)
+    (20_000, 20_000, r"too large \(400000000 pixels; limit 300000000\)"),
+    (40_000, 40_000, r"too large \(1600000000 pixels; limit 300000000\)"),  # PIL's refusal, in our words
+])
+def test_our_pixel_limit_applies_and_pil_warns_nothing(tmp_path, width, height, message):
+    import warnings
+
+    from qpmcli.errors import ImageError
+    from qpmcli.images import open_image
+
+    p = tmp_path / "bomb.png"
+    p.write_bytes(png_header(width, height))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning (DecompressionBombWarning) fails the test
+        with pytest.raises(ImageError, match=message):
+            open_image(p)
