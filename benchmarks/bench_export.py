@@ -107,7 +107,7 @@ def main() -> int:
     import torch
 
     from qpmcli.export import FullGraph, export_onnx
-    from qpmcli.predict import _make_session, cuda_device_count
+    from qpmcli.predict import cuda_device_count, make_session
 
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -144,7 +144,7 @@ def main() -> int:
         if dev == "cpu" or cuda_ep:
             for key in ("full", "adapter", "full_fp16", "adapter_fp16"):
                 if key in report["files"]:
-                    sess, io = _make_session(Path(report["files"][key]), ort_device)
+                    sess, io = make_session(Path(report["files"][key]), ort_device)
                     sessions[key] = (sess, io)
             notes.append("ORT providers: " + ", ".join(f"{k}={s.get_providers()[0]}" for k, (s, _) in
                                                        sessions.items()))

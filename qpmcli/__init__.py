@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 __all__ = ["__version__", "load_backbone", "load_dataset", "select", "metrics"]
 
 
@@ -39,6 +37,10 @@ def select(A, R=None, selector: str = "qpm", **kwargs: Any):
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # read from the installed package's metadata (pyproject.toml), see qpmcli.version
+        from qpmcli.version import qpm_version
+
+        return qpm_version()
     if name == "metrics":
         import importlib
 

@@ -184,8 +184,10 @@ def library_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
-    out = {"python": platform.python_version()}
-    for name in ("qpm", "torch", "timm", "numpy", "safetensors", "ortools", "schedulefree"):
+    from qpmcli.version import qpm_version
+
+    out = {"python": platform.python_version(), "qpm": qpm_version()}
+    for name in ("torch", "timm", "numpy", "safetensors", "ortools", "schedulefree"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

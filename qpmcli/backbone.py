@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,8 +41,6 @@ REFERENCE_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float,
     "aircraft": ((0.4827, 0.5130, 0.5352), (0.2236, 0.2170, 0.2478)),
     "fgvc-aircraft": ((0.4827, 0.5130, 0.5352), (0.2236, 0.2170, 0.2478)),
 }
-
-_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -75,6 +72,29 @@ def load_backbone(
     backbone = spec.factory(weights=weights, preprocess=preprocess, settings=settings, name=name, **options)
     dev = device or settings.torch_device()
     return backbone.to(dev)
+
+
+def load_run_backbone(info: dict[str, Any], *, weights: str | None, settings: Any, device: str) -> Any:
+    """Rebuild the run's frozen backbone (name, preprocessing mode, options) and check its weights digest."""
+    digest = str(info.get("weights_digest") or "")
+    if weights is None and digest.startswith("random"):
+        weights = "random"  # a run trained on random-init weights (tests, benchmarks) rebuilds them exactly
+    pcfg = info.get("preprocess") or {}
+    opts = {"dataset": info.get("dataset"), **(info.get("backbone_options") or {})}  # as qpmcli.train builds it
+
+    def build(**extra: Any) -> Any:
+        return load_backbone(info["backbone"], weights=weights, preprocess=pcfg.get("mode", "official"),
+                             settings=settings, device=device, **{**opts, **extra})
+
+    backbone = build()
+    size = [int(v) for v in info.get("image_size") or backbone.image_size]
+    if list(backbone.image_size) != size:  # a run trained at a non-default size that its options do not record
+        backbone = build(image_size=size)
+    if digest and backbone.weights_digest != digest:
+        raise WeightsError(
+            f"backbone weights digest {backbone.weights_digest} does not match the run's {digest} (backbone "
+            f"{info['backbone']}); pass the weights file the run was trained with via --weights")
+    return backbone
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -234,21 +254,10 @@ def preprocess_image(image: Any, config: dict[str, Any]) -> torch.Tensor:
     Squash-resize to ``size`` (H, W) with PIL (what torchvision's ``Resize`` does on PIL images), scale to [0, 1],
     normalise with mean/std and, for the reference mode, rescale the whole image to [0, 1] by its own min and max.
     """
-    from qpmcli.images import to_rgb
+    from qpmcli.images import preprocess_array
 
-    img = to_rgb(image)
-    h, w = config["size"]
-    if img.size != (w, h):
-        img = img.resize((w, h), _RESAMPLE[config.get("interpolation", "bilinear")])
     # numpy, not torch: this runs in DataLoader workers, where small torch ops pay thread-pool overhead
-    arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255.0)  # = torchvision ToTensor
-    arr -= np.asarray(config["mean"], dtype=np.float32)  # = Normalize (sub, then div), in float32
-    arr /= np.asarray(config["std"], dtype=np.float32)
-    if config.get("minmax"):
-        lo, hi = arr.min(), arr.max()
-        arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(arr)
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-    return x
+    return torch.from_numpy(preprocess_array(image, config))
 
 
 # ---------------------------------------------------------------------------------------------- the backbone

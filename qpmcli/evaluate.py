@@ -90,7 +90,7 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
     train cache's order) enables Alignment; segmentation overlap needs the test cache's masks. Absent inputs give
     ``None`` for those metrics.
     """
-    keys = _checked_names(which)
+    keys = checked_metric_names(which)
     model = model.to(device).eval()
     head = head_parameters(model)
     weight = head["weight"]
@@ -191,7 +191,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
 
     t0 = time.perf_counter()
     run = Path(run_dir)
-    keys = _checked_names(which)
+    keys = checked_metric_names(which)
     if not run.is_dir():
         raise ArtifactError(f"run directory {run} does not exist; train one with `qpm train --run-dir {run}`")
     if settings is None:
@@ -226,7 +226,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
             "notes": notes}
 
 
-def _checked_names(which: str | list[str]) -> list[str]:
+def checked_metric_names(which: str | list[str]) -> list[str]:
     """Metric names from a CLI string or list; unknown names become a one-line ``QpmError``."""
     from qpmcli.errors import ConfigError
 

@@ -9,10 +9,14 @@ A QPM model decides with a handful of features per class: ``logit_c = sum_k W[c,
 - **contrastive** (:func:`render_compare`): two classes side by side: the features they share (which cancel in the
   logit difference of a binary W) and the ones that tell them apart;
 - **global** (:func:`render_global`): a class's features, each shown by the training patches that activate it most.
-  Those prototypes are computed once after training (:func:`build_prototypes`, stored in ``<run>/prototypes/``) and
-  read back by :func:`load_prototypes` from a run directory or from an exported ONNX file's ``qpm_prototypes``
-  metadata, so explaining never needs the training data;
+  Those prototypes are computed once after training (:func:`qpmcli.prototypes.build_prototypes`, stored in
+  ``<run>/prototypes/``) and read back by :func:`qpmcli.prototypes.load_prototypes` from a run directory or from an
+  exported ONNX file's ``qpm_prototypes`` metadata, so explaining never needs the training data;
 - **HTML** (:func:`render_html`): one self-contained report (figures as data URIs) for one image or a folder.
+
+Every function renders from a :class:`qpmcli.modelfile.ClassifierMetadata` (or a plain mapping with at least
+``weight``, turned into one by :meth:`~qpmcli.modelfile.ClassifierMetadata.coerce`); the head arithmetic (z-scores,
+contributions, evidence weights) is the metadata's own, so figures and ``qpm predict`` agree.
 
 Feature ids are the *dense* feature indices (``feature 305``), the same in every figure, and every feature has a
 stable colour (:func:`feature_colour`). Figures are drawn with matplotlib's Agg backend at a fixed pixel size.
@@ -26,25 +30,20 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import math
 import os
 import re
-import shutil
 import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
+from qpmcli.errors import ArtifactError, ConfigError, ImageError
+from qpmcli.modelfile import ClassifierMetadata, parse_prototypes, softmax
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-PROTOTYPES_JSON = "prototypes.json"
-PROTOTYPES_FORMAT = "qpm-prototypes"
-ONNX_PROTOTYPES_KEY = "qpm_prototypes"
 DPI = 100
 LOCAL_FIGSIZE = (16.0, 7.2)  # -> 1600 x 720 px
 MAX_DISPLAY = 320  # longest side of the input as drawn in figures (px)
@@ -78,15 +77,6 @@ def _short(text: str, width: int = 30) -> str:
 
 def _wrap(text: str, width: int = 34, lines: int = 2) -> str:
     return "\n".join(textwrap.wrap(str(text), width=width, max_lines=lines, placeholder="\u2026")) or str(text)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -186,35 +176,15 @@ class LocalExplanation:
 
 
 def metadata_dict(meta: Any) -> dict[str, Any]:
-    """A plain dict view of a classifier's metadata (:class:`qpmcli.predict.ClassifierMetadata` or a dict):
-    ``class_names``, ``features``, ``weight``, ``mu``, ``sigma``, ``bias``, ``backbone``, ``grid``, ``prototypes``."""
+    """A plain dict view of a classifier's metadata (a :class:`qpmcli.modelfile.ClassifierMetadata` or a dict).
+
+    Every function here also takes the :class:`~qpmcli.modelfile.ClassifierMetadata` itself; this view is for
+    callers that want to add or override entries."""
     if isinstance(meta, dict):
         return dict(meta)
     keys = ("class_names", "features", "weight", "mu", "sigma", "bias", "backbone", "weights_digest", "grid",
             "image_size", "preprocess", "prototypes")
     return {k: getattr(meta, k) for k in keys if hasattr(meta, k)}
-
-
-def _head_arrays(metadata: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None,
-                                                     np.ndarray | None, list[int]]:
-    """``(W [C, K], mu [K] | None, sigma [K] | None, bias [C] | None, feature ids [K])`` from the metadata."""
-    import numpy as np
-
-    if "weight" not in metadata:
-        raise ArtifactError("the model metadata has no class-feature weight matrix ('weight')")
-    w = np.asarray(metadata["weight"], dtype=np.float64)
-    k = w.shape[1]
-    ids = metadata.get("features")
-    ids = [int(i) for i in ids] if ids is not None else list(range(k))
-    if len(ids) != k:
-        raise ArtifactError(f"the model metadata lists {len(ids)} features but its weight has {k} columns")
-    mu = metadata.get("mu")
-    sigma = metadata.get("sigma")
-    bias = metadata.get("bias")
-    mu = None if mu is None else np.asarray(mu, dtype=np.float64).reshape(-1)
-    sigma = None if sigma is None else np.maximum(np.asarray(sigma, dtype=np.float64).reshape(-1), 1e-6)
-    bias = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
-    return w, mu, sigma, bias, ids
 
 
 def class_columns(weight: np.ndarray, class_index: int, max_features: int = 5,
@@ -231,23 +201,23 @@ def class_columns(weight: np.ndarray, class_index: int, max_features: int = 5,
     return [int(c) for c in cols]
 
 
-def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray, metadata: dict[str, Any], *,
-                   image: str = "", class_index: int | None = None, max_features: int = 5,
-                   top_k: int = 5) -> LocalExplanation:
+def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
+                   metadata: ClassifierMetadata | dict[str, Any], *, image: str = "", class_index: int | None = None,
+                   max_features: int = 5, top_k: int = 5) -> LocalExplanation:
     """Turn one image's model output (``logits [C]``, ``maps [K, h, w]``, ``features [K]``) into the evidence of
     ``class_index`` (default: the predicted class), features ordered by contribution (largest first)."""
     import numpy as np
 
-    w, mu, sigma, bias, ids = _head_arrays(metadata)
-    names = [str(c) for c in metadata.get("class_names") or range(w.shape[0])]
+    meta = ClassifierMetadata.coerce(metadata)
+    w, ids, bias, names = meta.weight, meta.features, meta.bias, meta.class_names
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     f = np.asarray(features, dtype=np.float64).reshape(-1)
     maps = np.asarray(maps, dtype=np.float32)
     probs = softmax(logits)
     pred = int(np.argmax(logits))
     c = pred if class_index is None else int(class_index)
-    z = (f - mu) / sigma if mu is not None and sigma is not None else None
-    contrib_all = w[c] * (z if z is not None else f)
+    z = meta.standardize(f, np.float64) if meta.standardized else None
+    contrib_all = meta.contributions(f, c, np.float64)[0]
     cols = class_columns(w, c, max_features, contrib_all)
     evidence = []
     for k in cols:
@@ -268,25 +238,25 @@ def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray, m
                             predicted_index=pred, predicted_name=names[pred], top=top, features=evidence)
 
 
-def evidence_map(maps: np.ndarray, metadata: dict[str, Any], class_index: int) -> np.ndarray:
+def evidence_map(maps: np.ndarray, metadata: ClassifierMetadata | dict[str, Any], class_index: int) -> np.ndarray:
     """Per-patch evidence for a class, ``sum_k W[c, k] * F_k / sigma_k`` ``[h, w]``: its spatial mean minus the
     constant ``sum_k W[c, k] * mu_k / sigma_k`` (plus bias) is the logit, so it shows where the logit comes from."""
     import numpy as np
 
-    w, _, sigma, _, _ = _head_arrays(metadata)
-    row = w[class_index] / (sigma if sigma is not None else 1.0)
+    row = ClassifierMetadata.coerce(metadata).evidence_weights(class_index)
     return np.tensordot(row, np.asarray(maps, dtype=np.float64), axes=(0, 0))
 
 
-def compare_classes(metadata: dict[str, Any], class_a: int, class_b: int, columns_a: list[int] | None = None,
-                    columns_b: list[int] | None = None) -> dict[str, list[int]]:
+def compare_classes(metadata: ClassifierMetadata | dict[str, Any], class_a: int, class_b: int,
+                    columns_a: list[int] | None = None, columns_b: list[int] | None = None) -> dict[str, list[int]]:
     """Columns of W used by both classes (``shared``) and by only one (``only_a``, ``only_b``), plus dense ids.
 
     ``columns_a``/``columns_b`` restrict the comparison to the columns shown for each class (a dense head, where
     every class uses every feature, is compared on the features that matter most for this image)."""
     import numpy as np
 
-    w, _, _, _, ids = _head_arrays(metadata)
+    meta = ClassifierMetadata.coerce(metadata)
+    w, ids = meta.weight, meta.features
     a = set(columns_a) if columns_a is not None else set(np.flatnonzero(w[class_a] != 0).tolist())
     b = set(columns_b) if columns_b is not None else set(np.flatnonzero(w[class_b] != 0).tolist())
     out = {"shared": sorted(a & b), "only_a": sorted(a - b), "only_b": sorted(b - a)}
@@ -378,7 +348,7 @@ def _composite(rgb: np.ndarray, ups: list[np.ndarray], colours: list[Any], vmax:
     return np.clip(grey * (1 - a) + colour * a, 0, 255).astype(np.uint8)
 
 
-def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata: dict[str, Any],
+def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata: ClassifierMetadata | dict[str, Any],
                  path: str | os.PathLike[str]) -> Path:
     """The local explanation figure (1600 x 720 px): input, prediction, contributions, combined evidence, the
     feature composite, and one saliency panel per feature of ``expl.class_index``."""
@@ -487,7 +457,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
 
 
 def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanation, maps: np.ndarray,
-                   features: np.ndarray, metadata: dict[str, Any], groups: dict[str, list[int]],
+                   features: np.ndarray, metadata: ClassifierMetadata | dict[str, Any], groups: dict[str, list[int]],
                    path: str | os.PathLike[str]) -> Path:
     """The contrastive figure: a header (input, logit difference split by feature) and one row per group of
     features (shared, only class A, only class B), each feature drawn where it fires on this image."""
@@ -496,7 +466,8 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     from matplotlib.colors import Normalize
 
     plt = _pyplot()
-    w, mu, sigma, _, ids = _head_arrays(metadata)
+    meta = ClassifierMetadata.coerce(metadata)
+    w, ids = meta.weight, meta.features
     rgb = _display_image(image)
     size = rgb.shape[:2]
     rows = [("shared", f"shared by both classes ({len(groups['shared'])})"),
@@ -519,7 +490,7 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     ax.set_title(_short(Path(expl_a.image).name or "input", 30), fontsize=10)
 
     f_all = np.asarray(features, dtype=np.float64).reshape(-1)
-    x = (f_all - mu) / sigma if mu is not None and sigma is not None else f_all
+    x = meta.standardize(f_all, np.float64)
     cols = groups["shared"] + groups["only_a"] + groups["only_b"]
     delta = [(w[expl_a.class_index, k] - w[expl_b.class_index, k]) * x[k] for k in cols]
     ax = fig.add_subplot(head[0, 1])
@@ -568,20 +539,21 @@ def _png_image(b64: str) -> Any:
     return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
 
 
-def render_global(class_index: int, metadata: dict[str, Any], prototypes: dict[int, list[dict[str, Any]]],
+def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any],
+                  prototypes: dict[int, list[dict[str, Any]]],
                   path: str | os.PathLike[str], per_feature: int | None = None) -> Path:
     """The global explanation of a class: one row per feature, its most activating training patches."""
     import matplotlib.patches as mpatches
 
     plt = _pyplot()
-    w, _, _, _, ids = _head_arrays(metadata)
-    names = [str(c) for c in metadata.get("class_names") or range(w.shape[0])]
+    meta = ClassifierMetadata.coerce(metadata)
+    w, ids, names = meta.weight, meta.features, meta.class_names
     cols = class_columns(w, class_index, max_features=10)
     feats = [ids[k] for k in cols]
     missing = [f for f in feats if f not in prototypes]
     if missing:
         raise ArtifactError(f"the model's prototypes lack feature(s) {missing}; rebuild them with "
-                            f"qpmcli.explain.build_prototypes(...) after training")
+                            f"qpmcli.prototypes.build_prototypes(...) after training")
     n = per_feature or max(len(prototypes[f]) for f in feats)
     fig = plt.figure(figsize=(1.9 + 1.7 * n, 0.9 + 1.95 * len(feats)), dpi=DPI)
     gs = fig.add_gridspec(len(feats), n + 1, width_ratios=[1.1] + [1] * n, left=0.01, right=0.99,
@@ -611,200 +583,6 @@ def render_global(class_index: int, metadata: dict[str, Any], prototypes: dict[i
             ax.set_title(f"{_short(proto.get('class', ''), 22)}\nact {float(proto.get('activation', 0)):.2f}",
                          fontsize=7)
     return _save(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------- prototypes
-def _crop_box(r: int, c: int, grid: tuple[int, int], size: tuple[int, int], context: float) -> tuple[int, ...]:
-    """A square-ish window (``context`` patches wide, at most 45 % of the image) centred on patch ``(r, c)``,
-    shifted to stay inside the image; returned in pixels of an image of ``size = (W, H)``."""
-    gh, gw = grid
-    width, height = size
-    side_x = min(context / gw, 0.45) * width
-    side_y = min(context / gh, 0.45) * height
-    cx, cy = (c + 0.5) / gw * width, (r + 0.5) / gh * height
-    x0 = min(max(cx - side_x / 2, 0.0), width - side_x)
-    y0 = min(max(cy - side_y / 2, 0.0), height - side_y)
-    return (round(x0), round(y0), round(x0 + side_x), round(y0 + side_y))
-
-
-def build_prototypes(model: Any, train_cache: Any, dataset: Any, run_dir: str | os.PathLike[str],
-                     per_feature: int = 6, *, batch_size: int = 256, crop_px: int = 64, context: float = 3.0,
-                     device: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Find, per selected feature, the ``per_feature`` training images whose map peaks highest (one patch each), and
-    store crops around those patches in ``<run>/prototypes/`` (``f<id>_<rank>.png`` + ``prototypes.json``).
-
-    ``model``: the final (sparse) :class:`~qpmcli.model.QPMModel`; ``train_cache``: the run's train
-    :class:`~qpmcli.cache.TokenCache`; ``dataset``: the same train split (for the pixels; ``train_cache.indices``
-    maps cache rows to dataset items). The search is one pass over the cached tokens with a running top-k per feature.
-    Returns a JSON-able summary. A model without a feature selection gets no prototypes (nothing is written).
-    """
-    import numpy as np
-    import torch
-
-    from qpmcli.artifact import atomic_write_json
-
-    run = Path(run_dir)
-    if not getattr(model, "is_sparse", False):
-        return {"written": False, "reason": "the model has no feature selection", "features": 0}
-    if per_feature < 1:
-        raise ConfigError(f"per_feature must be >= 1, not {per_feature}")
-    ids = [int(i) for i in model.sel_index.tolist()]
-    k = len(ids)
-    dev = torch.device(device) if device else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n = len(train_cache)
-    m = min(per_feature, n)
-    best_v = torch.full((0, k), -math.inf)
-    best_i = torch.zeros((0, k), dtype=torch.long)
-    best_p = torch.zeros((0, k), dtype=torch.long)
-    tokens = train_cache.tokens
-    bar = None
-    if progress:
-        from rich.progress import Progress
-
-        bar = Progress(transient=True)
-        bar.start()
-        task = bar.add_task("prototypes", total=n)
-    try:
-        with torch.no_grad():
-            for start in range(0, n, batch_size):
-                x = torch.from_numpy(np.asarray(tokens[start:start + batch_size], dtype=np.float32)).to(dev)
-                maps = model(x).maps.float()  # [B, K, h, w]
-                flat = maps.flatten(2)
-                v, p = flat.max(dim=2)  # [B, K]
-                rows = torch.arange(start, start + x.shape[0]).unsqueeze(1).expand(-1, k)
-                cat_v = torch.cat([best_v, v.cpu()])
-                cat_i = torch.cat([best_i, rows])
-                cat_p = torch.cat([best_p, p.cpu()])
-                top = cat_v.topk(min(m, cat_v.shape[0]), dim=0)
-                best_v = top.values
-                best_i = cat_i.gather(0, top.indices)
-                best_p = cat_p.gather(0, top.indices)
-                if bar is not None:
-                    bar.advance(task, x.shape[0])
-    finally:
-        if bar is not None:
-            bar.stop()
-        model.train(was_training)
-    grid = tuple(int(g) for g in train_cache.grid)
-    names = [str(c) for c in (train_cache.classes or getattr(dataset, "classes", None) or [])]
-    labels = np.asarray(train_cache.labels)
-    indices = np.asarray(train_cache.indices)
-    final = run / "prototypes"
-    tmp = run / ".prototypes.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    from PIL import Image
-
-    # decode each training image once (rows in order), crop every prototype it holds, then let it go
-    wanted: dict[int, list[tuple[int, int]]] = {}
-    for j in range(k):
-        for rank in range(best_v.shape[0]):
-            wanted.setdefault(int(best_i[rank, j]), []).append((j, rank))
-    found: dict[tuple[int, int], dict[str, Any]] = {}
-    unreadable = 0
-    for row in sorted(wanted):
-        try:
-            img = dataset[int(indices[row])].image.convert("RGB")
-        except (QpmError, OSError, ValueError):  # an image moved/broke after caching: fewer prototypes
-            unreadable += 1
-            continue
-        label = int(labels[row])
-        pw, ph = img.size[0] / grid[1], img.size[1] / grid[0]
-        for j, rank in wanted[row]:
-            r, c = divmod(int(best_p[rank, j]), grid[1])
-            box = _crop_box(r, c, grid, img.size, context)
-            crop = img.crop(box).resize((crop_px, crop_px), Image.Resampling.BICUBIC)
-            sx, sy = crop_px / (box[2] - box[0]), crop_px / (box[3] - box[1])
-            pbox = [round((c * pw - box[0]) * sx, 1), round((r * ph - box[1]) * sy, 1),
-                    round(((c + 1) * pw - box[0]) * sx, 1), round(((r + 1) * ph - box[1]) * sy, 1)]
-            name = f"f{ids[j]}_{rank}.png"
-            crop.save(tmp / name, format="PNG", optimize=True)
-            found[(j, rank)] = {"file": name, "class": names[label] if label < len(names) else str(label),
-                                "label": label, "activation": float(best_v[rank, j]), "row": row,
-                                "index": int(indices[row]), "patch": [r, c], "patch_box": pbox}
-    doc_feats = {str(fid): [found[(j, rank)] for rank in range(best_v.shape[0]) if (j, rank) in found]
-                 for j, fid in enumerate(ids)}
-    doc = {"format": PROTOTYPES_FORMAT, "format_version": 1, "per_feature": m, "crop_px": crop_px,
-           "context_patches": context, "grid": list(grid), "n_train": n, "features": doc_feats}
-    atomic_write_json(tmp / PROTOTYPES_JSON, doc)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return {"written": True, "path": str(final), "features": k, "per_feature": m,
-            "images": len(wanted) - unreadable, "unreadable": unreadable}
-
-
-def load_prototypes(source: Any) -> dict[int, list[dict[str, Any]]]:
-    """Prototypes as ``{feature_id: [{"png_b64", "class", "activation", ...}]}`` from a run directory
-    (``prototypes/prototypes.json``), an ``.onnx`` file (metadata key ``qpm_prototypes``, the same JSON with
-    string keys), or a metadata dict holding that key. Missing prototypes are an :class:`ArtifactError`."""
-    if isinstance(source, dict):
-        raw = source.get(ONNX_PROTOTYPES_KEY, source.get("prototypes"))
-        if raw is None:
-            raise ArtifactError("the model carries no prototypes (no 'qpm_prototypes' metadata)")
-        return _parse_prototype_json(raw)
-    path = Path(source)
-    if path.is_dir():
-        doc_path = path / "prototypes" / PROTOTYPES_JSON
-        if not doc_path.is_file():
-            raise ArtifactError(f"{doc_path} is missing: the run has no prototypes; build them with "
-                                f"qpmcli.explain.build_prototypes(model, train_cache, dataset, '{path}')")
-        from qpmcli.artifact import read_json
-
-        doc = read_json(doc_path)
-        out: dict[int, list[dict[str, Any]]] = {}
-        for fid, entries in doc.get("features", {}).items():
-            items = []
-            for e in entries:
-                png = doc_path.parent / e["file"]
-                if not png.is_file():
-                    raise ArtifactError(f"prototype image {png} is missing; rebuild the prototypes")
-                items.append({**e, "png_b64": base64.b64encode(png.read_bytes()).decode("ascii")})
-            out[int(fid)] = items
-        return out
-    if path.suffix.lower() == ".onnx" and path.is_file():
-        raw = _onnx_metadata(path).get(ONNX_PROTOTYPES_KEY)
-        if raw is None:
-            raise ArtifactError(f"{path} carries no prototypes (no '{ONNX_PROTOTYPES_KEY}' metadata); export a run "
-                                f"that has prototypes/")
-        return _parse_prototype_json(raw)
-    raise ArtifactError(f"{path} is neither a run directory nor an .onnx file")
-
-
-def _parse_prototype_json(raw: Any) -> dict[int, list[dict[str, Any]]]:
-    try:
-        doc = json.loads(raw) if isinstance(raw, str | bytes) else raw
-        return {int(fid): [dict(e) for e in entries] for fid, entries in doc.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"the model's '{ONNX_PROTOTYPES_KEY}' metadata is malformed: {exc}") from exc
-
-
-def prototypes_metadata(run_dir: str | os.PathLike[str]) -> str:
-    """The JSON string to embed as ONNX metadata ``qpm_prototypes`` (for ``qpm export``):
-    ``{"<feature id>": [{"png_b64", "class", "activation", "patch_box"}, ...]}``."""
-    protos = load_prototypes(run_dir)
-    keep = ("png_b64", "class", "activation", "patch_box")
-    return json.dumps({str(fid): [{k: e[k] for k in keep if k in e} for e in entries]
-                       for fid, entries in protos.items()}, separators=(",", ":"))
-
-
-def _onnx_metadata(path: Path) -> dict[str, str]:
-    """ONNX ``metadata_props`` without running anything (onnx, else ONNX Runtime)."""
-    try:
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        return {p.key: p.value for p in model.metadata_props}
-    except ImportError:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return dict(sess.get_modelmeta().custom_metadata_map)
-    except Exception as exc:  # a corrupt protobuf
-        raise ArtifactError(f"cannot read ONNX file {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------- HTML
@@ -907,6 +685,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     from qpmcli.artifact import atomic_write_json
     from qpmcli.images import open_image
     from qpmcli.predict import load_classifier
+    from qpmcli.prototypes import load_prototypes
 
     paths = image_paths(list(images))
     if not paths and not class_name:
@@ -914,21 +693,20 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     out = Path(out_dir).expanduser().resolve()  # explanations.json lists absolute paths: valid from anywhere
     out.mkdir(parents=True, exist_ok=True)
     clf = load_classifier(model, device=device, weights=weights, settings=settings)
-    md = metadata_dict(clf.metadata)
-    w, _, _, _, ids = _head_arrays(md)
-    names = [str(c) for c in md.get("class_names") or range(w.shape[0])]
+    md = clf.metadata
+    w, ids, names = md.weight, md.features, md.class_names
     cls_idx = resolve_class(class_name, names) if class_name else None
     cmp_idx = resolve_class(compare, names) if compare else None
     if cmp_idx is not None and cmp_idx == cls_idx:
         raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare with another class")
-    summary: dict[str, Any] = {"model": str(model), "backbone": md.get("backbone"), "out_dir": str(out),
+    summary: dict[str, Any] = {"model": str(model), "backbone": md.backbone, "out_dir": str(out),
                                "class_names": len(names), "images": [], "global": None}
     if cls_idx is not None:
         if int((w[cls_idx] != 0).sum()) > 10:
             raise ConfigError("--class (global explanation) needs a QPM model with a feature selection; this model's "
                               "head is dense (every class uses every feature)")
-        if md.get("prototypes"):  # embedded in an ONNX file
-            protos = _parse_prototype_json(md["prototypes"])
+        if md.prototypes:  # embedded in an ONNX file (or read from the run by qpmcli.predict)
+            protos = parse_prototypes(md.prototypes)
         else:
             protos = load_prototypes(model)
         fig = render_global(cls_idx, md, protos, out / f"class_{slug(names[cls_idx])}_prototypes.png")
@@ -996,7 +774,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
 
 
 __all__ = [
-    "FeatureEvidence", "LocalExplanation", "build_prototypes", "class_columns", "compare_classes", "evidence_map",
-    "explain", "explain_output", "feature_colour", "image_paths", "load_prototypes", "mask_fraction", "metadata_dict",
-    "prototypes_metadata", "render_compare", "render_global", "render_html", "render_local", "resolve_class",
+    "FeatureEvidence", "LocalExplanation", "class_columns", "compare_classes", "evidence_map", "explain",
+    "explain_output", "feature_colour", "image_paths", "mask_fraction", "metadata_dict", "render_compare",
+    "render_global", "render_html", "render_local", "resolve_class",
 ]

@@ -10,10 +10,11 @@ Two graphs are written, both with a dynamic batch axis and the outputs ``logits 
 - ``model.adapter.onnx``: the adapter + head only, input ``tokens [B, 1 + h*w, D]`` (CLS first), for users who extract
   tokens elsewhere.
 
-Both carry ``metadata_props`` (``qpm.<field>`` -> JSON): format, graph, class names, selected features, W, mu, sigma,
-bias, preprocessing, backbone name and weights digest, image size, grid, qpm version; and, when the run has
-``prototypes/``, the explain helper's prototypes under ``qpm_prototypes``. ``qpmcli.predict.load_classifier`` reads
-them back, so an ONNX file alone is enough to predict and explain. ``--fp16`` adds ``model.fp16.onnx`` (and its
+Both carry ``metadata_props`` in the format of :mod:`qpmcli.modelfile` (``qpm.<field>`` -> JSON): format, graph,
+class names, selected features, W, mu, sigma, bias, preprocessing, backbone name and weights digest, image size, grid,
+qpm version; and, when the run has ``prototypes/``, the embedded prototypes document under ``qpm_prototypes``.
+``qpmcli.predict.load_classifier`` reads them back, so an ONNX file alone is enough to predict and explain. This
+module only writes; every format detail lives in :mod:`qpmcli.modelfile`. ``--fp16`` adds ``model.fp16.onnx`` (and its
 adapter twin) converted with float32 inputs/outputs kept.
 
 This module imports torch; the CLI imports it only inside ``qpm export``.
@@ -24,7 +25,6 @@ difference <= 1e-4 for fp32, <= 1e-2 for fp16, 100 % top-1 agreement); a failed 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -37,10 +37,9 @@ import torch
 from torch import nn
 
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
-from qpmcli.model import SIGMA_MIN, ModelOutput, pool_tokens
-from qpmcli.predict import META_PREFIX, PROTOTYPES_KEY, ClassifierMetadata
+from qpmcli.model import pruned
+from qpmcli.modelfile import META_PREFIX, ClassifierMetadata, encode_onnx_metadata, metadata_from_run
 
-MAX_PROTOTYPE_BYTES = 8 << 20  # keep the metadata small: larger prototype sets are not embedded (a warning says so)
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 OUTPUT_NAMES = ["logits", "maps", "features"]
 DEFAULT_OPSET = 17
@@ -73,7 +72,8 @@ def export_onnx(
     :class:`SelectedFeaturesModel` (the last adapter layer cut to the selected features; same outputs, less work).
     """
     from qpmcli.artifact import load_model
-    from qpmcli.predict import load_run_backbone, metadata_from_run
+    from qpmcli.backbone import load_run_backbone
+    from qpmcli.prototypes import embedded_prototypes
 
     say = log or (lambda _m: None)
     run = Path(run_dir).expanduser()
@@ -87,7 +87,7 @@ def export_onnx(
     out_path = Path(out).expanduser() if out is not None else run / "model.onnx"
     if out_path.suffix.lower() != ".onnx":
         raise ConfigError(f"--out must end in .onnx, not {out_path.name}")
-    prototypes = read_prototypes(run, log=say)
+    prototypes = embedded_prototypes(run, log=say)
 
     full = FullGraph(backbone, model).eval()  # the PyTorch reference for --verify
     exported = graph_model(model, prune)
@@ -194,74 +194,10 @@ class AdapterGraph(nn.Module):
         return out.logits, out.maps, out.features
 
 
-class SelectedFeaturesModel(nn.Module):
-    """The sparse model with its last adapter layer cut to the selected features: an export-time optimisation.
-
-    BatchNorm and the activation act per channel, so computing only the K selected output channels of the last
-    Linear gives exactly ``F[:, sel]``; the other n_f - K channels (462 of 512 by default) are never used by a
-    QPM model. With patch-only pooling (avg/max) the CLS token is not run through the MLP either. Outputs equal
-    :class:`qpmcli.model.QPMModel`'s (checked by ``--verify`` against the unpruned model).
-    """
-
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        layers = list(model.mlp)
-        last = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
-        sel = model.sel_index.cpu()
-        old = layers[last]
-        lin = nn.Linear(old.in_features, int(sel.numel()))
-        with torch.no_grad():
-            lin.weight.copy_(old.weight[sel])
-            lin.bias.copy_(old.bias[sel])
-        tail: list[nn.Module] = []
-        for layer in layers[last + 1:]:
-            if isinstance(layer, nn.BatchNorm1d):
-                bn = copy.deepcopy(layer)
-                bn.num_features = int(sel.numel())
-                with torch.no_grad():
-                    for name in ("weight", "bias"):
-                        setattr(bn, name, nn.Parameter(getattr(layer, name)[sel].clone(), requires_grad=False))
-                    for name in ("running_mean", "running_var"):
-                        setattr(bn, name, getattr(layer, name)[sel].clone())
-                tail.append(bn)
-            else:  # an elementwise activation
-                tail.append(copy.deepcopy(layer))
-        self.mlp = nn.Sequential(*[copy.deepcopy(m) for m in layers[:last]], lin, *tail).eval()
-        self.grid = model.grid
-        self.pooling = model.pooling
-        self.register_buffer("mu", model.sel_mu.detach().clone())
-        self.register_buffer("sigma", model.sel_sigma.detach().clone())
-        self.register_buffer("weight", model.sel_weight.detach().clone())
-        bias = getattr(model, "sel_bias", None)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @staticmethod
-    def applies_to(model: Any) -> bool:
-        """Only sparse models with an MLP whose layers after the last Linear act per channel."""
-        if not getattr(model, "is_sparse", False) or not isinstance(model.mlp, nn.Sequential):
-            return False
-        layers = list(model.mlp)
-        linears = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)]
-        if not linears:
-            return False
-        elementwise = (nn.BatchNorm1d, nn.ReLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity)
-        return all(isinstance(layer, elementwise) for layer in layers[linears[-1] + 1:])
-
-    def forward(self, tokens: torch.Tensor) -> ModelOutput:
-        b = tokens.shape[0]
-        h, w = self.grid
-        patch_only = self.pooling in ("avg", "max")
-        z = self.mlp(tokens[:, 1:] if patch_only else tokens)
-        patches = z if patch_only else z[:, 1:]
-        maps = patches.transpose(1, 2).reshape(b, patches.shape[-1], h, w)
-        f = pool_tokens(patches, None if patch_only else z[:, 0], self.pooling)
-        x = (f - self.mu) / self.sigma.clamp_min(SIGMA_MIN)
-        return ModelOutput(nn.functional.linear(x, self.weight, self.bias), maps, f)
-
-
 def graph_model(model: Any, prune: bool = True) -> Any:
-    """The module to export: :class:`SelectedFeaturesModel` where it applies (and ``prune``), else ``model``."""
-    return SelectedFeaturesModel(model).eval() if prune and SelectedFeaturesModel.applies_to(model) else model
+    """The module to export: :func:`qpmcli.model.pruned` (the last adapter layer cut to the selected features) when
+    ``prune``, else ``model``."""
+    return pruned(model) if prune else model
 
 
 def _export(module: Any, example: Any, input_name: str, path: Path, meta: ClassifierMetadata, graph: str,
@@ -294,21 +230,10 @@ def _export(module: Any, example: Any, input_name: str, path: Path, meta: Classi
         onnx.save(proto, str(tmp))
 
 
-def metadata_props(meta: ClassifierMetadata, graph: str, prototypes: dict[str, Any] | None = None) -> dict[str, str]:
-    """The ``metadata_props`` entries (all values JSON text)."""
-    doc = meta.to_json()
-    props = {META_PREFIX + "format": json.dumps("qpm-onnx"), META_PREFIX + "format_version": json.dumps(1),
-             META_PREFIX + "graph": json.dumps(graph)}
-    for key, value in doc.items():
-        props[META_PREFIX + key] = json.dumps(value)
-    if prototypes is not None:
-        props[PROTOTYPES_KEY] = json.dumps(prototypes, separators=(",", ":"))
-    return props
-
-
 def set_metadata(proto: Any, meta: ClassifierMetadata, graph: str, prototypes: dict[str, Any] | None) -> None:
+    """Replace an ONNX model's ``metadata_props`` with :func:`qpmcli.modelfile.encode_onnx_metadata`'s entries."""
     del proto.metadata_props[:]
-    for key, value in metadata_props(meta, graph, prototypes).items():
+    for key, value in encode_onnx_metadata(meta, graph, prototypes).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
 
@@ -334,62 +259,6 @@ def convert_fp16(src: Path, dst: Path) -> None:
         onnx.save(half, str(tmp))
 
 
-# ----------------------------------------------------------------------------------------------- prototypes
-def read_prototypes(run: Path, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """The run's prototypes as ``{feature_id: [{"png_b64", "class", "activation", ...}]}``, or ``None``.
-
-    Uses ``qpmcli.explain.prototypes_metadata`` (the explain helper's compact form of ``<run>/prototypes/``, which
-    ``qpm explain`` reads back from the key ``qpm_prototypes``) when it is importable, else reads the folder directly;
-    prototype sets larger than :data:`MAX_PROTOTYPE_BYTES` are not embedded.
-    """
-    folder = run / "prototypes"
-    if not folder.is_dir():
-        return None
-    try:
-        from qpmcli.explain import prototypes_metadata
-    except ImportError:
-        prototypes_metadata = None
-    if prototypes_metadata is not None:
-        doc = json.loads(prototypes_metadata(run))
-    else:
-        doc = _read_prototypes_folder(folder)
-    if not doc:
-        return None
-    size = len(json.dumps(doc, separators=(",", ":")))
-    if size > MAX_PROTOTYPE_BYTES:
-        if log:
-            log(f"prototypes are {size / 2**20:.1f} MB (limit {MAX_PROTOTYPE_BYTES >> 20} MB); not embedded")
-        return None
-    return doc
-
-
-def _read_prototypes_folder(folder: Path) -> dict[str, Any] | None:
-    """Fallback reader: ``prototypes.json`` entries naming PNG files (``file``/``png``) get them as ``png_b64``."""
-    import base64
-
-    index = folder / "prototypes.json"
-    if not index.is_file():
-        return None
-    try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{index} is not readable JSON: {exc}") from exc
-    feats = doc.get("features", doc) if isinstance(doc, dict) else None
-    if not isinstance(feats, dict):
-        return None
-    out: dict[str, Any] = {}
-    for fid, entries in feats.items():
-        rows = []
-        for e in entries if isinstance(entries, list) else []:
-            e = dict(e)
-            name = e.pop("file", None) or e.pop("png", None)
-            if name and "png_b64" not in e and (folder / name).is_file():
-                e["png_b64"] = base64.b64encode((folder / name).read_bytes()).decode("ascii")
-            rows.append(e)
-        out[str(fid)] = rows
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- verification
 def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str | os.PathLike[str]] | None,
                 n: int = N_CHECK) -> tuple[Any, str]:
@@ -400,7 +269,8 @@ def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str 
     """
     import numpy as np
 
-    from qpmcli.predict import collect_images, preprocess_array
+    from qpmcli.images import preprocess_array
+    from qpmcli.predict import collect_images
 
     images: list[Any] = []
     if check_images:
@@ -468,9 +338,9 @@ def compare(ref: dict[str, Any], onnx_path: Path, x: Any, precision: str, device
     """Run ``onnx_path`` with ONNX Runtime on ``x`` and compare with the PyTorch outputs ``ref``."""
     import numpy as np
 
-    from qpmcli.predict import _make_session
+    from qpmcli.predict import make_session
 
-    session, io_binding = _make_session(onnx_path, device)
+    session, _ = make_session(onnx_path, device)
     name = session.get_inputs()[0].name
     outs = session.run(OUTPUT_NAMES, {name: np.ascontiguousarray(x, dtype=np.float32)})
     got = dict(zip(OUTPUT_NAMES, outs, strict=True))

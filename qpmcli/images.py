@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ImageError
 
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
 MAX_PIXELS = 300_000_000  # beyond this PIL's decompression-bomb guard would fire; we say so in our own words
+RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # preprocessing "interpolation" -> PIL.Image.Resampling value
 
 
 def to_rgb(image):
@@ -95,3 +100,27 @@ def open_image(path: str | Path):
         raise ImageError(bomb_message(path, exc)) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from exc
+
+
+def preprocess_array(image, config: dict[str, Any]) -> np.ndarray:
+    """PIL image (any mode) -> float32 ``[3, H, W]`` following a preprocessing ``config`` (the ``preprocess`` entry of
+    a model: ``size`` (H, W), ``mean``, ``std``, ``interpolation``, ``minmax``).
+
+    Squash-resize to ``size`` with PIL (what torchvision's ``Resize`` does on PIL images), scale to [0, 1]
+    (= ``ToTensor``), normalise with mean/std in float32 and, when ``minmax`` (the reference mode), rescale the image
+    to [0, 1] by its own min and max. numpy only: the ONNX path and DataLoader workers use it without torch.
+    """
+    import numpy as np
+
+    img = to_rgb(image)
+    h, w = (int(v) for v in config["size"])
+    if img.size != (w, h):
+        img = img.resize((w, h), RESAMPLE[config.get("interpolation", "bilinear")])
+    x = (np.asarray(img, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)
+    mean = np.asarray(config["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(config["std"], dtype=np.float32)[:, None, None]
+    x = (x - mean) / std
+    if config.get("minmax"):
+        lo, hi = x.min(), x.max()
+        x = np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
+    return np.ascontiguousarray(x, dtype=np.float32)

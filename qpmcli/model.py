@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qpmcli.errors import ConfigError
+from qpmcli.modelfile import SIGMA_MIN
 
 POOLINGS = ("avg", "max", "cls", "mean-avg")
 ACTIVATIONS = {
@@ -32,7 +33,6 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
     "leaky_relu": nn.LeakyReLU,
 }
-SIGMA_MIN = 1e-6  # METHOD.md §3.3 / B4: sparse head sigma clamp
 MAX_FEATURES = 16384  # n_f above this does not fit a token-wise MLP on [B, T, n_f] activations in practice
 
 
@@ -250,9 +250,83 @@ class QPMModel(nn.Module):
         idx = self.sel_index
         f = self.dropout(f.index_select(1, idx))
         maps = maps.index_select(1, idx)
-        x = (f - self.sel_mu) / self.sel_sigma.clamp_min(SIGMA_MIN)
-        logits = F.linear(x, self.sel_weight, getattr(self, "sel_bias", None))
-        return ModelOutput(logits, maps, f)
+        return ModelOutput(sparse_logits(f, self.sel_mu, self.sel_sigma, self.sel_weight,
+                                         getattr(self, "sel_bias", None)), maps, f)
+
+
+def sparse_logits(features: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """The sparse head: ``W @ ((f - mu) / max(sigma, SIGMA_MIN)) + bias`` on selected features ``[B, K]``."""
+    return F.linear((features - mu) / sigma.clamp_min(SIGMA_MIN), weight, bias)
+
+
+class SelectedFeaturesModel(nn.Module):
+    """A sparse :class:`QPMModel` with its last adapter layer cut to the selected features (for export and serving).
+
+    BatchNorm and the activation act per channel, so computing only the K selected output channels of the last
+    Linear gives exactly ``F[:, sel]``; the other n_f - K channels (462 of 512 by default) are never used by a
+    QPM model. With patch-only pooling (avg/max) the CLS token is not run through the MLP either. Outputs equal the
+    full model's in eval mode (``qpm export --verify`` checks this against the unpruned model).
+    """
+
+    def __init__(self, model: QPMModel) -> None:
+        super().__init__()
+        layers = list(model.mlp)
+        last = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+        sel = model.sel_index.cpu()
+        old = layers[last]
+        lin = nn.Linear(old.in_features, int(sel.numel()))
+        with torch.no_grad():
+            lin.weight.copy_(old.weight[sel])
+            lin.bias.copy_(old.bias[sel])
+        tail: list[nn.Module] = []
+        for layer in layers[last + 1:]:
+            if isinstance(layer, nn.BatchNorm1d):
+                bn = copy.deepcopy(layer)
+                bn.num_features = int(sel.numel())
+                with torch.no_grad():
+                    for name in ("weight", "bias"):
+                        setattr(bn, name, nn.Parameter(getattr(layer, name)[sel].clone(), requires_grad=False))
+                    for name in ("running_mean", "running_var"):
+                        setattr(bn, name, getattr(layer, name)[sel].clone())
+                tail.append(bn)
+            else:  # an elementwise activation
+                tail.append(copy.deepcopy(layer))
+        self.mlp = nn.Sequential(*[copy.deepcopy(m) for m in layers[:last]], lin, *tail).eval()
+        self.grid = model.grid
+        self.pooling = model.pooling
+        self.register_buffer("mu", model.sel_mu.detach().clone())
+        self.register_buffer("sigma", model.sel_sigma.detach().clone())
+        self.register_buffer("weight", model.sel_weight.detach().clone())
+        bias = getattr(model, "sel_bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @staticmethod
+    def applies_to(model: Any) -> bool:
+        """Only sparse models with an MLP whose layers after the last Linear act per channel."""
+        if not getattr(model, "is_sparse", False) or not isinstance(model.mlp, nn.Sequential):
+            return False
+        layers = list(model.mlp)
+        linears = [i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear)]
+        if not linears:
+            return False
+        elementwise = (nn.BatchNorm1d, nn.ReLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.Identity)
+        return all(isinstance(layer, elementwise) for layer in layers[linears[-1] + 1:])
+
+    def forward(self, tokens: torch.Tensor) -> ModelOutput:
+        b = tokens.shape[0]
+        h, w = self.grid
+        patch_only = self.pooling in ("avg", "max")
+        z = self.mlp(tokens[:, 1:] if patch_only else tokens)
+        patches = z if patch_only else z[:, 1:]
+        maps = patches.transpose(1, 2).reshape(b, patches.shape[-1], h, w)
+        f = pool_tokens(patches, None if patch_only else z[:, 0], self.pooling)
+        return ModelOutput(sparse_logits(f, self.mu, self.sigma, self.weight, self.bias), maps, f)
+
+
+def pruned(model: QPMModel) -> nn.Module:
+    """:class:`SelectedFeaturesModel` of ``model`` where it applies (a sparse model), else ``model`` itself."""
+    return SelectedFeaturesModel(model).eval() if SelectedFeaturesModel.applies_to(model) else model
 
 
 def linear_probe_config(embed_dim: int, n_classes: int, grid: tuple[int, int]) -> dict[str, Any]:

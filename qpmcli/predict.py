@@ -4,8 +4,9 @@
 Why one interface: ``qpm predict`` and ``qpm explain`` need the same things from a model whatever its format: its
 metadata (class names, selected features, W, mu, sigma, preprocessing, backbone, grid) and
 ``run(images) -> {logits [B, C], maps [B, K, h, w], features [B, K]}`` as numpy. An ONNX file carries the metadata in
-its ``metadata_props`` (written by :mod:`qpmcli.export`), so the file alone is enough; the ONNX path imports neither
-torch nor timm, and preprocessing is reimplemented in numpy to be identical to :func:`qpmcli.backbone.preprocess_image`.
+its ``metadata_props`` (the format of :mod:`qpmcli.modelfile`, written by :mod:`qpmcli.export`), so the file alone is
+enough; the ONNX path imports neither torch nor timm, and preprocessing is :func:`qpmcli.images.preprocess_array`, the
+numpy function that :func:`qpmcli.backbone.preprocess_image` also uses. This module only reads models.
 
 Execution providers: ``device="auto"`` uses CUDA (with IO binding) when a GPU and the CUDA EP are present, else the
 CPU; ``"tensorrt"`` opts into the TensorRT EP. :attr:`Classifier.provider` names the provider that actually ran.
@@ -13,175 +14,22 @@ CPU; ``"tensorrt"`` opts into the TensorRT EP. :attr:`Classifier.provider` names
 
 from __future__ import annotations
 
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError, WeightsError
+from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
+from qpmcli.images import preprocess_array
+from qpmcli.modelfile import ClassifierMetadata, decode_onnx_metadata, metadata_from_run, softmax
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-META_PREFIX = "qpm."  # metadata_props keys written by qpmcli.export: "qpm.<field>" -> JSON text
-PROTOTYPES_KEY = "qpm_prototypes"  # agreed with qpmcli.explain: {feature_id: [{"png_b64", "class", "activation"}]}
-SIGMA_MIN = 1e-6  # the sparse head's sigma clamp (qpmcli.model.SIGMA_MIN), repeated here to stay torch-free
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-_RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # PIL.Image.Resampling values (as in qpmcli.backbone)
-
-
-# ------------------------------------------------------------------------------------------------------ metadata
-@dataclass
-class ClassifierMetadata:
-    """Everything needed to preprocess, predict and explain, independent of the model format.
-
-    ``features`` are the selected indices into the dense adapter's n_f features (``range(n_f)`` for a dense model),
-    ``weight [C, K]`` the class-feature matrix (binary for QPM), ``mu``/``sigma [K]`` the frozen standardisation
-    (0/1 for a dense head), ``bias [C]`` or ``None``. ``preprocess`` is the backbone's preprocessing config
-    (mode, size, mean, std, interpolation, minmax). ``prototypes`` is the explain helper's prototypes document
-    ``{feature_id (str): [{"png_b64", "class", "activation", ...}]}`` (from ``<run>/prototypes/`` or the ONNX
-    metadata key ``qpm_prototypes``), or ``None``.
-    """
-
-    class_names: list[str]
-    features: list[int]
-    weight: np.ndarray
-    mu: np.ndarray
-    sigma: np.ndarray
-    bias: np.ndarray | None
-    preprocess: dict[str, Any]
-    backbone: str
-    weights_digest: str
-    image_size: tuple[int, int]
-    grid: tuple[int, int]
-    qpm_version: str = ""
-    embed_dim: int | None = None
-    prototypes: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def n_features(self) -> int:
-        return len(self.features)
-
-    def standardize(self, features: np.ndarray) -> np.ndarray:
-        """``(f - mu) / max(sigma, 1e-6)``: the head's input, on ``[B, K]`` pooled features."""
-        import numpy as np
-
-        return (np.asarray(features, dtype=np.float32) - self.mu) / np.maximum(self.sigma, SIGMA_MIN)
-
-    def contributions(self, features: np.ndarray, class_index: int | Sequence[int]) -> np.ndarray:
-        """Per-feature contribution to a class logit: ``W[c, j] * (f_j - mu_j) / sigma_j`` -> ``[B, K]``.
-
-        ``class_index`` is one class for all rows or one per row. The contributions plus ``bias[c]`` sum to logit c.
-        """
-        import numpy as np
-
-        z = self.standardize(np.atleast_2d(features))
-        cls = np.broadcast_to(np.asarray(class_index, dtype=np.int64), (z.shape[0],))
-        return self.weight[cls] * z
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-able form (used for ONNX metadata and ``--json`` output)."""
-        return {
-            "class_names": list(self.class_names), "features": [int(i) for i in self.features],
-            "weight": self.weight.tolist(), "mu": self.mu.tolist(), "sigma": self.sigma.tolist(),
-            "bias": None if self.bias is None else self.bias.tolist(), "preprocess": self.preprocess,
-            "backbone": self.backbone, "weights_digest": self.weights_digest, "image_size": list(self.image_size),
-            "grid": list(self.grid), "qpm_version": self.qpm_version, "embed_dim": self.embed_dim,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any], prototypes: dict[str, Any] | None = None) -> ClassifierMetadata:
-        import numpy as np
-
-        try:
-            bias = doc.get("bias")
-            meta = cls(
-                class_names=[str(c) for c in doc["class_names"]], features=[int(i) for i in doc["features"]],
-                weight=np.asarray(doc["weight"], dtype=np.float32), mu=np.asarray(doc["mu"], dtype=np.float32),
-                sigma=np.asarray(doc["sigma"], dtype=np.float32),
-                bias=None if bias is None else np.asarray(bias, dtype=np.float32),
-                preprocess=dict(doc["preprocess"]), backbone=str(doc["backbone"]),
-                weights_digest=str(doc["weights_digest"]), image_size=tuple(int(v) for v in doc["image_size"]),
-                grid=tuple(int(v) for v in doc["grid"]), qpm_version=str(doc.get("qpm_version", "")),
-                embed_dim=doc.get("embed_dim"), prototypes=prototypes, extra=dict(doc.get("extra") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ArtifactError(f"model metadata is incomplete or malformed: {exc!r}") from exc
-        k = len(meta.features)
-        if meta.weight.shape != (meta.n_classes, k) or meta.mu.shape != (k,) or meta.sigma.shape != (k,):
-            raise ArtifactError(f"model metadata shapes disagree: W {meta.weight.shape}, mu {meta.mu.shape}, "
-                                f"sigma {meta.sigma.shape} for {meta.n_classes} classes and {k} features")
-        return meta
-
-
-def metadata_from_run(model: Any, info: dict[str, Any]) -> ClassifierMetadata:
-    """Metadata of a loaded run model (``qpmcli.artifact.load_model`` output), sparse or dense head."""
-    import numpy as np
-
-    from qpmcli import __version__
-
-    if getattr(model, "is_sparse", False):
-        features = [int(i) for i in model.sel_index.tolist()]
-        weight = model.sel_weight.detach().cpu().numpy()
-        mu = model.sel_mu.detach().cpu().numpy()
-        sigma = model.sel_sigma.detach().cpu().numpy()
-        bias_t = getattr(model, "sel_bias", None)
-    else:  # dense head (e.g. the linear probe): contributions are W[c, j] * f_j
-        features = list(range(model.n_features))
-        weight = model.linear.weight.detach().cpu().numpy()
-        mu = np.zeros(model.n_features, dtype=np.float32)
-        sigma = np.ones(model.n_features, dtype=np.float32)
-        bias_t = model.linear.bias
-    n_classes = int(model.n_classes)
-    names = info.get("class_names") or [str(i) for i in range(n_classes)]
-    preprocess = info.get("preprocess")
-    if not preprocess or "backbone" not in info:
-        raise ArtifactError("the run's model.json lacks backbone/preprocess information; retrain or re-save the run")
-    extra = {k: info[k] for k in ("dataset", "head", "backbone_options", "metrics", "seed") if k in info}
-    extra["model"] = info.get("model")
-    return ClassifierMetadata(
-        class_names=[str(c) for c in names], features=features, weight=np.asarray(weight, dtype=np.float32),
-        mu=np.asarray(mu, dtype=np.float32), sigma=np.asarray(sigma, dtype=np.float32),
-        bias=None if bias_t is None else bias_t.detach().cpu().numpy().astype(np.float32),
-        preprocess=dict(preprocess), backbone=str(info["backbone"]), weights_digest=str(info.get("weights_digest")),
-        image_size=tuple(int(v) for v in info.get("image_size", preprocess["size"])),
-        grid=tuple(int(v) for v in info.get("grid", model.grid)), qpm_version=__version__,
-        embed_dim=info.get("embed_dim", getattr(model, "embed_dim", None)), extra=extra)
-
-
-# ------------------------------------------------------------------------------------------------ preprocessing
-def preprocess_array(image: Any, config: dict[str, Any]) -> np.ndarray:
-    """PIL image -> float32 ``[3, H, W]``; numpy twin of :func:`qpmcli.backbone.preprocess_image` (bit-identical).
-
-    Squash-resize to ``size`` with PIL, scale to [0, 1], normalise with mean/std, and in reference mode rescale the
-    image to [0, 1] by its own min and max.
-    """
-    import numpy as np
-
-    from qpmcli.images import to_rgb
-
-    img = to_rgb(image)
-    h, w = (int(v) for v in config["size"])
-    if img.size != (w, h):
-        img = img.resize((w, h), _RESAMPLE[config.get("interpolation", "bilinear")])
-    x = (np.asarray(img, dtype=np.float32) / np.float32(255.0)).transpose(2, 0, 1)
-    mean = np.asarray(config["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(config["std"], dtype=np.float32)[:, None, None]
-    x = (x - mean) / std
-    if config.get("minmax"):
-        lo, hi = x.min(), x.max()
-        x = np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------------------------------- classifiers
@@ -355,33 +203,10 @@ def _torch_device(device: str) -> str:
     return device
 
 
-def load_run_backbone(info: dict[str, Any], *, weights: str | None, settings: Any, device: str) -> Any:
-    """Rebuild the run's frozen backbone (name, preprocessing mode, options) and check its weights digest."""
-    from qpmcli.backbone import load_backbone
-
-    digest = str(info.get("weights_digest") or "")
-    if weights is None and digest.startswith("random"):
-        weights = "random"  # a run trained on random-init weights (tests, benchmarks) rebuilds them exactly
-    pcfg = info.get("preprocess") or {}
-    opts = {"dataset": info.get("dataset"), **(info.get("backbone_options") or {})}  # as qpmcli.train builds it
-
-    def build(**extra: Any) -> Any:
-        return load_backbone(info["backbone"], weights=weights, preprocess=pcfg.get("mode", "official"),
-                             settings=settings, device=device, **{**opts, **extra})
-
-    backbone = build()
-    size = [int(v) for v in info.get("image_size") or backbone.image_size]
-    if list(backbone.image_size) != size:  # a run trained at a non-default size that its options do not record
-        backbone = build(image_size=size)
-    if digest and backbone.weights_digest != digest:
-        raise WeightsError(
-            f"backbone weights digest {backbone.weights_digest} does not match the run's {digest} (backbone "
-            f"{info['backbone']}); pass the weights file the run was trained with via --weights")
-    return backbone
-
-
 def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) -> TorchClassifier:
     from qpmcli.artifact import load_model
+    from qpmcli.backbone import load_run_backbone
+    from qpmcli.prototypes import embedded_prototypes
 
     if settings is None:
         from qpmcli.settings import resolve_settings
@@ -390,40 +215,12 @@ def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) ->
     dev = _torch_device(device)
     model, info = load_model(path, "final", device=dev)
     meta = metadata_from_run(model, info)
-    if (path / "prototypes").is_dir():  # the same {feature_id: [...]} document an exported file embeds
-        from qpmcli.export import read_prototypes
-
-        try:
-            meta.prototypes = read_prototypes(path)
-        except QpmError:
-            meta.prototypes = None  # broken prototypes must not stop predictions; `qpm explain --class` says why
+    try:  # the same {feature_id: [...]} document an exported file embeds
+        meta.prototypes = embedded_prototypes(path)
+    except QpmError:
+        meta.prototypes = None  # broken prototypes must not stop predictions; `qpm explain --class` says why
     backbone = load_run_backbone(info, weights=weights, settings=settings, device=dev)
     return TorchClassifier(path, backbone, model, meta, dev)
-
-
-def read_onnx_metadata(path: str | os.PathLike[str]) -> tuple[ClassifierMetadata, str]:
-    """``(metadata, graph kind)`` of an exported file, read via ONNX Runtime (no onnx/torch import)."""
-    session = _make_session(Path(path), "cpu")[0]
-    return _metadata_of_session(Path(path), session)
-
-
-def _metadata_of_session(path: Path, session: Any) -> tuple[ClassifierMetadata, str]:
-    props = session.get_modelmeta().custom_metadata_map
-    try:
-        doc = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} has malformed qpm metadata: {exc}") from exc
-    if doc.get("format") != "qpm-onnx":
-        raise ArtifactError(f"{path} has no qpm metadata; export it with `qpm export RUN --onnx`")
-    prototypes = None
-    if PROTOTYPES_KEY in props:
-        try:
-            prototypes = json.loads(props[PROTOTYPES_KEY])
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{path} has malformed prototypes metadata: {exc}") from exc
-    meta = ClassifierMetadata.from_json(doc, prototypes=prototypes)
-    meta.extra.setdefault("precision", doc.get("precision", "fp32"))
-    return meta, str(doc.get("graph", "full"))
 
 
 def _providers(device: str) -> tuple[list[Any], bool]:
@@ -448,7 +245,9 @@ def _providers(device: str) -> tuple[list[Any], bool]:
     return ["CPUExecutionProvider"], False
 
 
-def _make_session(path: Path, device: str) -> tuple[Any, bool]:
+def make_session(path: Path, device: str) -> tuple[Any, bool]:
+    """An ONNX Runtime session for ``path`` on ``device`` (see :func:`load_classifier`) and whether to use IO
+    binding; a file ONNX Runtime cannot load is an :class:`ArtifactError`."""
     import onnxruntime as ort
 
     providers, io_binding = _providers(device)
@@ -464,8 +263,8 @@ def _make_session(path: Path, device: str) -> tuple[Any, bool]:
 
 
 def _load_onnx(path: Path, device: str, *, weights: str | None, settings: Any) -> OnnxClassifier:
-    session, io_binding = _make_session(path, device)
-    meta, graph = _metadata_of_session(path, session)
+    session, io_binding = make_session(path, device)
+    meta, graph = decode_onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
     loader = None
     if graph == "adapter":
         info = {"backbone": meta.backbone, "weights_digest": meta.weights_digest, "preprocess": meta.preprocess,
@@ -478,6 +277,8 @@ def _load_onnx(path: Path, device: str, *, weights: str | None, settings: Any) -
                 from qpmcli.settings import resolve_settings
 
                 s, _ = resolve_settings()
+            from qpmcli.backbone import load_run_backbone
+
             return load_run_backbone(info, weights=weights, settings=s, device="cpu")
 
     return OnnxClassifier(path, session, meta, graph, io_binding, backbone_loader=loader)
@@ -494,14 +295,6 @@ def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
         else:
             out.append(p)  # a missing file is reported per image, like a corrupt one
     return out
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: np.ndarray, *, top_k: int = 5,

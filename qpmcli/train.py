@@ -688,9 +688,9 @@ class _RunLog:
 def _evaluate(model: QPMModel, train_cache: Any, test_cache: Any, req: TrainRequest, device: str,
               settings: Any) -> dict[str, Any]:
     """The metrics of METHOD.md §8 (``req.metrics``) on the run's caches, with the dataset's attributes if any."""
-    from qpmcli.evaluate import _checked_names, dataset_attributes, evaluate_model
+    from qpmcli.evaluate import checked_metric_names, dataset_attributes, evaluate_model
 
-    keys = _checked_names(req.metrics)
+    keys = checked_metric_names(req.metrics)
     class_attrs = image_attrs = None
     if {"Structural-Grounding", "Alignment"} & set(keys):
         class_attrs, image_attrs, _ = dataset_attributes(req.dataset, settings, data_root=req.data_root,
@@ -897,7 +897,7 @@ def _prototypes(model: QPMModel, train_cache: Any, req: TrainRequest, settings: 
                 device: str) -> dict[str, Any]:
     """Representative training patches per selected feature (``<run>/prototypes/``, for ``qpm explain --class``)."""
     from qpmcli.data import load_dataset
-    from qpmcli.explain import build_prototypes
+    from qpmcli.prototypes import build_prototypes
 
     try:
         dataset = load_dataset(req.dataset, root=req.data_root, split="train", settings=settings,

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from qpmcli import explain as E
+from qpmcli import prototypes as P
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
 
 ARCH = {"depth": 1, "embed_dim": 48, "num_heads": 2}
@@ -60,7 +61,7 @@ def build_made_run(root: Path) -> dict:
             "embed_dim": bb.embed_dim, "dataset": "shapes", "head": "qpm",
             "backbone_options": {"arch": ARCH, "image_size": IMAGE_SIZE}, "seed": 0}
     artifact.save_model(model, run, "final", info=info)
-    summary = E.build_prototypes(model, cache, train, run, per_feature=4)
+    summary = P.build_prototypes(model, cache, train, run, per_feature=4)
     images = root / "images"
     images.mkdir()
     paths = []
@@ -195,14 +196,14 @@ def test_build_prototypes_stores_top_patches_per_selected_feature(made_run):
     r, c = entries[0]["patch"]
     assert float(maps[entries[0]["row"], k, r, c]) == pytest.approx(entries[0]["activation"], rel=1e-5)
 
-    loaded = E.load_prototypes(run)
+    loaded = P.load_prototypes(run)
     assert sorted(loaded) == FEATURE_IDS
     png = base64.b64decode(loaded[FEATURE_IDS[0]][0]["png_b64"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    embedded = json.loads(E.prototypes_metadata(run))
+    embedded = json.loads(P.prototypes_metadata(run))
     assert sorted(int(k) for k in embedded) == FEATURE_IDS
     assert set(embedded[str(FEATURE_IDS[0])][0]) == {"png_b64", "class", "activation", "patch_box"}
-    assert sorted(E.load_prototypes({"qpm_prototypes": E.prototypes_metadata(run)})) == FEATURE_IDS
+    assert sorted(P.load_prototypes({"qpm_prototypes": P.prototypes_metadata(run)})) == FEATURE_IDS
 
 
 def test_prototypes_skip_training_images_that_became_unreadable(made_run, tmp_path):
@@ -225,7 +226,7 @@ def test_prototypes_skip_training_images_that_became_unreadable(made_run, tmp_pa
                                  if (p / "manifest.json").is_file()))
     train = load_dataset("shapes", split="train", n_classes=4, per_class=4, test_per_class=2, image_size=IMAGE_SIZE,
                          seed=0)
-    res = E.build_prototypes(made_run["model"], cache, EvenImagesGone(train), run, per_feature=4)
+    res = P.build_prototypes(made_run["model"], cache, EvenImagesGone(train), run, per_feature=4)
     assert res["written"] and res["unreadable"] > 0
     doc = json.loads((run / "prototypes" / "prototypes.json").read_text())
     kept = [e for entries in doc["features"].values() for e in entries]
@@ -235,9 +236,9 @@ def test_prototypes_skip_training_images_that_became_unreadable(made_run, tmp_pa
 
 def test_missing_prototypes_are_a_clear_error(tmp_path):
     with pytest.raises(ArtifactError, match="no prototypes"):
-        E.load_prototypes(tmp_path)
+        P.load_prototypes(tmp_path)
     with pytest.raises(ArtifactError, match="no prototypes"):
-        E.load_prototypes({})
+        P.load_prototypes({})
 
 
 # ---------------------------------------------------------------------------------------------- the figures

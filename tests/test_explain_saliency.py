@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from qpmcli import explain as E
+from qpmcli import prototypes as P
 
 SHAPES = dict(n_classes=6, per_class=20, test_per_class=8, image_size=112)
 ARCH = {"depth": 1, "embed_dim": 96, "num_heads": 3}
@@ -42,7 +43,7 @@ def trained_run(tmp_path_factory):
     train = load_dataset("shapes", split="train", **SHAPES)
     test = load_dataset("shapes", split="test", **SHAPES)
     if not (run / "prototypes" / "prototypes.json").is_file():  # once qpm train builds them itself, keep those
-        E.build_prototypes(model, train_cache, train, run, per_feature=6)
+        P.build_prototypes(model, train_cache, train, run, per_feature=6)
     return {"run": run, "model": model, "info": info, "train": train, "test": test, "test_cache": test_cache}
 
 

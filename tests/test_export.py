@@ -141,7 +141,7 @@ def test_verify_meets_parity_targets_on_real_inputs(exported):
 def test_metadata_round_trip(exported):
     from qpmcli import __version__
     from qpmcli.artifact import load_model
-    from qpmcli.predict import metadata_from_run, read_onnx_metadata
+    from qpmcli.modelfile import metadata_from_run, read_onnx_metadata
 
     run, report = exported
     model, info = load_model(run)
@@ -197,7 +197,7 @@ def test_prototypes_are_embedded_in_metadata(tmp_path, exported):
     from PIL import Image
 
     from qpmcli.export import export_onnx
-    from qpmcli.predict import read_onnx_metadata
+    from qpmcli.modelfile import read_onnx_metadata
 
     run = tmp_path / "run"
     shutil.copytree(exported[0], run)
@@ -237,7 +237,7 @@ def test_exported_graph_computes_only_the_selected_features(exported):
 def test_unpruned_and_dense_and_cls_pooled_models_export_with_parity(tmp_path, exported):
     """Every head/pooling path exports and verifies: unpruned sparse, dense (linear-probe-like), CLS pooling."""
     from qpmcli.export import export_onnx
-    from qpmcli.predict import read_onnx_metadata
+    from qpmcli.modelfile import read_onnx_metadata
 
     run, _ = exported
     rep = export_onnx(run, tmp_path / "u.onnx", prune=False, adapter=False, verify=True, n_check=4)
