@@ -80,10 +80,49 @@ def _coerce(raw: str) -> Any:
     return raw
 
 
+def check_image(path: str | Path, full: bool = False) -> str | None:
+    """``None`` when the image file is readable, else the reason (one line).
+
+    The default is a header check: PIL identifies the format and size (within our pixel limit) and runs its
+    ``verify()`` (for PNG: every chunk and its CRC, so a truncated or bit-flipped file is found without decoding;
+    for JPEG little more than the header). ``full`` decodes the whole image like training does.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from qpmcli.images import bomb_message, open_image, pixel_limit, too_large
+
+    if full:
+        try:
+            open_image(path)
+        except ImageError as exc:
+            return str(exc).replace("\n", " ")
+        return None
+    try:
+        with pixel_limit(), Image.open(path) as im:
+            err = too_large(path, im.width, im.height)
+            if err is not None:
+                return str(err)
+            im.verify()
+    except Image.DecompressionBombError as exc:
+        return bomb_message(path, exc)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        return f"cannot read image {path}: {exc}".replace("\n", " ")
+    return None
+
+
+def _unreadable(name: str, split: str, bad: list[tuple[str, str]], n: int) -> DatasetError:
+    """One line: how many images are unreadable, the first with its reason, a few more by name."""
+    more = ", ".join(p for p, _ in bad[1:4]) + (", ..." if len(bad) > 4 else "")
+    return DatasetError(f"{name} {split}: {len(bad)} of {n} image(s) are unreadable, first: {bad[0][1]}"
+                        + (f"; also {more}" if more else "") + " (qpm extract --skip-bad leaves them out)")
+
+
 def check_dataset(name: str, root: str | Path | None = None, settings: Any = None, decode: int = 1,
-                  **options: Any) -> dict[str, Any]:
-    """Open both splits and verify them: every listed file exists, labels are in range, the first ``decode`` images
-    (and masks) of each split decode. Returns counts per split, classes, and whether masks and attributes are present.
+                  full: bool = False, **options: Any) -> dict[str, Any]:
+    """Open both splits and verify them: every listed file exists, labels are in range, every image file passes a
+    header check (:func:`check_image`; with ``full`` a complete decode), the first ``decode`` samples (and masks) of
+    each split load. Datasets without files (synthetic ones) have their samples loaded instead: the first
+    ``decode``, or all with ``full``. Returns counts per split, classes, and whether masks and attributes are present.
     A problem is a :class:`DatasetError` naming the first bad path and how many more there are.
     """
     splits: dict[str, Any] = {}
@@ -106,6 +145,18 @@ def check_dataset(name: str, root: str | Path | None = None, settings: Any = Non
         if ds.has_masks and missing_masks:
             raise DatasetError(f"{name} {split}: {len(missing_masks)} mask file(s) are missing, first: "
                                f"{missing_masks[0]}")
+        paths = getattr(ds, "paths", None)
+        if paths:
+            bad = [(str(p), err) for p in paths if (err := check_image(p, full)) is not None]
+        else:  # no files: the samples themselves are the images
+            bad = []
+            for i in range(len(ds) if full else min(decode, len(ds))):
+                try:
+                    ds[i]
+                except (ImageError, OSError, ValueError) as exc:
+                    bad.append((f"item {i}", str(exc).replace("\n", " ")))
+        if bad:
+            raise _unreadable(name, split, bad, len(ds))
         sizes = []
         for i in range(min(decode, len(ds))):
             sample = ds[i]
@@ -120,6 +171,8 @@ def check_dataset(name: str, root: str | Path | None = None, settings: Any = Non
         splits[split] = {"count": len(ds), "per_class_min": min(counts) if counts else 0,
                          "per_class_max": max(counts) if counts else 0,
                          "empty_classes": sum(1 for c in counts if c == 0), "decoded_sizes": sizes,
+                         "images_checked": len(paths) if paths else (len(ds) if full else min(decode, len(ds))),
+                         "check": "full decode" if full else "header",
                          "fingerprint": ds.fingerprint()}
         if split == "train":
             attrs = ds.class_attributes()

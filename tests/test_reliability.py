@@ -239,3 +239,36 @@ def test_our_pixel_limit_applies_and_pil_warns_nothing(tmp_path, width, height, 
         warnings.simplefilter("error")  # any warning (DecompressionBombWarning) fails the test
         with pytest.raises(ImageError, match=message):
             open_image(p)
+
+
+# ---------------------------------------------------------------------------------------------- 7. data check
+def _image_tree(root: Path, n: int = 6) -> list[Path]:
+    from PIL import Image
+
+    paths = []
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                p = root / split / cls / f"{i:02d}.png"
+                Image.fromarray(rng.integers(0, 256, (12, 14, 3), dtype=np.uint8)).save(p)
+                paths.append(p)
+    return paths
+
+
+def test_data_check_finds_every_unreadable_image_not_just_the_first(tmp_path, qpm):
+    paths = _image_tree(tmp_path / "d")
+    ok = qpm(["data", "check", "-d", "imagefolder", "--data-root", str(tmp_path / "d"), "--json"])
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["splits"]["train"]["images_checked"] == 12
+    good = paths[4].read_bytes()
+    paths[4].write_bytes(good[: len(good) // 2])  # truncated PNG, late in the train split
+    paths[9].write_bytes(good[:20] + b"\x00" * (len(good) - 20))  # header kept, the rest zeroed (CRC fails)
+    res = qpm(["data", "check", "-d", "imagefolder", "--data-root", str(tmp_path / "d")])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "2 of 12 image(s) are unreadable" in lines[0] and "04.png" in lines[0] and "03.png" in lines[0]
+    full = qpm(["data", "check", "-d", "imagefolder", "--data-root", str(tmp_path / "d"), "--full"])
+    assert full.returncode == 2 and "2 of 12 image(s) are unreadable" in full.stderr

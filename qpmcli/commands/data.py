@@ -12,13 +12,17 @@ data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 
 @data_app.command("check")
 def check(dataset: str = opts.dataset_opt("cub200"), data_root: str = DataRoot,
-          dataset_option: list[str] = opts.dataset_option_opt(), json_out: bool = JsonFlag) -> None:
-    """Verify a dataset: counts per split, number of classes, whether masks and class attributes are present."""
+          dataset_option: list[str] = opts.dataset_option_opt(),
+          full: bool = typer.Option(False, "--full/--no-full",
+                                    help="Decode every image (default: a fast header check of every file)."),
+          json_out: bool = JsonFlag) -> None:
+    """Verify a dataset: counts per split, number of classes, whether masks and class attributes are present, and
+    that every image file is readable (any unreadable one fails the check, named)."""
     from qpmcli.data import check_dataset
 
     options = opts.parse_plugin_options("dataset", dataset, dataset_option)
     settings = settings_from_flags(data_root=data_root, device_check=None)
-    report = check_dataset(dataset, root=None, settings=settings, **options)
+    report = check_dataset(dataset, root=None, settings=settings, full=full, **options)
     if json_out:
         print_json(report)
         return
