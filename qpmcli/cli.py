@@ -68,9 +68,28 @@ def main() -> None:
         typer.secho(f"Error: {exc}", err=True, fg="red")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        typer.secho("Interrupted. Finished stages are kept; rerun the command (with --resume for train) to continue.",
-                    err=True, fg="yellow")
-        sys.exit(130)
+        _interrupted()
+    except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130 (Exit raised from the KeyboardInterrupt)
+        if exc.code == 130 and _from_keyboard_interrupt(exc):
+            _interrupted()
+        raise
+
+
+def _interrupted() -> None:
+    typer.secho("Interrupted. Finished stages are kept; rerun the command (with --resume for train) to continue.",
+                err=True, fg="yellow")
+    sys.exit(130)
+
+
+def _from_keyboard_interrupt(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover

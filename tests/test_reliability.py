@@ -272,3 +272,21 @@ def test_data_check_finds_every_unreadable_image_not_just_the_first(tmp_path, qp
     assert "2 of 12 image(s) are unreadable" in lines[0] and "04.png" in lines[0] and "03.png" in lines[0]
     full = qpm(["data", "check", "-d", "imagefolder", "--data-root", str(tmp_path / "d"), "--full"])
     assert full.returncode == 2 and "2 of 12 image(s) are unreadable" in full.stderr
+
+
+# ------------------------------------------------------------------------------------------------ 7. Ctrl-C
+def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path, isolated_env):
+    """SIGINT during an extraction: the message shows (Typer used to swallow it with a silent exit 130)."""
+    env = {**isolated_env, "QPM_DEVICE": "cpu", "QPM_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "extract", "-b", "efficientnet-lite0", "-d", "shapes",
+                             "--split", "train", "--num-workers", "0", "--batch-size", "2", "-q"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*.partial/tokens.npy")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Finished stages are kept" in err and "Traceback" not in err
