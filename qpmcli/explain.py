@@ -28,6 +28,7 @@ same from a run directory (PyTorch) and from an ``.onnx`` file (ONNX Runtime).
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import os
@@ -275,6 +276,20 @@ def _pyplot():
     return plt
 
 
+def _literal_text(render):
+    """Draw every string as given: no mathtext (a file or class named ``$\\foo$`` is text, not a formula that
+    fails to parse and aborts the figure) and no TeX, for every text the wrapped renderer creates and saves."""
+
+    @functools.wraps(render)
+    def literal(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return render(*args, **kwargs)
+
+    return literal
+
+
 def _display_image(image: Any) -> np.ndarray:
     """The input as an RGB uint8 array, longest side at most :data:`MAX_DISPLAY` (aspect kept)."""
     import numpy as np
@@ -348,6 +363,7 @@ def _composite(rgb: np.ndarray, ups: list[np.ndarray], colours: list[Any], vmax:
     return np.clip(grey * (1 - a) + colour * a, 0, 255).astype(np.uint8)
 
 
+@_literal_text
 def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata: ClassifierMetadata | dict[str, Any],
                  path: str | os.PathLike[str]) -> Path:
     """The local explanation figure (1600 x 720 px): input, prediction, contributions, combined evidence, the
@@ -456,6 +472,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     return out
 
 
+@_literal_text
 def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanation, maps: np.ndarray,
                    features: np.ndarray, metadata: ClassifierMetadata | dict[str, Any], groups: dict[str, list[int]],
                    path: str | os.PathLike[str]) -> Path:
@@ -536,9 +553,18 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
 def _png_image(b64: str) -> Any:
     from PIL import Image
 
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+    from qpmcli.images import bomb_message, pixel_limit
+
+    try:
+        with pixel_limit():
+            return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise ArtifactError(bomb_message("a prototype image of the model", exc)) from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # binascii.Error is a ValueError
+        raise ArtifactError(f"a prototype image of the model is not a readable PNG: {exc}") from exc
 
 
+@_literal_text
 def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any],
                   prototypes: dict[int, list[dict[str, Any]]],
                   path: str | os.PathLike[str], per_feature: int | None = None) -> Path:

@@ -42,8 +42,15 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
 
 
 class UploadLimit:
-    """ASGI middleware: request bodies above ``limit`` bytes get 413 with a JSON message (from Content-Length before
-    reading anything, or as soon as a streamed body passes the limit); the app then sees a disconnect."""
+    """ASGI middleware: request bodies above ``limit`` bytes get 413 with a JSON message, known from Content-Length
+    before the app runs or as soon as a streamed body passes the limit (the app then sees a disconnect).
+
+    Before answering, the rest of the body is read and dropped (up to :data:`DRAIN_CAP` bytes), because a server
+    that closes a connection with unread data makes the client's TCP stack reset it, and the client never sees the
+    413; a larger body is answered at once and the connection closed.
+    """
+
+    DRAIN_CAP = 64 << 20
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app = app
@@ -55,7 +62,13 @@ class UploadLimit:
         mb = self.limit / 2**20
         return json.dumps({"detail": f"the upload is larger than the server's limit of {mb:.3g} MB"}).encode()
 
-    async def _reply(self, send: Any) -> None:
+    async def _reply(self, receive: Any, send: Any, more: bool, read: int) -> None:
+        while more and read <= self.DRAIN_CAP:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away: nobody to answer
+            read += len(message.get("body", b""))
+            more = message.get("more_body", False)
         body = self._message()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
@@ -74,7 +87,7 @@ class UploadLimit:
                 except ValueError:
                     length = None
         if length is not None and length > self.limit:
-            await self._reply(send)
+            await self._reply(receive, send, more=length <= self.DRAIN_CAP, read=0)
             return
         total = 0
         replied = False
@@ -88,9 +101,9 @@ class UploadLimit:
             if message["type"] == "http.request":
                 total += len(message.get("body", b""))
                 if total > self.limit:
-                    if not started:
-                        await self._reply(send)
                     replied = True
+                    if not started:
+                        await self._reply(receive, send, more=message.get("more_body", False), read=total)
                     return {"type": "http.disconnect"}
             return message
 
