@@ -238,7 +238,8 @@ def metadata_from_run(model: Any, info: Mapping[str, Any]) -> ClassifierMetadata
     preprocess = info.get("preprocess")
     if not preprocess or "backbone" not in info:
         raise ArtifactError("the run's model.json lacks backbone/preprocess information; retrain or re-save the run")
-    extra = {k: info[k] for k in ("dataset", "head", "backbone_options", "metrics", "seed") if k in info}
+    extra = {k: info[k] for k in ("dataset", "head", "backbone_options", "metrics", "seed", "selection_result")
+             if k in info}  # selection_result: status/objective/bound/gap of the feature selection (qpm serve)
     extra["model"] = info.get("model")
     return ClassifierMetadata(
         class_names=[str(c) for c in names], features=features, weight=weight, mu=mu, sigma=sigma,

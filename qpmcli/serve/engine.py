@@ -349,7 +349,7 @@ class ServedModel:
 
     # ---------------------------------------------------------------------------------------------- inference
     def preprocess(self, image: Any) -> np.ndarray:
-        from qpmcli.predict import preprocess_array
+        from qpmcli.images import preprocess_array
 
         return preprocess_array(image, self.meta.preprocess)
 
@@ -364,9 +364,9 @@ class ServedModel:
         features they share, and one heatmap per feature shown (PNG data URIs or arrays on the token grid)."""
         import numpy as np
 
-        from qpmcli.explain import compare_classes, explain_output, metadata_dict
+        from qpmcli.explain import compare_classes, explain_output
 
-        md = metadata_dict(self.meta)
+        md = self.meta
         logits, maps, feats = out["logits"], out["maps"], out["features"]
         expl = explain_output(logits, maps, feats, md, class_index=class_index, top_k=top_k)
         if compare is None:  # the runner-up: the best other class
@@ -414,18 +414,17 @@ def _per_class(uses: Any) -> int | None:
 
 
 def _prototypes(doc: Any) -> dict[int, list[dict[str, Any]]]:
-    """The metadata's prototypes document ``{feature_id: [entries]}`` with int keys; malformed parts are dropped."""
-    out: dict[int, list[dict[str, Any]]] = {}
-    if not isinstance(doc, dict):
-        return out
-    for fid, entries in doc.items():
-        try:
-            key = int(fid)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(entries, list):
-            out[key] = [dict(e) for e in entries if isinstance(e, dict)]
-    return out
+    """The metadata's prototypes document as ``{feature_id: [entries]}``; a malformed one serves no prototypes (the
+    pages say so) rather than stopping predictions."""
+    from qpmcli.errors import QpmError
+    from qpmcli.modelfile import parse_prototypes
+
+    if not doc:
+        return {}
+    try:
+        return parse_prototypes(doc)
+    except QpmError:
+        return {}
 
 
 def _run_selection(path: Path) -> dict[str, Any] | None:
