@@ -290,3 +290,25 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path, isolated_env):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Finished stages are kept" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ 4. mathtext
+def test_dollar_signs_in_file_and_class_names_are_drawn_as_text(tmp_path):
+    """A file named ``price_$\\foo$.png`` and a class named ``$\\foo$`` used to crash matplotlib's mathtext parser,
+    and one such file aborted the whole folder."""
+    from PIL import Image
+
+    from qpmcli.explain import explain
+    from test_hostile import make_tiny_run
+
+    run = make_tiny_run(tmp_path / "run", class_names=["circle", "$\\foo$", "a_$x^$", "star", "ring"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("good.png", "price_$\\foo$.png", "z_$\\frac{$.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / name)
+    summary = explain([folder], run, out_dir=tmp_path / "out", compare="$\\foo$", device="cpu")
+    assert summary["num_failed"] == 0
+    assert [Path(i["image"]).name for i in summary["images"]] == ["good.png", "price_$\\foo$.png", "z_$\\frac{$.png"]
+    for item in summary["images"]:
+        assert Path(item["figure"]).is_file()
