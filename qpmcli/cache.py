@@ -220,41 +220,6 @@ class CacheLock:
             self._fh = None
 
 
-# ------------------------------------------------------------------------------------------------ distribution
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world: int = 1
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _dist_context() -> _Dist:
-    """Join the ``torchrun`` process group when launched by it (gloo on CPU, nccl with CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size())
-
-
 # ------------------------------------------------------------------------------------------------ data loading
 class _Images:
     """torch Dataset over dataset indices: decoded, preprocessed images (+ patch masks); errors come back as text."""
@@ -354,7 +319,9 @@ def build_cache(
     final = cache_path(cache_dir, fields)
     if (final / "manifest.json").is_file():
         return TokenCache.open(final, expect=fields)
-    dist = _dist_context()
+    from qpmcli.distributed import init_distributed
+
+    dist = init_distributed()  # joins the torchrun process group when launched by it
     partial = final.with_name(final.name + ".partial")
     n = len(dataset)
     if n == 0:
@@ -685,7 +652,7 @@ def backbone_for_cache(backbone: str, settings: Any, *, weights: str | None = No
     opts: dict[str, Any] = {"amp": amp, "dataset": dataset}
     if image_size is not None:
         opts["image_size"] = image_size
-    device = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings.torch_device().startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    from qpmcli.distributed import local_device
+
+    device = local_device(settings.torch_device())
     return load_backbone(backbone, weights=weights, preprocess=preprocess, settings=settings, device=device, **opts)

@@ -15,13 +15,13 @@ Unlike the reference, the selection, W, mu and sigma are buffers of the state di
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qpmcli.distributed import all_reduce, world_size
 from qpmcli.errors import ConfigError
 from qpmcli.modelfile import SIGMA_MIN
 
@@ -57,26 +57,15 @@ class TokenBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, T, C]
         flat = x.reshape(-1, x.shape[-1])
-        if self.training and _distributed_world() > 1:
+        if self.training and world_size() > 1:
             return _sync_batch_norm(self, flat).reshape(x.shape)
         return super().forward(flat).reshape(x.shape)
 
 
-def _distributed_world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _sync_batch_norm(bn: TokenBatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Train-mode BN with sum / sum of squares / count all-reduced over ranks (gradients flow through the reduce)."""
-    import torch.distributed.nn.functional as dnn
-
     n_local = torch.tensor([float(x.shape[0])], device=x.device, dtype=x.dtype)
-    stats = torch.cat([x.sum(0), (x * x).sum(0), n_local])
-    with warnings.catch_warnings():  # the differentiable all_reduce is flagged deprecated; its successor has no grad
-        warnings.simplefilter("ignore", FutureWarning)
-        stats = dnn.all_reduce(stats)
+    stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), n_local]), differentiable=True)
     c = x.shape[1]
     count = stats[-1]
     mean = stats[:c] / count

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli import artifact
+from qpmcli.distributed import DistInfo, barrier, dist_info, init_distributed, local_device
 from qpmcli.errors import ArtifactError, ConfigError, DatasetError, QpmError
 from qpmcli.losses import DENSE_WEIGHTS, FINETUNE_WEIGHTS, LossWeights
 
@@ -76,46 +77,6 @@ def phase_presets(head: str, selector: str) -> tuple[PhaseOptions, PhaseOptions]
     if selector in BASELINE_FINETUNE_PHASES:
         return BASELINE_DENSE_PHASE, BASELINE_FINETUNE_PHASES[selector]
     return DENSE_PHASE, FINETUNE_PHASE
-
-
-# ---------------------------------------------------------------------------------------------------- distributed
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """The torch.distributed rank/world size, or (0, 1) outside ``torchrun``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size())
-    return DistInfo()
-
-
-def init_distributed() -> DistInfo:
-    """Initialise the process group when launched by ``torchrun`` (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist_info()
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------- token data
@@ -515,11 +476,10 @@ def _all_reduce_sums(sums: dict[str, torch.Tensor], dist: DistInfo) -> dict[str,
     import torch
 
     if dist.world > 1:
-        import torch.distributed as tdist
+        from qpmcli.distributed import all_reduce
 
         keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys])
-        tdist.all_reduce(vec)
+        vec = all_reduce(torch.stack([sums[k] for k in keys]))
         return {k: float(v) for k, v in zip(keys, vec, strict=True)}
     return {k: float(v) for k, v in sums.items()}
 
@@ -728,9 +688,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         if diffs:
             raise ArtifactError(f"run directory {run} was trained with other options ({', '.join(diffs)} differ); "
                                 f"use another --run-dir")
-    device = settings.torch_device()
-    if dist.world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = local_device(settings.torch_device())
     timings: dict[str, float] = {}
 
     # ---- extract

@@ -64,9 +64,9 @@ def extract(
                         "grid": m["grid"], "masks": m["has_masks"], "weights_digest": m["weights_digest"],
                         "skipped": m["skipped"], "seconds": round(time.perf_counter() - t0, 3),
                         "verified_chunks": verified})
-    import os
+    from qpmcli.distributed import launched
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not launched().is_main:
         return
     if json_out:
         print_json({"backbone": backbone, "dataset": dataset, "caches": results})

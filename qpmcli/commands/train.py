@@ -113,7 +113,7 @@ def train(
     err = console(stderr=True)
     summary = train_run(req, settings, run_dir=run_dir, resume=resume, progress=not quiet and not json_out,
                         log=None if (json_out or quiet) else (lambda m: err.print(m)))
-    from qpmcli.train import dist_info
+    from qpmcli.distributed import dist_info
 
     if not dist_info().is_main:
         return
