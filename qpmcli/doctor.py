@@ -77,34 +77,45 @@ def _tiny_onnx() -> bytes:
     return _TINY
 
 
-def _capture_fd2(fn):
-    """Run ``fn()`` while the process's stderr (fd 2, where ONNX Runtime's C++ logger writes) goes to a file;
-    returns ``(result or exception, captured text)``."""
+def _capture_output(fn):
+    """Run ``fn()`` while the process's stdout and stderr (fds 1 and 2: ONNX Runtime's C++ logger and its Python
+    fallback message write there) go to a file; returns ``(result or exception, captured text)``."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
+        for fd in saved:
+            os.dup2(tmp.fileno(), fd)
         try:
             try:
                 result: Any = fn()
             except Exception as exc:  # the provider's own error is the answer we want
                 result = exc
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
         tmp.seek(0)
         text = tmp.read().decode("utf-8", "replace")
     return result, text
 
 
 def _reason(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    keys = ("fail", "error", "cannot", "not found", "unable", "no such")
+    """The useful part of ONNX Runtime's output: the failing lines without colours, timestamps and source paths."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "*****" not in ln]
+    keys = ("fail", "error", "cannot", "not found", "unable", "no such", "require")
     picked = [ln for ln in lines if any(k in ln.lower() for k in keys)] or lines
-    # ONNX Runtime prefixes its log lines with a timestamp and source location: keep the message
-    msgs = [ln.split("] ", 1)[-1] if ln.startswith("20") and "] " in ln else ln for ln in picked]
-    return " | ".join(dict.fromkeys(msgs))[:600]
+    msgs = []
+    for ln in picked:
+        ln = ln.split(" : FAIL : ", 1)[-1]  # "[ONNXRuntimeError] : 1 : FAIL : <message>"
+        ln = re.sub(r"^\d{4}-\d\d-\d\d [\d:.]+ \[[^\]]*\] ", "", ln)  # "<time> [E:onnxruntime:..., file:line fn]"
+        msgs.append(ln)
+    return " | ".join(dict.fromkeys(msgs))[:700]
 
 
 def probe_provider(provider: str) -> dict[str, Any]:
@@ -116,7 +127,7 @@ def probe_provider(provider: str) -> dict[str, Any]:
         opts.log_severity_level = 1  # keep warnings: a provider that fails to load is only logged
         return ort.InferenceSession(_tiny_onnx(), sess_options=opts, providers=[provider, "CPUExecutionProvider"])
 
-    result, text = _capture_fd2(make)
+    result, text = _capture_output(make)
     if isinstance(result, Exception):
         return {"loaded": False, "reason": _reason(f"{type(result).__name__}: {result}\n{text}")}
     active = result.get_providers()

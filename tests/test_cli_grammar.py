@@ -1,0 +1,262 @@
+"""One grammar for every command, and every CLI user error of the grammar: one line on stderr, exit code 2, no
+traceback, the valid values listed, nothing written. Real `qpm` subprocesses (the parser itself is inspected
+in-process for the flag table)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from qpmcli.options import cuda_device_count
+
+NO_CUDA = cuda_device_count() == 0
+
+
+def _one_line_error(out, *needles: str) -> str:
+    assert out.returncode == 2, (out.returncode, out.stdout[-2000:], out.stderr[-2000:])
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    line = lines[0]
+    assert line.startswith("Error: "), line
+    for needle in needles:
+        assert needle in line, (needle, line)
+    return line
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------- the flag table
+def _commands():
+    import typer
+
+    from qpmcli.cli import app
+
+    root = typer.main.get_command(app)
+    ctx = root.make_context("qpm", ["--help"], resilient_parsing=True)
+    out = {}
+    for name in root.list_commands(ctx):
+        cmd = root.get_command(ctx, name)
+        if hasattr(cmd, "list_commands"):  # a group (typer vendors its own click classes)
+            for sub in cmd.list_commands(ctx):
+                out[f"{name} {sub}"] = cmd.get_command(ctx, sub)
+        else:
+            out[name] = cmd
+    return out
+
+
+SHARED = {"-d": "--dataset", "-b": "--backbone", "-m": "--model", "-o": "--out", "-q": "--quiet"}
+
+
+def test_short_flags_mean_the_same_everywhere():
+    seen: dict[str, set[str]] = {}
+    for name, cmd in _commands().items():
+        for p in cmd.params:
+            if p.param_type_name != "option":
+                continue
+            shorts = [o for o in p.opts + p.secondary_opts if not o.startswith("--")]
+            longs = [o for o in p.opts if o.startswith("--")]
+            for s in shorts:
+                seen.setdefault(s, set()).add(longs[0])
+                if s in SHARED:
+                    assert longs[0] == SHARED[s], (name, s, longs)
+    for short, longs in seen.items():
+        assert len(longs) == 1, (short, longs)
+    assert set(SHARED) <= set(seen)
+
+
+def test_shared_options_exist_where_they_apply():
+    cmds = _commands()
+
+    def opts(name):
+        return {o for p in cmds[name].params for o in p.opts + p.secondary_opts}
+
+    progress = ["extract", "train", "select", "evaluate", "explain", "export", "predict", "demo"]
+    for name in progress:
+        assert {"--quiet", "-q"} <= opts(name), name
+    for name in ["extract", "train", "evaluate", "explain", "export", "predict", "demo"]:
+        assert "--device" in opts(name), name
+    for name in ["extract", "train", "explain", "export", "predict"]:  # every command that builds a backbone
+        assert {"--weights", "--weights-dir"} <= opts(name), name
+    for name in ["extract", "train", "data check"]:
+        assert {"--dataset", "-d", "--dataset-option"} <= opts(name), name
+    for name in ["explain", "predict"]:
+        assert {"--model", "-m"} <= opts(name), name
+    for name in ["plugins", "config", "data check", "extract", "train", "select", "evaluate", "explain", "export",
+                 "predict", "demo", "runs", "doctor"]:
+        assert "--json" in opts(name), name
+    assert {"--seed"} <= opts("train") & opts("select")
+    # boolean pairs where both directions make sense
+    assert {"--verify", "--no-verify", "--fp16", "--no-fp16", "--adapter", "--no-adapter"} <= opts("export")
+    assert {"--resume", "--no-resume", "--bf16", "--no-bf16", "--bn-recompute", "--no-bn-recompute"} <= opts("train")
+    # --device defaults to the settings everywhere (None = not given on the command line)
+    for name, cmd in cmds.items():
+        for p in cmd.params:
+            if "--device" in p.opts:
+                assert p.default is None, name
+
+
+def test_help_of_every_command_stays_torch_free(isolated_env):
+    import subprocess
+
+    code = ("import sys\nfrom qpmcli.cli import app\nimport typer\n"
+            "for c in ['train','extract','select','evaluate','explain','export','predict','demo','runs','doctor']:\n"
+            "    try:\n        app([c, '--help'], prog_name='qpm')\n    except SystemExit:\n        pass\n"
+            "print('HEAVY=' + ','.join(m for m in ('torch','numpy','onnxruntime') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=isolated_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "HEAVY="
+
+
+# ------------------------------------------------------------------------------------------------- user errors
+TRAIN = ["train", "-b", "dinov2-vits14", "--weights", "random", "-d", "shapes", "--selector", "topk", "--features",
+         "6", "--per-class", "2", "--dense-features", "16", "--quiet"]
+
+
+@pytest.mark.parametrize("args, needles", [
+    # one KEY=VALUE parser, typed by the plugin's declared options
+    (["extract", "-d", "shapes", "--dataset-option", "per_class=abc"],
+     ["per_class", "shapes", "an integer"]),
+    (["data", "check", "-d", "shapes", "--dataset-option", "per_class=abc"], ["per_class", "an integer"]),
+    ([*TRAIN, "--dataset-option", "per_class=abc"], ["per_class", "an integer"]),
+    ([*TRAIN, "--backbone-option", "image_size=abc"], ["image_size", "a size"]),
+    ([*TRAIN, "--dataset-option", "colour=red"], ["no option 'colour'", "n_classes (int", "per_class (int"]),
+    (["data", "check", "-d", "cub200", "--dataset-option", "crop=square"], ["crop", "none, bbox"]),
+    ([*TRAIN, "--dataset-option", "novalue"], ["is not KEY=VALUE"]),
+    # plugin names list the installed ones
+    (["train", "-b", "nope"], ["unknown backbone 'nope'", "dinov2-vitb14"]),
+    (["extract", "-d", "nope"], ["unknown dataset 'nope'", "shapes"]),
+    ([*TRAIN, "--selector", "nope"], ["unknown selector 'nope'", "qpm", "topk"]),
+    (["data", "check", "-d", "nope"], ["unknown dataset 'nope'", "cub200"]),
+    (["doctor", "-b", "nope"], ["unknown backbone 'nope'"]),
+    # metric names are checked before any work
+    ([*TRAIN, "--metrics", "Acuracy"], ["unknown metric 'Acuracy'", "fast"]),
+    (["evaluate", "nowhere", "--metrics", "SID@6"], ["unknown metric", "all, fast, essential"]),
+    # selector settings
+    ([*TRAIN, "--features", "3", "--per-class", "4"], ["--per-class 4 exceeds --features 3"]),
+    ([*TRAIN, "--per-class", "0"], ["must be at least 1"]),
+    ([*TRAIN, "--features", "3", "--per-class", "1"], ["10 classes need distinct feature sets", "C(3,1) = 3"]),
+    ([*TRAIN, "--time-limit", "nan"], ["--time-limit", "positive finite"]),
+    (["select", "--problem", "p.npz", "--time-limit", "inf"], ["--time-limit", "positive finite"]),
+    (["select", "--problem", "p.npz", "--time-limit", "-1"], ["--time-limit", "positive finite"]),
+    (["select", "--problem", "p.npz", "--features", "2", "--per-class", "3"], ["--per-class 3 exceeds"]),
+    (["select", "--problem", "p.npz", "--selector", "nope"], ["unknown selector 'nope'", "qpm"]),
+    # choices
+    (["extract", "-d", "shapes", "--split", "val"], ["--split 'val'", "train, test, all"]),
+    ([*TRAIN, "--head", "svm"], ["--head 'svm'", "qpm, linear-probe"]),
+    (["evaluate", "nowhere", "--stage", "mid"], ["--stage 'mid'", "final, dense"]),
+    (["predict", "x.jpg", "--device", "gpu"], ["'gpu' is not a device", "auto, cpu, cuda, cuda:N, tensorrt"]),
+    (["export", "--device", "gpu", "--onnx"], ["'gpu'", "auto, cpu, cuda"]),
+    (["export"], ["--onnx"]),
+    # no run anywhere: say what to do
+    (["explain", "img.jpg"], ["no current run", "qpm train", "qpm demo", "--model"]),
+    (["predict", "img.jpg"], ["no current run", "qpm train", "qpm demo", "--model"]),
+    (["export", "--onnx"], ["no current run", "qpm train", "qpm demo"]),
+    (["evaluate"], ["no current run"]),
+])
+def test_user_errors_are_one_line_exit_2_and_list_valid_values(qpm, tmp_path, args, needles):
+    before = _files(tmp_path)
+    out = qpm(args)
+    _one_line_error(out, *needles)
+    assert _files(tmp_path) == before  # nothing written, nothing changed
+
+
+def test_extract_accepts_the_same_options_as_train(qpm):
+    """`--dataset-option per-class=16` parses in extract as in train (the run then stops at --device, up front)."""
+    if not NO_CUDA:
+        pytest.skip("needs a machine without CUDA to stop the command before work")
+    for cmd in (["extract", "-d", "shapes"], [*TRAIN]):
+        out = qpm([*cmd, "--dataset-option", "per-class=16", "--device", "cuda"])
+        _one_line_error(out, "--device cuda", "no CUDA device")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("args", [
+    [*TRAIN], ["extract", "-d", "shapes"], ["evaluate", "nowhere"], ["explain", "img.jpg", "-m", "m.onnx"],
+    ["predict", "img.jpg", "-m", "m.onnx"], ["export", "--onnx", "run"], ["demo", "--quick"],
+    ["doctor", "--device", "cuda"],
+])
+def test_cuda_without_cuda_is_one_line_on_every_command(qpm, tmp_path, args):
+    if args[0] == "doctor":  # doctor reports it instead: the GPU check is then needed and fails (exit 1)
+        out = qpm([*args, "--json", "--no-datasets"])
+        assert out.returncode == 1, out.stderr
+        report = json.loads(out.stdout)
+        assert "gpu" in report["missing"]
+        return
+    before = _files(tmp_path)
+    out = qpm([*args, "--device", "cuda"])
+    _one_line_error(out, "no CUDA device", "--device cpu")
+    assert _files(tmp_path) == before
+    out = qpm(args, env_extra={"QPM_DEVICE": "cuda:1"})  # from the settings, too
+    _one_line_error(out, "cuda:1", "no CUDA device")
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["explain", "img.jpg", "-m", "m.onnx", "--out", "{file}"], "--out"),
+    (["demo", "--out", "{file}"], "--out"),
+    ([*TRAIN, "--run-dir", "{file}"], "--run-dir"),
+    (["extract", "-d", "shapes", "--cache-dir", "{file}"], "--cache-dir"),
+    (["select", "--problem", "p.npz", "--out", "{dir}"], "--out"),
+    (["export", "run", "--onnx", "--out", "{dir}"], "--out"),
+    (["export", "run", "--onnx", "--out", "{file}/model.onnx"], "--out"),
+])
+def test_output_paths_are_checked_before_work_and_nothing_changes(qpm, tmp_path, args, flag):
+    (tmp_path / "existing.txt").write_text("keep me\n")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "inside.txt").write_text("me too\n")
+    before = _files(tmp_path)
+    args = [a.replace("{file}", str(tmp_path / "existing.txt")).replace("{dir}", str(tmp_path / "adir"))
+            for a in args]
+    out = qpm(args)
+    _one_line_error(out, flag)
+    assert _files(tmp_path) == before
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_select_checks_the_class_count_against_binomial(qpm, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    A = rng.random((8, 10))
+    np.savez(tmp_path / "p.npz", A=A, R=np.corrcoef(A))
+    out = qpm(["select", "--problem", "p.npz", "--features", "3", "--per-class", "1", "--selector", "topk"])
+    _one_line_error(out, "10 classes need distinct feature sets", "C(3,1) = 3")
+    assert not (tmp_path / "selection-topk.json").exists()
+    out = qpm(["select", "--problem", "p.npz", "--features", "9", "--per-class", "2", "--selector", "topk"])
+    _one_line_error(out, "--features 9 exceeds the 8 dense features")
+    out = qpm(["select", "--problem", "p.npz", "--features", "5", "--per-class", "2", "--selector", "topk", "-q",
+               "--json"])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["out"] == "selection-topk.json" and (tmp_path / "selection-topk.json").is_file()
+
+
+def test_completion_lists_commands_options_and_plugin_names(qpm):
+    def complete(words: str) -> list[str]:
+        env = {"_QPM_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1),
+               "_TYPER_COMPLETE_ARGS": words}
+        out = qpm([], env_extra=env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert {"train", "runs", "doctor", "explain"} <= set(complete("qpm "))
+    assert {"--backbone", "--dataset", "--device"} <= set(complete("qpm train --"))
+    names = complete("qpm train --backbone dinov2-vits")
+    assert "dinov2-vits14" in names and "dinov2-vits14-reg" in names and all(n.startswith("dinov2-vits") for n in names)
+    assert "shapes" in complete("qpm extract -d sha")
+    assert {"qpm", "topk"} <= set(complete("qpm select --selector "))
+    assert "--show-completion" in qpm(["--help"]).stdout
+
+
+def test_state_dir_and_model_are_settings(qpm, tmp_path):
+    out = qpm(["config", "--json"], env_extra={"QPM_MODEL": str(tmp_path / "m.onnx"),
+                                               "QPM_STATE_DIR": str(tmp_path / "state")})
+    data = json.loads(out.stdout)
+    assert data["settings"]["model"] == str(tmp_path / "m.onnx") and data["sources"]["model"] == "env QPM_MODEL"
+    assert data["settings"]["state_dir"] == str(tmp_path / "state")
+    out = qpm(["config", "--json"])
+    assert json.loads(out.stdout)["settings"]["state_dir"] == os.path.join(tmp_path, "xdg-cache", "qpm")
