@@ -143,3 +143,39 @@ def test_a_time_limit_shorter_than_the_setup_gives_no_bound_instead_of_a_wrong_o
     inst = random_instance(0)
     bound, info = D.sdp_bound(inst, time_limit=0.0)
     assert bound == math.inf and info["iterations"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tightened_duals_certify_lower_but_still_valid_bounds(seed):
+    import scs
+
+    inst = random_instance(20 + seed, n=10, C=4, K=5, k=2)
+    opt = best_without_distinct_sets(inst)
+    model = D.build_model(inst, 4)
+    rng = np.random.default_rng(seed)
+    for y in (rng.normal(size=model.b.shape), np.zeros(model.b.shape)):  # arbitrary duals stay valid
+        assert D.certify(model, D.tighten_dual(model, y)) >= opt - 1e-9
+    sol = scs.SCS({"A": model.A, "b": model.b, "c": model.c}, model.cone, max_iters=30, verbose=False).solve()
+    plain = D.certify(model, sol["y"])
+    tight = D.certify(model, D.tighten_dual(model, sol["y"]))
+    assert opt - 1e-9 <= tight <= plain + 1e-9
+
+
+def test_line_min_is_the_exact_minimiser_of_the_box_charge():
+    rng = np.random.default_rng(0)
+    tested = 0
+    while tested < 20:
+        a, rr = rng.normal(size=(2, 7))
+        lo, up = np.zeros(7), rng.uniform(0.5, 3, 7)
+        beta = float(rng.normal())
+        # slopes as t -> -inf and +inf; a bounded minimum needs the first < 0 < the second (as in a feasible model)
+        if not (beta - (a * np.where(a > 0, up, lo)).sum() < 0 < beta - (a * np.where(a > 0, lo, up)).sum()):
+            continue
+        tested += 1
+
+        def phi(t, a=a, rr=rr, lo=lo, up=up, beta=beta):
+            t = np.asarray(t, dtype=float)[..., None]
+            return beta * t[..., 0] - np.minimum((rr + a * t) * lo, (rr + a * t) * up).sum(-1)
+
+        t = D._line_min(a, rr, lo, up, beta)
+        assert phi(t) <= phi(np.linspace(-50, 50, 100001)).min() + 1e-9

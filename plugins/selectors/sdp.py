@@ -210,26 +210,102 @@ def _vec(Y: np.ndarray) -> np.ndarray:
     return Y[ii, jj] * np.where(ii == jj, 1.0, SQRT2)
 
 
-def certify(model: ConicModel, y: np.ndarray) -> float:
-    """A valid upper bound on the relaxation's (and so the selection problem's) maximum from any dual vector y."""
+def _project(model: ConicModel, y: np.ndarray) -> np.ndarray:
+    """y moved into the dual cone: nonnegative part clipped at 0, the PSD block's negative eigenvalues removed."""
     y = np.array(y, dtype=np.float64, copy=True)
-    if y.shape != model.b.shape or not np.all(np.isfinite(y)):
-        return math.inf
     z, lin = model.cone["z"], model.cone["l"]
     y[z:z + lin] = np.maximum(y[z:z + lin], 0.0)
     m = model.cone["s"][0]
     o = model.psd_offset
-    Y = _unvec(y[o:], m)
-    w, V = np.linalg.eigh(Y)
+    with _one_blas_thread():
+        w, V = np.linalg.eigh(_unvec(y[o:], m))
     Yp = (V * np.maximum(w, 0.0)) @ V.T
-    Yp = 0.5 * (Yp + Yp.T)
-    y[o:] = _vec(Yp)
+    y[o:] = _vec(0.5 * (Yp + Yp.T))
+    return y
+
+
+def certify(model: ConicModel, y: np.ndarray) -> float:
+    """A valid upper bound on the relaxation's (and so the selection problem's) maximum from any dual vector y."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.shape != model.b.shape or not np.all(np.isfinite(y)):
+        return math.inf
+    y = _project(model, y)
     # what rounding left negative: y^T slack >= lam_min * trace(slack) >= -leak * (1 + K)
-    leak = max(0.0, -float(np.linalg.eigvalsh(_unvec(y[o:], m))[0]))
+    with _one_blas_thread():
+        leak = max(0.0, -float(np.linalg.eigvalsh(_unvec(y[model.psd_offset:], model.cone["s"][0]))[0]))
     r = model.c + model.A.T @ y
     box = np.minimum(r * model.lower, r * model.upper).sum()
     bound = float(model.b @ y) - float(box) + leak * (1.0 + model.K)
     return bound + 1e-9 * max(1.0, abs(bound))
+
+
+def tighten_dual(model: ConicModel, y: np.ndarray, sweeps: int = 2) -> np.ndarray:
+    """A dual vector with a smaller certificate: y projected, then its linear multipliers re-optimised for the
+    fixed PSD block.
+
+    The certificate b^T y - sum_i min(r_i l_i, r_i u_i) is convex and piecewise linear in each multiplier of a
+    linear row, so each one can be set to its exact minimiser given the others (a weighted median of the breakpoints
+    of the variables the row touches): ``sweeps`` rounds over the equality rows (free multipliers), and in closed
+    form for the one-variable rows v >= 0 (multipliers kept >= 0). A first-order solver's dual is nearly optimal in
+    its PSD block but leaves residuals in the linear part that the boxes charge for; on the CUB-size instance this
+    lowers the certificate by about 0.9 (of about 343) at the same SCS iterate. Any result is then certified as
+    usual, so this step can only lower the reported bound, never make it invalid.
+    """
+    y = _project(model, y)
+    A = model.A.tocsr()
+    lo, up, b = model.lower, model.upper, model.b
+    r = model.c + model.A.T @ y
+    z, lin = model.cone["z"], model.cone["l"]
+    rows = np.arange(z, z + lin)
+    single = rows[(np.diff(A.indptr[z:z + lin + 1]) == 1) & (b[z:z + lin] == 0)]
+    at = A.indptr[single]
+    var, coef = A.indices[at], A.data[at]
+    for _ in range(sweeps):
+        for i in range(z):
+            idx = A.indices[A.indptr[i]:A.indptr[i + 1]]
+            a = A.data[A.indptr[i]:A.indptr[i + 1]]
+            t = _line_min(a, r[idx], lo[idx], up[idx], float(b[i]))
+            if t != 0.0:
+                y[i] += t
+                r[idx] += a * t
+        # a row  0 - coef v >= 0  with coef < 0 (v >= 0): a change t of its multiplier adds coef t to r_v. With
+        # l_v = 0 the box charges u_v max(0, -r_v), so the best t brings a negative r_v up to 0, keeping y >= 0.
+        fix = (coef < 0) & (lo[var] == 0) & (r[var] < 0)
+        t = np.where(fix, np.maximum(-r[var] / np.where(fix, coef, -1.0), -y[single]), 0.0)
+        y[single] += t
+        np.add.at(r, var, coef * t)
+    return y
+
+
+def _line_min(a: np.ndarray, rr: np.ndarray, lo: np.ndarray, up: np.ndarray, beta: float) -> float:
+    """argmin over t of  beta t - sum_i min((rr_i + a_i t) lo_i, (rr_i + a_i t) up_i)  (0 if it is unbounded)."""
+    nz = a != 0
+    a, rr, lo, up = a[nz], rr[nz], lo[nz], up[nz]
+    slope = beta - float((a[a > 0] * up[a > 0]).sum()) - float((a[a < 0] * lo[a < 0]).sum())  # as t -> -inf
+    if slope >= 0 or not len(a):
+        return 0.0
+    bp = -rr / a
+    order = np.argsort(bp)
+    cum = slope + np.cumsum((np.abs(a) * (up - lo))[order])
+    k = int(np.searchsorted(cum, 0.0, side="left"))
+    return 0.0 if k >= len(cum) else float(bp[order[k]])
+
+
+class _one_blas_thread:
+    """Dense LAPACK calls in one thread: on a loaded machine OpenBLAS threads spin and an eigendecomposition of
+    order 500 takes seconds instead of 0.2 s."""
+
+    def __enter__(self) -> None:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            self._limit = threadpool_limits(1, user_api="blas")
+        except ImportError:  # threadpoolctl comes with scikit-learn; without it we just run as configured
+            self._limit = None
+
+    def __exit__(self, *exc) -> None:
+        if self._limit is not None:
+            self._limit.restore_original_limits()
 
 
 # ------------------------------------------------------------------------------------------------------ solve
@@ -267,14 +343,15 @@ def _rss() -> int:
 
 
 def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: int | None = None,
-              eps: float = 1e-3, chunk: int = 100, report=None, verbose: bool = False,
+              eps: float = 1e-3, chunk: int = 100, tighten: int = 2, report=None, verbose: bool = False,
               **scs_settings: Any) -> tuple[float, dict[str, Any]]:
     """Certified upper bound on ``inst``'s optimum from the lean Shor relaxation, SCS within a time/iteration budget.
 
     ``time_limit`` counts everything (model build, SCS setup and factorisation, iterations, certification). SCS runs
     in warm-started chunks (about 6 % of the budget each, 25 to ``chunk`` iterations; a chunk that would overrun the
     time limit is not started, so ``max_iters`` is used in whole chunks); every chunk's dual is certified and the
-    smallest certified value is kept, so stopping early still returns a valid bound. ``report`` is called with each
+    smallest certified value is kept, so stopping early still returns a valid bound. The best dual then gets
+    ``tighten`` sweeps of :func:`tighten_dual` (0: none) before its final certificate. ``report`` is called with each
     improved certified bound.
 
     Returns ``(bound, info)``: info has time (s), iterations, status (SCS's last status, or why we stopped), memory
@@ -308,9 +385,12 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
                          time_limit_secs=max(deadline - time.perf_counter(), 0.1), **settings)
         t_setup = time.perf_counter() - t0 - t_build
         measured = False
+        best_y = None
+        t_cert = 0.0
         while iters + step <= max_iters or chunks == 0:
             left = deadline - time.perf_counter()
-            if chunks and (left <= 0 or (measured and per_iter * (step + 2) > left)):
+            # the next chunk, its certificate and the final tightening (about three certificates) must fit
+            if chunks and (left <= 0 or (measured and per_iter * step + 4 * t_cert > left)):
                 status = f"{status}; stopped at the time limit"
                 break  # the next chunk would not fit (certification costs about two iterations)
             if left <= 0:
@@ -323,16 +403,25 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
             iters += int(info["iter"])
             status = str(info["status"])
             scs_obj = -float(info["pobj"])
+            t2 = time.perf_counter()
+            per_iter = (t2 - t1) / max(int(info["iter"]), 1)
             value = certify(model, sol["y"])
-            per_iter = (time.perf_counter() - t1) / max(int(info["iter"]), 1)
+            t_cert = time.perf_counter() - t2
             measured = True
             if value < best:
-                best = value
+                best, best_y = value, np.array(sol["y"], copy=True)
                 if report is not None:
                     report(best)
             if int(info["iter"]) < step:
                 break  # converged to eps, or SCS stopped for its own reason (its time guard, infeasibility)
         del solver
+        plain = best
+        if best_y is not None and tighten:
+            value = certify(model, tighten_dual(model, best_y, sweeps=tighten))
+            if value < best:
+                best = value
+                if report is not None:
+                    report(best)
     return best, {
         "time": round(time.perf_counter() - t0, 3),
         "build_seconds": round(t_build, 3),
@@ -342,6 +431,7 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
         "status": status,
         "memory": int(mem.peak - mem.start),
         "scs_objective": scs_obj,
+        "untightened_bound": plain,
         "variables": int(model.A.shape[1]),
         "rows": int(model.A.shape[0]),
         "nonzeros": int(model.A.nnz),
