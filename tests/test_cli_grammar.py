@@ -178,7 +178,7 @@ def test_extract_accepts_the_same_options_as_train(qpm):
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
 @pytest.mark.parametrize("args", [
     [*TRAIN], ["extract", "-d", "shapes"], ["evaluate", "nowhere"], ["explain", "img.jpg", "-m", "m.onnx"],
-    ["predict", "img.jpg", "-m", "m.onnx"], ["export", "--onnx", "run"], ["demo", "--quick"],
+    ["predict", "img.jpg", "-m", "m.onnx"], ["export", "--onnx", "run"], ["demo", "--quick"], ["serve", "m.onnx"],
     ["doctor", "--device", "cuda"],
 ])
 def test_cuda_without_cuda_is_one_line_on_every_command(qpm, tmp_path, args):
