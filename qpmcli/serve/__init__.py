@@ -54,17 +54,36 @@ def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1
           device: str = "auto", max_upload_mb: float = 20.0, max_batch: int = 16, batch_window_ms: float = 4.0,
           log_level: str = "warning", say: Callable[[str], None] | None = None) -> None:
     """Serve MODEL until interrupted (see the module docstring)."""
-    import uvicorn
-
-    from qpmcli.serve.app import create_app
-    from qpmcli.serve.engine import load_served_model
+    import threading
 
     say = say or (lambda m: print(m, flush=True))
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be positive, not {max_upload_mb}")
-    served = load_served_model(model, device=device, max_batch=max_batch, window=batch_window_ms / 1e3)
-    app = create_app(served, max_upload=int(max_upload_mb * 2**20))
     sock = bind(host, port)
+    loaded: dict[str, Any] = {}
+
+    def load() -> None:  # ONNX Runtime loads the graph while this thread imports the web stack (start-up time)
+        try:
+            from qpmcli.serve.engine import load_served_model
+
+            loaded["model"] = load_served_model(model, device=device, max_batch=max_batch,
+                                                window=batch_window_ms / 1e3)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            loaded["error"] = exc
+
+    loader = threading.Thread(target=load, name="qpm-serve-load", daemon=True)
+    loader.start()
+    try:
+        import uvicorn
+
+        from qpmcli.serve.app import create_app
+    finally:
+        loader.join()
+    if "error" in loaded:
+        sock.close()
+        raise loaded["error"]
+    served = loaded["model"]
+    app = create_app(served, max_upload=int(max_upload_mb * 2**20))
     url = url_of(sock)
     say(f"qpm serve: {served.path} ({len(served.class_names)} classes, {served.classifier.provider})")
     if host not in LOOPBACK:

@@ -18,7 +18,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from qpmcli.serve.engine import DEFAULT_MAX_UPLOAD, METRIC_COLUMNS, ServedModel, UploadError, decode_image
+from qpmcli.serve.engine import DEFAULT_MAX_UPLOAD, METRIC_COLUMNS, ServedModel, UploadError
 
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".png": "image/png",
                 ".svg": "image/svg+xml"}
@@ -201,11 +201,10 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         except ClientDisconnect:
             raise HTTPException(400, "the client went away during the upload") from None
         with model.batcher.incoming() as submit:
-            image = await run_in_threadpool(decode_image, data, model.max_pixels)
-            x = await run_in_threadpool(model.preprocess, image)
+            x, size = await run_in_threadpool(model.prepare, data)  # decode + preprocess: one worker-thread hop
             future = submit(x)
         out = await asyncio.wrap_future(future)
-        return out, image.size
+        return out, size
 
     def _check_top_k(top_k: int) -> None:
         if top_k < 1:

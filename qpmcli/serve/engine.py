@@ -348,6 +348,11 @@ class ServedModel:
             raise UploadError(422, str(exc)) from exc
 
     # ---------------------------------------------------------------------------------------------- inference
+    def prepare(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """Upload bytes -> (preprocessed ``[3, H, W]``, the image's (width, height)); :class:`UploadError` if bad."""
+        image = decode_image(data, self.max_pixels)
+        return self.preprocess(image), image.size
+
     def preprocess(self, image: Any) -> np.ndarray:
         from qpmcli.images import preprocess_array
 

@@ -1,0 +1,269 @@
+"""`qpm serve` against in-process ONNX Runtime on the same model and the same images, in one run.
+
+Model: the demo's shape (EfficientNet-Lite0 with its shipped ImageNet weights, 224x224, 7x7 grid; adapter 4 layers,
+hidden 1024, 256 dense features; 10 classes, 20 selected features, 5 per class; random adapter weights), saved as a run
+and exported with ``qpmcli.export.export_onnx`` -- or a real model given with ``--model model.onnx`` (e.g. the demo's).
+Images: PNG files of the synthetic ``shapes`` test split. The server is the real command (``qpm serve --port 0
+--device cpu`` in a subprocess); the load comes from this process over loopback only, bounded in count and time.
+
+Both sides do the same work per image: decode the PNG, preprocess (``qpmcli.images.preprocess_array``), run the ONNX
+graph, describe the prediction (``qpmcli.predict.describe_prediction``). The server adds HTTP, multipart parsing and
+micro-batching; the baseline has none of these.
+
+Rows:
+- ``/api/predict`` p50 latency, one request at a time / in-process p50 (batch 1), interleaved A B A B (<= 1.15);
+- throughput with 8 concurrent clients / in-process throughput at its best batch size (1..16) (>= 0.9);
+- start-up: process spawn to the first answered ``/api/predict`` (<= 3 s on 2 cores);
+- server memory (RSS, peak RSS) after the load; and whether the server process ever imported torch (must not).
+
+    python benchmarks/bench_serve.py [--quick] [--json-out PATH] [--model model.onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+CLASSES, SELECTED, PER_CLASS = 10, 20, 5
+
+
+def build_demo_shaped_model(root: Path) -> Path:
+    """A run with the demo's architecture (random adapter, valid binary W), exported to ``root/model.onnx``."""
+    import numpy as np
+    import torch
+
+    from qpmcli import artifact
+    from qpmcli.backbone import load_backbone
+    from qpmcli.export import export_onnx
+    from qpmcli.model import QPMModel
+
+    bb = load_backbone("efficientnet-lite0", device="cpu")
+    torch.manual_seed(0)
+    model = QPMModel(bb.embed_dim, CLASSES, bb.grid, n_layers=4, hidden_size=1024, n_features=256).eval()
+    rng = np.random.default_rng(0)
+    w = np.zeros((CLASSES, SELECTED), np.float32)
+    for c in range(CLASSES):
+        w[c, rng.choice(SELECTED, PER_CLASS, replace=False)] = 1
+    feats = np.sort(rng.choice(model.n_features, SELECTED, replace=False))
+    model.set_selection(feats, w, torch.rand(SELECTED) * 0.1, torch.rand(SELECTED) * 0.1 + 0.05)
+    run = root / "run"
+    info = {"class_names": [f"class {i}" for i in range(CLASSES)], "backbone": bb.name,
+            "weights_digest": bb.weights_digest, "preprocess": bb.preprocess_config,
+            "image_size": list(bb.image_size), "grid": list(bb.grid), "embed_dim": bb.embed_dim,
+            "dataset": "shapes", "head": "qpm", "backbone_options": {}, "seed": 0}
+    artifact.save_model(model, run, "final", info=info)
+    return Path(export_onnx(run, root / "model.onnx", adapter=False)["files"]["full"])
+
+
+def test_images(n: int) -> list[bytes]:
+    from qpmcli.data import load_dataset
+
+    ds = load_dataset("shapes", split="test", test_per_class=max(1, n // 10 + 1))
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        ds[i % len(ds)].image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+class InProcess:
+    """The baseline: the same file in ONNX Runtime in this process, the same per-image work, no HTTP."""
+
+    def __init__(self, model: Path) -> None:
+        from qpmcli.predict import load_classifier
+
+        self.clf = load_classifier(model, "cpu")
+
+    def predict(self, images: list[bytes]) -> list[dict]:
+        import numpy as np
+
+        from qpmcli.predict import describe_prediction
+        from qpmcli.serve.engine import decode_image
+
+        x = np.stack([self.clf.preprocess([decode_image(b)])[0] for b in images])
+        out = self.clf.run_array(x)
+        return [describe_prediction(self.clf.metadata, out["logits"][i], out["features"][i]) for i in range(len(x))]
+
+
+def start_server(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, float]:
+    """Spawn ``qpm serve``; returns (process, url, seconds from spawn to the first answered /api/predict)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "serve", str(model), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    url = None
+    while url is None:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("qpm serve exited before serving")
+        m = re.search(r"open (http://\S+?)/ ", line)
+        url = m.group(1) if m else None
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    return proc, url, time.perf_counter() - t0
+
+
+def first_answer(url: str, image: bytes, t_spawn: float, deadline: float = 60.0) -> float:
+    import httpx
+
+    while True:
+        try:
+            r = httpx.post(url + "/api/predict", files={"file": ("a.png", image, "image/png")}, timeout=30)
+            if r.status_code == 200:
+                return time.perf_counter() - t_spawn
+        except httpx.TransportError:
+            pass
+        if time.perf_counter() - t_spawn > deadline:
+            raise RuntimeError("no answer from the server")
+        time.sleep(0.01)
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def concurrent_load(url: str, images: list[bytes], clients: int, seconds: float, max_requests: int) -> float:
+    """Images/s answered with ``clients`` concurrent keep-alive clients (bounded in time and count)."""
+    import httpx
+
+    stop = time.perf_counter() + seconds
+    done = [0] * clients
+    budget = threading.Semaphore(max_requests)
+    errors: list[str] = []
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            k = i
+            while time.perf_counter() < stop and budget.acquire(blocking=False):
+                r = c.post("/api/predict", files={"file": ("a.png", images[k % len(images)], "image/png")})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                    return
+                done[i] += 1
+                k += clients
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"server errors under load: {errors[:1]}")
+    return sum(done) / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json-out")
+    parser.add_argument("--model", help="an exported model.onnx (default: build one with the demo's shape)")
+    args = parser.parse_args()
+    import httpx
+    import onnxruntime
+
+    n_lat = 30 if args.quick else 80
+    load_seconds = 4.0 if args.quick else 10.0
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model = Path(args.model) if args.model else build_demo_shaped_model(tmp)
+    images = test_images(16)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPM_")}
+    env.update(HOME=str(tmp), XDG_CONFIG_HOME=str(tmp / "cfg"), XDG_CACHE_HOME=str(tmp / "cache"))
+
+    base = InProcess(model)
+    for _ in range(5):
+        base.predict(images[:1])
+    t_spawn = time.perf_counter()
+    proc, url, _ = start_server(model, env)
+    try:
+        startup = first_answer(url, images[0], t_spawn)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            def served(img: bytes) -> dict:
+                r = c.post("/api/predict", files={"file": ("a.png", img, "image/png")})
+                r.raise_for_status()
+                return r.json()["predictions"][0]
+
+            for i in range(5):
+                served(images[i])
+            # the same answers
+            for img in images[:4]:
+                a, b = served(img), base.predict([img])[0]
+                assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
+            lat_srv, lat_base = [], []
+            for i in range(n_lat):  # interleaved: a busy machine slows both sides alike
+                img = images[i % len(images)]
+                t0 = time.perf_counter()
+                served(img)
+                lat_srv.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                base.predict([img])
+                lat_base.append(time.perf_counter() - t0)
+            health = c.get("/api/health").json()
+        p50_srv, p50_base = statistics.median(lat_srv), statistics.median(lat_base)
+
+        batch_rates = {}
+        for b in (1, 2, 4, 8, 16):
+            batch = [images[i % len(images)] for i in range(b)]
+            base.predict(batch)
+            reps, t0 = 0, time.perf_counter()
+            while reps < 2 or (time.perf_counter() - t0 < (1.0 if args.quick else 2.5) and reps < 200):
+                base.predict(batch)
+                reps += 1
+            batch_rates[b] = b * reps / (time.perf_counter() - t0)
+        best_b = max(batch_rates, key=batch_rates.get)
+        concurrent_load(url, images, 8, 1.0, 50)  # warm-up
+        served_rate = concurrent_load(url, images, 8, load_seconds, 4000)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            health = c.get("/api/health").json()
+        rss, peak = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    rows = [
+        {"what": "/api/predict p50 latency, 1 client (s) / in-process ORT batch 1", "ours": round(p50_srv, 5),
+         "baseline": round(p50_base, 5), "ratio": p50_srv / p50_base, "target": "<= 1.15",
+         "met": p50_srv / p50_base <= 1.15},
+        {"what": f"throughput, 8 concurrent clients (img/s) / in-process ORT best batch ({best_b})",
+         "ours": round(served_rate, 2), "baseline": round(batch_rates[best_b], 2),
+         "ratio": served_rate / batch_rates[best_b], "target": ">= 0.9", "met": served_rate / batch_rates[best_b] >= 0.9},
+        {"what": "start-up: spawn to first answered /api/predict (s)", "ours": round(startup, 3), "baseline": 3.0,
+         "ratio": startup / 3.0, "target": "<= 3 s", "met": startup <= 3.0},
+        {"what": "server memory RSS / peak RSS after the load (MB)", "ours": round(rss, 1), "baseline": round(peak, 1),
+         "ratio": rss / peak, "target": "informational", "met": True},
+        {"what": "server process imported torch", "ours": health["torch_imported"], "baseline": False,
+         "ratio": float(health["torch_imported"]), "target": "never", "met": not health["torch_imported"]},
+    ]
+    notes = (f"model {'given: ' + str(model) if args.model else 'demo-shaped (efficientnet-lite0, 224px, adapter 4x1024, 256 -> 20 features, 10 classes)'}; "
+             f"onnxruntime {onnxruntime.__version__}, CPU EP; {os.cpu_count()} cpus; in-process images/s by batch "
+             f"{ {b: round(r, 1) for b, r in batch_rates.items()} }; micro-batching under load: "
+             f"{health['batching']}; latency n={n_lat} interleaved, load {load_seconds:.0f} s; client and server "
+             f"share the machine's cores.")
+    result = {"benchmark": "serve", "rows": rows, "notes": notes}
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
