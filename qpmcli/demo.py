@@ -12,6 +12,7 @@ setup is ``qpm train`` with its defaults (see the README).
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +117,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
         "onnx": str(onnx_path), "export": export, "explanations": explanation,
         "table": results_rows(qpm.get("metrics", {}), probe.get("metrics", {})),
         "selection": qpm.get("selection"), "timings": timings,
+        "serve": f"qpm serve {shlex.quote(str(onnx_path))}",  # the model explorer in the browser
     }
     atomic_write_json(out / "demo.json", summary)
     return summary

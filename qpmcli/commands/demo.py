@@ -69,6 +69,8 @@ def demo(
     if current:
         out_console.print(f"current run: {summary['runs']['qpm']}; next: qpm export --onnx, qpm explain IMAGE, "
                           f"qpm predict IMAGE")
+    if summary.get("serve"):
+        out_console.print(f"explore the model in your browser: {summary['serve']}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
