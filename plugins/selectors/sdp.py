@@ -343,7 +343,7 @@ def _rss() -> int:
 
 
 def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: int | None = None,
-              eps: float = 1e-3, chunk: int = 100, tighten: int = 2, report=None, verbose: bool = False,
+              eps: float = 1e-4, chunk: int = 100, tighten: int = 2, report=None, verbose: bool = False,
               **scs_settings: Any) -> tuple[float, dict[str, Any]]:
     """Certified upper bound on ``inst``'s optimum from the lean Shor relaxation, SCS within a time/iteration budget.
 
