@@ -34,7 +34,7 @@ W = np.array([[1, 1, 1, 0, 0, 0],
 
 def make_tiny_run(run_dir: Path, *, class_names: list[str] | None = None, seed: int = 0,
                   backbone: str = "dinov2-vits14-reg", options: dict | None = None, n_features: int = 16,
-                  hidden: int = 32) -> Path:
+                  hidden: int = 32, weights: str | None = "random") -> Path:
     """A finetuned-looking run (random weights, a valid sparse head): model.json + model.safetensors + config.json,
     the files ``qpm train`` writes for predict/explain/export."""
     import torch
@@ -45,7 +45,7 @@ def make_tiny_run(run_dir: Path, *, class_names: list[str] | None = None, seed: 
 
     names = list(class_names or CLASS_NAMES)
     options = dict(TINY if options is None else options)
-    bb = load_backbone(backbone, weights="random", device="cpu", **options)
+    bb = load_backbone(backbone, weights=weights, device="cpu", **options)
     torch.manual_seed(seed)
     model = QPMModel(bb.embed_dim, len(names), bb.grid, hidden_size=hidden, n_features=n_features).eval()
     gen = torch.Generator().manual_seed(seed)

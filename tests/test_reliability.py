@@ -297,9 +297,9 @@ def test_dollar_signs_in_file_and_class_names_are_drawn_as_text(tmp_path):
     """A file named ``price_$\\foo$.png`` and a class named ``$\\foo$`` used to crash matplotlib's mathtext parser,
     and one such file aborted the whole folder."""
     from PIL import Image
+    from test_hostile import make_tiny_run
 
     from qpmcli.explain import explain
-    from test_hostile import make_tiny_run
 
     run = make_tiny_run(tmp_path / "run", class_names=["circle", "$\\foo$", "a_$x^$", "star", "ring"])
     folder = tmp_path / "imgs"
@@ -312,3 +312,90 @@ def test_dollar_signs_in_file_and_class_names_are_drawn_as_text(tmp_path):
     assert [Path(i["image"]).name for i in summary["images"]] == ["good.png", "price_$\\foo$.png", "z_$\\frac{$.png"]
     for item in summary["images"]:
         assert Path(item["figure"]).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ 2. export
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory):
+    from test_hostile import make_tiny_run
+
+    from qpmcli.export import export_onnx
+
+    run = make_tiny_run(tmp_path_factory.mktemp("exp19") / "run")
+    export_onnx(run, fp16=True, verify=True, n_check=4)  # a good model.onnx (+ adapter, fp16 twins) in the run
+    return run
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_fp16_verification_leaves_existing_files_byte_identical(exported_run, monkeypatch):
+    """Issue 19.2: a failed fp16 check used to delete the fp32 files that had passed, and an existing model.onnx."""
+    from qpmcli import export as export_mod
+    from qpmcli.errors import ArtifactError
+
+    before = _tree(exported_run)
+    assert {"model.onnx", "model.adapter.onnx", "model.fp16.onnx"} <= set(before)
+    monkeypatch.setitem(export_mod.TOLERANCE, "fp16", -1.0)  # the real comparison runs; no result can pass
+    with pytest.raises(ArtifactError, match=r"ONNX verification failed \(fp16: .*nothing was written"):
+        export_mod.export_onnx(exported_run, fp16=True, verify=True, n_check=4)
+    assert _tree(exported_run) == before  # nothing replaced, nothing removed, no staged leftovers
+
+
+def test_an_interrupted_export_replaces_nothing(exported_run, monkeypatch):
+    from qpmcli import export as export_mod
+
+    before = _tree(exported_run)
+
+    def broken(src, dst):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the fp16 conversion
+
+    monkeypatch.setattr(export_mod, "convert_fp16", broken)
+    with pytest.raises(KeyboardInterrupt):
+        export_mod.export_onnx(exported_run, fp16=True)
+    assert _tree(exported_run) == before
+
+
+def test_fp16_criterion_is_relative_and_checks_probabilities_and_decisive_top1():
+    from qpmcli.export import parity
+
+    rng = np.random.default_rng(0)
+    ref = {"logits": rng.normal(0, 30, (8, 10)), "maps": np.zeros((8, 2, 2, 2)), "features": np.zeros((8, 2))}
+    noisy = {**ref, "logits": ref["logits"] * (1 + rng.normal(0, 2e-4, (8, 10)))}
+    res = parity(ref, noisy, "fp16")
+    # large logits: fp16's 3 digits give an absolute error far over fp32's 1e-4 (and the old fp16 0.01) ...
+    assert res["max_abs_diff"]["logits"] > 1e-2 and res["passed"], res["criterion"]
+    assert not parity(ref, noisy, "fp32")["passed"]
+    # ... while a real error is caught: relative to the scale, in the probabilities, or a decisive top-1 flip
+    assert not parity(ref, {**ref, "logits": ref["logits"] * 1.1}, "fp16")["passed"]
+    flipped = ref["logits"].copy()
+    i = int(np.argmax(np.sort(flipped, 1)[:, -1] - np.sort(flipped, 1)[:, -2]))  # the most decisive image
+    flipped[i] = flipped[i][::-1]
+    res = parity(ref, {**ref, "logits": flipped}, "fp16")
+    assert not res["passed"]
+    # a tie within fp16 noise may flip
+    tie = ref["logits"].copy()
+    tie[0, :2] = [5.0, 5.0 + 1e-4]
+    tie[0, 2:] = -5.0
+    swapped = tie.copy()
+    swapped[0, :2] = [5.0 + 1e-4, 5.0]
+    res = parity({**ref, "logits": tie}, {**ref, "logits": swapped}, "fp16")
+    assert res["passed"] and res["top1_agreement"] < 1.0 and res["decisive_top1_flips"] == 0
+
+
+@pytest.mark.parametrize("backbone,options,weights", [
+    ("efficientnet-lite0", {"image_size": 224}, None),  # the demo's backbone, its shipped ImageNet weights
+    pytest.param("dinov2-vitb14-reg", {"image_size": 224}, "random", marks=pytest.mark.slow),  # ViT-B/14-reg, 12 blocks
+])
+def test_fp16_export_passes_on_the_demo_backbone_and_vit_b14_reg(tmp_path, backbone, options, weights):
+    from test_hostile import make_tiny_run
+
+    from qpmcli.export import export_onnx
+
+    run = make_tiny_run(tmp_path / "run", backbone=backbone, options=options, weights=weights, n_features=64,
+                        hidden=256)
+    report = export_onnx(run, tmp_path / "m.onnx", fp16=True, verify=True, adapter=False, n_check=8)
+    v16 = report["verify"]["fp16"]
+    assert v16["passed"], v16["criterion"]
+    assert v16["max_abs_diff"]["logits"] > report["verify"]["fp32"]["max_abs_diff"]["logits"]  # really fp16
