@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 
 def write_run(folder: Path, *, head: str = "qpm", stages: tuple[str, ...] = ("dense", "select", "finetune", "evaluate"),
-              model_features: list[int] | None = None, checkpoint: bool = False, accuracy: float = 0.8) -> Path:
+              reselected: bool = False, checkpoint: bool = False, accuracy: float = 0.8) -> Path:
     """A run folder with the JSON files `qpm train` writes after each stage (weights are not needed by `qpm runs`)."""
     folder.mkdir(parents=True)
     req = {"backbone": "dinov2-vits14", "dataset": "shapes", "selector": "qpm", "head": head}
@@ -21,7 +22,11 @@ def write_run(folder: Path, *, head: str = "qpm", stages: tuple[str, ...] = ("de
         (folder / "selection.json").write_text(json.dumps({"features": feats, "weight": [[1, 1, 0, 0]]}))
     if "finetune" in stages:
         (folder / "model.json").write_text(json.dumps({"format": "qpm-model", "stage": "final",
-                                                       "selection": {"features": model_features or feats}}))
+                                                       "selection": {"features": feats}}))
+        if "select" in stages:
+            os.utime(folder / "selection.json", (1e9, 1e9))  # selected before finetuning
+        if reselected:  # a selection.json written after the model (e.g. by hand)
+            os.utime(folder / "selection.json", (2e9, 2e9))
     if "evaluate" in stages:
         (folder / "metrics.json").write_text(json.dumps({"dense": {"Accuracy": 0.9},
                                                          "final": {"Accuracy": accuracy, "SID@5": 0.5}}))
@@ -37,7 +42,7 @@ def test_runs_reads_statuses_from_run_files(qpm, tmp_path):
     write_run(runs / "b-dense-only", stages=("dense",))
     write_run(runs / "c-finetuning", stages=("dense", "select"), checkpoint=True)
     write_run(runs / "d-extracted", stages=())
-    write_run(runs / "e-stale", model_features=[1, 3, 5, 9])
+    write_run(runs / "e-stale", reselected=True)
     write_run(runs / "f-probe", head="linear-probe", stages=("dense", "finetune", "evaluate"))
     (runs / "g-broken").mkdir()
     (runs / "g-broken" / "config.json").write_text("{not json")
