@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from qpmcli.artifact import atomic_path, atomic_write_text
 from qpmcli.errors import CacheError, ImageError
 
 FORMAT_VERSION = 2  # 2: per-chunk records (row ranges + SHA-256) in the manifest
@@ -413,29 +414,8 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
     np.lib.format.open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
     if has_masks:
         np.lib.format.open_memmap(partial / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, *grid)).flush()
-    _atomic_write(marker, json.dumps({**intent, "chunk": chunk}, sort_keys=True))
+    atomic_write_text(marker, json.dumps({**intent, "chunk": chunk}, sort_keys=True))
     return chunk
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Speed(ProgressColumn):
-        def render(self, task):  # images per second
-            return Text(f"{task.speed:.1f} img/s" if task.speed else "- img/s")
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
-                    TimeRemainingColumn(), transient=False)
 
 
 def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,
@@ -459,7 +439,9 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
     starts = {chunks[c][0]: c for c in todo}
     record: _ChunkRecord | None = None
     skipped: list[dict[str, Any]] = []
-    bar = _progress_bar() if progress else contextlib.nullcontext()
+    from qpmcli.progress import progress_bar
+
+    bar = progress_bar(transient=False, rate="img/s") if progress else contextlib.nullcontext()
     with bar:
         task = None
         if progress:
@@ -491,7 +473,7 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
                     masks.flush()
                 c = ends[b]
                 mine = [s for s in skipped if chunks[c][0] <= s["index"] < chunks[c][1]]
-                _atomic_write(partial / "done" / f"{c:06d}.json",
+                atomic_write_text(partial / "done" / f"{c:06d}.json",
                               json.dumps({"chunk": c, "start": chunks[c][0], "stop": chunks[c][1], "skipped": mine,
                                           **record.digests()}))
     del tokens, labels, masks
@@ -583,7 +565,7 @@ def _finalise(partial: Path, final: Path, fields: dict[str, Any], chunks, datase
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     del tokens
-    _atomic_write(partial / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+    atomic_write_text(partial / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     shutil.rmtree(done)
     (partial / "build.json").unlink()
     os.replace(partial, final)
@@ -596,13 +578,12 @@ def _compact(partial: Path, keep: np.ndarray) -> None:
         if not src_path.is_file():
             continue
         src = np.load(src_path, mmap_mode="r")
-        tmp = partial / (name + ".compact")
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(keep.size, *src.shape[1:]))
-        for s in range(0, keep.size, 1024):
-            dst[s:s + 1024] = src[keep[s:s + 1024]]
-        dst.flush()
-        del src, dst
-        os.replace(tmp, src_path)
+        with atomic_path(src_path) as tmp:
+            dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(keep.size, *src.shape[1:]))
+            for s in range(0, keep.size, 1024):
+                dst[s:s + 1024] = src[keep[s:s + 1024]]
+            dst.flush()
+            del src, dst
 
 
 # -------------------------------------------------------------------------------------------------- front door

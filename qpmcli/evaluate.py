@@ -17,17 +17,11 @@ import numpy as np
 
 from qpmcli import metrics as M
 from qpmcli.errors import ArtifactError, CacheError, QpmError
+from qpmcli.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from qpmcli.cache import TokenCache
     from qpmcli.model import QPMModel
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
 
 
 def iter_outputs(model: QPMModel, cache: TokenCache, *, batch_size: int = 256, device: str = "cpu",
@@ -53,7 +47,7 @@ def collect_outputs(model: QPMModel, cache: TokenCache, batch_size: int = 256, d
     ``maps=True`` also ``maps`` [N, K, h, w] as float16 (large: N*K*h*w*2 bytes)."""
     n = len(cache)
     out: dict[str, np.ndarray] = {"labels": np.asarray(cache.labels, dtype=np.int64)}
-    with _progress(progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         for s, e, o in iter_outputs(model, cache, batch_size=batch_size, device=device, progress=bar):
             if "logits" not in out:
                 out["logits"] = np.empty((n, o.logits.shape[1]), np.float32)
@@ -103,7 +97,7 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
     n_test = len(test_cache)
     test_logits = np.empty((n_test, model.n_classes), np.float32)
     train_features = np.zeros((0, weight.shape[1]), np.float32)
-    with _progress(progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         if needs_train:
             train_features = np.empty((len(train_cache), weight.shape[1]), np.float32)
             for s, e, o in iter_outputs(model, train_cache, batch_size=batch_size, device=device, progress=bar,

@@ -44,7 +44,6 @@ from qpmcli.modelfile import ClassifierMetadata, parse_prototypes, softmax
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DPI = 100
 LOCAL_FIGSIZE = (16.0, 7.2)  # -> 1600 x 720 px
 MAX_DISPLAY = 320  # longest side of the input as drawn in figures (px)
@@ -121,23 +120,6 @@ def resolve_class(query: str | int, class_names: list[str]) -> int:
         ", ".join(repr(c) for c in class_names[:4])
     what = f"{len(hits)} classes match" if hits else "no class matches"
     raise ConfigError(f"{what} {q!r} (e.g. {examples}); give an exact class name or a class index")
-
-
-def image_paths(inputs: list[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted, recursive); missing paths are an error."""
-    out: list[Path] = []
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ImageError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ImageError(f"image not found: {p}")
-    return out
 
 
 # ------------------------------------------------------------------------------------------- the explanation
@@ -709,11 +691,11 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     Writes ``<out>/explanations.json`` and returns the same summary.
     """
     from qpmcli.artifact import atomic_write_json
-    from qpmcli.images import open_image
+    from qpmcli.images import list_images, open_image
     from qpmcli.predict import load_classifier
     from qpmcli.prototypes import load_prototypes
 
-    paths = image_paths(list(images))
+    paths = list_images(images)  # a missing or unreadable image is reported per image
     if not paths and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     out = Path(out_dir).expanduser().resolve()  # explanations.json lists absolute paths: valid from anywhere
@@ -741,9 +723,9 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     used: set[str] = set()
     bar = None
     if progress and paths:
-        from rich.progress import Progress
+        from qpmcli.progress import progress_bar
 
-        bar = Progress(transient=True)
+        bar = progress_bar()
         bar.start()
         task = bar.add_task("explaining", total=len(paths))
     try:
@@ -801,6 +783,6 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
 
 __all__ = [
     "FeatureEvidence", "LocalExplanation", "class_columns", "compare_classes", "evidence_map", "explain",
-    "explain_output", "feature_colour", "image_paths", "mask_fraction", "metadata_dict", "render_compare",
+    "explain_output", "feature_colour", "mask_fraction", "metadata_dict", "render_compare",
     "render_global", "render_html", "render_local", "resolve_class",
 ]

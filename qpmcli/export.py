@@ -290,14 +290,11 @@ def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str 
     """
     import numpy as np
 
-    from qpmcli.images import preprocess_array
-    from qpmcli.predict import collect_images
+    from qpmcli.images import list_images, open_image, preprocess_array
 
     images: list[Any] = []
     if check_images:
-        from qpmcli.images import open_image
-
-        paths = collect_images(check_images)
+        paths = list_images(check_images)
         for p in paths[:n]:
             images.append(open_image(p))
         if not images:

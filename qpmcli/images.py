@@ -1,12 +1,17 @@
-"""Reading images robustly: any PIL-readable file becomes an RGB ``PIL.Image`` or a clear :class:`ImageError`.
+"""Images in and out of the models: listing the user's inputs, reading them robustly, preprocessing.
 
-Handles grayscale (L, I;16, I, F), palette (P with transparency), CMYK, alpha (composited on white), EXIF rotation,
-and refuses empty, truncated or absurdly large files with a message naming the file.
+- :func:`list_images`: files and folders as the user gave them -> image paths (the one listing rule of
+  ``qpm predict``, ``qpm explain`` and ``qpm export --check-images``; :data:`IMAGE_SUFFIXES` for folders);
+- :func:`open_image`: any PIL-readable file becomes an RGB ``PIL.Image`` or a clear :class:`ImageError`. Handles
+  grayscale (L, I;16, I, F), palette (P with transparency), CMYK, alpha (composited on white), EXIF rotation, and
+  refuses missing, empty, truncated or absurdly large files with a message naming the file;
+- :func:`preprocess_array`: an image -> the model's float32 input, in numpy (no torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +23,36 @@ if TYPE_CHECKING:  # pragma: no cover
 
 MAX_PIXELS = 300_000_000  # beyond this PIL's decompression-bomb guard would fire; we say so in our own words
 RESAMPLE = {"bilinear": 2, "bicubic": 3, "nearest": 0}  # preprocessing "interpolation" -> PIL.Image.Resampling value
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def is_image_file(path: Path) -> bool:
+    """A file whose suffix is one of :data:`IMAGE_SUFFIXES` (case-insensitive)."""
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """The images named by ``inputs``, in order: a file as given (whatever its suffix), a folder as its image files
+    (recursive, sorted).
+
+    The missing-path rule: a path that does not exist is kept and reported per image when it is opened (like an
+    unreadable file), so one bad path never stops a batch; but when not one listed image exists, or a folder holds no
+    images, nothing can be done and an :class:`ImageError` says so before any work starts.
+    """
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if is_image_file(f))
+            if not found:
+                raise ImageError(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES[:5])}, ...)")
+            out += found
+        else:
+            out.append(p)
+    if out and not any(p.is_file() for p in out):
+        others = f" (nor any of the other {len(out) - 1} given)" if len(out) > 1 else ""
+        raise ImageError(f"image not found: {out[0]}{others}")
+    return out
 
 
 def to_rgb(image):

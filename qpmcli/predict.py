@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
-from qpmcli.images import preprocess_array
+from qpmcli.images import list_images, preprocess_array
 from qpmcli.modelfile import ClassifierMetadata, decode_onnx_metadata, metadata_from_run, softmax
+from qpmcli.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 
 
@@ -265,6 +265,9 @@ def make_session(path: Path, device: str) -> tuple[Any, bool]:
 def _load_onnx(path: Path, device: str, *, weights: str | None, settings: Any) -> OnnxClassifier:
     session, io_binding = make_session(path, device)
     meta, graph = decode_onnx_metadata(session.get_modelmeta().custom_metadata_map, path)
+    from qpmcli.modelfile import check_graph
+
+    check_graph(meta, graph, session.get_inputs()[0].shape, {o.name: o.shape for o in session.get_outputs()}, path)
     loader = None
     if graph == "adapter":
         info = {"backbone": meta.backbone, "weights_digest": meta.weights_digest, "preprocess": meta.preprocess,
@@ -285,18 +288,6 @@ def _load_onnx(path: Path, device: str, *, weights: str | None, settings: Any) -
 
 
 # ------------------------------------------------------------------------------------------------------ predict
-def collect_images(inputs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given (whatever their extension) and, for folders, every image file below them (sorted)."""
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS))
-        else:
-            out.append(p)  # a missing file is reported per image, like a corrupt one
-    return out
-
-
 def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: np.ndarray, *, top_k: int = 5,
                         n_features: int = 5) -> dict[str, Any]:
     """One image's result: top-k classes with probabilities and the features that drove the top class.
@@ -333,7 +324,7 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
         raise ConfigError("--top-k must be at least 1")
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
-    paths = collect_images(inputs)
+    paths = list_images(inputs)  # a missing file is reported per image, like a corrupt one
     if not paths:
         raise ImageError("no images found in the given files/folders")
     clf = model if isinstance(model, Classifier) else load_classifier(model, device, weights=weights,
@@ -358,7 +349,7 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
                 clf.metadata, out["logits"][row], out["features"][row], top_k=top_k)}
         pending.clear()
 
-    bar = _progress(len(paths)) if progress else None
+    bar = progress_bar(stderr=True) if progress else None
     with bar or nullcontext():
         task = bar.add_task("predict", total=len(paths)) if bar else None
         for i, p in enumerate(paths):
@@ -375,12 +366,3 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
     failed = sum(1 for r in done if "error" in r)
     return {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "num_images": len(done),
             "num_failed": failed, "predictions": done}
-
-
-def _progress(total: int) -> Any:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
-

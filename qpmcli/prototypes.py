@@ -28,6 +28,7 @@ from qpmcli.modelfile import (
     PROTOTYPES_FORMAT_VERSION,
     PROTOTYPES_JSON,
     PROTOTYPES_KEY,
+    confined,
     embed_prototypes,
     parse_prototypes,
     read_onnx_props,
@@ -82,9 +83,9 @@ def build_prototypes(model: Any, train_cache: Any, dataset: Any, run_dir: str | 
     tokens = train_cache.tokens
     bar = None
     if progress:
-        from rich.progress import Progress
+        from qpmcli.progress import progress_bar
 
-        bar = Progress(transient=True)
+        bar = progress_bar()
         bar.start()
         task = bar.add_task("prototypes", total=n)
     try:
@@ -184,7 +185,8 @@ def read_prototypes_folder(folder: str | os.PathLike[str]) -> dict[int, list[dic
     for fid, entries in doc.get("features", {}).items():
         items = []
         for e in entries:
-            png = doc_path.parent / e["file"]
+            png = confined(doc_path.parent, e.get("file") if isinstance(e, dict) else None,
+                           f"{doc_path} entry 'file' of feature {fid}")
             if not png.is_file():
                 raise ArtifactError(f"prototype image {png} is missing; rebuild the prototypes")
             items.append({**e, "png_b64": base64.b64encode(png.read_bytes()).decode("ascii")})

@@ -214,7 +214,9 @@ def load_checkpoint(ckpt_dir: Path, phase: str, model: QPMModel, optimizer: Any)
     if not json_path.is_file():
         return None
     state = artifact.read_json(json_path)
-    tensors = artifact.read_safetensors(ckpt_dir / state["data"])
+    from qpmcli.modelfile import confined
+
+    tensors = artifact.read_safetensors(confined(ckpt_dir, state.get("data"), f"{json_path} 'data'"))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     device = next(iter(model.state_dict().values())).device
     opt_state: dict[int, dict[str, Any]] = {}
@@ -493,10 +495,9 @@ class _Progress:
         self._p = None
         self._task = None
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from qpmcli.progress import progress_bar
 
-            self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                               TextColumn("{task.fields[info]}"), TimeRemainingColumn(), transient=False)
+            self._p = progress_bar(transient=False, info=True)
             self._p.start()
 
     def start_epoch(self, epoch: int, total: int, completed: int = 0) -> None:
@@ -896,7 +897,10 @@ def _select_and_finetune(req: TrainRequest, model: QPMModel, dense_feats: torch.
         if not last and resume and done.is_file():  # a finished earlier iteration (Q-SENN)
             doc = artifact.read_json(done)
             model = _Model.from_config(doc["model"]).to(device)
-            model.load_state_dict(artifact.read_safetensors(ckpt_dir / doc["weights"], device=device))
+            from qpmcli.modelfile import confined
+
+            model.load_state_dict(artifact.read_safetensors(confined(ckpt_dir, doc.get("weights"),
+                                                                     f"{done} 'weights'"), device=device))
             sel = load_selection(sel_path)
             feats = None
             continue

@@ -9,9 +9,10 @@ from typing import Any
 
 from qpmcli.contracts import Dataset, Sample
 from qpmcli.errors import DatasetError
+from qpmcli.images import IMAGE_SUFFIXES
 
 SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # one list for datasets and for qpm predict/explain (qpmcli.images)
 
 
 def check_split(name: str, split: str) -> str:
