@@ -343,13 +343,13 @@ def _rss() -> int:
 
 
 def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: int | None = None,
-              eps: float = 1e-4, chunk: int = 100, tighten: int = 2, report=None, verbose: bool = False,
+              eps: float = 1e-4, chunk_share: float = 0.08, tighten: int = 2, report=None, verbose: bool = False,
               **scs_settings: Any) -> tuple[float, dict[str, Any]]:
     """Certified upper bound on ``inst``'s optimum from the lean Shor relaxation, SCS within a time/iteration budget.
 
     ``time_limit`` counts everything (model build, SCS setup and factorisation, iterations, certification). SCS runs
-    in warm-started chunks (about 6 % of the budget each, 25 to ``chunk`` iterations; a chunk that would overrun the
-    time limit is not started, so ``max_iters`` is used in whole chunks); every chunk's dual is certified and the
+    in warm-started chunks of about ``chunk_share`` of the budget (at least 25 iterations; a chunk that would overrun
+    the time limit is not started; ``max_iters`` is checked between chunks); every chunk's dual is certified and the
     smallest certified value is kept, so stopping early still returns a valid bound. The best dual then gets
     ``tighten`` sweeps of :func:`tighten_dual` (0: none) before its final certificate. ``report`` is called with each
     improved certified bound.
@@ -372,29 +372,22 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
         t_build = time.perf_counter() - t0
         settings = {"eps_abs": eps, "eps_rel": eps, "verbose": bool(verbose)}
         settings.update(scs_settings)
-        # chunk size: about 6 % of the budget per chunk, from the time of one eigendecomposition of the PSD block
-        m = model.cone["s"][0]
-        G = np.random.default_rng(0).normal(size=(m, m))
-        t1 = time.perf_counter()
-        np.linalg.eigh(G + G.T)
-        per_iter = 1.5 * (time.perf_counter() - t1)
-        del G
-        step = int(0.06 * max(deadline - time.perf_counter(), 0.0) / max(per_iter, 1e-6))
-        step = max(1, min(int(chunk), int(max_iters), max(step, 25)))
-        solver = scs.SCS({"A": model.A, "b": model.b, "c": model.c}, model.cone, max_iters=step,
-                         time_limit_secs=max(deadline - time.perf_counter(), 0.1), **settings)
+        # chunks of about chunk_share of the budget: SCS stops a solve at its time limit (checked every 25
+        # iterations) and the next solve starts warm from where it stopped
+        chunk_secs = max(float(chunk_share) * (deadline - time.perf_counter()), 0.5)
+        solver = scs.SCS({"A": model.A, "b": model.b, "c": model.c}, model.cone, max_iters=int(max_iters),
+                         time_limit_secs=chunk_secs, **settings)
         t_setup = time.perf_counter() - t0 - t_build
-        measured = False
         best_y = None
-        t_cert = 0.0
-        while iters + step <= max_iters or chunks == 0:
+        t_cert = last = 0.0
+        while iters < max_iters:
             left = deadline - time.perf_counter()
-            # the next chunk, its certificate and the final tightening (about three certificates) must fit
-            if chunks and (left <= 0 or (measured and per_iter * step + 4 * t_cert > left)):
-                status = f"{status}; stopped at the time limit"
-                break  # the next chunk would not fit (certification costs about two iterations)
-            if left <= 0:
+            if not chunks and left <= 0:
                 status = "time limit before the first iteration"
+                break
+            # the next chunk (as long as the last one) and the final tightening (about three certificates) must fit
+            if chunks and last + 3 * t_cert > left:
+                status = f"{status}; stopped at the time limit"
                 break
             t1 = time.perf_counter()
             sol = solver.solve(warm_start=chunks > 0)
@@ -404,16 +397,15 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
             status = str(info["status"])
             scs_obj = -float(info["pobj"])
             t2 = time.perf_counter()
-            per_iter = (t2 - t1) / max(int(info["iter"]), 1)
             value = certify(model, sol["y"])
             t_cert = time.perf_counter() - t2
-            measured = True
+            last = time.perf_counter() - t1
             if value < best:
                 best, best_y = value, np.array(sol["y"], copy=True)
                 if report is not None:
                     report(best)
-            if int(info["iter"]) < step:
-                break  # converged to eps, or SCS stopped for its own reason (its time guard, infeasibility)
+            if int(info["status_val"]) != 2:
+                break  # 2: stopped at its time or iteration limit; else converged to eps (1) or failed
         del solver
         plain = best
         if best_y is not None and tighten:
