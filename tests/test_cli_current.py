@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 from conftest import run_qpm
+from test_readme import CARD_COMMANDS, readme_commands
 from test_train_cli import TINY
+
+
+def card(verb: str) -> list[str]:
+    """The README's own command line for ``verb`` (export/explain/predict), as argv after `qpm`."""
+    import shlex
+
+    line = next(c for c in readme_commands() if c.startswith(f"qpm {verb}") and c in CARD_COMMANDS)
+    return shlex.split(line)[1:]
 
 
 @pytest.fixture(scope="module")
@@ -50,24 +59,25 @@ def test_card_commands_work_verbatim_from_a_fresh_directory(trained, tmp_path):
     _image(fresh / "img.jpg")
 
     # before the export, explain/predict fall back to the run itself
-    out = run_qpm(["predict", "img.jpg"], env=env, cwd=fresh, timeout=300)
+    out = run_qpm(card("predict"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using {run} (the current run)" in out.stderr
 
-    out = run_qpm(["export", "--onnx"], env=env, cwd=fresh, timeout=600)
+    out = run_qpm(card("export"), env=env, cwd=fresh, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"exporting {run} (the current run)" in out.stderr
     assert (run / "model.onnx").is_file()
     assert json.loads(pointer.read_text())["onnx"] == str(run / "model.onnx")
 
-    out = run_qpm(["explain", "img.jpg"], env=env, cwd=fresh, timeout=300)
+    out = run_qpm(card("explain"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using {run / 'model.onnx'} (the current run's exported model; run {run})" in out.stderr
     assert (fresh / "explanations" / "img_explain.png").stat().st_size > 5000
 
-    out = run_qpm(["predict", "img.jpg", "--json"], env=env, cwd=fresh, timeout=300)
+    out = run_qpm(card("predict"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert f"using {run / 'model.onnx'}" in out.stderr
+    assert f"using {run / 'model.onnx'}" in out.stderr and "1 of 1 images classified with onnx" in out.stdout
+    out = run_qpm(["predict", "img.jpg", "--json"], env=env, cwd=fresh, timeout=300)
     result = json.loads(out.stdout)
     assert result["kind"] == "onnx" and result["num_images"] == 1 and result["num_failed"] == 0
 
