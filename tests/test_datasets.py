@@ -224,7 +224,8 @@ def test_check_dataset_reports_counts_masks_and_attributes():
 
 # -------------------------------------------------------------------------------------------------------------- CLI
 def test_cli_data_check_json(qpm):
-    out = qpm(["data", "check", "--dataset", "shapes", "--option", "n_classes=3", "-o", "per_class=2", "--json"])
+    out = qpm(["data", "check", "--dataset", "shapes", "--dataset-option", "n_classes=3", "--dataset-option",
+               "per_class=2", "--json"])
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["classes"] == 3 and report["splits"]["train"]["count"] == 6
@@ -240,5 +241,5 @@ def test_cli_data_check_table_and_errors(qpm, tmp_path):
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = qpm(["data", "check", "--dataset", "cub200"])
     assert out.returncode == 2 and "needs a root folder" in out.stderr
-    out = qpm(["data", "check", "--dataset", "shapes", "-o", "bogus=1"])
-    assert out.returncode == 2 and "has no option(s) bogus" in out.stderr
+    out = qpm(["data", "check", "--dataset", "shapes", "--dataset-option", "bogus=1"])
+    assert out.returncode == 2 and "has no option 'bogus'" in out.stderr and "n_classes (int" in out.stderr
