@@ -146,6 +146,8 @@ class SelectionProblem:
 
     ``features``/``labels`` (pooled dense train features [N, n_f] and labels [N]) are present when the problem comes
     from a trained dense model; selectors that fit a GLM (sldd, qsenn) need them. ``B`` is the optional locality bias.
+    ``threshold_rule`` names how selectors that penalise redundant pairs find the redundancy threshold
+    (``qpmcli.selection.THRESHOLD_RULES``: ``"reference"``, or the deviation ``"greedy-bisect"``).
     """
 
     A: np.ndarray
@@ -154,6 +156,7 @@ class SelectionProblem:
     labels: np.ndarray | None = None
     B: np.ndarray | None = None
     class_names: list[str] | None = None
+    threshold_rule: str = "reference"
 
     @property
     def n_features_total(self) -> int:

@@ -6,7 +6,9 @@ to a selector plugin (``qpm``, ``sldd``, ``qsenn``, ``topk``) and checks what co
 
 Deliberate differences from the reference (ARCHITECTURE.md §5, METHOD.md §6.9 / §12 item 12): R has its negatives
 clipped at 0 (as in the original QPM) and the clique threshold, the disallowed-pair test and the penalty weights all use
-that one R (the reference searches cliques on 2R but tests pairs on R).
+that one R (the reference searches cliques on 2R but tests pairs on R). The threshold itself is the reference procedure
+step for step (``clique_threshold``, :mod:`qpmcli.redundancy`); qpm's earlier bisection rule is the option
+``threshold_rule="greedy-bisect"``.
 
 numpy is imported at module level: the CLI imports this module only inside commands.
 """
@@ -69,22 +71,44 @@ def compute_R(A: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- cliques (§6.4)
+THRESHOLD_RULES = ("reference", "greedy-bisect")
+_THRESHOLD_CACHE: dict[tuple, RedundancyThreshold] = {}
+_THRESHOLD_CACHE_SIZE = 8
+
+
 @dataclass
 class RedundancyThreshold:
-    """Result of the clique sweep: pairs with ``R >= threshold`` are penalised; ``clique`` has ``size >= target``
-    features that are pairwise below the threshold (it seeds the QPM warm start)."""
+    """Result of the clique sweep: pairs with ``R >= threshold`` are penalised; ``clique`` holds ``clique_size >=
+    target`` features that are pairwise below the threshold, in the order the solver is seeded from
+    (``clique[:target]``).
+
+    ``step`` is the sweep index whose graph gave the clique (-1: the fallback above every value of R), ``chosen``
+    the index where the reference's walk started (``None`` for greedy-bisect), ``rule`` the procedure.
+    """
 
     threshold: float
     clique: list[int]
     step: int
     target: int
+    rule: str = "reference"
+    clique_size: int = 0
+    chosen: int | None = None
+    fallback: bool = False
+
+    def info(self) -> dict[str, Any]:
+        """The facts the selection JSON records (``params``): rule, sweep step, tau and the start clique's size."""
+        tau = float(self.threshold)
+        return {"threshold_rule": self.rule, "threshold_step": int(self.step),
+                "threshold": tau if math.isfinite(tau) else None, "start_clique_size": int(self.clique_size),
+                "threshold_fallback": bool(self.fallback)}
 
 
 def _greedy_clique(adj: np.ndarray, target: int, starts: np.ndarray) -> list[int]:
-    """Largest clique found by the Pattabiraman-style greedy (METHOD §13 C16), stopping early at ``target`` nodes.
+    """Largest clique found by a Pattabiraman-style greedy from the given start nodes (greedy-bisect rule only).
 
     From each start node of degree >= target-1, repeatedly add the candidate with the most neighbours among the
-    remaining candidates. Deterministic: ties go to the lowest index.
+    remaining candidates; stop after the first clique of ``target`` nodes. Ties go to the lowest index. (The reference
+    rule uses networkx's variant instead: :func:`qpmcli.redundancy.large_clique_size_es`.)
     """
     deg = adj.sum(1)
     best: list[int] = []
@@ -106,19 +130,13 @@ def _greedy_clique(adj: np.ndarray, target: int, starts: np.ndarray) -> list[int
     return best
 
 
-def clique_threshold(R: np.ndarray, target: int, steps: int = 100, n_starts: int = 32) -> RedundancyThreshold:
-    """The smallest swept threshold tau at which ``target`` features exist that are pairwise compatible (R < tau).
-
-    Thresholds follow the reference sweep (METHOD §6.4 / C16): sorted off-diagonal values from the Turan edge target
-    ``E* = n^2 (t-2)/(t-1)`` down in ``steps`` steps. The compatibility graph only gets sparser as tau falls, so we
-    bisect over the steps instead of scanning them, and start the greedy from the ``n_starts`` least redundant
-    features only (the reference tries every node; on 512 features that costs minutes for the same answer).
-    """
-    R = np.asarray(R, dtype=np.float64)
+def _greedy_bisect_threshold(R: np.ndarray, t: int, steps: int, n_starts: int) -> RedundancyThreshold:
+    """qpm's earlier rule (a deliberate deviation, docs/method-notes.md): bisection over the reference's swept
+    thresholds with :func:`_greedy_clique` started from the ``n_starts`` least redundant features; the result is the
+    last swept threshold at which that greedy still finds ``t`` features. It is not the reference's answer: the
+    reference stops at the first step whose networkx greedy estimate falls short and confirms with another
+    heuristic, which usually gives a larger threshold (fewer penalised pairs)."""
     n = R.shape[0]
-    t = int(target)
-    if t < 2 or n < t:
-        return RedundancyThreshold(threshold=math.inf, clique=list(range(min(n, t))), step=0, target=t)
     C = R.copy()
     np.fill_diagonal(C, 0.0)
     v = np.sort(C, axis=None)
@@ -139,7 +157,9 @@ def clique_threshold(R: np.ndarray, target: int, steps: int = 100, n_starts: int
     if len(first) < t:
         # Even the densest swept graph has no t-clique: fall back to "no pair is disallowed below max R".
         tau_all = float(np.nextafter(C.max(), np.inf))
-        return RedundancyThreshold(threshold=tau_all, clique=clique_at(tau_all)[:t], step=-1, target=t)
+        found = clique_at(tau_all)
+        return RedundancyThreshold(threshold=tau_all, clique=found[:t], step=-1, target=t, rule="greedy-bisect",
+                                   clique_size=len(found), fallback=True)
     lo, hi, best = 0, steps, first
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -148,7 +168,51 @@ def clique_threshold(R: np.ndarray, target: int, steps: int = 100, n_starts: int
             lo, best = mid, cl
         else:
             hi = mid
-    return RedundancyThreshold(threshold=taus[lo], clique=sorted(best[:t]), step=lo, target=t)
+    return RedundancyThreshold(threshold=taus[lo], clique=sorted(best[:t]), step=lo, target=t, rule="greedy-bisect",
+                               clique_size=len(best))
+
+
+def clique_threshold(R: np.ndarray, target: int, steps: int = 100, *, rule: str = "reference",
+                     n_starts: int = 32, backend: str = "fast") -> RedundancyThreshold:
+    """The redundancy threshold tau for ``target`` selected features on R (METHOD §6.4 with the §13 C16 details).
+
+    ``rule="reference"`` (default) is the reference procedure step for step on our one-scale R
+    (:func:`qpmcli.redundancy.reference_threshold`): the ordered sweep from the Turan edge target, the networkx
+    greedy estimate early-stopped at the target, the stopping rule, then the walk toward denser graphs until the
+    early-stopped Ramsey-removal clique reaches the target; ``backend`` picks the fast emulation or networkx itself
+    (same answer, tested). ``rule="greedy-bisect"`` is qpm's earlier rule (:func:`_greedy_bisect_threshold`), kept
+    as an option; it gives a different, usually smaller threshold.
+
+    ``target < 2`` or more requested than available features: ``threshold = inf`` (nothing penalised). Results are
+    cached per (R's bytes, target, steps, rule, n_starts) for the last few calls, since a benchmark or a solver
+    restart asks for the same threshold again.
+    """
+    check_threshold_rule(rule)
+    R = np.ascontiguousarray(R, dtype=np.float64)
+    n = R.shape[0]
+    t = int(target)
+    if t < 2 or n < t:
+        return RedundancyThreshold(threshold=math.inf, clique=list(range(min(n, t))), step=0, target=t, rule=rule,
+                                   clique_size=min(n, t))
+    import hashlib
+
+    key = (hashlib.blake2b(R.tobytes(), digest_size=16).hexdigest(), R.shape, t, int(steps), rule,
+           int(n_starts) if rule == "greedy-bisect" else None)
+    hit = _THRESHOLD_CACHE.get(key)
+    if hit is None:
+        if rule == "greedy-bisect":
+            hit = _greedy_bisect_threshold(R, t, int(steps), int(n_starts))
+        else:
+            from qpmcli.redundancy import reference_threshold
+
+            ref = reference_threshold(R, t, int(steps), backend=backend)
+            hit = RedundancyThreshold(threshold=ref.threshold, clique=ref.clique, step=ref.step, target=t,
+                                      rule="reference", clique_size=len(ref.clique), chosen=ref.chosen,
+                                      fallback=ref.fallback)
+        while len(_THRESHOLD_CACHE) >= _THRESHOLD_CACHE_SIZE:
+            _THRESHOLD_CACHE.pop(next(iter(_THRESHOLD_CACHE)))
+        _THRESHOLD_CACHE[key] = hit
+    return RedundancyThreshold(**{**hit.__dict__, "clique": list(hit.clique)})
 
 
 def disallowed_pairs(R: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -173,16 +237,28 @@ def disallowed_pairs(R: np.ndarray, threshold: float) -> tuple[np.ndarray, np.nd
 
 
 # --------------------------------------------------------------------------------------------------- problems
+def check_threshold_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`THRESHOLD_RULES`, else :class:`SelectionError` naming the choices."""
+    if rule not in THRESHOLD_RULES:
+        raise SelectionError(f"unknown threshold rule {rule!r}; choose one of {', '.join(THRESHOLD_RULES)}")
+    return rule
+
+
 def build_problem(features: np.ndarray, labels: np.ndarray, n_classes: int,
-                  class_names: list[str] | None = None) -> SelectionProblem:
-    """A :class:`SelectionProblem` from pooled dense train features ``[N, n_f]`` and labels ``[N]`` (§6.1-§6.2)."""
+                  class_names: list[str] | None = None, *, threshold_rule: str = "reference") -> SelectionProblem:
+    """A :class:`SelectionProblem` from pooled dense train features ``[N, n_f]`` and labels ``[N]`` (§6.1-§6.2).
+
+    ``threshold_rule`` (:data:`THRESHOLD_RULES`) is stored on the problem for the selectors that penalise pairs.
+    """
+    check_threshold_rule(threshold_rule)
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64).ravel()
     A = compute_A(X, y, n_classes)
     R = compute_R(A)
     if class_names is not None and len(class_names) != n_classes:
         raise SelectionError(f"{len(class_names)} class names for {n_classes} classes")
-    return SelectionProblem(A=A, R=R, features=X.astype(np.float32), labels=y, class_names=class_names)
+    return SelectionProblem(A=A, R=R, features=X.astype(np.float32), labels=y, class_names=class_names,
+                            threshold_rule=threshold_rule)
 
 
 def synthetic_problem(n_features: int = 512, n_classes: int = 200, *, n_samples: int | None = None, rank: int = 24,
@@ -214,11 +290,12 @@ def synthetic_problem(n_features: int = 512, n_classes: int = 200, *, n_samples:
     return prob
 
 
-def load_problem_npz(path: str | Path) -> SelectionProblem:
+def load_problem_npz(path: str | Path, *, threshold_rule: str = "reference") -> SelectionProblem:
     """A problem file: ``A`` [n_f, C], ``R`` [n_f, n_f], optional ``B`` [n_f], ``class_names`` (ARCHITECTURE §8).
 
     A file with ``features`` and ``labels`` instead (e.g. ``<run>/dense_features.npz``) is turned into a problem.
     """
+    check_threshold_rule(threshold_rule)
     path = Path(path)
     if not path.is_file():
         raise SelectionError(f"problem file {path} not found; write one with numpy.savez(path, A=A, R=R)")
@@ -240,20 +317,21 @@ def load_problem_npz(path: str | Path) -> SelectionProblem:
         if not (np.isfinite(A).all() and np.isfinite(R).all()):
             raise SelectionError(f"{path}: A and R must be finite (found NaN or inf)")
         B = np.asarray(arrays["B"], np.float64) if "B" in arrays else None
-        return SelectionProblem(A=A, R=R, B=B, class_names=names)
+        return SelectionProblem(A=A, R=R, B=B, class_names=names, threshold_rule=threshold_rule)
     if {"features", "labels"} <= keys:
         labels = arrays["labels"].astype(np.int64)
         n_classes = len(names) if names else int(labels.max()) + 1
-        return build_problem(arrays["features"], labels, n_classes, class_names=names)
+        return build_problem(arrays["features"], labels, n_classes, class_names=names, threshold_rule=threshold_rule)
     raise SelectionError(f"{path} holds {sorted(keys)}; expected A and R (or features and labels)")
 
 
-def problem_from_run(run_dir: str | Path) -> SelectionProblem:
+def problem_from_run(run_dir: str | Path, *, threshold_rule: str = "reference") -> SelectionProblem:
     """The problem of a training run: ``<run>/dense_features.npz`` (pooled dense train features and labels).
 
     Class names (and so the number of classes, even when the last class has no sample) come from the npz or from
     the run's ``model.json`` / ``dense.json`` / ``config.json`` when one of them lists ``class_names``.
     """
+    check_threshold_rule(threshold_rule)
     run = Path(run_dir)
     path = run / "dense_features.npz"
     if not run.is_dir():
@@ -279,7 +357,7 @@ def problem_from_run(run_dir: str | Path) -> SelectionProblem:
     except (OSError, ValueError) as exc:
         raise SelectionError(f"cannot read {path}: {exc}") from exc
     n_classes = len(names) if names else int(labels.max()) + 1
-    return build_problem(features, labels, n_classes, class_names=names)
+    return build_problem(features, labels, n_classes, class_names=names, threshold_rule=threshold_rule)
 
 
 # -------------------------------------------------------------------------------------------------- selecting
