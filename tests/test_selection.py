@@ -251,8 +251,8 @@ def test_cli_select_problem_file_and_run_dir(qpm, tmp_path):
     run.mkdir()
     np.savez(run / "dense_features.npz", features=prob.features, labels=prob.labels)
     r = qpm(["select", str(run), "--selector", "topk", "--features", "6", "--per-class", "2"])
-    assert r.returncode == 0, r.stderr
-    assert len(json.loads((run / "selection.json").read_text())["features"]) == 6
+    assert r.returncode == 0, r.stderr  # a run's own selection.json is only replaced with --force
+    assert len(json.loads((run / "selection-topk.json").read_text())["features"]) == 6
 
 
 def test_cli_select_errors_are_one_line_exit_2(qpm, tmp_path):

@@ -44,11 +44,15 @@ def select_cmd(
     if run is not None and problem is not None:
         raise SelectionError("give either a run directory or --problem FILE (not both)")
     if run is None and problem is None:
-        from qpmcli.current import resolve_model
+        from qpmcli.current import NO_RUN_HINT, read_pointer, resolve_model
 
+        if settings.model is None and read_pointer(settings) is None:
+            raise SelectionError(f"give either a run directory or --problem FILE (there is no current run yet: "
+                                 f"{NO_RUN_HINT.split(', or pass')[0]})")
         target = resolve_model(settings, None, run_only=True)
         run = target.path
-        say(target.line("selecting for"))
+        if not quiet:  # -q: nothing on stderr but errors
+            say(target.line("selecting for"))
     own = None if run is None else (run / "selection.json")
     if out is None:
         name = f"selection-{selector}.json"
