@@ -185,3 +185,20 @@ def test_line_min_is_the_exact_minimiser_of_the_box_charge():
 
         t = D._line_min(a, rr, lo, up, beta)
         assert phi(t) <= phi(np.linspace(-50, 50, 100001)).min() + 1e-9
+
+
+def test_sdp_bound_source_steps_never_raise_the_bound_and_finish_when_converged():
+    import time
+
+    inst = random_instance(7, n=10, C=4, K=5, k=2)
+    opt = best_without_distinct_sets(inst)
+    src = D.SdpBound(inst, eps=1e-6, chunk_seconds=0.5)
+    assert src.name == "sdp" and src.bound == math.inf and not src.done
+    seen = []
+    for _ in range(200):
+        seen.append(src.step(time.perf_counter() + 60))
+        if src.done:
+            break
+    assert src.done and src.model is None  # converged; the workspace is released
+    assert all(b >= opt - 1e-9 for b in seen) and all(b2 <= b1 for b1, b2 in zip(seen, seen[1:], strict=False))
+    assert src.info["chunks"] == len(seen) and src.step(time.perf_counter() + 60) == seen[-1]

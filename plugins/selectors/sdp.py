@@ -342,89 +342,127 @@ def _rss() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+class SdpBound:
+    """The SDP bound as a resumable bound source: ``step(deadline)`` runs one warm-started SCS chunk and returns the
+    smallest certified bound so far (``name``, ``bound``, ``done``, ``step`` as the ``qpm`` solver's bound sources).
+
+    The first step builds the model and runs SCS's setup (its sparse factorisation: the expensive part at n = 512),
+    then a chunk. A chunk lasts about ``chunk_seconds`` (default: ``chunk_share`` of the time left at the first
+    step; SCS checks its clock every 25 iterations); it is not started when the previous chunk's duration no longer
+    fits before the deadline. Each chunk's dual is tightened (``tighten`` sweeps of :func:`tighten_dual`) and
+    certified. ``done`` once SCS converges to ``eps``, fails, or ``max_iters`` is used up; the solver's memory is
+    then released (``close`` releases it early).
+    """
+
+    name = "sdp"
+
+    def __init__(self, inst, M: int | None = None, *, eps: float = 1e-4, chunk_share: float = 0.08,
+                 chunk_seconds: float | None = None, tighten: int = 1, max_iters: int = 100_000,
+                 report=None, verbose: bool = False, **scs_settings: Any) -> None:
+        self.inst, self.M = inst, M
+        self.settings = {"eps_abs": eps, "eps_rel": eps, "verbose": bool(verbose), **scs_settings}
+        self.chunk_share, self.chunk_seconds, self.tighten = chunk_share, chunk_seconds, int(tighten)
+        self.max_iters, self.report = int(max_iters), report
+        self.bound = math.inf
+        self.done = False
+        self.model: ConicModel | None = None
+        self._solver = None
+        self._last = 0.0  # duration of the last chunk with its certificate
+        self.info: dict[str, Any] = {"time": 0.0, "build_seconds": 0.0, "setup_seconds": 0.0, "iterations": 0,
+                                     "chunks": 0, "status": "not started", "memory": 0, "scs_objective": math.nan,
+                                     "untightened_bound": math.inf}
+
+    @property
+    def seconds(self) -> float:
+        return float(self.info["time"])
+
+    def step(self, deadline: float) -> float:
+        if self.done:
+            return self.bound
+        t0 = time.perf_counter()
+        if self._rss0 is None:
+            self._rss0 = _rss()
+        with _PeakRss() as mem:
+            self._step(deadline)
+        # resident growth since the first step, sampled while stepping (between steps the process may do other work)
+        self.info["memory"] = max(self.info["memory"], int(mem.peak - self._rss0))
+        self.info["time"] = round(self.info["time"] + time.perf_counter() - t0, 3)
+        return self.bound
+
+    _rss0: int | None = None
+
+    def _step(self, deadline: float) -> None:
+        import scs
+
+        info = self.info
+        if self._solver is None:
+            t0 = time.perf_counter()
+            self.model = build_model(self.inst, self.M)
+            info["build_seconds"] = round(time.perf_counter() - t0, 3)
+            secs = self.chunk_seconds or float(self.chunk_share) * (deadline - time.perf_counter())
+            m = self.model
+            self._solver = scs.SCS({"A": m.A, "b": m.b, "c": m.c}, m.cone, max_iters=self.max_iters,
+                                   time_limit_secs=max(float(secs), 0.5), **self.settings)
+            info.update(setup_seconds=round(time.perf_counter() - t0 - info["build_seconds"], 3),
+                        variables=int(m.A.shape[1]), rows=int(m.A.shape[0]), nonzeros=int(m.A.nnz))
+        left = deadline - time.perf_counter()
+        if left <= 0 or (info["chunks"] and self._last > left):
+            return  # the next chunk would not fit
+        t1 = time.perf_counter()
+        sol = self._solver.solve(warm_start=info["chunks"] > 0)
+        res = sol["info"]
+        info["chunks"] += 1
+        info["iterations"] += int(res["iter"])
+        info["status"] = str(res["status"])
+        info["scs_objective"] = -float(res["pobj"])
+        y = sol["y"]
+        value = certify(self.model, y)
+        info["untightened_bound"] = min(info["untightened_bound"], value)
+        if self.tighten:
+            value = min(value, certify(self.model, tighten_dual(self.model, y, sweeps=self.tighten)))
+        self._last = time.perf_counter() - t1
+        if value < self.bound:
+            self.bound = value
+            if self.report is not None:
+                self.report(value)
+        if int(res["status_val"]) != 2 or info["iterations"] >= self.max_iters:
+            self.done = True  # converged to eps (1), failed, or out of iterations (2 is "stopped at a limit")
+            self.close()
+
+    def close(self) -> None:
+        """Release SCS's workspace and the model (the bound stays)."""
+        self._solver = None
+        self.model = None
+
+
 def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: int | None = None,
               eps: float = 1e-4, chunk_share: float = 0.08, tighten: int = 2, report=None, verbose: bool = False,
               **scs_settings: Any) -> tuple[float, dict[str, Any]]:
     """Certified upper bound on ``inst``'s optimum from the lean Shor relaxation, SCS within a time/iteration budget.
 
-    ``time_limit`` counts everything (model build, SCS setup and factorisation, iterations, certification). SCS runs
-    in warm-started chunks of about ``chunk_share`` of the budget (at least 25 iterations; a chunk that would overrun
-    the time limit is not started; ``max_iters`` is checked between chunks); every chunk's dual is certified and the
-    smallest certified value is kept, so stopping early still returns a valid bound. The best dual then gets
-    ``tighten`` sweeps of :func:`tighten_dual` (0: none) before its final certificate. ``report`` is called with each
-    improved certified bound.
+    ``time_limit`` counts everything (model build, SCS setup and factorisation, iterations, certification): the
+    steps of :class:`SdpBound` (chunks of about ``chunk_share`` of the budget, each tightened by ``tighten`` sweeps
+    and certified) until it is done or the next chunk would not fit. A stop at any point still returns a valid bound.
 
-    Returns ``(bound, info)``: info has time (s), iterations, status (SCS's last status, or why we stopped), memory
-    (bytes the solve added to the process's resident set, sampled), the uncertified SCS objective and the model size.
-    The bound is ``inf`` only if no chunk finished (a time limit shorter than the setup) or SCS gave no usable dual.
+    Returns ``(bound, info)``: info has time (s), iterations, status (SCS's last status), memory (bytes the solve
+    added to the process's resident set, sampled), SCS's own (uncertified) objective, the best certificate without
+    tightening, and the model size. The bound is ``inf`` only if no chunk ran (a time limit shorter than the setup).
     """
-    import scs
-
     t0 = time.perf_counter()
     deadline = t0 + float(time_limit)
-    best = math.inf
-    iters = 0
-    chunks = 0
-    status = "not started"
-    scs_obj = math.nan
+    src = SdpBound(inst, M, eps=eps, chunk_share=chunk_share, tighten=tighten, max_iters=max_iters, report=report,
+                   verbose=verbose, **scs_settings)
     with _PeakRss() as mem:
-        model = build_model(inst, M)
-        t_build = time.perf_counter() - t0
-        settings = {"eps_abs": eps, "eps_rel": eps, "verbose": bool(verbose)}
-        settings.update(scs_settings)
-        # chunks of about chunk_share of the budget: SCS stops a solve at its time limit (checked every 25
-        # iterations) and the next solve starts warm from where it stopped
-        chunk_secs = max(float(chunk_share) * (deadline - time.perf_counter()), 0.5)
-        solver = scs.SCS({"A": model.A, "b": model.b, "c": model.c}, model.cone, max_iters=int(max_iters),
-                         time_limit_secs=chunk_secs, **settings)
-        t_setup = time.perf_counter() - t0 - t_build
-        best_y = None
-        t_cert = last = 0.0
-        while iters < max_iters:
-            left = deadline - time.perf_counter()
-            if not chunks and left <= 0:
-                status = "time limit before the first iteration"
+        while not src.done and time.perf_counter() < deadline:
+            before = src.info["chunks"]
+            src.step(deadline)
+            if src.info["chunks"] == before:
+                src.info["status"] += "; stopped at the time limit"
                 break
-            # the next chunk (as long as the last one) and the final tightening (about three certificates) must fit
-            if chunks and last + 3 * t_cert > left:
-                status = f"{status}; stopped at the time limit"
-                break
-            t1 = time.perf_counter()
-            sol = solver.solve(warm_start=chunks > 0)
-            info = sol["info"]
-            chunks += 1
-            iters += int(info["iter"])
-            status = str(info["status"])
-            scs_obj = -float(info["pobj"])
-            t2 = time.perf_counter()
-            value = certify(model, sol["y"])
-            t_cert = time.perf_counter() - t2
-            last = time.perf_counter() - t1
-            if value < best:
-                best, best_y = value, np.array(sol["y"], copy=True)
-                if report is not None:
-                    report(best)
-            if int(info["status_val"]) != 2:
-                break  # 2: stopped at its time or iteration limit; else converged to eps (1) or failed
-        del solver
-        plain = best
-        if best_y is not None and tighten:
-            value = certify(model, tighten_dual(model, best_y, sweeps=tighten))
-            if value < best:
-                best = value
-                if report is not None:
-                    report(best)
-    return best, {
-        "time": round(time.perf_counter() - t0, 3),
-        "build_seconds": round(t_build, 3),
-        "setup_seconds": round(t_setup, 3),
-        "iterations": iters,
-        "chunks": chunks,
-        "status": status,
-        "memory": int(mem.peak - mem.start),
-        "scs_objective": scs_obj,
-        "untightened_bound": plain,
-        "variables": int(model.A.shape[1]),
-        "rows": int(model.A.shape[0]),
-        "nonzeros": int(model.A.nnz),
-    }
+        src.close()
+    info = dict(src.info)
+    if info["chunks"] == 0:
+        info["status"] = "time limit before the first iteration"
+    info["memory"] = int(mem.peak - mem.start)
+    info["time"] = round(time.perf_counter() - t0, 3)
+    return src.bound, info
