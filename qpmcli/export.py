@@ -68,6 +68,7 @@ def export_onnx(
     n_check: int = N_CHECK,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    int8: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export the run's final model to ONNX (see the module docstring); returns a JSON-able report.
 
@@ -77,6 +78,8 @@ def export_onnx(
     its digest must equal the run's. ``check_images``: files/folders for ``verify`` (default: the run's test split,
     else deterministic synthetic images). ``device`` is the ONNX Runtime device used by the check. ``prune``: export
     :class:`SelectedFeaturesModel` (the last adapter layer cut to the selected features; same outputs, less work).
+    ``int8``: also write ``<stem>.int8.onnx`` (:func:`qpmcli.quantize.export_int8` with these keyword arguments,
+    ``{}`` for the defaults), quantized from the staged fp32 graph and verified against it before anything is renamed.
     """
     from qpmcli.artifact import load_model
     from qpmcli.backbone import load_run_backbone
@@ -165,6 +168,18 @@ def export_onnx(
                 detail = "; ".join(f"{k}: {report['verify'][k]['criterion']}" for k in failed)
                 raise ArtifactError(f"ONNX verification failed ({detail}); nothing was written and existing files "
                                     f"were left as they were")
+        if int8 is not None:  # qpmcli.quantize: from the staged fp32 graph, verified; renamed with the others below
+            from qpmcli.quantize import export_int8, int8_path
+
+            int8_final = int8_path(out_path)
+            int8_staged = aside(int8_final)
+            written.append(int8_staged)
+            say(f"quantizing to int8: {int8_final}")
+            q = export_int8(run, full_staged, int8_staged, log=say, **int8)
+            q.update(file=str(int8_final), source=str(out_path))
+            report["int8"] = q
+            report["files"]["full_int8"] = str(int8_final)
+            report.setdefault("sizes_mb", {})[int8_final.name] = round(int8_staged.stat().st_size / 2**20, 2)
         for p in written:  # everything written (and verified): now replace the old files
             os.replace(p, final_of[p])
     finally:

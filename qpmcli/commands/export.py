@@ -21,6 +21,18 @@ def export(
     weights: str = Weights,
     weights_dir: str = WeightsDir,
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    int8: bool = typer.Option(False, "--int8/--no-int8",
+                              help="Also write <stem>.int8.onnx (ONNX Runtime int8 quantization for CPUs), verified "
+                                   "against fp32; fails below --min-agreement."),
+    calibrate: str = typer.Option(None, "--calibrate", metavar="train|DIR",
+                                  help="--int8: also try static QDQ quantization calibrated on the run's train split "
+                                       "or a folder of images; kept only when faster and as accurate."),
+    calibrate_n: int = typer.Option(64, "--calibrate-n", help="--calibrate: number of images."),
+    verify_images: list[str] = typer.Option(None, "--verify-images",
+                                            help="--int8: images/folders to compare int8 with fp32 on (default: the "
+                                                 "run's test split)."),
+    min_agreement: float = typer.Option(0.99, "--min-agreement",
+                                        help="--int8: least top-1 agreement with fp32 (0-1)."),
     device: str = opts.device_opt(),
     quiet: bool = Quiet,
     json_out: bool = JsonFlag,
@@ -37,14 +49,17 @@ def export(
     if out is not None and not str(out).lower().endswith(".onnx"):
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
     opts.check_positive(opset, "--opset", 7)
+    int8_opts = _int8_options(int8, calibrate, calibrate_n, verify_images, min_agreement)
     target = resolve_model(settings, run, run_only=True)
-    say(target.line("exporting"))
+    if not quiet:  # -q: nothing on stderr but errors
+        say(target.line("exporting"))
     from qpmcli.export import export_onnx
 
     err = console(stderr=True)
     report = export_onnx(target.path, out, fp16=fp16, verify=verify, adapter=adapter, weights=weights,
                          settings=settings, opset=opset, check_images=check_images or None, device=settings.device,
-                         log=None if (json_out or quiet) else (lambda m: err.print(m)))
+                         log=None if (json_out or quiet) else (lambda m: err.print(m)),
+                         **({"int8": int8_opts} if int8_opts is not None else {}))
     full = report.get("files", {}).get("full")
     if full:
         report["current"] = record_export(settings, target.path, full)
@@ -74,6 +89,36 @@ def _print_report(report: dict) -> None:
                   f"{'ok' if res['passed'] else 'FAILED'}")
     if report.get("check_set"):
         out.print(f"check set: {report['check_set']}")
+    if report.get("int8"):
+        from qpmcli.quantize import describe
+
+        for line in describe(report["int8"]):
+            out.print(line, highlight=False)
+
+
+def _int8_options(int8: bool, calibrate: str | None, calibrate_n: int, verify_images: list[str] | None,
+                  min_agreement: float) -> dict | None:
+    """The ``int8=`` argument of ``export_onnx`` (None without --int8); int8-only flags without --int8 are errors."""
+    import math
+
+    from qpmcli.errors import ConfigError
+
+    if not int8:
+        for flag, given in (("--calibrate", calibrate is not None), ("--verify-images", bool(verify_images)),
+                            ("--min-agreement", min_agreement != 0.99), ("--calibrate-n", calibrate_n != 64)):
+            if given:
+                raise ConfigError(f"{flag} needs --int8")
+        return None
+    if not (math.isfinite(min_agreement) and 0.0 <= min_agreement <= 1.0):
+        raise ConfigError(f"--min-agreement must be between 0 and 1 (a share of images), not {min_agreement}")
+    opts.check_positive(calibrate_n, "--calibrate-n")
+    if calibrate is not None and calibrate != "train":
+        from pathlib import Path
+
+        if not Path(calibrate).expanduser().is_dir():
+            raise ConfigError(f"--calibrate {calibrate}: expected 'train' or an existing folder of images")
+    return {"calibrate": calibrate, "n_calibrate": calibrate_n, "verify_images": verify_images or None,
+            "min_agreement": min_agreement}
 
 
 def register(app: typer.Typer) -> None:
