@@ -257,3 +257,19 @@ def test_problem_carries_the_rule_and_the_selection_json_records_it(tmp_path):
         assert params["threshold"] == thr.threshold and params["start_clique_size"] == thr.clique_size
         assert params["penalised_pairs"] == len(disallowed_pairs(prob.R, thr.threshold)[0])
         assert load_selection(path).params["threshold_rule"] == rule
+
+
+def test_cli_select_threshold_rule(qpm, tmp_path):
+    prob = synthetic_problem(24, 6, seed=2, n_samples=240, with_features=False)
+    np.savez(tmp_path / "problem.npz", A=prob.A, R=prob.R)
+    before = (tmp_path / "problem.npz").read_bytes()
+    for rule in THRESHOLD_RULES:
+        r = qpm(["select", "--problem", "problem.npz", "--features", "6", "--per-class", "2", "--time-limit", "2",
+                 "--workers", "1", "--threshold-rule", rule, "--out", f"sel-{rule}.json", "--json"])
+        assert r.returncode == 0, r.stderr
+        params = json.loads((tmp_path / f"sel-{rule}.json").read_text())["params"]
+        assert params["threshold_rule"] == rule
+        assert params["threshold"] == clique_threshold(prob.R, 6, rule=rule).threshold
+    r = qpm(["select", "--problem", "problem.npz", "--features", "6", "--per-class", "2", "--threshold-rule", "x"])
+    assert r.returncode == 2 and "--threshold-rule" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr and (tmp_path / "problem.npz").read_bytes() == before
