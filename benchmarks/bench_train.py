@@ -51,9 +51,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from qpmcli.loop import DENSE_PHASE, TokenData, train_phase
     from qpmcli.losses import DENSE_WEIGHTS, total_loss
     from qpmcli.model import QPMModel
-    from qpmcli.train import DENSE_PHASE, TokenData, train_phase
 
     grid = (args.grid, args.grid)
     t = 1 + args.grid ** 2
@@ -79,7 +79,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        from qpmcli.train import recompute_bn_stats
+        from qpmcli.loop import recompute_bn_stats
 
         t_bn = time.perf_counter()
         recompute_bn_stats(model, data, args.batch_size, args.bf16)

@@ -44,6 +44,36 @@ PROTOTYPES = "prototypes"
 FORMAT_VERSION = 1
 
 STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
+ONNX_MODEL = "model.onnx"  # qpm export's default output inside the run
+PROTOTYPES_PARTIAL = ".prototypes.partial"  # prototypes/ while it is being written
+
+
+def checkpoint_json(phase: str) -> str:
+    """``checkpoints/<phase>.json``: a training phase's checkpoint state (step, RNG, the tensor file it uses)."""
+    return f"{phase}.json"
+
+
+def checkpoint_data(phase: str, epoch: int, step: int) -> str:
+    """``checkpoints/<phase>-<epoch>-<step>.safetensors``: the tensors of one checkpoint."""
+    return f"{phase}-{int(epoch)}-{int(step)}.safetensors"
+
+
+def is_checkpoint_data(name: str, phase: str) -> bool:
+    """Whether ``name`` is a :func:`checkpoint_data` file of ``phase``."""
+    prefix, suffix = f"{phase}-", ".safetensors"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return False
+    parts = name[len(prefix):-len(suffix)].split("-")
+    return len(parts) == 2 and all(p.isdigit() for p in parts)
+
+
+def iteration_files(iteration: int, iterations: int) -> tuple[str, str, str]:
+    """``(selection, state JSON, weights)`` file names of select/finetune iteration ``iteration`` (0-based) of
+    ``iterations``: the last one writes ``selection.json``; earlier ones (Q-SENN) ``selection-<i>.json`` and keep their
+    finished state as ``checkpoints/iteration-<i>.json`` + ``.safetensors``."""
+    tag = "" if iterations == 1 else f"-{iteration + 1}"
+    last = iteration == iterations - 1
+    return (SELECTION if last else f"selection{tag}.json", f"iteration{tag}.json", f"iteration{tag}.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------------ atomic writes

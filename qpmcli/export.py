@@ -81,7 +81,7 @@ def export_onnx(
     ``int8``: also write ``<stem>.int8.onnx`` (:func:`qpmcli.quantize.export_int8` with these keyword arguments,
     ``{}`` for the defaults), quantized from the staged fp32 graph and verified against it before anything is renamed.
     """
-    from qpmcli.artifact import load_model
+    from qpmcli.artifact import ONNX_MODEL, load_model
     from qpmcli.backbone import load_run_backbone
     from qpmcli.prototypes import embedded_prototypes
 
@@ -94,7 +94,7 @@ def export_onnx(
     model, info = load_model(run, "final", device="cpu")
     meta = metadata_from_run(model, info)
     backbone = load_run_backbone(info, weights=weights, settings=settings, device="cpu")
-    out_path = Path(out).expanduser() if out is not None else run / "model.onnx"
+    out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
     if out_path.suffix.lower() != ".onnx":
         raise ConfigError(f"--out must end in .onnx, not {out_path.name}")
     prototypes = embedded_prototypes(run, log=say)
@@ -326,10 +326,10 @@ def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str 
 
 def _dataset_images(run: Path, n: int) -> tuple[list[Any], str]:
     """Up to ``n`` images spread over the run's test split, or ``[]`` when the dataset cannot be opened."""
-    from qpmcli.artifact import read_json
+    from qpmcli.artifact import CONFIG, read_json
     from qpmcli.errors import QpmError
 
-    cfg_path = run / "config.json"
+    cfg_path = run / CONFIG
     if not cfg_path.is_file():
         return [], ""
     try:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qpmcli.artifact import PROTOTYPES, atomic_write_json, read_json
+from qpmcli.artifact import PROTOTYPES, PROTOTYPES_PARTIAL, atomic_write_json, read_json
 from qpmcli.errors import ArtifactError, ConfigError, QpmError
 from qpmcli.modelfile import (
     MAX_PROTOTYPE_BYTES,
@@ -157,7 +157,7 @@ def save_prototypes(run_dir: str | os.PathLike[str], doc: dict[str, Any], images
     ``prototypes.json``, into a side folder that then replaces the old one (readers never see half a folder)."""
     run = Path(run_dir)
     final = run / PROTOTYPES
-    tmp = run / ".prototypes.partial"
+    tmp = run / PROTOTYPES_PARTIAL
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 
 from qpmcli.artifact import atomic_write_safetensors
+from qpmcli.distributed import dist_info, init_distributed
+from qpmcli.loop import DENSE_PHASE, TokenData, train_phase
+from qpmcli.loop import collect_token_outputs as collect_outputs
 from qpmcli.model import QPMModel
-from qpmcli.train import DENSE_PHASE, TokenData, collect_outputs, dist_info, init_distributed, train_phase
 
 
 def train_tiny() -> dict[str, torch.Tensor]:

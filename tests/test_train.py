@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from qpmcli.model import QPMModel
-from qpmcli.train import (
+from qpmcli.loop import (
     DENSE_PHASE,
     FINETUNE_PHASE,
     PhaseOptions,
     TokenData,
-    collect_outputs,
     feature_stats,
     recompute_bn_stats,
     train_phase,
 )
+from qpmcli.loop import collect_token_outputs as collect_outputs
+from qpmcli.model import QPMModel
 
 N, H, W, D, C = 96, 3, 3, 16, 4
 
@@ -92,9 +92,14 @@ def test_interrupted_phase_resumes_to_the_uninterrupted_result(tmp_path, stop):
     ref = _model()
     ref_res = train_phase(ref, data, OPTS, phase="dense", seed=1, progress=False)
     model = _model()
+
+    def ctrl_c(steps_done):  # the user presses Ctrl-C after `stop` steps, right after that step's checkpoint
+        if steps_done == stop:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        train_phase(model, data, OPTS, phase="dense", seed=1, checkpoint_dir=tmp_path, progress=False,
-                    stop_after_steps=stop)
+        train_phase(model, data, replace(OPTS, checkpoint_steps=stop), phase="dense", seed=1,
+                    checkpoint_dir=tmp_path, progress=False, on_step=ctrl_c)
     assert (tmp_path / "dense.json").is_file()
     torch.manual_seed(123)  # a fresh process: other RNG state, other init -- the checkpoint must restore everything
     resumed = QPMModel(D, C, (H, W), n_layers=2, hidden_size=32, n_features=12)

@@ -68,6 +68,7 @@ def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
     ({"n_selected": 40}, "--features 40 exceeds the adapter's 16 dense features"),
     ({"n_features": 100000}, "--dense-features 100000 cannot be trained"),
     ({"head": "svm"}, "unknown head 'svm'"),
+    ({"metrics": "accuracy,bogus"}, "unknown metric 'bogus'"),
     ({"pooling": "median"}, "unknown pooling 'median'"),
 ])
 def test_bad_train_requests_fail_before_any_work(tmp_path, changes, message):
