@@ -202,3 +202,16 @@ def test_sdp_bound_source_steps_never_raise_the_bound_and_finish_when_converged(
     assert src.done and src.model is None  # converged; the workspace is released
     assert all(b >= opt - 1e-9 for b in seen) and all(b2 <= b1 for b1, b2 in zip(seen, seen[1:], strict=False))
     assert src.info["chunks"] == len(seen) and src.step(time.perf_counter() + 60) == seen[-1]
+
+
+def test_auto_bound_takes_the_sdp_only_for_large_problems_with_time_for_it():
+    big = Q.QpmInstance(coef=np.zeros((512, 200)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
+                        bonus=np.zeros(512), K=50, k=5)
+    small = random_instance(0)
+    assert D.choose_bound("auto", big, 120.0) == "sdp"
+    assert D.choose_bound("auto", big, 30.0) == "lp"
+    assert D.choose_bound("auto", small, 600.0) == "lp"
+    assert D.choose_bound("sdp", small, 1.0) == "sdp" and D.choose_bound("lp", big, 600.0) == "lp"
+    with pytest.raises(ValueError, match="lp, sdp, auto"):
+        D.choose_bound("best", big, 60.0)
+    assert [s.name for s in D.bound_sources("auto", big, 100, 120.0)] == ["sdp"]

@@ -466,3 +466,37 @@ def sdp_bound(inst, *, time_limit: float = 60.0, max_iters: int = 100_000, M: in
     info["memory"] = int(mem.peak - mem.start)
     info["time"] = round(time.perf_counter() - t0, 3)
     return src.bound, info
+
+
+# ------------------------------------------------------------------------------------------ choosing the bound
+BOUND_CHOICES = ("lp", "sdp", "auto")
+AUTO_MIN_SECONDS = 60.0  # below this the SDP's setup (about 10 s at n = 512) eats too much of its share
+AUTO_MAX_FEATURES = 1024  # memory: the PSD block and X grow as n^2 (0.5 GB at n = 512)
+
+
+def choose_bound(choice: str, inst, time_limit: float) -> str:
+    """``lp`` or ``sdp`` for a ``bound`` option of ``lp``, ``sdp`` or ``auto``.
+
+    auto takes the SDP where the LP is loose and the SDP pays off: problems too big for CP-SAT's exact model (whose
+    own bound closes small problems), at most :data:`AUTO_MAX_FEATURES` features, and a time limit of at least
+    :data:`AUTO_MIN_SECONDS`. At CUB size (512 x 200) a 120 s budget certifies 343.1 with the SDP against 358.9
+    with the LP and clique cuts (benchmarks/results/sdp.md).
+    """
+    if choice not in BOUND_CHOICES:
+        raise ValueError(f"bound must be one of {', '.join(BOUND_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    from qpm_plugins.selectors import qpm
+
+    fits = getattr(qpm, "exact_model_fits", None)
+    small = fits(inst) if fits is not None else inst.n <= 64
+    return "sdp" if not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS else "lp"
+
+
+def bound_sources(choice: str, inst, M: int, time_limit: float, *, cut_rounds: int = 50) -> list:
+    """The bound sources for ``qpm.solve``: the cut LP or the SDP, as :func:`choose_bound` picks."""
+    if choose_bound(choice, inst, time_limit) == "sdp":
+        return [SdpBound(inst, M)]
+    from qpm_plugins.selectors.qpm import LpBound
+
+    return [LpBound(inst, M, cut_rounds=cut_rounds)]
