@@ -90,3 +90,9 @@ def test_readme_demo_command_runs_the_whole_product(isolated_env, tmp_path):
     figures = list((root / "explanations").glob("*.png"))
     assert figures and all(f.stat().st_size > 10_000 for f in figures)
     assert "QPM (ours)" in out.stdout and str(root / "model.onnx") in out.stdout
+    # the demo's QPM run is now the current run, so the README's next commands work as printed
+    pointer = json.loads((Path(isolated_env["XDG_CACHE_HOME"]) / "qpm" / "current-run.json").read_text())
+    assert pointer["run"] == str(root / "runs" / "shapes-qpm") and pointer["onnx"] == str(root / "model.onnx")
+    (tmp_path / "img.png").write_bytes((root / "example.png").read_bytes())
+    res = run_qpm(["predict", "img.png"], env=isolated_env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0 and f"using {root / 'model.onnx'}" in res.stderr, res.stderr[-2000:]
