@@ -708,7 +708,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     if cmp_idx is not None and cmp_idx == cls_idx:
         raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare with another class")
     summary: dict[str, Any] = {"model": str(model), "backbone": md.backbone, "out_dir": str(out),
-                               "class_names": len(names), "images": [], "global": None}
+                               "class_names": len(names), "images": [], "global": None, "kind": clf.kind,
+                               "provider": clf.provider, "precision": clf.precision}
     if cls_idx is not None:
         if int((w[cls_idx] != 0).sum()) > 10:
             raise ConfigError("--class (global explanation) needs a QPM model with a feature selection; this model's "

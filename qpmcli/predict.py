@@ -61,8 +61,13 @@ class Classifier(ABC):
     def run_array(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Classify an already preprocessed batch ``[B, 3, H, W]`` (float32)."""
 
+    @property
+    def precision(self) -> str:
+        """``fp32``, or the precision an exported file records in its metadata (``fp16``, ``int8``)."""
+        return str(self.metadata.extra.get("precision", "fp32"))
+
     def describe(self) -> dict[str, Any]:
-        return {"model": str(self.path), "kind": self.kind, "provider": self.provider,
+        return {"model": str(self.path), "kind": self.kind, "provider": self.provider, "precision": self.precision,
                 "backbone": self.metadata.backbone, "classes": self.metadata.n_classes,
                 "features": self.metadata.n_features}
 
@@ -316,9 +321,9 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
             settings: Any = None, progress: bool = False) -> dict[str, Any]:
     """Classify images/folders; unreadable images are reported per file and do not stop the batch.
 
-    Returns ``{"model", "kind", "provider", "num_images", "num_failed", "predictions": [{"path", "top_k": [{class,
-    index, probability, logit}], "features": [{feature, position, weight, activation, contribution}]} or {"path",
-    "error"}]}`` in input order.
+    Returns ``{"model", "kind", "provider", "precision", "num_images", "num_failed", "predictions": [{"path",
+    "top_k": [{class, index, probability, logit}], "features": [{feature, position, weight, activation,
+    contribution}]} or {"path", "error"}]}`` in input order.
     """
     if top_k < 1:
         raise ConfigError("--top-k must be at least 1")
@@ -364,5 +369,5 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
         flush()
     done = [r for r in results if r is not None]
     failed = sum(1 for r in done if "error" in r)
-    return {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "num_images": len(done),
-            "num_failed": failed, "predictions": done}
+    return {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "precision": clf.precision,
+            "num_images": len(done), "num_failed": failed, "predictions": done}

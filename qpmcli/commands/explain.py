@@ -69,6 +69,9 @@ def explain(
                       f"-> {c['figure']}")
     if summary.get("html"):
         con.print(f"report: {summary['html']}")
+    if summary.get("provider"):
+        con.print(f"model: {summary['kind']} ({summary['provider']}, {summary.get('precision', 'fp32')})",
+                  highlight=False)
 
 
 def register(app: typer.Typer) -> None:

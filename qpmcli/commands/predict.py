@@ -55,7 +55,7 @@ def _print_result(result: dict) -> None:
         out.print(f"{p['path']}: [bold]{top['class']}[/bold] {top['probability']:.3f}"
                   + (f"  (then {others})" if others else "") + f"\n    features: {feats}", highlight=False)
     out.print(f"{result['num_images'] - result['num_failed']} of {result['num_images']} images classified with "
-              f"{result['kind']} ({result['provider']})", highlight=False)
+              f"{result['kind']} ({result['provider']}, {result.get('precision', 'fp32')})", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
