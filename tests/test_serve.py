@@ -190,7 +190,7 @@ def test_model_classes_features_and_prototypes(client, served_model):
         assert r.content == (served_model["run"] / "prototypes" / entry["file"]).read_bytes()
     for bad in ("/api/prototypes/2/99.png", "/api/prototypes/4/0.png", "/api/features/999", "/api/classes/4",
                 "/api/prototypes/..%2F..%2Fmodel.json/0.png", "/static/..%2F..%2Fengine.py", "/class/9",
-                "/feature/1"):
+                "/feature/1", "/docs-assets/..%2F__init__.py", "/docs-assets/%2E%2E/core.py"):
         assert client.get(bad).status_code in (404, 422), bad
 
 
