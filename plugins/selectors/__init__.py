@@ -1,4 +1,4 @@
-"""Built-in qpm selectors: ``qpm`` (CP-SAT + local search), ``topk`` (greedy baseline), ``sldd`` and ``qsenn``.
+"""Built-in qpm selectors: ``qpm`` (CP-SAT + local search), ``gurobi`` (optional), ``topk``, ``sldd``, ``qsenn``.
 
 Registered through the ``qpm`` entry-point group like any third-party selector. The factories import their modules
 lazily so that ``qpm plugins`` stays fast.
@@ -14,6 +14,12 @@ def _qpm():
     from qpm_plugins.selectors.qpm import QpmSelector
 
     return QpmSelector()
+
+
+def _gurobi():
+    from qpm_plugins.selectors.gurobi import GurobiSelector
+
+    return GurobiSelector()
 
 
 def _topk():
@@ -38,6 +44,8 @@ def _qsenn():
 def qpm_selectors() -> list:
     return [
         SelectorSpec("qpm", _qpm, "QPM: K binary features, k per class, distinct sets; OR-Tools CP-SAT + local search"),
+        SelectorSpec("gurobi", _gurobi, "QPM's MIP on Gurobi (optional extra qpm[gurobi]; needs gurobipy, proven "
+                                        "optima within its licence's size)"),
         SelectorSpec("topk", _topk, "greedy baseline: forward-greedy features, each class its top-k (no search)"),
         SelectorSpec("sldd", _sldd, "SLDD: glm-saga group elastic-net selection, sparse real weights + bias"),
         SelectorSpec("qsenn", _qsenn, "Q-SENN: iterative SLDD with ternary weights, 4 iterations with a schedule"),

@@ -23,6 +23,7 @@ The reported gap is (bound - objective) / |objective| with the smallest valid bo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -64,11 +65,18 @@ class QpmInstance:
     def C(self) -> int:
         return int(self.coef.shape[1])
 
-    def selection_value(self, S: np.ndarray) -> float:
-        """Z for selection S when every class takes its top-k in S (duplicates ignored: an upper bound for S)."""
+    def topk_value(self, S: np.ndarray) -> float:
+        """Z for selection S when every class takes its top-k in S (duplicates allowed: an upper bound for S)."""
+        S = np.asarray(S)
         sub = self.coef[S]
         top = -np.partition(-sub, self.k - 1, axis=0)[: self.k]
         return float(top.sum() - 0.5 * self.P[np.ix_(S, S)].sum() + self.bonus[S].sum())
+
+    def selection_value(self, S: np.ndarray) -> float:
+        """Z of selection S with its best distinct-sets assignment (the true objective of S; exact)."""
+        S = np.sort(np.asarray(S))
+        _, gain = exact_assignment(self.coef[S].T, self.k)
+        return gain - 0.5 * float(self.P[np.ix_(S, S)].sum()) + float(self.bonus[S].sum())
 
     def value(self, S: np.ndarray, W: np.ndarray) -> float:
         """Z of a full solution: S sorted [K], W [C, K] binary."""
@@ -92,84 +100,106 @@ def make_instance(problem: SelectionProblem, K: int, k: int) -> QpmInstance:
 
 # ------------------------------------------------------------------------------------------ assignment for fixed S
 def assign(inst: QpmInstance, S: np.ndarray) -> np.ndarray:
-    """Best-effort optimal W [C, K] for the sorted selection S: each class's top-k, then duplicate sets repaired.
+    """The optimal W [C, K] for the sorted selection S: exactly k per class, distinct class sets (exact).
 
-    Repair: within a group of classes sharing a set, the class that would lose most by moving keeps it; the others
-    take their cheapest single swap (one feature out, one feature of S in) to a set no class uses yet.
+    See :func:`exact_assignment`.
     """
-    S = np.asarray(S)
-    sub = inst.coef[S].T  # [C, K]
-    C, K = sub.shape
-    k = inst.k
-    order = np.argsort(-sub, axis=1, kind="stable")
-    W = np.zeros((C, K), dtype=bool)
-    W[np.arange(C)[:, None], order[:, :k]] = True
-    if C == 1:
-        return W
-    for _ in range(min(C, 50)):
-        keys = [bytes(np.packbits(r)) for r in W]
-        groups: dict[bytes, list[int]] = {}
-        for c, key in enumerate(keys):
-            groups.setdefault(key, []).append(c)
-        dups = [g for g in groups.values() if len(g) > 1]
-        if not dups:
-            return W
-        used = set(keys)
-        for group in dups:
-            moves = []
-            for c in group:
-                moves.append((_cheapest_swap(sub[c], W[c], used), c))
-            # the class whose best alternative is most expensive stays; the rest move (cheapest first)
-            moves.sort(key=lambda m: (m[0][0], m[1]))
-            for (_, out_j, _), c in moves[:-1]:
-                if out_j < 0:
-                    continue
-                alt = _cheapest_swap(sub[c], W[c], used)  # recheck: earlier moves may have used its target
-                if alt[1] < 0:
-                    continue
-                W[c, alt[1]] = False
-                W[c, alt[2]] = True
-                used.add(bytes(np.packbits(W[c])))
-    return _exact_assignment(sub, k)
+    return exact_assignment(inst.coef[np.asarray(S)].T, inst.k)[0]
 
 
-def _exact_assignment(sub: np.ndarray, k: int) -> np.ndarray:
-    """Optimal distinct assignment for a fixed selection by linear assignment over all k-subsets (small K only).
+def exact_assignment(sub: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Optimal distinct-sets assignment ``(W [C, K], value)`` for class values ``sub`` [C, K] (exact, polynomial).
 
-    Used when single swaps cannot untangle the duplicates (e.g. almost as many classes as k-subsets).
+    Every class takes its top-k set unless two classes' top sets coincide. Then X = the classes in such collisions,
+    closed under "a class outside X whose top set is among the top-|X| sets of a class in X joins X". Inside a closed
+    X an exchange argument shows that each class needs only its own top-|X| k-subsets (at most |X| - 1 of them are
+    taken by the others, and the classes outside X keep their top sets, which no list in X contains), so a linear
+    assignment (scipy) of X's classes to the union of those lists is optimal, and so is the whole assignment.
     """
     from scipy.optimize import linear_sum_assignment
 
-    from qpmcli.errors import SelectionError
-
     C, K = sub.shape
-    if math.comb(K, k) > 20_000:
-        raise SelectionError(f"could not give {C} classes distinct feature sets from {K} features; "
-                             f"raise --features or lower --per-class")
-    subsets = np.array(list(itertools.combinations(range(K), k)))
-    value = sub[:, subsets].sum(2)  # [C, n_subsets]
-    rows, cols = linear_sum_assignment(-value)
+    order = np.argsort(-sub, axis=1, kind="stable")
     W = np.zeros((C, K), dtype=bool)
-    for c, j in zip(rows, cols, strict=True):
-        W[c, subsets[j]] = True
-    return W
+    W[np.arange(C)[:, None], order[:, :k]] = True
+    top = [tuple(sorted(order[c, :k].tolist())) for c in range(C)]
+    owners: dict[tuple[int, ...], list[int]] = {}
+    for c, t in enumerate(top):
+        owners.setdefault(t, []).append(c)
+    X = {c for g in owners.values() if len(g) > 1 for c in g}
+    if not X:
+        return W, float((sub * W).sum())
+    n_sets = math.comb(K, k)
+    if n_sets <= _ALL_SUBSETS:  # few k-subsets: one linear assignment over all of them (same optimum, faster)
+        subsets = _subsets(K, k)
+        rows, chosen = linear_sum_assignment(-sub[:, subsets].sum(2))
+        W[:] = False
+        for c, j in zip(rows, chosen, strict=True):
+            W[c, subsets[j]] = True
+        return W, float((sub * W).sum())
+    lists: dict[int, list[tuple[int, ...]]] = {}
+    while True:
+        m = min(len(X), n_sets)
+        for c in X:
+            if len(lists.get(c, ())) < m:
+                lists[c] = _top_subsets(sub[c], order[c], k, m)
+        listed = {t for c in X for t in lists[c][:m]}
+        new = {c for c in range(C) if c not in X and top[c] in listed}
+        if not new:
+            break
+        X |= new
+    Xs = sorted(X)
+    m = min(len(X), n_sets)
+    cols = sorted({t for c in Xs for t in lists[c][:m]})
+    col_of = {t: j for j, t in enumerate(cols)}
+    value = np.full((len(Xs), len(cols)), -1e18)
+    for i, c in enumerate(Xs):
+        for t in lists[c][:m]:
+            value[i, col_of[t]] = float(sub[c, list(t)].sum())
+    rows, chosen = linear_sum_assignment(-value)
+    for i, j in zip(rows, chosen, strict=True):
+        c = Xs[i]
+        W[c] = False
+        W[c, list(cols[j])] = True
+    return W, float((sub * W).sum())
 
 
-def _cheapest_swap(values: np.ndarray, row: np.ndarray, used: set[bytes]) -> tuple[float, int, int]:
-    """(loss, out, in) of the cheapest one-feature swap of ``row`` to a set not in ``used``; (inf, -1, -1) if none."""
-    ins = np.flatnonzero(row)
-    outs = np.flatnonzero(~row)
-    if len(outs) == 0:
-        return (math.inf, -1, -1)
-    cost = values[ins][:, None] - values[outs][None, :]
-    for flat in np.argsort(cost, axis=None, kind="stable"):
-        i, j = divmod(int(flat), len(outs))
-        cand = row.copy()
-        cand[ins[i]] = False
-        cand[outs[j]] = True
-        if bytes(np.packbits(cand)) not in used:
-            return (float(cost[i, j]), int(ins[i]), int(outs[j]))
-    return (math.inf, -1, -1)
+_ALL_SUBSETS = 2000
+
+
+@functools.lru_cache(maxsize=32)
+def _subsets(K: int, k: int) -> np.ndarray:
+    return np.array(list(itertools.combinations(range(K), k)), dtype=np.int64).reshape(-1, k)
+
+
+def _top_subsets(vals: np.ndarray, order: np.ndarray, k: int, m: int) -> list[tuple[int, ...]]:
+    """The m best k-subsets (as sorted index tuples) of ``vals`` by sum, best first (best-first enumeration over
+    positions in the descending ``order``; ties in the order of that enumeration)."""
+    import heapq
+
+    K = len(vals)
+    sv = vals[order]
+    first = tuple(range(k))
+    heap = [(-float(sv[list(first)].sum()), first)]
+    seen = {first}
+    out: list[tuple[int, ...]] = []
+    while heap and len(out) < m:
+        neg, pos = heapq.heappop(heap)
+        out.append(tuple(sorted(int(order[p]) for p in pos)))
+        for i in range(k):  # move position i one step down if that slot is free
+            nxt = pos[i] + 1
+            if nxt >= K or (i + 1 < k and pos[i + 1] == nxt):
+                continue
+            cand = pos[:i] + (nxt,) + pos[i + 1:]
+            if cand not in seen:
+                seen.add(cand)
+                heapq.heappush(heap, (neg + float(sv[pos[i]] - sv[nxt]), cand))
+    return out
+
+
+def _exact_assignment(sub: np.ndarray, k: int) -> np.ndarray:
+    """Optimal distinct assignment for a fixed selection (kept for callers of the earlier name)."""
+    return exact_assignment(sub, k)[0]
 
 
 # ------------------------------------------------------------------------------------------------- heuristics
@@ -199,16 +229,24 @@ def greedy(inst: QpmInstance, exclude_dead: bool = True) -> np.ndarray:
     return np.sort(np.array(chosen))
 
 
-def local_search(inst: QpmInstance, S: np.ndarray, max_moves: int = 10_000, deadline: float = math.inf) -> np.ndarray:
-    """Best-improvement 1-swap local search on the selection (duplicates ignored; repaired by :func:`assign`).
+_MAX_CHECKS = 64  # exact evaluations per local-search move before settling for the best true improvement seen
 
-    For a swap (f out, g in), a class using f loses A[f] and gets its (k+1)-th best; every class gains
-    max(0, A[g] - new k-th best). All K x (n-K) swaps are scored at once.
+
+def local_search(inst: QpmInstance, S: np.ndarray, max_moves: int = 10_000, deadline: float = math.inf) -> np.ndarray:
+    """Best-improvement 1-swap local search on the selection, scored by the true objective (distinct class sets).
+
+    All K x (n-K) swaps (f out, g in) are scored at once by the top-k value of S' (every class its top-k of S',
+    duplicates allowed): a class using f gets its (k+1)-th best, every class gains max(0, A[g] - new k-th best).
+    That score is an upper bound on the true value of S', exact when the top-k sets are distinct. Swaps are then
+    checked in decreasing order of the bound with the exact distinct-sets value (:func:`exact_assignment`) until the
+    bound cannot beat the best true value found, so the move taken is the best true improvement (within
+    ``_MAX_CHECKS`` exact evaluations per move). Deterministic; the deadline only truncates (the result so far).
     """
     S = np.sort(np.asarray(S)).copy()
     n, k, K = inst.n, inst.k, inst.K
     if K <= k or K >= n:
         return S
+    cur_v = inst.selection_value(S)
     for _ in range(max_moves):
         if time.perf_counter() > deadline:
             break
@@ -218,7 +256,6 @@ def local_search(inst: QpmInstance, S: np.ndarray, max_moves: int = 10_000, dead
         sub = inst.coef[S]  # [K, C]
         part = -np.sort(-sub, axis=0)
         kth, k1 = part[k - 1], part[k]  # k-th and (k+1)-th best values in S per class
-        # exact top-k membership, ties broken by row order
         rank = np.argsort(np.argsort(-sub, axis=0, kind="stable"), axis=0, kind="stable")
         in_top = rank < k
         loss = np.where(in_top, sub - k1, 0.0).sum(1)  # [K]
@@ -231,42 +268,74 @@ def local_search(inst: QpmInstance, S: np.ndarray, max_moves: int = 10_000, dead
         pen_G = inst.P[np.ix_(G, S)]  # [G, K]
         pen_add = pen_G.sum(1)[None, :] - pen_G.T  # [K, G]: penalty g gets with S \ {S_i}
         delta = gain - loss[:, None] + pen_S[:, None] - pen_add + inst.bonus[G][None, :] - inst.bonus[S][:, None]
-        i, j = np.unravel_index(int(np.argmax(delta)), delta.shape)
-        if delta[i, j] <= 1e-9:
+        ub = inst.topk_value(S) + delta  # upper bound on the true value of each swapped selection
+        flat = np.argsort(-ub, axis=None, kind="stable")
+        best_v, best_S = cur_v, None
+        for cnt, idx in enumerate(flat):
+            i, j = divmod(int(idx), len(G))
+            if ub[i, j] <= best_v + 1e-9 or cnt >= _MAX_CHECKS:
+                break
+            cand = S.copy()
+            cand[i] = G[j]
+            cand.sort()
+            v = inst.selection_value(cand)
+            if v > best_v + 1e-9:
+                best_v, best_S = v, cand
+        if best_S is None:
             break
-        S[i] = G[j]
-        S.sort()
+        S, cur_v = best_S, best_v
     return S
 
 
 def iterated_local_search(inst: QpmInstance, S: np.ndarray, rng: np.random.Generator, rounds: int,
                           deadline: float, kicks: tuple[int, ...] = (4, 8, 12, 16)) -> tuple[np.ndarray, float]:
-    """Perturb (random swaps), re-optimise, keep if better; deterministic for a given rng and rounds.
+    """Perturb (random swaps), re-optimise, keep if better (true objective); deterministic for a given rng.
 
     The kick size cycles through ``kicks`` (capped at K // 3 and the number of unselected features): small kicks
-    polish, large ones leave the basin. On the CUB-sized benchmark kicks of 3 stalled at 332.4 while cycling
-    4..16 reaches 334.8 in about a hundred rounds (benchmarks/results/selection.md).
+    polish, large ones leave the basin. The deadline only truncates the rounds.
     """
-    best = local_search(inst, S, deadline=deadline)
-    best_v = inst.selection_value(best)
-    cap = max(1, min(inst.K // 3, inst.n - inst.K))
-    sizes = sorted({max(1, min(int(kk), cap)) for kk in kicks}) or [1]
-    for r in range(rounds):
+    state = IlsState(inst, S, rng, kicks, deadline=deadline)
+    for _ in range(rounds):
         if time.perf_counter() > deadline:
             break
-        kick = sizes[r % len(sizes)]
-        cur = best.copy()
+        state.round(deadline)
+    return state.best, state.best_v
+
+
+class IlsState:
+    """An iterated local search that can be continued round by round (one deterministic stream per solve)."""
+
+    def __init__(self, inst: QpmInstance, S: np.ndarray, rng: np.random.Generator,
+                 kicks: tuple[int, ...] = (4, 8, 12, 16), deadline: float = math.inf) -> None:
+        self.inst, self.rng = inst, rng
+        self.best = local_search(inst, S, deadline=deadline)
+        self.best_v = inst.selection_value(self.best)
+        cap = max(1, min(inst.K // 3, inst.n - inst.K))
+        self.sizes = sorted({max(1, min(int(kk), cap)) for kk in kicks}) or [1]
+        self.rounds = 0
+
+    def offer(self, S: np.ndarray, v: float) -> bool:
+        """Adopt an outside solution (e.g. CP-SAT's) when it is better; the random stream is not touched."""
+        if v > self.best_v + 1e-9:
+            self.best, self.best_v = np.sort(np.asarray(S)).copy(), v
+            return True
+        return False
+
+    def round(self, deadline: float = math.inf) -> bool:
+        inst = self.inst
+        kick = self.sizes[self.rounds % len(self.sizes)]
+        self.rounds += 1
+        if inst.n <= inst.K:
+            return False
+        cur = self.best.copy()
         inS = np.zeros(inst.n, dtype=bool)
         inS[cur] = True
-        outs = rng.choice(inst.K, size=min(kick, inst.K), replace=False)
+        outs = self.rng.choice(inst.K, size=min(kick, inst.K), replace=False)
         pool = np.flatnonzero(~inS)
-        ins = rng.choice(pool, size=min(kick, len(pool)), replace=False)
+        ins = self.rng.choice(pool, size=min(kick, len(pool)), replace=False)
         cur[outs[: len(ins)]] = ins
         cur = local_search(inst, np.sort(cur), deadline=deadline)
-        v = inst.selection_value(cur)
-        if v > best_v + 1e-9:
-            best, best_v = cur, v
-    return best, best_v
+        return self.offer(cur, inst.selection_value(cur))
 
 
 # ------------------------------------------------------------------------------------------------------ bounds
@@ -279,7 +348,19 @@ def candidates(inst: QpmInstance, M: int) -> np.ndarray:
 def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int = 0,
              deadline: float = math.inf, report=None) -> float:
     """Upper bound from the LP relaxation of the pruned model (fallback slot per class, McCormick pair penalties),
-    optionally tightened by rounds of clique cuts on the penalty.
+    optionally tightened by rounds of clique cuts on the penalty (runs :class:`LpBound` to the end)."""
+    lp = LpBound(inst, M, penalty=penalty, cut_rounds=cut_rounds)
+    while not lp.done:
+        b = lp.step(deadline)
+        if report is not None and math.isfinite(b):
+            report(b)
+        if time.perf_counter() > deadline - 1.0 and lp.rounds > 0:
+            break
+    return lp.bound
+
+
+class LpBound:
+    """A certified bound source: the LP relaxation (GLOP) of the pruned model, one solve + clique cuts per step.
 
     Valid because every feasible solution maps to a feasible LP point of at least the same value: a class's features
     outside its top-M are worth at most the (M+1)-th best value, which the fallback slot pays without needing s;
@@ -288,64 +369,86 @@ def lp_bound(inst: QpmInstance, M: int, penalty: bool = True, *, cut_rounds: int
     envelope of the least penalty of m members of T (:func:`clique_penalty_floor`), so for every j the secant
     sum_{pairs in T} w y >= phi(j) + (phi(j+1) - phi(j)) (sum_T s - j) holds for every solution. These are the cuts the
     McCormick LP needs: it likes to take redundant features half each, paying no penalty.
-    """
-    from ortools.linear_solver import pywraplp
 
-    n, C, k, K = inst.n, inst.C, inst.k, inst.K
-    M = min(M, n)
-    cand = candidates(inst, M)
-    solver = pywraplp.Solver.CreateSolver("GLOP")
-    s = [solver.NumVar(0.0, 1.0, "") for _ in range(n)]
-    solver.Add(solver.Sum(s) == K)
-    obj = solver.Objective()
-    for f in range(n):
-        if inst.bonus[f] != 0:
-            obj.SetCoefficient(s[f], float(inst.bonus[f]))
-    order_vals = -np.sort(-inst.coef, axis=0)
-    for c in range(C):
-        xs = []
-        for f in cand[c]:
-            x = solver.NumVar(0.0, 1.0, "")
-            solver.Add(x <= s[f])
-            obj.SetCoefficient(x, float(inst.coef[f, c]))
-            xs.append(x)
-        if M < n:
-            z = solver.NumVar(0.0, float(k), "")
-            obj.SetCoefficient(z, float(order_vals[M, c]))
-            xs.append(z)
-        solver.Add(solver.Sum(xs) == k)
-    relevant = np.zeros(n, dtype=bool)
-    relevant[np.unique(cand)] = True
-    Y: dict[tuple[int, int], Any] = {}
-    if penalty:
-        for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
-            if relevant[f] and relevant[g]:  # other pairs dropped: a relaxation, still an upper bound
-                y = solver.NumVar(0.0, 1.0, "")
-                solver.Add(y >= s[int(f)] + s[int(g)] - 1)
-                obj.SetCoefficient(y, -float(w))
-                Y[(int(f), int(g))] = y
-    obj.SetMaximization()
-    best = math.inf
-    for rnd in range(cut_rounds + 1):
+    The interface of every bound source of :func:`solve`: ``name``, ``bound`` (the best certified bound so far, inf
+    before the first), ``done`` (nothing more to gain) and ``step(deadline) -> bound``.
+    """
+
+    name = "lp"
+
+    def __init__(self, inst: QpmInstance, M: int, penalty: bool = True, cut_rounds: int = 50) -> None:
+        self.inst, self.M, self.penalty, self.cut_rounds = inst, min(M, inst.n), penalty, cut_rounds
+        self.bound = math.inf
+        self.done = False
+        self.rounds = 0
+        self.solver = None
+
+    def _build(self) -> None:
+        from ortools.linear_solver import pywraplp
+
+        inst, M = self.inst, self.M
+        n, C, k, K = inst.n, inst.C, inst.k, inst.K
+        cand = candidates(inst, M)
+        solver = pywraplp.Solver.CreateSolver("GLOP")
+        s = [solver.NumVar(0.0, 1.0, "") for _ in range(n)]
+        solver.Add(solver.Sum(s) == K)
+        obj = solver.Objective()
+        for f in range(n):
+            if inst.bonus[f] != 0:
+                obj.SetCoefficient(s[f], float(inst.bonus[f]))
+        order_vals = -np.sort(-inst.coef, axis=0)
+        for c in range(C):
+            xs = []
+            for f in cand[c]:
+                x = solver.NumVar(0.0, 1.0, "")
+                solver.Add(x <= s[f])
+                obj.SetCoefficient(x, float(inst.coef[f, c]))
+                xs.append(x)
+            if M < n:
+                z = solver.NumVar(0.0, float(k), "")
+                obj.SetCoefficient(z, float(order_vals[M, c]))
+                xs.append(z)
+            solver.Add(solver.Sum(xs) == k)
+        relevant = np.zeros(n, dtype=bool)
+        relevant[np.unique(cand)] = True
+        Y: dict[tuple[int, int], Any] = {}
+        if self.penalty:
+            for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
+                if relevant[f] and relevant[g]:  # other pairs dropped: a relaxation, still an upper bound
+                    y = solver.NumVar(0.0, 1.0, "")
+                    solver.Add(y >= s[int(f)] + s[int(g)] - 1)
+                    obj.SetCoefficient(y, -float(w))
+                    Y[(int(f), int(g))] = y
+        obj.SetMaximization()
+        self.solver, self.s, self.obj, self.Y, self.relevant = solver, s, obj, Y, relevant
+
+    def step(self, deadline: float = math.inf) -> float:
+        from ortools.linear_solver import pywraplp
+
+        if self.done:
+            return self.bound
+        if self.solver is None:
+            self._build()
         remaining = deadline - time.perf_counter()
-        if rnd > 0 and remaining <= 1.0:
-            break
+        if remaining <= 0.05:
+            return self.bound
         if math.isfinite(remaining):
-            solver.SetTimeLimit(int(max(remaining, 1.0) * 1000))
-        status = solver.Solve()
+            self.solver.SetTimeLimit(int(max(remaining, 0.05) * 1000))
+        status = self.solver.Solve()
         if status != pywraplp.Solver.OPTIMAL:
-            break  # an unfinished LP proves nothing; keep the last bound
+            return self.bound  # an unfinished LP proves nothing; keep the last bound (the step may be retried)
+        self.rounds += 1
+        val = float(self.obj.Value())
         # GLOP works in floating point: pad by its tolerance so the bound stays on the safe side
-        best = min(best, float(obj.Value()) + 1e-6 * max(1.0, abs(obj.Value())))
-        if report is not None:
-            report(best)
-        if rnd == cut_rounds or not Y:
-            break
-        sv = np.array([v.solution_value() for v in s])
-        yv = {p: v.solution_value() for p, v in Y.items()}
-        if _add_clique_cuts(inst, solver, s, Y, sv, yv, relevant) == 0:
-            break
-    return best
+        self.bound = min(self.bound, val + 1e-6 * max(1.0, abs(val)))
+        if self.rounds > self.cut_rounds or not self.Y:
+            self.done = True
+            return self.bound
+        sv = np.array([v.solution_value() for v in self.s])
+        yv = {p: v.solution_value() for p, v in self.Y.items()}
+        if _add_clique_cuts(self.inst, self.solver, self.s, self.Y, sv, yv, self.relevant) == 0:
+            self.done = True
+        return self.bound
 
 
 def _subset_penalties(T: list[int], P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -473,119 +576,121 @@ class _Progress:
 
 
 def _scale(inst: QpmInstance) -> float:
-    """Integer scale for CP-SAT: the largest coefficient becomes about 1e7 (rounding slack ~1e-7 relative)."""
+    """Integer scale for CP-SAT: the largest coefficient becomes 1e8, so the rounding slack of the bound stays
+    around 1e-7 of the objective, well inside :data:`OPT_TOL`."""
     m = max(float(np.abs(inst.coef).max(initial=0)), float(np.abs(inst.pair_w).max(initial=0)),
             float(np.abs(inst.bonus).max(initial=0)), 1e-12)
-    return 1e7 / m
+    return 1e8 / m
 
 
-def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: float, *, workers: int = 8,
-                seed: int = 0, deterministic: bool = True, report=None, max_rounds: int = 20,
-                mode: str = "restrict", dtime: float | None = None) -> CpsatResult:
-    """CP-SAT with lazy duplicate cuts on one of three models of the problem.
+class CpsatModel:
+    """One CP-SAT model of the problem, solved in chunks that share the model and its lazy duplicate cuts.
 
     ``mode="full"``: the plain model of METHOD §6.5 (every feature a candidate of every class, every penalised pair);
-    exact, so its bound is valid (the baseline of ``benchmarks/bench_selection.py``, and our model on tiny problems).
+    exact, so its bound is valid and a chunk that ends OPTIMAL with distinct sets proves the optimum.
     ``mode="restrict"``: class c may only use its top-M features (plus the hint's): a restriction, good for finding
-    solutions fast; its bound is not valid for the original problem and is not reported.
+    solutions near the incumbent; its bound is not valid for the original problem and is not reported.
     ``mode="relax"``: top-M plus a fallback slot worth the (M+1)-th value and penalties only among candidates: a
     relaxation whose bound is valid.
-    With ``deterministic``, CP-SAT interleaves its workers deterministically and stops after ``dtime`` deterministic
-    seconds (a work measure), so the result does not depend on the machine unless the wall-clock limit hits first.
+    Distinct class sets are lazy: after each chunk, classes whose sets coincide get a constraint that their rows
+    differ (over the first class's candidates). Without all of them the model is a relaxation, so bounds stay valid.
     """
-    from ortools.sat.python import cp_model
 
-    start = time.perf_counter()
-    n, C, k, K = inst.n, inst.C, inst.k, inst.K
-    M = n if mode == "full" else min(M, n)
-    cand = [set(row.tolist()) for row in candidates(inst, M)]
-    hint_sets: list[set[int]] | None = None
-    if hint is not None:
-        Sh = np.sort(np.asarray(hint))
-        Wh = assign(inst, Sh)
-        hint_sets = [set(Sh[Wh[c]].tolist()) for c in range(C)]
-        if mode == "restrict":
+    def __init__(self, inst: QpmInstance, M: int, mode: str = "restrict", hint: np.ndarray | None = None) -> None:
+        from ortools.sat.python import cp_model
+
+        self.inst, self.mode = inst, mode
+        n, C, k, K = inst.n, inst.C, inst.k, inst.K
+        M = n if mode == "full" else min(M, n)
+        cand = [set(row.tolist()) for row in candidates(inst, M)]
+        if hint is not None and mode == "restrict":
+            Sh = np.sort(np.asarray(hint))
+            Wh = assign(inst, Sh)
             for c in range(C):
-                cand[c] |= hint_sets[c]
-    use_fallback = mode == "relax" and M < n
-    Q = _scale(inst)
-    order_vals = -np.sort(-inst.coef, axis=0)
-
-    model = cp_model.CpModel()
-    s = [model.NewBoolVar(f"s{f}") for f in range(n)]
-    model.Add(sum(s) == K)
-    terms: list[tuple[Any, int]] = []
-    x: list[dict[int, Any]] = []
-    z: list[Any] = []
-    for c in range(C):
-        xc = {}
-        for f in sorted(cand[c]):
-            v = model.NewBoolVar("")
-            model.AddImplication(v, s[f])
-            xc[f] = v
-            terms.append((v, int(round(inst.coef[f, c] * Q))))
-        x.append(xc)
-        if use_fallback:
-            zc = model.NewIntVar(0, k, "")
-            terms.append((zc, int(round(order_vals[M, c] * Q))))
-            model.Add(sum(xc.values()) + zc == k)
-            z.append(zc)
-        else:
-            model.Add(sum(xc.values()) == k)
-            z.append(None)
-    relevant = np.zeros(n, dtype=bool)
-    for c in range(C):
-        relevant[list(cand[c])] = True
-    if mode != "relax":
-        relevant[:] = True
-    ys: list[tuple[int, int, Any]] = []
-    for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
-        if not (relevant[f] and relevant[g]):
-            continue  # only in "relax": dropping a penalty relaxes the model, the bound stays valid
-        y = model.NewBoolVar("")
-        model.AddBoolOr([s[int(f)].Not(), s[int(g)].Not(), y])  # y >= s_f + s_g - 1
-        terms.append((y, -int(round(w * Q))))
-        ys.append((int(f), int(g), y))
-    n_pen = len(ys)
-    for f in range(n):
-        if inst.bonus[f] != 0:
-            terms.append((s[f], int(round(inst.bonus[f] * Q))))
-    model.Maximize(sum(c * v for v, c in terms if c != 0))
-    # rounding to integers moves the objective by at most 0.5 per active term
-    slack = 0.5 * (C * k + n_pen + K + (C * k if use_fallback else 0)) / Q
-    bound_valid = mode != "restrict"
-
-    def set_hint(S: np.ndarray) -> None:
-        model.ClearHints()
-        inS = np.zeros(n, dtype=bool)
-        inS[S] = True
-        W = assign(inst, np.sort(S))
-        Ssorted = np.sort(S)
-        for f in range(n):
-            model.AddHint(s[f], bool(inS[f]))
+                cand[c] |= set(Sh[Wh[c]].tolist())
+        use_fallback = mode == "relax" and M < n
+        self.Q = Q = _scale(inst)
+        order_vals = -np.sort(-inst.coef, axis=0)
+        model = cp_model.CpModel()
+        s = [model.NewBoolVar(f"s{f}") for f in range(n)]
+        model.Add(sum(s) == K)
+        terms: list[tuple[Any, int]] = []
+        x: list[dict[int, Any]] = []
+        z: list[Any] = []
         for c in range(C):
+            xc = {}
+            for f in sorted(cand[c]):
+                v = model.NewBoolVar("")
+                model.AddImplication(v, s[f])
+                xc[f] = v
+                terms.append((v, int(round(inst.coef[f, c] * Q))))
+            x.append(xc)
+            if use_fallback:
+                zc = model.NewIntVar(0, k, "")
+                terms.append((zc, int(round(order_vals[M, c] * Q))))
+                model.Add(sum(xc.values()) + zc == k)
+                z.append(zc)
+            else:
+                model.Add(sum(xc.values()) == k)
+                z.append(None)
+        relevant = np.zeros(n, dtype=bool)
+        for c in range(C):
+            relevant[list(cand[c])] = True
+        if mode != "relax":
+            relevant[:] = True
+        ys: list[tuple[int, int, Any]] = []
+        for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
+            if not (relevant[f] and relevant[g]):
+                continue  # only in "relax": dropping a penalty relaxes the model, the bound stays valid
+            y = model.NewBoolVar("")
+            model.AddBoolOr([s[int(f)].Not(), s[int(g)].Not(), y])  # y >= s_f + s_g - 1
+            terms.append((y, -int(round(w * Q))))
+            ys.append((int(f), int(g), y))
+        for f in range(n):
+            if inst.bonus[f] != 0:
+                terms.append((s[f], int(round(inst.bonus[f] * Q))))
+        model.Maximize(sum(c * v for v, c in terms if c != 0))
+        # rounding to integers moves the objective by at most 0.5 per active term
+        self.slack = 0.5 * (C * k + len(ys) + K + (C * k if use_fallback else 0)) / Q
+        self.bound_valid = mode != "restrict"
+        self.model, self.s, self.x, self.z, self.ys = model, s, x, z, ys
+        self.cut_pairs: set[tuple[int, int]] = set()
+        self.bound = math.inf
+        self.proven = False
+        self.status = "UNKNOWN"
+        self.chunks = 0
+
+    def set_hint(self, S: np.ndarray) -> None:
+        inst, model = self.inst, self.model
+        model.ClearHints()
+        inS = np.zeros(inst.n, dtype=bool)
+        inS[S] = True
+        Ssorted = np.sort(S)
+        W = assign(inst, Ssorted)
+        for f in range(inst.n):
+            model.AddHint(self.s[f], bool(inS[f]))
+        for c in range(inst.C):
             chosen = set(Ssorted[W[c]].tolist())
-            for f, v in x[c].items():
+            for f, v in self.x[c].items():
                 model.AddHint(v, f in chosen)
-            if z[c] is not None:
-                model.AddHint(z[c], sum(1 for f in chosen if f not in x[c]))
-        for f, g, y in ys:
+            if self.z[c] is not None:
+                model.AddHint(self.z[c], sum(1 for f in chosen if f not in self.x[c]))
+        for f, g, y in self.ys:
             model.AddHint(y, bool(inS[f] and inS[g]))
 
-    if hint is not None:
-        set_hint(np.asarray(hint))
+    def chunk(self, hint: np.ndarray | None, *, dtime: float | None, deadline: float, workers: int, seed: int,
+              deterministic: bool = True, report=None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One solve (``dtime`` deterministic seconds, never past ``deadline``) from the hint; returns the selection
+        of its best solution and that solution's W when it is complete (distinct sets, no fallback), else None.
+        Updates ``bound`` (valid models only), ``proven`` and the lazy cuts."""
+        from ortools.sat.python import cp_model
 
-    best_S: np.ndarray | None = None
-    best_W: np.ndarray | None = None
-    bound = math.inf
-    status_name = "UNKNOWN"
-    rounds = 0
-    cut_pairs: set[tuple[int, int]] = set()
-    while rounds < max_rounds:
-        remaining = time_limit - (time.perf_counter() - start)
-        if remaining <= 0.2:
-            break
-        rounds += 1
+        inst, C = self.inst, self.inst.C
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0.05 or self.proven:
+            return None, None
+        if hint is not None:
+            self.set_hint(np.asarray(hint))
         solver = cp_model.CpSolver()
         p = solver.parameters
         p.num_workers = max(1, int(workers))
@@ -593,59 +698,85 @@ def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: 
         p.max_time_in_seconds = float(remaining)
         if deterministic:
             p.interleave_search = True
-            p.max_deterministic_time = float(min(remaining, dtime)) if dtime else float(remaining)
-        cb = _Progress(Q, report).cb if report is not None else None
-        status = solver.Solve(model, cb) if cb is not None else solver.Solve(model)
-        status_name = solver.StatusName(status)
-        if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            if bound_valid:
-                bound = min(bound, solver.BestObjectiveBound() / Q + slack)
-            S_new = np.flatnonzero([solver.BooleanValue(v) for v in s])
-            best_S = S_new
-            pos = {int(f): j for j, f in enumerate(S_new)}
-            best_W = np.zeros((C, len(S_new)), dtype=bool)
-            for c in range(C):
-                for f, v in x[c].items():
-                    if solver.BooleanValue(v):
-                        best_W[c, pos[f]] = True
-            if z and any(zc is not None and solver.Value(zc) > 0 for zc in z):
-                best_W = None
-            # lazy duplicate cuts: classes whose model assignment coincides (only when both use candidates only)
-            rows: dict[tuple, list[int]] = {}
-            for c in range(C):
-                if z[c] is not None and solver.Value(z[c]) > 0:
-                    continue
-                key = tuple(sorted(f for f, v in x[c].items() if solver.BooleanValue(v)))
-                rows.setdefault(key, []).append(c)
-            new_pairs = [(g[0], c2) for g in rows.values() if len(g) > 1 for c2 in g[1:]]
-            new_pairs = [pr for pr in new_pairs if pr not in cut_pairs]
-            if status != cp_model.OPTIMAL or not new_pairs:
-                break
-            for c1, c2 in new_pairs:
-                cut_pairs.add((c1, c2))
-                diff = []
-                for f, v1 in x[c1].items():
-                    d = model.NewBoolVar("")
-                    model.AddImplication(d, v1)
-                    v2 = x[c2].get(f)
-                    if v2 is not None:
-                        model.AddImplication(d, v2.Not())
-                    diff.append(d)
-                escape = []
-                for c in (c1, c2):
-                    if z[c] is not None:
-                        u = model.NewBoolVar("")
-                        model.Add(z[c] >= 1).OnlyEnforceIf(u)
-                        model.Add(z[c] == 0).OnlyEnforceIf(u.Not())
-                        escape.append(u)
-                model.AddBoolOr(diff + escape)
-            set_hint(best_S)
-        else:
-            if status == cp_model.INFEASIBLE and bound_valid:
-                bound = -math.inf
+        if dtime:
+            p.max_deterministic_time = float(dtime)
+        cb = _Progress(self.Q, report).cb if report is not None else None
+        status = solver.Solve(self.model, cb) if cb is not None else solver.Solve(self.model)
+        self.chunks += 1
+        self.status = solver.StatusName(status)
+        if status == cp_model.INFEASIBLE and self.bound_valid:
+            self.bound = -math.inf
+            return None, None
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return None, None
+        if self.bound_valid:
+            self.bound = min(self.bound, solver.BestObjectiveBound() / self.Q + self.slack)
+        x, z = self.x, self.z
+        S_new = np.flatnonzero([solver.BooleanValue(v) for v in self.s])
+        pos = {int(f): j for j, f in enumerate(S_new)}
+        W = np.zeros((C, len(S_new)), dtype=bool)
+        for c in range(C):
+            for f, v in x[c].items():
+                if solver.BooleanValue(v):
+                    W[c, pos[f]] = True
+        fallback_used = any(zc is not None and solver.Value(zc) > 0 for zc in z)
+        rows: dict[tuple, list[int]] = {}
+        for c in range(C):
+            if z[c] is not None and solver.Value(z[c]) > 0:
+                continue
+            key = tuple(sorted(f for f, v in x[c].items() if solver.BooleanValue(v)))
+            rows.setdefault(key, []).append(c)
+        new_pairs = [(g[0], c2) for g in rows.values() if len(g) > 1 for c2 in g[1:]]
+        new_pairs = [pr for pr in new_pairs if pr not in self.cut_pairs]
+        if status == cp_model.OPTIMAL and not new_pairs and self.mode == "full":
+            self.proven = True  # optimal for the exact model and its solution has distinct sets
+        for c1, c2 in new_pairs:
+            self._differ(c1, c2)
+        complete = not fallback_used and not new_pairs and _distinct_rows(W) and (W.sum(1) == inst.k).all()
+        return S_new, (W if complete else None)
+
+    def _differ(self, c1: int, c2: int) -> None:
+        model, x, z = self.model, self.x, self.z
+        self.cut_pairs.add((c1, c2))
+        diff = []
+        for f, v1 in x[c1].items():
+            d = model.NewBoolVar("")
+            model.AddImplication(d, v1)
+            v2 = x[c2].get(f)
+            if v2 is not None:
+                model.AddImplication(d, v2.Not())
+            diff.append(d)
+        escape = []
+        for c in (c1, c2):
+            if z[c] is not None:
+                u = model.NewBoolVar("")
+                model.Add(z[c] >= 1).OnlyEnforceIf(u)
+                model.Add(z[c] == 0).OnlyEnforceIf(u.Not())
+                escape.append(u)
+        model.AddBoolOr(diff + escape)
+
+
+def cpsat_solve(inst: QpmInstance, M: int, hint: np.ndarray | None, time_limit: float, *, workers: int = 8,
+                seed: int = 0, deterministic: bool = True, report=None, max_rounds: int = 20,
+                mode: str = "restrict", dtime: float | None = None) -> CpsatResult:
+    """CP-SAT alone on one :class:`CpsatModel` (the plain-model baseline of ``benchmarks/bench_selection.py``):
+    solve, add the duplicate cuts its solution needs, solve again, until a chunk proves the optimum, the time runs
+    out or ``max_rounds`` chunks ran."""
+    start = time.perf_counter()
+    deadline = start + time_limit
+    cp = CpsatModel(inst, M, mode, hint)
+    best_S = best_W = None
+    h = hint
+    while cp.chunks < max_rounds and time.perf_counter() < deadline - 0.2 and not cp.proven:
+        S, W = cp.chunk(h, dtime=dtime, deadline=deadline, workers=workers, seed=seed, deterministic=deterministic,
+                        report=report)
+        if S is None:
             break
-    return CpsatResult(selection=best_S, assignment=best_W, bound=bound, status=status_name,
-                       wall=time.perf_counter() - start, rounds=rounds)
+        best_S, best_W, h = S, W, S
+        if cp.status != "OPTIMAL":
+            break
+    return CpsatResult(selection=best_S, assignment=best_W, bound=cp.bound, status=cp.status,
+                       wall=time.perf_counter() - start, rounds=cp.chunks)
 
 
 # ----------------------------------------------------------------------------------------------------- solver
@@ -660,21 +791,47 @@ class SolveResult:
     stats: dict[str, Any]
 
 
+def exact_model_fits(inst: QpmInstance) -> bool:
+    """Whether CP-SAT gets the exact model (every feature a candidate of every class) instead of the top-M
+    restriction: the licence-sized problems (n <= 64) and anything up to 4,000 (feature, class) entries."""
+    return inst.n <= 64 or inst.n * inst.C <= 4000
+
+
 def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers: int = 8,
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
-          progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50,
-          bound_share: float = 0.9, ls_share: float = 0.4, ls_rounds_per_second: float = 1.0,
-          random_starts: int = 2) -> SolveResult:
-    """Warm start + local search, LP bound, CP-SAT refinement on the pruned model; returns the best solution found."""
+          progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50, work_limit: int | None = None,
+          bound_sources: list | None = None, ils_rounds: int = 8, random_starts: int = 2,
+          exact_model: bool | None = None) -> SolveResult:
+    """One deterministic search that runs until the optimum is proven, the time limit or ``work_limit`` cycles.
+
+    1. Starts (greedy, the clique, ``previous``, ``random_starts`` seeded random sets), each improved by
+       :func:`local_search`; the best one seeds an iterated local search (:class:`IlsState`). Scores are the true
+       objective of a feature set (its optimal distinct-sets assignment).
+    2. Then cycles, each in a fixed order: ``ils_rounds`` perturbation rounds; one step of every bound source
+       (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
+       ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``); one CP-SAT chunk
+       (:class:`CpsatModel`: the exact model on small problems, where a chunk that ends OPTIMAL proves the optimum;
+       else the top-M restriction), hinted with the incumbent, of 0.5, 1, 2, ... deterministic seconds (doubling, up
+       to 32 on the exact model, 8 on the restriction). CP-SAT's solutions join the local search's incumbent.
+    Nothing in this schedule depends on the time limit: a limit only stops the search (the round or chunk in
+    flight keeps what it found so far), so for the same seed a longer limit continues the same search and never
+    returns a worse selection (deterministic CP-SAT; exactly so with ``work_limit`` instead of a clock).
+    3. The result is the incumbent's feature set with its exact optimal assignment (:func:`exact_assignment`), the
+    smallest certified bound, and status OPTIMAL iff the relative gap is at most :data:`OPT_TOL`.
+    """
     start = time.perf_counter()
     deadline = start + time_limit
     rng = np.random.default_rng(seed)
     stats: dict[str, Any] = {"threshold": inst.threshold, "penalised_pairs": int(len(inst.pairs))}
     if M is None:
         M = inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
+    full = exact_model_fits(inst) if exact_model is None else bool(exact_model)
     bar = _Bar(progress, time_limit)
 
-    # 1. starts + local search (deterministic work; the wall-clock deadline only guards slow machines)
+    def now() -> float:
+        return time.perf_counter()
+
+    # 1. starts
     starts = {"greedy": greedy(inst)}
     if len(inst.clique) >= inst.K:
         starts["clique"] = np.sort(np.asarray(inst.clique[: inst.K]))
@@ -685,85 +842,93 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         alive = np.arange(inst.n)
     for i in range(random_starts if inst.n > inst.K else 0):  # seeded random starts leave the greedy basin
         starts[f"random{i}"] = np.sort(rng.choice(alive, size=inst.K, replace=False))
-    greedy_S = starts["greedy"]
-    greedy_W = assign(inst, greedy_S)
-    stats["greedy_objective"] = inst.value(greedy_S, greedy_W)
-    best_S, best_W, best_v = greedy_S, greedy_W, stats["greedy_objective"]
-    # The perturbation budget grows with the time limit but is counted in rounds, not seconds, so that a given
-    # (time limit, seed) gives the same result on any machine; the deadline only stops very slow machines.
-    # Each start gets an equal share of the rounds, then the best one continues with as many again.
-    ls_deadline = start + ls_share * time_limit
-    rounds = max(10, int(ls_rounds_per_second * time_limit))
+    stats["greedy_objective"] = inst.selection_value(starts["greedy"])
+    best_S, best_v = starts["greedy"], stats["greedy_objective"]
     for name, S0 in starts.items():
-        S1, _ = iterated_local_search(inst, S0, rng, rounds=max(5, rounds // len(starts)), deadline=ls_deadline)
-        W1 = assign(inst, S1)
-        v1 = inst.value(S1, W1)
+        S1 = local_search(inst, S0, deadline=deadline)
+        v1 = inst.selection_value(S1)
         stats[f"{name}_local_search_objective"] = v1
         if v1 > best_v + 1e-9:
-            best_S, best_W, best_v = S1, W1, v1
-    S1, _ = iterated_local_search(inst, best_S, rng, rounds=rounds, deadline=ls_deadline)
-    W1 = assign(inst, S1)
-    v1 = inst.value(S1, W1)
-    if v1 > best_v + 1e-9:
-        best_S, best_W, best_v = S1, W1, v1
-    stats["local_search_objective"] = best_v
-    stats["local_search_seconds"] = round(time.perf_counter() - start, 3)
-    bar.update(time.perf_counter() - start, best_v, math.inf)
+            best_S, best_v = S1, v1
+    ils = IlsState(inst, best_S, rng, deadline=deadline)
+    stats["local_search_objective"] = ils.best_v
+    bar.update(now() - start, ils.best_v, math.inf)
 
-    # 2. LP bound on the pruned relaxation, tightened by clique cuts while the bound budget lasts
-    t0 = time.perf_counter()
-    bound = lp_bound(inst, M, cut_rounds=cut_rounds, deadline=start + bound_share * time_limit,
-                     report=lambda b: bar.update(time.perf_counter() - start, best_v, b))
-    stats["lp_bound"] = bound
-    stats["lp_seconds"] = round(time.perf_counter() - t0, 3)
-    bar.update(time.perf_counter() - start, best_v, bound)
+    # 2. cycles
+    sources = [LpBound(inst, M, cut_rounds=cut_rounds)] if bound_sources is None else list(bound_sources)
+    bound = math.inf
+    cp: CpsatModel | None = None
+    time_to_best = now() - start
+    cycle = 0
 
-    # 3. CP-SAT hinted with the incumbent: the exact model on small problems, else the top-M restriction
-    status = "FEASIBLE"
-    remaining = deadline - time.perf_counter()
-    if use_cpsat and remaining > 0.5 and _gap(best_v, bound) > 1e-9:
-        def report(obj: float, bnd: float) -> None:
-            bar.update(time.perf_counter() - start, max(best_v, obj), bound)
+    def proven() -> bool:
+        return gap_of(ils.best_v, max(bound, ils.best_v)) <= OPT_TOL or (cp is not None and cp.proven)
 
-        mode = "full" if M >= inst.n else "restrict"
-        res = cpsat_solve(inst, M, best_S, remaining, workers=workers, seed=seed, deterministic=deterministic,
-                          report=report if progress else None, mode=mode, dtime=max(0.1 * time_limit, 1.0))
-        stats.update(cpsat_model=mode, cpsat_status=res.status, cpsat_seconds=round(res.wall, 3),
-                     cpsat_rounds=res.rounds, candidates_per_class=int(min(M, inst.n)))
-        if mode == "full":
-            stats["cpsat_bound"] = res.bound
-            bound = min(bound, res.bound)
-        if res.selection is not None and len(res.selection) == inst.K:
-            options = []
-            if res.assignment is not None:
-                options.append((res.selection, res.assignment))
-            S2 = local_search(inst, res.selection)
-            options.append((S2, assign(inst, S2)))
-            for S3, W3 in options:
-                if not _distinct_rows(W3) or not (W3.sum(1) == inst.k).all():
-                    continue
-                v3 = inst.value(S3, W3)
-                stats["cpsat_objective"] = max(stats.get("cpsat_objective", -math.inf), v3)
-                if v3 > best_v + 1e-9:
-                    best_S, best_W, best_v = S3, W3, v3
-    bound = max(bound, best_v)  # rounding slack can never make the bound smaller than a feasible value
-    gap = _gap(best_v, bound)
-    if gap <= 1e-6:
-        status = "OPTIMAL"
-    bar.update(time.perf_counter() - start, best_v, bound)
+    while not proven() and now() < deadline and (work_limit is None or cycle < work_limit):
+        for _ in range(ils_rounds):
+            if now() >= deadline:
+                break
+            if ils.round(deadline):
+                time_to_best = now() - start
+        for src in sources:
+            if not src.done and now() < deadline:
+                b = src.step(deadline)
+                bound = min(bound, b)
+                stats[f"{src.name}_bound"] = src.bound
+        bar.update(now() - start, ils.best_v, bound)
+        if use_cpsat and now() < deadline and not proven():
+            if cp is None:
+                cp = CpsatModel(inst, M, "full" if full else "restrict", ils.best)
+            dtime = min(0.5 * 2 ** cycle, 32.0 if full else 8.0)
+
+            def report(obj: float, bnd: float, _bound: float = bound) -> None:
+                bar.update(now() - start, max(ils.best_v, obj), _bound)
+
+            S2, _ = cp.chunk(ils.best, dtime=dtime, deadline=deadline, workers=workers, seed=seed,
+                             deterministic=deterministic, report=report if progress else None)
+            if S2 is not None and len(S2) == inst.K:
+                if ils.offer(S2, inst.selection_value(S2)):
+                    time_to_best = now() - start
+                    stats["cpsat_improved"] = stats.get("cpsat_improved", 0) + 1
+            if cp.bound_valid:
+                bound = min(bound, cp.bound)
+                stats["cpsat_bound"] = cp.bound
+        cycle += 1
+        bar.update(now() - start, ils.best_v, bound)
+
+    # 3. the incumbent with its exact assignment
+    best_S = np.sort(ils.best)
+    best_W = assign(inst, best_S)
+    best_v = inst.value(best_S, best_W)
+    if cp is not None and cp.proven:
+        bound = min(bound, best_v)  # the exact model's optimum; our value is at least its rounded objective
+    bound = max(bound, best_v)  # the bound can never be below a feasible value
+    gap = gap_of(best_v, bound)
+    status = "OPTIMAL" if gap <= OPT_TOL else "FEASIBLE"
+    stats.update(cycles=cycle, ils_rounds=ils.rounds, seconds=round(now() - start, 3),
+                 time_to_best=round(time_to_best, 3), cpsat_model=None if cp is None else cp.mode,
+                 cpsat_chunks=0 if cp is None else cp.chunks, cpsat_status=None if cp is None else cp.status,
+                 proven_by=("cpsat" if cp is not None and cp.proven else "bound") if status == "OPTIMAL" else None)
+    bar.update(now() - start, best_v, bound)
     bar.close()
-    return SolveResult(S=np.sort(best_S), W=best_W, objective=best_v, bound=bound, gap=gap, status=status,
-                       stats=stats)
+    return SolveResult(S=best_S, W=best_W, objective=best_v, bound=bound, gap=gap, status=status, stats=stats)
 
 
 def _distinct_rows(W: np.ndarray) -> bool:
     return len({bytes(np.packbits(r)) for r in W}) == len(W)
 
 
-def _gap(obj: float, bound: float) -> float:
+OPT_TOL = 1e-6  # relative gap at or below which a result is OPTIMAL; the only optimality tolerance used
+
+
+def gap_of(obj: float, bound: float) -> float:
+    """Relative gap (bound - objective) / |objective|; inf without a finite bound."""
     if not math.isfinite(bound):
         return math.inf
     return max(0.0, bound - obj) / max(abs(obj), 1e-9)
+
+
+_gap = gap_of
 
 
 class _Bar:
