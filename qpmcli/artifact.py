@@ -267,10 +267,13 @@ def load_model(run_dir: str | os.PathLike[str], stage: str = "final", device: st
     if not (run / json_name).is_file():
         hint = "the run has not finished finetuning" if stage == "final" else "the dense phase has not finished"
         raise ArtifactError(f"{run / json_name} is missing ({hint}); rerun `qpm train --resume --run-dir {run}`")
+    from qpmcli.modelfile import confined, validate_model_document
+
     info = read_json(run / json_name)
-    if info.get("format") != "qpm-model" or "model" not in info:
+    if not isinstance(info, dict) or info.get("format") != "qpm-model" or "model" not in info:
         raise ArtifactError(f"{run / json_name} is not a qpm model description")
-    state = read_safetensors(run / info.get("weights_file", weights_name))
+    validate_model_document(info, run / json_name)  # every problem in one line, before anything is built
+    state = read_safetensors(confined(run, info.get("weights_file", weights_name), f"{json_name} weights_file"))
     try:
         model = QPMModel.from_config(info["model"])
         model.load_state_dict(state, strict=True)

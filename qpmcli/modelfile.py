@@ -24,6 +24,7 @@ Writers: :mod:`qpmcli.export` (ONNX files), :mod:`qpmcli.prototypes` (the protot
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "PROTOTYPES_FORMAT", "PROTOTYPES_FORMAT_VERSION", "PROTOTYPES_JSON", "PROTOTYPES_KEY", "SIGMA_MIN",
     "ClassifierMetadata", "decode_onnx_metadata", "embed_prototypes", "encode_onnx_metadata", "metadata_from_run",
     "parse_prototypes", "read_onnx_metadata", "read_onnx_props", "softmax",
+    "check_graph", "confined", "validate_model_document", "validate_onnx_document",
 ]
 
 # ---------------------------------------------------------------------------------------------------- constants
@@ -292,6 +294,7 @@ def decode_onnx_metadata(props: Mapping[str, str], source: str | os.PathLike[str
         raise ArtifactError(f"{source} has malformed qpm metadata: {exc}") from exc
     if doc.get("format") != ONNX_FORMAT:
         raise ArtifactError(f"{source} has no qpm metadata; export it with `qpm export RUN --onnx`")
+    validate_onnx_document(doc, source)
     prototypes = None
     if PROTOTYPES_KEY in props:
         try:
@@ -342,3 +345,200 @@ def parse_prototypes(raw: Any) -> dict[int, list[dict[str, Any]]]:
         return {int(fid): [dict(e) for e in entries] for fid, entries in doc.items()}
     except (ValueError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"the model's '{PROTOTYPES_KEY}' metadata is malformed: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ paths inside a run
+def confined(base: str | os.PathLike[str], name: Any, what: str) -> Path:
+    """``base / name`` for a file name read from an artifact, refused unless it stays inside ``base``.
+
+    ``..``, absolute paths and symlinks leading out are resolved before the check, so a tampered ``model.json``
+    (``weights_file``), ``prototypes.json`` (``file``) or checkpoint record cannot make qpm read, and then embed or
+    load, a file outside its run. ``what`` names the entry in the :class:`ArtifactError`.
+    """
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise ArtifactError(f"{what} must be a file name inside {base}, not {name!r}")
+    root = Path(base).resolve()
+    target = (root / name).resolve()
+    if target == root or not target.is_relative_to(root):
+        raise ArtifactError(f"{what} {name!r} points outside {base}; a run only reads its own files (the run was "
+                            f"edited or damaged: re-save or retrain it)")
+    return target
+
+
+# ------------------------------------------------------------------------------------------ validation at load
+def _problems(exc: Any) -> str:
+    """A pydantic ValidationError as ``field: problem; field: problem`` (one line)."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(out)
+
+
+@functools.cache
+def _schemas() -> dict[str, Any]:
+    """pydantic models of the run files and the ONNX metadata (built on first use: pydantic stays off the import
+    path of ``qpm --help``)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+
+    Pair = tuple[PositiveInt, PositiveInt]
+
+    class Open(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=False)
+
+    class Preprocess(Open):
+        size: Pair
+        mean: tuple[float, float, float]
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+
+    class Selection(Open):
+        features: list[NonNegativeInt]
+
+    class ModelConfig(Open):
+        embed_dim: PositiveInt
+        n_classes: PositiveInt
+        grid: Pair
+        n_features: PositiveInt
+        selection: Selection | None = None
+
+        @model_validator(mode="after")
+        def _features_exist(self) -> ModelConfig:
+            if self.selection is not None:
+                f = self.selection.features
+                if not f or len(set(f)) != len(f) or max(f) >= self.n_features:
+                    raise ValueError(f"selection.features must be distinct indices below n_features "
+                                     f"({self.n_features}), not {f}")
+            return self
+
+    class ModelDocument(Open):
+        """``model.json`` / ``dense.json``: what ``artifact.save_model`` writes (plus train's info)."""
+
+        format: Literal["qpm-model"]
+        format_version: int
+        stage: str
+        weights_file: str
+        model: ModelConfig
+        grid: Pair
+        n_classes: PositiveInt
+        class_names: list[str] | None = None
+        backbone: str | None = None
+        weights_digest: str | None = None
+        preprocess: Preprocess | None = None
+        image_size: Pair | None = None
+        embed_dim: PositiveInt | None = None
+
+        @model_validator(mode="after")
+        def _consistent(self) -> ModelDocument:
+            problems = []
+            if self.model.n_classes != self.n_classes:
+                problems.append(f"n_classes {self.n_classes} but the model has {self.model.n_classes} classes")
+            if self.class_names is not None and len(self.class_names) != self.n_classes:
+                problems.append(f"class_names lists {len(self.class_names)} names for {self.n_classes} classes")
+            if tuple(self.grid) != tuple(self.model.grid):
+                problems.append(f"grid {list(self.grid)} but the model's grid is {list(self.model.grid)}")
+            if self.embed_dim is not None and self.embed_dim != self.model.embed_dim:
+                problems.append(f"embed_dim {self.embed_dim} but the model takes {self.model.embed_dim}")
+            if self.preprocess is not None and self.image_size is not None \
+                    and tuple(self.preprocess.size) != tuple(self.image_size):
+                problems.append(f"image_size {list(self.image_size)} but preprocess.size is "
+                                f"{list(self.preprocess.size)}")
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
+
+    class OnnxDocument(Open):
+        """The ``qpm.*`` metadata of an exported graph (:func:`encode_onnx_metadata`)."""
+
+        format: Literal["qpm-onnx"]
+        format_version: int = 1
+        graph: Literal["full", "adapter"] = "full"
+        class_names: list[str]
+        features: list[NonNegativeInt]
+        weight: list[list[float]]
+        mu: list[float]
+        sigma: list[float]
+        bias: list[float] | None = None
+        preprocess: Preprocess
+        backbone: str
+        weights_digest: str
+        image_size: Pair
+        grid: Pair
+        embed_dim: PositiveInt | None = None
+
+        @model_validator(mode="after")
+        def _consistent(self) -> OnnxDocument:
+            c, k = len(self.class_names), len(self.features)
+            problems = []
+            if c == 0:
+                problems.append("class_names is empty")
+            if len(self.weight) != c or any(len(row) != k for row in self.weight):
+                problems.append(f"weight must be {c} x {k} (classes x features)")
+            if len(self.mu) != k or len(self.sigma) != k:
+                problems.append(f"mu and sigma must have {k} entries (one per feature)")
+            if self.bias is not None and len(self.bias) != c:
+                problems.append(f"bias must have {c} entries (one per class)")
+            if tuple(self.preprocess.size) != tuple(self.image_size):
+                problems.append(f"image_size {list(self.image_size)} but preprocess.size is "
+                                f"{list(self.preprocess.size)}")
+            if problems:
+                raise ValueError("; ".join(problems))
+            return self
+
+    return {"model": ModelDocument, "onnx": OnnxDocument}
+
+
+def validate_model_document(doc: Any, source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a run's ``model.json``/``dense.json`` once, at load: types, shapes and cross-field agreement (class
+    names vs classes, grid, image size, selected features). Returns ``doc``; every problem found is listed in one
+    :class:`ArtifactError` line."""
+    from pydantic import ValidationError
+
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{source} must hold a JSON object (a qpm model description), not a JSON "
+                            f"{type(doc).__name__}")
+    try:
+        _schemas()["model"].model_validate(doc)
+    except ValidationError as exc:
+        raise ArtifactError(f"{source} is not a valid qpm model description: {_problems(exc)}") from exc
+    return doc
+
+
+def validate_onnx_document(doc: Mapping[str, Any], source: str | os.PathLike[str]) -> None:
+    """Check the decoded ``qpm.*`` metadata of an ONNX file (see :func:`validate_model_document`)."""
+    from pydantic import ValidationError
+
+    try:
+        _schemas()["onnx"].model_validate(dict(doc))
+    except ValidationError as exc:
+        raise ArtifactError(f"{source} has invalid qpm metadata: {_problems(exc)}") from exc
+
+
+def check_graph(meta: ClassifierMetadata, graph: str, inputs: Sequence[Sequence[Any]],
+                outputs: Mapping[str, Sequence[Any]], source: str | os.PathLike[str]) -> None:
+    """The ONNX graph's input/output shapes (static dims; named dims are free) must match its metadata: a graph
+    paired with another run's ``qpm.*`` metadata is refused instead of failing later with an IndexError.
+
+    ``inputs``: the first input's shape; ``outputs``: ``{"logits": shape, "maps": shape, "features": shape}``.
+    """
+    h, w = meta.grid
+    k, c = meta.n_features, meta.n_classes
+    if graph == "adapter":
+        want_in = [None, 1 + h * w, meta.embed_dim]
+    else:
+        want_in = [None, 3, meta.image_size[0], meta.image_size[1]]
+    want = {"logits": [None, c], "maps": [None, k, h, w], "features": [None, k]}
+    problems = []
+    for name, got, exp in [("input", list(inputs), want_in)] + [(n, list(outputs.get(n, [])), e)
+                                                                for n, e in want.items()]:
+        if name != "input" and name not in outputs:
+            problems.append(f"the graph has no output {name!r}")
+            continue
+        if len(got) != len(exp) or any(isinstance(g, int) and e is not None and g != e
+                                       for g, e in zip(got, exp, strict=False)):
+            problems.append(f"{name} shape {got} does not fit the metadata ({exp}, None = any)")
+    if problems:
+        raise ArtifactError(f"{source}: its graph does not match its qpm metadata ({'; '.join(problems)}); the "
+                            f"metadata belongs to another model")

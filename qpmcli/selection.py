@@ -253,6 +253,15 @@ def build_problem(features: np.ndarray, labels: np.ndarray, n_classes: int,
     check_threshold_rule(threshold_rule)
     X = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64).ravel()
+    if X.ndim != 2 or X.shape[0] != y.shape[0] or X.shape[0] == 0:
+        raise SelectionError(f"features must be [N, n_f] with one label per row; got features {X.shape}, labels "
+                             f"{y.shape}")
+    if not np.isfinite(X).all():
+        rows = int((~np.isfinite(X)).any(axis=1).sum())
+        raise SelectionError(f"the features hold NaN or inf in {rows} of {X.shape[0]} row(s); retrain the dense model "
+                             f"(qpm train --resume) or fix the file")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise SelectionError(f"labels must lie in 0..{n_classes - 1}; found {int(y.min())}..{int(y.max())}")
     A = compute_A(X, y, n_classes)
     R = compute_R(A)
     if class_names is not None and len(class_names) != n_classes:
@@ -317,6 +326,8 @@ def load_problem_npz(path: str | Path, *, threshold_rule: str = "reference") -> 
         if not (np.isfinite(A).all() and np.isfinite(R).all()):
             raise SelectionError(f"{path}: A and R must be finite (found NaN or inf)")
         B = np.asarray(arrays["B"], np.float64) if "B" in arrays else None
+        if names is not None and len(names) != A.shape[1]:
+            raise SelectionError(f"{path}: {len(names)} class_names for {A.shape[1]} classes (A is {A.shape})")
         return SelectionProblem(A=A, R=R, B=B, class_names=names, threshold_rule=threshold_rule)
     if {"features", "labels"} <= keys:
         labels = arrays["labels"].astype(np.int64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,3 +63,388 @@ def make_tiny_run(run_dir: Path, *, class_names: list[str] | None = None, seed: 
         "backbone": backbone, "dataset": "shapes", "data_root": None,
         "dataset_options": {"n_classes": len(names), "test_per_class": 4, "image_size": 64}}})
     return run_dir
+
+
+# --------------------------------------------------------------------------------------------------- the world
+def png_bytes(width: int = 24, height: int = 20, seed: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` pixels, with no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Built once: a tiny run with an exported model.onnx, a second run (4 classes) with its own export, an image."""
+    from qpmcli.export import export_onnx
+
+    root = tmp_path_factory.mktemp("hostile-world")
+    run = make_tiny_run(root / "run")
+    export_onnx(run, adapter=False)
+    other = make_tiny_run(root / "other", class_names=["a", "b", "c", "d"], seed=1)
+    export_onnx(other, adapter=False)
+    (root / "good.png").write_bytes(png_bytes())
+    return root
+
+
+def _copy_run(world: Path, d: Path, name: str = "run") -> Path:
+    shutil.copytree(world / name, d / name)
+    return d / name
+
+
+def _edit_json(path: Path, fn: Callable[[dict], object]) -> None:
+    doc = json.loads(path.read_text())
+    new = fn(doc)
+    path.write_text(json.dumps(doc if new is None else new))
+
+
+def _onnx_with_props(src: Path, dst: Path, change: Callable[[dict[str, str]], dict[str, str]]) -> Path:
+    import onnx
+
+    proto = onnx.load(str(src))
+    props = change({e.key: e.value for e in proto.metadata_props})
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        e = proto.metadata_props.add()
+        e.key, e.value = k, v
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _npz(path: Path, **arrays) -> Path:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+    return path
+
+
+def _problem(C: int = 4, nf: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(0, 1, (nf, nf))
+    return {"A": rng.uniform(0, 1, (nf, C)), "R": (r + r.T) / 2}
+
+
+# ------------------------------------------------------------------------------------------------------ cases
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Path, Path], list[str]]  # (case dir, world) -> qpm arguments
+    expect: str  # a regex the one stderr line must match
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _predict_image(data: bytes, name: str = "x.png"):
+    def setup(d: Path, w: Path) -> list[str]:
+        (d / name).write_bytes(data)
+        return ["predict", str(d / name), "-m", str(w / "run" / "model.onnx"), "--device", "cpu"]
+    return setup
+
+
+def _run_json(edit: Callable[[dict], object], command: str = "predict"):
+    def setup(d: Path, w: Path) -> list[str]:
+        run = _copy_run(w, d)
+        _edit_json(run / "model.json", edit)
+        if command == "export":
+            return ["export", str(run), "--onnx", "--out", str(d / "m.onnx")]
+        if command == "explain":
+            return ["explain", str(w / "good.png"), "-m", str(run), "-o", str(d / "ex"), "--device", "cpu"]
+        return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"]
+    return setup
+
+
+def _cut_names(doc: dict) -> None:
+    doc["class_names"] = doc["class_names"][:3]
+
+
+def _set(key: str, value: object) -> Callable[[dict], None]:
+    def edit(doc: dict) -> None:
+        doc[key] = value
+    return edit
+
+
+def _weights_outside(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    shutil.copy(run / "model.safetensors", d / "outside.safetensors")  # a valid file, but not the run's
+    _edit_json(run / "model.json", _set("weights_file", "../outside.safetensors"))
+    return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"]
+
+
+def _pickled_weights(d: Path, w: Path) -> list[str]:
+    import torch
+
+    run = _copy_run(w, d)
+    marker = d / "pwned"
+    torch.save({"x": torch.zeros(1)}, run / "model.safetensors")  # a pickle where safetensors belong
+    return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"] if not marker.exists() else []
+
+
+def _prototypes_outside(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    (d / "secret.png").write_bytes(png_bytes(8, 8))
+    (run / "prototypes").mkdir()
+    (run / "prototypes" / "prototypes.json").write_text(json.dumps({
+        "format": "qpm-prototypes", "format_version": 1,
+        "features": {"3": [{"file": "../../secret.png", "class": "square", "activation": 1.0}]}}))
+    return ["export", str(run), "--onnx", "--out", str(d / "m.onnx")]
+
+
+def _prototypes_absolute(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    (run / "prototypes").mkdir()
+    (run / "prototypes" / "prototypes.json").write_text(json.dumps({
+        "format": "qpm-prototypes", "format_version": 1,
+        "features": {"3": [{"file": "/etc/hostname", "class": "square", "activation": 1.0}]}}))
+    return ["explain", "--class", "square", "-m", str(run), "-o", str(d / "ex"), "--device", "cpu"]
+
+
+def _onnx_case(change: Callable[[dict[str, str]], dict[str, str]], command: str = "predict"):
+    def setup(d: Path, w: Path) -> list[str]:
+        m = _onnx_with_props(w / "run" / "model.onnx", d / "m.onnx", change)
+        if command == "explain":
+            return ["explain", str(w / "good.png"), "-m", str(m), "-o", str(d / "ex"), "--device", "cpu"]
+        return ["predict", str(w / "good.png"), "-m", str(m), "--device", "cpu"]
+    return setup
+
+
+def _other_runs_metadata(d: Path, w: Path) -> list[str]:
+    from qpmcli.modelfile import read_onnx_props
+
+    theirs = read_onnx_props(w / "other" / "model.onnx")
+    m = _onnx_with_props(w / "run" / "model.onnx", d / "m.onnx", lambda _props: theirs)
+    return ["predict", str(w / "good.png"), "-m", str(m), "--device", "cpu"]
+
+
+def _prop(key: str, value: object, raw: bool = False):
+    def change(props: dict[str, str]) -> dict[str, str]:
+        props["qpm." + key] = value if raw else json.dumps(value)
+        return props
+    return change
+
+
+def _bomb_prototype(props: dict[str, str]) -> dict[str, str]:
+    import base64
+
+    entry = {"png_b64": base64.b64encode(bomb_png(40_000, 40_000)).decode(), "class": "square", "activation": 1.0}
+    props["qpm_prototypes"] = json.dumps({str(f): [entry] for f in FEATURES})
+    return props
+
+
+def _select_npz(**arrays):
+    def setup(d: Path, w: Path) -> list[str]:
+        p = _npz(d / "p.npz", **arrays)
+        return ["select", "--problem", str(p), "--features", "4", "--per-class", "2", "--time-limit", "5",
+                "-o", str(d / "sel.json")]
+    return setup
+
+
+def _nan_problem() -> dict:
+    p = _problem()
+    p["A"][3, 1] = np.nan
+    return p
+
+
+def _names_problem() -> dict:
+    return {**_problem(), "class_names": np.array(["a", "b", "c"])}  # 3 names for 4 classes
+
+
+def _dense_features_nan(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    f = np.random.default_rng(0).uniform(0, 1, (20, 16)).astype(np.float32)
+    f[4, 2] = np.nan
+    _npz(run / "dense_features.npz", features=f, labels=np.arange(20) % 5)
+    return ["select", str(run), "--features", "6", "--per-class", "2", "--time-limit", "5", "-o", str(d / "s.json")]
+
+
+def _select(*extra: str):
+    def setup(d: Path, w: Path) -> list[str]:
+        p = _npz(d / "p.npz", **_problem())
+        return ["select", "--problem", str(p), "--features", "4", "--per-class", "2", *extra]
+    return setup
+
+
+def _existing_file(command: list[str], flag: str):
+    def setup(d: Path, w: Path) -> list[str]:
+        (d / "taken").write_text("mine\n")
+        args = [a.replace("{w}", str(w)).replace("{d}", str(d)) for a in command]
+        return [*args, flag, str(d / "taken")]
+    return setup
+
+
+def _select_out_dir(d: Path, w: Path) -> list[str]:
+    p = _npz(d / "p.npz", **_problem())
+    (d / "outdir").mkdir()
+    return ["select", "--problem", str(p), "--features", "4", "--per-class", "2", "--time-limit", "5", "-o",
+            str(d / "outdir")]
+
+
+def _args(*args: str):
+    def setup(d: Path, w: Path) -> list[str]:
+        return [a.replace("{w}", str(w)).replace("{d}", str(d)) for a in args]
+    return setup
+
+
+def _imagefolder(kind: str):
+    def setup(d: Path, w: Path) -> list[str]:
+        root = d / "ds"
+        for split in ("train", "test"):
+            for cls in ("cat", "dog"):
+                (root / split / cls).mkdir(parents=True)
+                for i in range(3):
+                    (root / split / cls / f"{i}.png").write_bytes(png_bytes(seed=i))
+        if kind == "extra_test_class":
+            (root / "test" / "cow").mkdir()
+            (root / "test" / "cow" / "0.png").write_bytes(png_bytes())
+        elif kind == "bad_late_image":
+            (root / "train" / "dog" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64)
+        elif kind == "bomb":
+            (root / "test" / "cat" / "1.png").write_bytes(bomb_png(20_000, 20_000))
+        return ["data", "check", "-d", "imagefolder", "--data-root", str(root)]
+    return setup
+
+
+def _bad_config(d: Path, w: Path) -> list[str]:
+    cfg = d / "xdg" / "qpm"
+    cfg.mkdir(parents=True)
+    (cfg / "config.toml").write_text("device = [unclosed\n")
+    return ["config"]
+
+
+def _bad_local_toml(d: Path, w: Path) -> list[str]:
+    (d / "qpm.toml").write_text('num_workers = "many"\n')  # ./qpm.toml in the working directory
+    return ["config"]
+
+
+CASES = [
+    # images
+    Case("image-truncated-png", _predict_image(png_bytes()[:60]), r"x\.png"),
+    Case("image-empty-file", _predict_image(b"", "empty.jpg"), r"empty\.jpg"),
+    Case("image-text-as-png", _predict_image(b"hello, not an image\n"), r"x\.png"),
+    Case("image-decompression-bomb", _predict_image(bomb_png(40_000, 40_000)), r"too large"),
+    Case("image-bomb-under-pil-refusal", _predict_image(bomb_png(10_000, 10_000)), r"x\.png"),
+    # run files
+    Case("model-json-class-names-cut", _run_json(_cut_names), r"class_names lists 3 names for 5 classes"),
+    Case("model-json-is-a-list", _run_json(lambda doc: [doc]), r"model\.json"),
+    Case("model-json-grid-1d", _run_json(_set("grid", [7])), r"grid"),
+    Case("model-json-model-is-text", _run_json(_set("model", "x")), r"model"),
+    Case("model-json-n-classes-negative", _run_json(_set("n_classes", -2)), r"n_classes"),
+    Case("model-json-class-names-cut-explain", _run_json(_cut_names, "explain"), r"class_names"),
+    Case("model-json-class-names-cut-export", _run_json(_cut_names, "export"), r"class_names"),
+    Case("model-json-not-json", _run_json(lambda doc: None), r"model\.json"),  # replaced below by raw text
+    Case("weights-file-outside-run", _weights_outside, r"points outside"),
+    Case("weights-file-absolute", _run_json(_set("weights_file", "/etc/hostname")), r"points outside"),
+    Case("weights-pickle-not-safetensors", _pickled_weights, r"safetensors"),
+    Case("prototype-file-outside-run", _prototypes_outside, r"points outside"),
+    Case("prototype-file-absolute", _prototypes_absolute, r"points outside"),
+    # ONNX metadata
+    Case("onnx-other-runs-metadata", _other_runs_metadata, r"does not match its qpm metadata"),
+    Case("onnx-class-names-not-json", _onnx_case(_prop("class_names", "[oops", raw=True)), r"metadata"),
+    Case("onnx-weight-wrong-shape", _onnx_case(_prop("weight", [[1.0, 0.0]])), r"weight"),
+    Case("onnx-grid-1d", _onnx_case(_prop("grid", [4])), r"grid"),
+    Case("onnx-no-qpm-metadata", _onnx_case(lambda props: {}), r"no qpm metadata"),
+    Case("onnx-garbage-bytes", _args("predict", "{w}/good.png", "-m", "{d}/x.onnx"), r"x\.onnx"),
+    Case("onnx-bomb-prototype", _onnx_case(_bomb_prototype, "explain-class"), r"too large"),
+    # npz
+    Case("npz-nan", _select_npz(**_nan_problem()), r"(?i)nan|finite"),
+    Case("npz-object-array", _select_npz(A=np.array([{"a": 1}], dtype=object), R=np.zeros((1, 1))), r"p\.npz"),
+    Case("npz-class-names-length", _select_npz(**_names_problem()), r"class"),
+    Case("npz-not-an-npz", _args("select", "--problem", "{w}/good.png"), r"good\.png"),
+    Case("dense-features-nan", _dense_features_nan, r"(?i)nan|finite"),
+    # dataset trees
+    Case("dataset-test-class-not-in-train", _imagefolder("extra_test_class"), r"cow"),
+    Case("dataset-unreadable-late-image", _imagefolder("bad_late_image"), r"1 of 6 image\(s\) are unreadable"),
+    Case("dataset-bomb", _imagefolder("bomb"), r"too large"),
+    Case("dataset-root-is-a-file", _args("data", "check", "-d", "imagefolder", "--data-root", "{w}/good.png"),
+         r"good\.png"),
+    Case("dataset-option-not-an-int", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes", "-O",
+                                            "per_class=abc", "--cache-dir", "{d}/c"), r"per_class"),
+    # settings
+    Case("settings-bad-device-env", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes", "--cache-dir",
+                                          "{d}/c"), r"(?i)device", env={"QPM_DEVICE": "quantum"}),
+    Case("settings-negative-workers", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes", "--cache-dir",
+                                            "{d}/c"), r"(?i)num_workers|workers", env={"QPM_NUM_WORKERS": "-3"}),
+    Case("settings-config-not-toml", _bad_config, r"config\.toml"),
+    Case("settings-local-toml-bad-value", _bad_local_toml, r"num_workers"),
+    # option values
+    Case("select-time-limit-nan", _select("--time-limit", "nan"), r"--time-limit"),
+    Case("select-time-limit-inf", _select("--time-limit", "inf"), r"--time-limit"),
+    Case("backbone-option-not-an-int", _args("train", "-b", "efficientnet-lite0", "-d", "shapes",
+                                             "--backbone-option", "image_size=abc", "--run-dir", "{d}/r"),
+         r"image_size"),
+    Case("backbone-option-unknown", _args("train", "-b", "efficientnet-lite0", "-d", "shapes",
+                                          "--backbone-option", "colour=blue", "--run-dir", "{d}/r"), r"colour"),
+    Case("predict-top-k-zero", _args("predict", "{w}/good.png", "-m", "{w}/run/model.onnx", "--top-k", "0"),
+         r"--top-k"),
+    Case("device-cuda-without-cuda-extract", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes",
+                                                   "--device", "cuda", "--cache-dir", "{d}/c"), r"(?i)cuda"),
+    Case("device-cuda-without-cuda-train", _args("train", "-b", "efficientnet-lite0", "-d", "shapes", "--device",
+                                                 "cuda", "--run-dir", "{d}/r"), r"(?i)cuda"),
+    Case("device-cuda-without-cuda-evaluate", _args("evaluate", "{w}/run", "--device", "cuda"), r"(?i)cuda"),
+    # paths
+    Case("explain-out-is-a-file", _existing_file(["explain", "{w}/good.png", "-m", "{w}/run/model.onnx"], "-o"),
+         r"taken"),
+    Case("demo-out-is-a-file", _existing_file(["demo"], "-o"), r"taken"),
+    Case("train-run-dir-is-a-file", _existing_file(["train", "-b", "efficientnet-lite0", "-d", "shapes"],
+                                                   "--run-dir"), r"taken"),
+    Case("extract-cache-dir-is-a-file", _existing_file(["extract", "-b", "efficientnet-lite0", "-d", "shapes"],
+                                                       "--cache-dir"), r"taken"),
+    Case("select-out-is-a-directory", _select_out_dir, r"outdir"),
+    Case("export-out-not-onnx", _args("export", "{w}/run", "--onnx", "--out", "{d}/m.txt"), r"\.onnx"),
+    Case("predict-missing-model", _args("predict", "{w}/good.png", "-m", "{d}/nope"), r"nope"),
+]
+
+
+QUIET_COMMANDS = {"predict", "explain", "export", "evaluate", "select", "extract", "train", "demo"}
+
+
+def _hash_tree(*roots: Path) -> dict[str, str]:
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case: Case, world: Path, tmp_path: Path, isolated_env: dict[str, str]) -> None:
+    d = tmp_path / "case"
+    d.mkdir()
+    args = case.setup(d, world)
+    if case.id == "model-json-not-json":
+        (d / "run" / "model.json").write_text("{not json")
+    if case.id == "onnx-garbage-bytes":
+        (d / "x.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    if case.id == "onnx-bomb-prototype":
+        args = ["explain", "--class", "square", "-m", args[args.index("-m") + 1], "-o", str(d / "ex"), "--device",
+                "cpu"]
+    if args[0] in QUIET_COMMANDS:
+        args = [*args, "-q"]  # no informational lines ("using RUN ..."): stderr holds only what went wrong
+    env = {**isolated_env, "QPM_DEVICE": "cpu", "QPM_CACHE_DIR": str(d / "qpm-cache"),
+           "QPM_WEIGHTS_DIR": str(d / "weights"), "XDG_CONFIG_HOME": str(d / "xdg"), "CUDA_VISIBLE_DEVICES": "",
+           **case.env}
+    before = _hash_tree(d, world)
+    res = subprocess.run([sys.executable, "-m", "qpmcli.cli", *args], env=env, cwd=d, capture_output=True,
+                         text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout[-1500:]}\nstderr: {res.stderr[-3000:]}"
+    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-3000:]
+    assert re.search(case.expect, lines[0]), lines[0]
+    after = _hash_tree(d, world)
+    changed = [p for p, h in before.items() if after.get(p) != h]
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+    strays = [p for p in after if p not in before and re.search(r"\.(tmp|staged|partial)$|\.tmp\d+$", p)]
+    assert not strays, f"stray temporary files: {strays}"

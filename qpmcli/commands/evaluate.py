@@ -31,7 +31,8 @@ def evaluate(
     opts.check_metrics(metrics)
     settings = settings_from_flags(device=device, device_check="torch")
     target = resolve_model(settings, run, run_only=True)
-    say(target.line("evaluating"))
+    if not quiet:  # -q: nothing on stderr but errors
+        say(target.line("evaluating"))
     from qpmcli.evaluate import evaluate_run
 
     result = evaluate_run(str(target.path), metrics, stage=stage, batch_size=batch_size,

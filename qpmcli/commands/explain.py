@@ -37,7 +37,8 @@ def explain(
     if not images and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     target = resolve_model(settings, model)
-    say(target.line())
+    if not quiet:  # -q: nothing on stderr but errors
+        say(target.line())
     from qpmcli.explain import explain as run_explain
 
     summary = run_explain(images or [], str(target.path), out_dir=out, compare=compare, class_name=class_name,

@@ -29,17 +29,19 @@ def predict(
     opts.check_positive(top_k, "--top-k")
     opts.check_positive(batch_size, "--batch-size")
     target = resolve_model(settings, model)
-    say(target.line())
+    if not quiet:  # -q: nothing on stderr but errors
+        say(target.line())
     from qpmcli.predict import predict as run_predict
 
     result = run_predict(inputs, str(target.path), top_k=top_k, batch_size=batch_size, device=device,
                          weights=weights, settings=settings, progress=not quiet and not json_out)
+    if result["num_failed"] == result["num_images"]:  # nothing to show but why: one line
+        first = next((p["error"] for p in result["predictions"] if "error" in p), "")
+        raise ImageError(f"none of the {result['num_images']} images could be read; first: {first}")
     if json_out:
         print_json(result)
     else:
         _print_result(result)
-    if result["num_failed"] == result["num_images"]:
-        raise ImageError(f"none of the {result['num_images']} images could be read")
 
 
 def _print_result(result: dict) -> None:
