@@ -52,13 +52,17 @@ def load_backbone(
     device: str | None = None,
     **options: Any,
 ) -> FrozenBackbone:
-    """Build the frozen backbone ``name`` (a registered plugin name, or ``timm:<model>``).
+    """Build the frozen backbone ``name`` (a registered plugin name, or a name under a plugin's prefix such as
+    ``timm:<model>``).
 
     ``weights``: a file, ``"random"`` (random init, for tests/benchmarks) or ``None`` (look it up, see
     :func:`resolve_weights`). ``preprocess``: ``official`` (ImageNet mean/std, 224² squash) or ``reference`` (the
     paper code's dataset mean/std + per-image min-max, and pos-embed offset 0.1 without antialias for every variant).
-    ``device``: ``None`` uses ``settings.device`` (``auto`` = CUDA when present). Extra ``options`` go to the factory
-    (``image_size``, ``dataset`` for reference statistics, ``amp`` for bf16 autocast, ``arch`` for timm overrides).
+    ``device``: ``None`` uses ``settings.device`` (``auto`` = CUDA when present). ``options``: ``dataset`` (for
+    reference statistics), ``amp`` (bf16 autocast) and the plugin's own options (``image_size``, ``arch``...).
+
+    The factory is called exactly as :func:`qpmcli.hookspecs.qpm_backbones` documents:
+    ``factory(name=, weights=, preprocess=, settings=, dataset=, amp=, **plugin_options)``.
     """
     from qpmcli.registry import get_registry
 
@@ -69,7 +73,10 @@ def load_backbone(
 
         settings, _ = resolve_settings()
     spec = get_registry().get("backbone", name)
-    backbone = spec.factory(weights=weights, preprocess=preprocess, settings=settings, name=name, **options)
+    dataset = options.pop("dataset", None)
+    amp = bool(options.pop("amp", False))
+    backbone = spec.factory(name=name, weights=weights, preprocess=preprocess, settings=settings, dataset=dataset,
+                            amp=amp, **options)
     dev = device or settings.torch_device()
     return backbone.to(dev)
 
@@ -313,6 +320,11 @@ class FrozenBackbone(nn.Module):
     def preprocess(self, image: Any) -> torch.Tensor:
         return preprocess_image(image, self.preprocess_config)
 
+    def raw_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls, patches)`` of the wrapped model as it computes them: no autocast, no no-grad, no dtype cast (what
+        an exported graph traces)."""
+        return self._features(x)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.device, non_blocking=True)
         with torch.no_grad():
@@ -328,6 +340,121 @@ class FrozenBackbone(nn.Module):
         return {"name": self.name, "embed_dim": self.embed_dim, "patch_size": self.patch_size,
                 "image_size": list(self.image_size), "grid": list(self.grid), "weights_digest": self.weights_digest,
                 "preprocess": self.preprocess_config, **self.info}
+
+
+def preprocess_config_for(preprocess: str, size: tuple[int, int], mean: Any = IMAGENET_MEAN, std: Any = IMAGENET_STD,
+                          dataset: str | None = None) -> dict[str, Any]:
+    """The preprocessing config of a backbone: ``official`` uses the backbone's own ``mean``/``std``; ``reference``
+    the reference code's statistics of ``dataset`` and a per-image min-max rescale (METHOD.md §2.2)."""
+    if preprocess == "reference":
+        mean, std, stats_of = reference_stats(dataset)
+        return make_preprocess_config("reference", size, mean=mean, std=std, minmax=True, extra={"stats_of": stats_of})
+    return make_preprocess_config("official", size, mean=mean, std=std)
+
+
+def token_features(model: nn.Module, layout: str, forward: str = "forward_features",
+                   ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``x -> (cls [B, D], patches [B, h*w, D])`` from ``model.<forward>(x)`` (timm's ``forward_features`` by
+    default) for a token ``layout``:
+
+    - ``"tokens"``: a transformer's ``[B, P + h*w, D]`` with ``P = model.num_prefix_tokens`` prefix tokens (CLS first,
+      then registers): CLS is ``tokens[:, 0]`` (the mean of all tokens when there is no prefix token), patches are
+      ``tokens[:, P:]``;
+    - ``"map"``: a CNN feature map ``[B, D, h, w]``: CLS is its spatial mean, patches are its cells in row-major order.
+    """
+    run = getattr(model, forward)
+    if layout == "map":
+        def from_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fmap = run(x)
+            return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
+
+        return from_map
+    if layout != "tokens":
+        raise ConfigError(f"unknown token layout {layout!r}; use 'tokens' or 'map'")
+    prefix = int(getattr(model, "num_prefix_tokens", 0))
+
+    def from_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = run(x)
+        cls = tokens[:, 0] if prefix > 0 else tokens.mean(dim=1)
+        return cls, tokens[:, prefix:]
+
+    return from_tokens
+
+
+def build_frozen_backbone(
+    *,
+    name: str,
+    create: Callable[[], nn.Module],
+    weights_path: Path | None,
+    image_size: tuple[int, int],
+    mean: Any = IMAGENET_MEAN,
+    std: Any = IMAGENET_STD,
+    layout: str = "tokens",
+    forward: str = "forward_features",
+    checkpoint_filter: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+    adapt: Callable[[nn.Module], dict[str, Any] | None] | None = None,
+    preprocess: str = "official",
+    dataset: str | None = None,
+    amp: bool = False,
+    random_digest: str = "random",
+    embed_dim: int | None = None,
+    grid: tuple[int, int] | None = None,
+    info: dict[str, Any] | None = None,
+) -> FrozenBackbone:
+    """A :class:`FrozenBackbone` from what a model family supplies, the way timm's ``build_model_with_cfg`` builds a
+    model from its config. A backbone factory resolves its weights file and calls this with:
+
+    - ``create()``: the architecture with random weights (called under a fixed seed, so ``"random"`` weights are the
+      same in every process: caches, resume and ranks agree);
+    - ``weights_path``: the checkpoint (``None``: keep the random weights, digest ``random_digest``), read without
+      unpickling code, adapted by ``checkpoint_filter(state, model)`` (e.g. timm's ``checkpoint_filter_fn`` for an
+      official checkpoint), loaded strictly, identified by its sha256;
+    - ``adapt(model)``: runs after loading (e.g. the position-embedding resize); returns entries to add to the
+      preprocessing config, or ``None``;
+    - ``mean``/``std``: the backbone's own normalisation (``preprocess="reference"`` uses the dataset's instead);
+    - ``layout``: how ``model.<forward>`` (``forward_features``) lays out its tokens (:func:`token_features`), or
+      ``"auto"`` (decided by one probe forward pass: a 4-d output is a feature ``map``);
+    - ``embed_dim``/``grid``: the model's ``embed_dim`` attribute and patch grid, else read from one probe forward
+      pass at ``image_size``.
+    Weight-file problems are :class:`WeightsError` naming the file.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create()
+    if weights_path is not None:
+        state = read_state_dict(weights_path)
+        if checkpoint_filter is not None:
+            try:
+                state = checkpoint_filter(state, model)
+            except Exception as exc:  # a checkpoint of another architecture
+                raise WeightsError(f"weights file {weights_path} is not a {name} checkpoint: {exc}") from exc
+        load_strict(model, state, weights_path, name)
+        digest = file_digest(weights_path)
+    else:
+        digest = random_digest
+    extra_config = adapt(model) if adapt is not None else None
+    model.eval()
+    if embed_dim is None and layout == "tokens":
+        embed_dim = getattr(model, "embed_dim", None)
+    if layout == "auto" or embed_dim is None or grid is None:
+        with torch.no_grad():
+            probe = getattr(model, forward)(torch.zeros(1, 3, *image_size))
+        if layout == "auto":
+            layout = "map" if probe.ndim == 4 else "tokens"
+        if layout == "map":
+            embed_dim, grid = int(probe.shape[1]), (int(probe.shape[2]), int(probe.shape[3]))
+        else:
+            n = probe.shape[1] - int(getattr(model, "num_prefix_tokens", 0))
+            gs = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+            grid = (int(gs[0]), int(gs[1])) if gs is not None else (int(round(n**0.5)), int(round(n**0.5)))
+            embed_dim = int(probe.shape[-1])
+    features = token_features(model, layout, forward)
+    pcfg = preprocess_config_for(preprocess, image_size, mean, std, dataset)
+    pcfg.update(extra_config or {})
+    return FrozenBackbone(
+        name=name, model=model, features=features, embed_dim=embed_dim, patch_size=image_size[0] // grid[0],
+        image_size=image_size, grid=grid, weights_digest=digest, preprocess_config=pcfg,
+        weights_path=str(weights_path) if weights_path else None, amp=amp, info=info)
 
 
 def parse_image_size(image_size: int | tuple[int, int] | None, default: int = DEFAULT_IMAGE_SIZE) -> tuple[int, int]:

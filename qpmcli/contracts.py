@@ -37,10 +37,18 @@ class PluginOption:
 # --------------------------------------------------------------------------------------------------------- backbones
 @dataclass(frozen=True)
 class BackboneSpec:
-    """A named backbone. ``factory(weights, preprocess, settings) -> Backbone``.
+    """A named backbone. qpm calls its factory with keywords only, always these six, plus the user's options::
 
-    ``weights`` is an explicit file or ``None`` (then the factory looks in ``settings.weights_dir`` under
-    ``weights_filename``, then in local timm/Hugging Face caches, else raises :class:`qpmcli.errors.WeightsError`).
+        factory(name=str, weights=str | None, preprocess="official" | "reference", settings=QpmSettings,
+                dataset=str | None, amp=bool, **options) -> Backbone
+
+    ``name`` is the requested name (with ``prefix=True`` the spec's name is a prefix: ``timm:`` serves every
+    ``timm:<model>``). ``weights`` is an explicit file, ``"random"`` (random init for tests) or ``None`` (then the
+    factory looks in ``settings.weights_dir`` under ``weights_filename``, then in local timm/Hugging Face caches, else
+    raises :class:`qpmcli.errors.WeightsError`). ``dataset`` names the dataset (for ``preprocess="reference"``
+    statistics); ``amp`` asks for bf16 autocast. ``options`` are the ``--backbone-option KEY=VALUE`` pairs, as declared
+    in ``options`` (or the factory's other keyword-only parameters). :func:`qpmcli.backbone.build_frozen_backbone`
+    builds a conforming :class:`Backbone` from a model-creating function.
     """
 
     name: str
@@ -51,14 +59,17 @@ class BackboneSpec:
     weights_filename: str | None = None
     weights_source: str | None = None
     options: tuple[PluginOption, ...] | None = None  # None: undeclared (keyword-only factory parameters are used)
+    prefix: bool = False  # True: ``name`` is a prefix and the spec serves every name that starts with it
 
 
 @runtime_checkable
 class Backbone(Protocol):
-    """A frozen feature extractor (a ``torch.nn.Module`` in eval mode with ``requires_grad=False``).
+    """A frozen feature extractor (a ``torch.nn.Module`` in eval mode with ``requires_grad=False``; qpm moves it with
+    ``.to(device)``).
 
     ``backbone(x)`` takes a preprocessed batch ``[B, 3, H, W]`` and returns ``(cls [B, D], patches [B, h*w, D])``:
-    final-norm tokens, registers dropped, patches in row-major grid order.
+    final-norm tokens, registers dropped, patches in row-major grid order. :class:`qpmcli.backbone.FrozenBackbone`
+    (built by :func:`qpmcli.backbone.build_frozen_backbone`) implements all of it.
     """
 
     name: str
@@ -73,6 +84,16 @@ class Backbone(Protocol):
         """Turn any PIL image (grayscale, palette, CMYK, alpha, EXIF-rotated) into a float tensor ``[3, H, W]``."""
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs are moved there)."""
+
+    def raw_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cls, patches)`` without autocast or no-grad (what ``qpm export`` traces into the ONNX graph)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able facts stored with token caches (name, embed_dim, patch_size, image_size, grid, digest...)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- datasets

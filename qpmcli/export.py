@@ -204,7 +204,7 @@ class FullGraph(nn.Module):
             with torch.inference_mode():
                 return self.tokens(torch.from_numpy(image)).numpy()
         with torch.no_grad():
-            cls, patches = self.backbone._features(image)  # no autocast: the graph is exported in float32
+            cls, patches = self.backbone.raw_tokens(image)  # no autocast: the graph is exported in float32
             return torch.cat([cls[:, None], patches], dim=1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

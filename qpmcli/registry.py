@@ -61,11 +61,14 @@ class Registry:
         return [self._entries[kind][n] for n in self.names(kind)]
 
     def get(self, kind: str, name: str) -> Any:
-        """The spec registered under ``name``; an unknown name lists the available ones."""
+        """The spec registered under ``name``, else the spec whose name is a prefix of ``name`` and that declares
+        ``prefix=True`` (the longest such prefix); an unknown name lists the available ones."""
         entry = self._entries[kind].get(name)
         if entry is None:
-            if kind == "backbone" and name.startswith("timm:") and "timm:" in self._entries[kind]:
-                return self._entries[kind]["timm:"].spec
+            prefixes = [e for e in self._entries[kind].values()
+                        if getattr(e.spec, "prefix", False) and name.startswith(e.name) and len(name) > len(e.name)]
+            if prefixes:
+                return max(prefixes, key=lambda e: len(e.name)).spec
             available = ", ".join(self.names(kind)) or "none installed"
             raise PluginError(f"unknown {kind} {name!r}; available: {available}")
         return entry.spec

@@ -33,27 +33,18 @@ def build_efficientnet_lite0(
     weights: Any = None,
     preprocess: str = "official",
     settings: Any = None,
-    image_size: Any = None,
     dataset: str | None = None,
     amp: bool = False,
+    image_size: Any = None,
     arch: dict[str, Any] | None = None,
 ):
-    """Factory: strict load of the shipped (or given) weights into efficientnet_lite_pytorch's EfficientNet."""
+    """Factory: strict load of the shipped (or given) weights into efficientnet_lite_pytorch's EfficientNet; its final
+    feature map is the token grid (layout ``map``)."""
     from pathlib import Path
 
-    import torch
     from efficientnet_lite_pytorch import EfficientNet
 
-    from qpmcli.backbone import (
-        FrozenBackbone,
-        file_digest,
-        load_strict,
-        make_preprocess_config,
-        parse_image_size,
-        read_state_dict,
-        reference_stats,
-        resolve_weights,
-    )
+    from qpmcli.backbone import build_frozen_backbone, parse_image_size, resolve_weights
     from qpmcli.errors import ConfigError, WeightsError
 
     size = parse_image_size(image_size)
@@ -67,29 +58,11 @@ def build_efficientnet_lite0(
     else:
         path = resolve_weights(weights, settings, filenames=["efficientnet-lite0-57934424.pth"], source=SOURCE,
                                backbone=NAME)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = EfficientNet.from_name("efficientnet-lite0", image_size=size[0])
-    if path is not None:
-        load_strict(model, read_state_dict(path), path, NAME)
-        digest = file_digest(path)
-    else:
-        digest = "random"
-    model.eval()
-    if preprocess == "reference":
-        mean, std, stats_of = reference_stats(dataset)
-        pcfg = make_preprocess_config("reference", size, mean=mean, std=std, minmax=True, extra={"stats_of": stats_of})
-    else:
-        pcfg = make_preprocess_config("official", size, mean=MEAN, std=STD)
-
-    def features(x):
-        fmap = model.extract_features(x)
-        return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
-
-    return FrozenBackbone(
-        name=NAME, model=model, features=features, embed_dim=1280, patch_size=32, image_size=size,
-        grid=(size[0] // 32, size[1] // 32), weights_digest=digest, preprocess_config=pcfg,
-        weights_path=str(path) if path else None, amp=amp, info={"classifier": "imagenet-1k"})
+    return build_frozen_backbone(
+        name=NAME, create=lambda: EfficientNet.from_name("efficientnet-lite0", image_size=size[0]),
+        weights_path=path, image_size=size, mean=MEAN, std=STD, layout="map", forward="extract_features",
+        preprocess=preprocess, dataset=dataset, amp=amp, embed_dim=1280, grid=(size[0] // 32, size[1] // 32),
+        info={"classifier": "imagenet-1k"})
 
 
 def specs() -> list[BackboneSpec]:

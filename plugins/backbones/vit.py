@@ -102,27 +102,16 @@ def build_vit(
     weights: Any = None,
     preprocess: str = "official",
     settings: Any = None,
-    image_size: Any = None,
     dataset: str | None = None,
     amp: bool = False,
+    image_size: Any = None,
     arch: dict[str, Any] | None = None,
 ):
-    """Factory for the named DINO-family ViTs (see :data:`VITS`)."""
+    """Factory for the named DINO-family ViTs (see :data:`VITS`): built at the checkpoint's native grid, adapted by
+    timm's ``checkpoint_filter_fn`` of the family, then the position embedding resized once to the target grid."""
     import timm
-    import torch
 
-    from qpmcli.backbone import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        FrozenBackbone,
-        file_digest,
-        load_strict,
-        make_preprocess_config,
-        parse_image_size,
-        read_state_dict,
-        reference_stats,
-        resolve_weights,
-    )
+    from qpmcli.backbone import IMAGENET_MEAN, IMAGENET_STD, build_frozen_backbone, parse_image_size, resolve_weights
     from qpmcli.errors import ConfigError, WeightsError
 
     info = VITS[name]
@@ -134,49 +123,26 @@ def build_vit(
     if not timm.is_model(info.timm_name):
         raise WeightsError(f"backbone {name} needs timm model {info.timm_name}, which timm {timm.__version__} lacks; "
                            f"upgrade timm")
-    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **(arch or {})}
-    if info.family != "dinov3":
-        kwargs["img_size"] = info.native_size
+    dinov3 = info.family == "dinov3"
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **(arch or {}),
+                              "img_size": size if dinov3 else info.native_size}
+    if dinov3:
+        from timm.models.eva import checkpoint_filter_fn
     else:
-        kwargs["img_size"] = size
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # "random" weights are the same in every process (caches, resume, ranks)
-        model = timm.create_model(info.timm_name, **kwargs)
-    if path is not None:
-        state = read_state_dict(path)
-        if info.family == "dinov3":
-            from timm.models.eva import checkpoint_filter_fn
-        else:
-            from timm.models.vision_transformer import checkpoint_filter_fn
-        try:
-            state = checkpoint_filter_fn(state, model)
-        except Exception as exc:
-            raise WeightsError(f"weights file {path} is not a {name} checkpoint: {exc}") from exc
-        load_strict(model, state, path, name)
-        digest = file_digest(path)
-    else:
-        digest = "random" + _arch_digest(arch)
+        from timm.models.vision_transformer import checkpoint_filter_fn
     offset, antialias = _pos_rule(info, preprocess)
-    if info.family != "dinov3":
+
+    def adapt(model: Any) -> dict[str, Any] | None:
+        if dinov3:
+            return None
         _resize_vit_pos_embed(model, size, info.patch_size, offset, antialias)
-    if preprocess == "reference":
-        mean, std, stats_of = reference_stats(dataset)
-        pcfg = make_preprocess_config("reference", size, mean=mean, std=std, minmax=True,
-                                      extra={"stats_of": stats_of})
-    else:
-        pcfg = make_preprocess_config("official", size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if info.family != "dinov3":
-        pcfg["pos_embed"] = {"offset": offset, "antialias": antialias}
-    prefix = int(model.num_prefix_tokens)
+        return {"pos_embed": {"offset": offset, "antialias": antialias}}
 
-    def features(x):
-        tokens = model.forward_features(x)
-        return tokens[:, 0], tokens[:, prefix:]
-
-    return FrozenBackbone(
-        name=name, model=model, features=features, embed_dim=model.embed_dim, patch_size=info.patch_size,
-        image_size=size, grid=(size[0] // info.patch_size, size[1] // info.patch_size), weights_digest=digest,
-        preprocess_config=pcfg, weights_path=str(path) if path else None, amp=amp,
+    return build_frozen_backbone(
+        name=name, create=lambda: timm.create_model(info.timm_name, **kwargs), weights_path=path, image_size=size,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_filter=checkpoint_filter_fn, adapt=adapt,
+        preprocess=preprocess, dataset=dataset, amp=amp, random_digest="random" + _arch_digest(arch),
+        grid=(size[0] // info.patch_size, size[1] // info.patch_size),
         info={"timm_model": info.timm_name, "registers": info.registers, "arch": arch or {}})
 
 
@@ -186,25 +152,15 @@ def build_timm(
     weights: Any = None,
     preprocess: str = "official",
     settings: Any = None,
-    image_size: Any = None,
     dataset: str | None = None,
     amp: bool = False,
+    image_size: Any = None,
     arch: dict[str, Any] | None = None,
 ):
     """Factory for ``timm:<model>``: a transformer gives (CLS, patch tokens); a CNN gives (mean, feature-map cells)."""
     import timm
-    import torch
 
-    from qpmcli.backbone import (
-        FrozenBackbone,
-        file_digest,
-        load_strict,
-        make_preprocess_config,
-        parse_image_size,
-        read_state_dict,
-        reference_stats,
-        resolve_weights,
-    )
+    from qpmcli.backbone import build_frozen_backbone, find_in_local_caches, parse_image_size, resolve_weights
     from qpmcli.errors import PluginError, WeightsError
 
     model_name = name.split(":", 1)[1]
@@ -213,75 +169,38 @@ def build_timm(
                           f"print(timm.list_models('*vit*'))\"")
     cfg = timm.get_pretrained_cfg(model_name)
     cfg_dict = cfg.to_dict() if cfg is not None else {}
-    default_size = int(cfg_dict.get("input_size", (3, 224, 224))[-1])
-    size = parse_image_size(image_size, default_size)
-    kwargs: dict[str, Any] = {"num_classes": 0, **(arch or {})}
-    base = model_name.split(".")[0]
-    path = None
+    size = parse_image_size(image_size, int(cfg_dict.get("input_size", (3, 224, 224))[-1]))
     if weights is None:
         # No file given: only a local Hugging Face cache counts (offline; never download).
         hf = cfg_dict.get("hf_hub_id")
-        from qpmcli.backbone import find_in_local_caches
-
-        found = find_in_local_caches([], hf) if hf else None
-        if found is None:
+        path = find_in_local_caches([], hf) if hf else None
+        if path is None:
             where = f"https://huggingface.co/{hf}" if hf else "the model's upstream page"
             raise WeightsError(f"no weights for backbone {name}: pass --weights FILE (a timm state dict) or put "
                                f"{model_name} in the Hugging Face cache; download from {where}")
-        path = found
     else:
         path = resolve_weights(weights, settings, filenames=[], source="timm", backbone=name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = timm.create_model(base, pretrained=False, **kwargs)
-    if path is not None:
-        state = read_state_dict(path)
+
+    def checkpoint_filter(state: dict[str, Any], model: Any) -> dict[str, Any]:
+        """The model module's own ``checkpoint_filter_fn`` (if any), then no classifier keys the model lacks."""
         mod = __import__(type(model).__module__, fromlist=["checkpoint_filter_fn"])
         filt = getattr(mod, "checkpoint_filter_fn", None)
         if filt is not None:
-            try:
-                state = filt(state, model)
-            except Exception as exc:
-                raise WeightsError(f"weights file {path} does not fit {model_name}: {exc}") from exc
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))
-                 or k in model.state_dict()}
-        load_strict(model, state, path, name)
-        digest = file_digest(path)
-    else:
-        digest = "random" + _arch_digest(arch)
-    if hasattr(model, "set_input_size") and hasattr(model, "patch_embed"):
-        model.set_input_size(img_size=size)
-    model.eval()
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    with torch.no_grad():
-        probe = model.forward_features(torch.zeros(1, 3, *size))
-    if probe.ndim == 4:  # CNN feature map [B, C, h, w]
-        dim, grid = int(probe.shape[1]), (int(probe.shape[2]), int(probe.shape[3]))
+            state = filt(state, model)
+        return {k: v for k, v in state.items() if not k.startswith(("head.", "fc.", "classifier."))
+                or k in model.state_dict()}
 
-        def features(x):
-            fmap = model.forward_features(x)
-            return fmap.mean(dim=(2, 3)), fmap.flatten(2).transpose(1, 2)
-    else:
-        n = probe.shape[1] - prefix
-        gs = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-        grid = (int(gs[0]), int(gs[1])) if gs is not None else (int(round(n**0.5)), int(round(n**0.5)))
-        dim = int(probe.shape[-1])
+    def adapt(model: Any) -> None:
+        if hasattr(model, "set_input_size") and hasattr(model, "patch_embed"):
+            model.set_input_size(img_size=size)
 
-        def features(x):
-            tokens = model.forward_features(x)
-            cls = tokens[:, 0] if prefix > 0 else tokens.mean(dim=1)
-            return cls, tokens[:, prefix:]
-    patch = size[0] // grid[0]
-    mean, std = cfg_dict.get("mean", (0.485, 0.456, 0.406)), cfg_dict.get("std", (0.229, 0.224, 0.225))
-    if preprocess == "reference":
-        mean, std, stats_of = reference_stats(dataset)
-        pcfg = make_preprocess_config("reference", size, mean=mean, std=std, minmax=True, extra={"stats_of": stats_of})
-    else:
-        pcfg = make_preprocess_config("official", size, mean=mean, std=std)
-    return FrozenBackbone(
-        name=name, model=model, features=features, embed_dim=dim, patch_size=patch, image_size=size, grid=grid,
-        weights_digest=digest, preprocess_config=pcfg, weights_path=str(path) if path else None, amp=amp,
-        info={"timm_model": model_name, "arch": arch or {}})
+    kwargs: dict[str, Any] = {"num_classes": 0, **(arch or {})}
+    return build_frozen_backbone(
+        name=name, create=lambda: timm.create_model(model_name.split(".")[0], pretrained=False, **kwargs),
+        weights_path=path, image_size=size,
+        mean=cfg_dict.get("mean", (0.485, 0.456, 0.406)), std=cfg_dict.get("std", (0.229, 0.224, 0.225)),
+        layout="auto", checkpoint_filter=checkpoint_filter, adapt=adapt, preprocess=preprocess, dataset=dataset,
+        amp=amp, random_digest="random" + _arch_digest(arch), info={"timm_model": model_name, "arch": arch or {}})
 
 
 def specs() -> list[BackboneSpec]:
@@ -296,5 +215,5 @@ def specs() -> list[BackboneSpec]:
             weights_source=info.source, options=BACKBONE_OPTIONS))
     out.append(BackboneSpec(name="timm:", factory=build_timm,
                             description="any timm model: timm:<model name> (weights via --weights or the HF cache)",
-                            options=BACKBONE_OPTIONS))
+                            options=BACKBONE_OPTIONS, prefix=True))
     return out
