@@ -65,7 +65,7 @@ def main() -> None:
     try:
         app(prog_name="qpm")
     except QpmError as exc:
-        typer.secho(f"Error: {exc}", err=True, fg="red")
+        typer.secho("Error: " + " ".join(str(exc).split()), err=True, fg="red")  # one line, whatever it wraps
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _interrupted()

@@ -192,6 +192,12 @@ def _pickled_weights(d: Path, w: Path) -> list[str]:
     return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"] if not marker.exists() else []
 
 
+def _other_weights(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    shutil.copy(w / "other" / "model.safetensors", run / "model.safetensors")
+    return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"]
+
+
 def _prototypes_outside(d: Path, w: Path) -> list[str]:
     run = _copy_run(w, d)
     (d / "secret.png").write_bytes(png_bytes(8, 8))
@@ -347,6 +353,7 @@ CASES = [
     Case("weights-file-outside-run", _weights_outside, r"points outside"),
     Case("weights-file-absolute", _run_json(_set("weights_file", "/etc/hostname")), r"points outside"),
     Case("weights-pickle-not-safetensors", _pickled_weights, r"safetensors"),
+    Case("weights-of-another-run", _other_weights, r"does not match"),  # 4-class weights: a multi-line torch error
     Case("prototype-file-outside-run", _prototypes_outside, r"points outside"),
     Case("prototype-file-absolute", _prototypes_absolute, r"points outside"),
     # ONNX metadata
