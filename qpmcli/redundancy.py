@@ -11,8 +11,9 @@ greedy go to the first maximum in set order; ``ramsey_R2`` always expands the fi
 order comes from such sets). This module therefore has two interchangeable backends:
 
 * ``"networkx"``: builds networkx graphs and calls networkx (``from_numpy_array``, ``complement``,
-  ``approximation.ramsey_R2``); the greedy is networkx's ``large_clique_size`` with the reference's early stop. Slow
-  (tens of seconds for 512 features); kept as the oracle for the tests and as the benchmark baseline.
+  ``approximation.ramsey_R2``); the greedy is the code of networkx's ``large_clique_size`` with the reference's two
+  early-stop changes (networkx's function has no such option). Slow (minutes for 512 features on 2 cores); kept as
+  the oracle for the tests and as the benchmark baseline.
 * ``"fast"`` (default): the same two algorithms on numpy adjacency matrices. It performs the very same sequence of
   Python set and dict operations that decide the orders (set construction from the same element sequences, set
   intersection, dict-key differences), so ties resolve identically, but it never builds a networkx graph: the node
@@ -24,7 +25,7 @@ Deliberate difference from the reference (docs/method-notes.md): the sweep runs 
 at 0, diagonal zeroed) instead of ``R + R^T`` of the signed R; the graphs of a sweep on ``R`` and on ``2R`` are the
 same, only the threshold value is halved, and the disallowed-pair test then uses the same R. Where the reference
 crashes (no graph reaches the target, or the walk leaves the sorted array) we stop and fall back to the threshold
-above every value (no pair penalised, any ``target`` features form a clique), reported as ``fallback``.
+above every value (no pair penalised; the start clique is all features in index order), reported as ``fallback``.
 
 numpy is imported at module level: only the selection code imports this module; networkx is imported lazily.
 """
@@ -153,7 +154,9 @@ class _Ramsey:
     order is the parent's (the subgraph view iterates the parent when the kept set is at least half of it) inherits
     the parent's neighbour order; a child ordered by a Python set (the kept set is smaller than half) re-sorts the
     earlier neighbours. ``chain`` holds the positions (dicts) of those set-ordered ancestors, from the root down; the
-    root (``complement(G).copy()`` minus removed nodes) has ascending neighbour lists.
+    root (``complement(G).copy()`` minus removed nodes) has ascending neighbour lists. These are networkx 3.x's rules
+    (``FilterAtlas.__iter__``, ``Graph.copy``, ``non_neighbors`` as a dict-key difference); the tests compare with the
+    installed networkx.
     """
 
     def __init__(self, nbrs: list[list[int]]):
