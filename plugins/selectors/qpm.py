@@ -48,6 +48,7 @@ class QpmInstance:
     k: int
     threshold: float = math.inf
     clique: list[int] = field(default_factory=list)
+    threshold_info: dict[str, Any] = field(default_factory=dict)  # RedundancyThreshold.info(): rule, step, clique size
     P: np.ndarray = field(init=False)  # dense symmetric penalty matrix [n, n]
 
     def __post_init__(self) -> None:
@@ -91,11 +92,11 @@ def make_instance(problem: SelectionProblem, K: int, k: int) -> QpmInstance:
 
     A = np.asarray(problem.A, dtype=np.float64)
     C = A.shape[1]
-    thr = clique_threshold(problem.R, K)
+    thr = clique_threshold(problem.R, K, rule=getattr(problem, "threshold_rule", "reference"))
     pairs, w = disallowed_pairs(problem.R, thr.threshold)
     bonus = np.zeros(A.shape[0]) if problem.B is None else np.asarray(problem.B, dtype=np.float64).ravel()
     return QpmInstance(coef=A * (1000.0 / (k * C)), pairs=pairs, pair_w=w, bonus=bonus, K=K, k=k,
-                       threshold=float(thr.threshold), clique=list(thr.clique))
+                       threshold=float(thr.threshold), clique=list(thr.clique), threshold_info=thr.info())
 
 
 # ------------------------------------------------------------------------------------------ assignment for fixed S
@@ -822,7 +823,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     start = time.perf_counter()
     deadline = start + time_limit
     rng = np.random.default_rng(seed)
-    stats: dict[str, Any] = {"threshold": inst.threshold, "penalised_pairs": int(len(inst.pairs))}
+    stats: dict[str, Any] = {**inst.threshold_info, "threshold": inst.threshold,
+                             "penalised_pairs": int(len(inst.pairs))}
     if M is None:
         M = inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
     full = exact_model_fits(inst) if exact_model is None else bool(exact_model)
