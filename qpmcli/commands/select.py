@@ -24,6 +24,9 @@ def select_cmd(
     time_limit: float = typer.Option(60.0, "--time-limit", help="Solver time limit in seconds."),
     seed: int = Seed,
     workers: int = typer.Option(8, "--workers", help="CP-SAT worker threads."),
+    threshold_rule: str = typer.Option("reference", "--threshold-rule",
+                                       help="Redundancy threshold: reference (the paper's procedure) or greedy-bisect "
+                                            "(qpm's earlier rule; see docs/method-notes.md)."),
     out: Path = opts.out_opt(None, "Selection JSON to write (default: RUN/selection-<selector>.json, or "
                                    "./selection-<selector>.json with --problem)."),
     force: bool = typer.Option(False, "--force",
@@ -41,6 +44,7 @@ def select_cmd(
     opts.check_selection_sizes(features, per_class)
     opts.check_time_limit(time_limit)
     opts.check_positive(workers, "--workers")
+    opts.check_choice(threshold_rule, ("reference", "greedy-bisect"), "--threshold-rule")
     if run is not None and problem is not None:
         raise SelectionError("give either a run directory or --problem FILE (not both)")
     if run is None and problem is None:
@@ -64,7 +68,8 @@ def select_cmd(
                              f"to replace it, or choose another --out")
     from qpmcli.selection import load_problem_npz, problem_from_run, save_selection, select, selection_summary
 
-    prob = problem_from_run(run) if run is not None else load_problem_npz(problem)
+    prob = (problem_from_run(run, threshold_rule=threshold_rule) if run is not None
+            else load_problem_npz(problem, threshold_rule=threshold_rule))
     opts.check_selection_sizes(features, per_class, prob.n_classes, prob.n_features_total)
     sel = select(prob, selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
                  seed=settings.seed, workers=workers, progress=not (json_out or quiet))
