@@ -349,7 +349,8 @@ def _composite(rgb: np.ndarray, ups: list[np.ndarray], colours: list[Any], vmax:
 def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata: ClassifierMetadata | dict[str, Any],
                  path: str | os.PathLike[str]) -> Path:
     """The local explanation figure (1600 x 720 px): input, prediction, contributions, combined evidence, the
-    feature composite, and one saliency panel per feature of ``expl.class_index``."""
+    feature composite, and one saliency panel per feature of ``expl.class_index``, with the feature's training
+    prototypes under it when the model holds them (:data:`PROTOTYPES_BESIDE`)."""
     import numpy as np
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize, TwoSlopeNorm
@@ -436,8 +437,25 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     ax.set_title("where each feature fires\n(strongest feature per pixel)", fontsize=10)
 
     norm = Normalize(vmin=vmin, vmax=vmax)
+    protos = _prototypes_of(metadata)
     for i, (e, u) in enumerate(zip(feats, ups, strict=True)):
-        ax = panels[f"feature {e.feature}"] = fig.add_subplot(gs[1, i])
+        strip = protos.get(e.feature, [])[:PROTOTYPES_BESIDE]
+        if strip:  # the feature's training prototypes under its heatmap: what "feature 67" responds to
+            sub = gs[1, i].subgridspec(2, PROTOTYPES_BESIDE, height_ratios=[3.2, 1], hspace=0.62, wspace=0.06)
+            ax = panels[f"feature {e.feature}"] = fig.add_subplot(sub[0, :])
+            for j, proto in enumerate(strip):
+                pax = fig.add_subplot(sub[1, j])
+                try:
+                    pax.imshow(_png_image(proto["png_b64"]))
+                except (ArtifactError, ImageError, KeyError, ValueError):
+                    pass  # a damaged prototype leaves its slot empty
+                pax.set_xticks([])
+                pax.set_yticks([])
+                _frame(pax, feature_colour(e.feature), 1.2)
+                if j == 0:
+                    pax.set_title("its training prototypes", fontsize=7, loc="left")
+        else:
+            ax = panels[f"feature {e.feature}"] = fig.add_subplot(gs[1, i])
         _overlay(ax, rgb, u, norm)
         _frame(ax, feature_colour(e.feature))
         z = "" if e.zscore is None else f" (z {e.zscore:+.2f})"
@@ -530,6 +548,20 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     cb = fig.colorbar(ScalarMappable(norm, HEAT_CMAP), cax=cax)
     cb.set_label("feature map value", fontsize=9)
     return _save(fig, path)
+
+
+PROTOTYPES_BESIDE = 4  # training prototypes drawn under each feature's heatmap in the local figure
+
+
+def _prototypes_of(metadata: ClassifierMetadata | dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """The model's embedded prototypes by feature id (``{}`` when it holds none or they are unreadable)."""
+    raw = metadata.get("prototypes") if isinstance(metadata, dict) else getattr(metadata, "prototypes", None)
+    if not raw:
+        return {}
+    try:
+        return parse_prototypes(raw)
+    except ArtifactError:
+        return {}
 
 
 def _png_image(b64: str) -> Any:
