@@ -260,3 +260,29 @@ def test_state_dir_and_model_are_settings(qpm, tmp_path):
     assert data["settings"]["state_dir"] == str(tmp_path / "state")
     out = qpm(["config", "--json"])
     assert json.loads(out.stdout)["settings"]["state_dir"] == os.path.join(tmp_path, "xdg-cache", "qpm")
+
+
+def test_plugins_json_lists_the_typed_options(qpm):
+    data = json.loads(qpm(["plugins", "--json"]).stdout)
+    shapes = next(d for d in data["datasets"] if d["name"] == "shapes")
+    opts = {o["name"]: o for o in shapes["options"]}
+    assert opts["per_class"]["type"] == "int" and opts["per_class"]["default"] == 40
+    cub = next(d for d in data["datasets"] if d["name"] == "cub200")
+    assert cub["options"][0]["choices"] == ["none", "bbox"]
+    vit = next(b for b in data["backbones"] if b["name"] == "dinov2-vitb14")
+    assert {o["name"]: o["type"] for o in vit["options"]} == {"image_size": "size", "arch": "json"}
+
+
+def test_option_values_are_typed_in_process():
+    from qpmcli.errors import ConfigError
+    from qpmcli.options import parse_plugin_options
+
+    assert parse_plugin_options("dataset", "shapes", ["per-class=3", "n_classes=4"]) == {"per_class": 3,
+                                                                                          "n_classes": 4}
+    assert parse_plugin_options("backbone", "dinov2-vits14", ["image_size=224x448", 'arch={"depth": 1}']) == {
+        "image_size": [224, 448], "arch": {"depth": 1}}
+    assert parse_plugin_options("backbone", "dinov2-vits14", ["image_size=[112, 56]"]) == {"image_size": [112, 56]}
+    assert parse_plugin_options("dataset", "imagefolder", ["test_fraction=0.3"]) == {"test_fraction": 0.3}
+    for bad in (["test_fraction=nan"], ["test_fraction=x"], ["seed=1.5"]):
+        with pytest.raises(ConfigError, match="imagefolder"):
+            parse_plugin_options("dataset", "imagefolder", bad)

@@ -9,12 +9,15 @@ from qpmcli.commands._common import JsonFlag, console, print_json
 
 def plugins(json_out: bool = JsonFlag) -> None:
     """List installed backbones, datasets and selectors, and which package provides each."""
+    from qpmcli.options import declared_options
     from qpmcli.registry import KINDS, get_registry
 
     reg = get_registry()
     data = {
         kind + "s": [{"name": e.name, "package": e.package, "plugin": e.plugin,
-                      "description": getattr(e.spec, "description", "")} for e in reg.entries(kind)]
+                      "description": getattr(e.spec, "description", ""),
+                      **({"options": _options(declared_options(kind, e.spec))} if kind != "selector" else {})}
+                     for e in reg.entries(kind)]
         for kind in KINDS
     }
     if json_out:
@@ -32,6 +35,14 @@ def plugins(json_out: bool = JsonFlag) -> None:
         if not rows:
             table.add_row("(none installed)", "", "")
         out.print(table)
+
+
+def _options(declared: dict | None) -> list[dict] | None:
+    """The plugin's --dataset-option/--backbone-option keys with their types (``None``: undeclared, any key)."""
+    if declared is None:
+        return None
+    return [{"name": o.name, "type": o.type, "default": o.default, "help": o.help, "choices": list(o.choices)}
+            for o in declared.values()]
 
 
 def register(app: typer.Typer) -> None:
