@@ -380,3 +380,50 @@ def test_cli_errors_are_one_line(served_model, tmp_path):
             assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr, (args, proc.stderr)
     finally:
         busy.close()
+
+
+def test_default_model_is_the_current_run(served_model, tmp_path):
+    """No MODEL: the current run's exported model (qpm train/demo record the run; qpm export its .onnx)."""
+    from types import SimpleNamespace
+
+    from qpmcli.current import set_current
+
+    env = server_env(tmp_path)
+    state = tmp_path / "state"
+    env["QPM_STATE_DIR"] = str(state)
+    set_current(SimpleNamespace(state_dir=state), served_model["run"], onnx=served_model["onnx"], by="test")
+    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith(f"qpm serve: {served_model['onnx']} "), first
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def test_explain_figure_shows_prototypes_beside_heatmaps(served_model, tmp_path):
+    """`qpm explain`'s local figure draws each feature's training prototypes under its heatmap when the model has
+    them; without prototypes that strip stays empty (the figure keeps its size)."""
+    from dataclasses import replace
+
+    from qpmcli import explain as E
+    from qpmcli.images import open_image
+    from qpmcli.predict import load_classifier
+
+    clf = load_classifier(served_model["onnx"], "cpu")
+    assert clf.metadata.prototypes
+    image = open_image(served_model["images"][0])
+    out = clf.run([image])
+    pics = {}
+    for name, meta in (("with", clf.metadata), ("without", replace(clf.metadata, prototypes=None))):
+        expl = E.explain_output(out["logits"][0], out["maps"][0], out["features"][0], meta)
+        path = E.render_local(image, expl, out["maps"][0], meta, tmp_path / f"{name}.png")
+        pics[name] = (np.asarray(Image.open(path).convert("RGB"), dtype=np.int16), expl.extra["panels"])
+    (a, panels), (b, _) = pics["with"], pics["without"]
+    assert a.shape == b.shape == (720, 1600, 3)
+    for e in expl.features:  # below each feature's heatmap: prototypes in one figure, background in the other
+        x0, _, x1, y1 = panels[f"feature {e.feature}"]
+        strip_a, strip_b = a[y1 + 40:, x0:x1], b[y1 + 40:, x0:x1]
+        assert np.abs(strip_a - strip_b).mean() > 5, e.feature
+        assert strip_a.std() > 20
