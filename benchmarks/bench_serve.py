@@ -131,6 +131,13 @@ def first_answer(url: str, image: bytes, t_spawn: float, deadline: float = 60.0)
         time.sleep(0.01)
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process so far (load-independent, unlike wall time)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     fields = {}
     with open(f"/proc/{pid}/status") as fh:
@@ -182,7 +189,8 @@ def main() -> int:
     import onnxruntime
 
     n_lat = 30 if args.quick else 80
-    load_seconds = 4.0 if args.quick else 10.0
+    load_seconds = 2.0 if args.quick else 5.0
+    rounds = 2 if args.quick else 4
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     model = Path(args.model) if args.model else build_demo_shaped_model(tmp)
     images = test_images(16)
@@ -196,6 +204,7 @@ def main() -> int:
     proc, url, _ = start_server(model, env)
     try:
         startup = first_answer(url, images[0], t_spawn)
+        startup_cpu = cpu_seconds(proc.pid)
         with httpx.Client(base_url=url, timeout=60) as c:
             def served(img: bytes) -> dict:
                 r = c.post("/api/predict", files={"file": ("a.png", img, "image/png")})
@@ -220,18 +229,22 @@ def main() -> int:
             health = c.get("/api/health").json()
         p50_srv, p50_base = statistics.median(lat_srv), statistics.median(lat_base)
 
-        batch_rates = {}
-        for b in (1, 2, 4, 8, 16):
+        def base_rate(b: int, seconds: float) -> float:
             batch = [images[i % len(images)] for i in range(b)]
-            base.predict(batch)
             reps, t0 = 0, time.perf_counter()
-            while reps < 2 or (time.perf_counter() - t0 < (1.0 if args.quick else 2.5) and reps < 200):
+            while reps < 2 or (time.perf_counter() - t0 < seconds and reps < 500):
                 base.predict(batch)
                 reps += 1
-            batch_rates[b] = b * reps / (time.perf_counter() - t0)
+            return b * reps / (time.perf_counter() - t0)
+
+        batch_rates = {b: base_rate(b, 1.0 if args.quick else 2.0) for b in (1, 2, 4, 8, 16)}
         best_b = max(batch_rates, key=batch_rates.get)
         concurrent_load(url, images, 8, 1.0, 50)  # warm-up
-        served_rate = concurrent_load(url, images, 8, load_seconds, 4000)
+        base_runs, served_runs = [], []
+        for _ in range(rounds):  # interleaved rounds: load on the machine changes both sides alike
+            base_runs.append(base_rate(best_b, load_seconds))
+            served_runs.append(concurrent_load(url, images, 8, load_seconds, 4000))
+        best_rate, served_rate = statistics.median(base_runs), statistics.median(served_runs)
         with httpx.Client(base_url=url, timeout=60) as c:
             health = c.get("/api/health").json()
         rss, peak = rss_mb(proc.pid)
@@ -244,20 +257,25 @@ def main() -> int:
          "baseline": round(p50_base, 5), "ratio": p50_srv / p50_base, "target": "<= 1.15",
          "met": p50_srv / p50_base <= 1.15},
         {"what": f"throughput, 8 concurrent clients (img/s) / in-process ORT best batch ({best_b})",
-         "ours": round(served_rate, 2), "baseline": round(batch_rates[best_b], 2),
-         "ratio": served_rate / batch_rates[best_b], "target": ">= 0.9", "met": served_rate / batch_rates[best_b] >= 0.9},
-        {"what": "start-up: spawn to first answered /api/predict (s)", "ours": round(startup, 3), "baseline": 3.0,
-         "ratio": startup / 3.0, "target": "<= 3 s", "met": startup <= 3.0},
+         "ours": round(served_rate, 2), "baseline": round(best_rate, 2),
+         "ratio": served_rate / best_rate, "target": ">= 0.9", "met": served_rate / best_rate >= 0.9},
+        {"what": "start-up: spawn to first answered /api/predict, wall (s)", "ours": round(startup, 3),
+         "baseline": 3.0, "ratio": startup / 3.0, "target": "<= 3 s", "met": startup <= 3.0},
+        {"what": "start-up: server CPU time (user+sys) until its first answer (s)", "ours": round(startup_cpu, 3),
+         "baseline": 3.0, "ratio": startup_cpu / 3.0, "target": "informational (load-independent)", "met": True},
         {"what": "server memory RSS / peak RSS after the load (MB)", "ours": round(rss, 1), "baseline": round(peak, 1),
          "ratio": rss / peak, "target": "informational", "met": True},
         {"what": "server process imported torch", "ours": health["torch_imported"], "baseline": False,
          "ratio": float(health["torch_imported"]), "target": "never", "met": not health["torch_imported"]},
     ]
-    notes = (f"model {'given: ' + str(model) if args.model else 'demo-shaped (efficientnet-lite0, 224px, adapter 4x1024, 256 -> 20 features, 10 classes)'}; "
+    shape = "demo-shaped (efficientnet-lite0, 224px, adapter 4x1024, 256 -> 20 features, 10 classes)"
+    notes = (f"model {'given: ' + str(model) if args.model else shape}; "
              f"onnxruntime {onnxruntime.__version__}, CPU EP; {os.cpu_count()} cpus; in-process images/s by batch "
              f"{ {b: round(r, 1) for b, r in batch_rates.items()} }; micro-batching under load: "
-             f"{health['batching']}; latency n={n_lat} interleaved, load {load_seconds:.0f} s; client and server "
-             f"share the machine's cores.")
+             f"{health['batching']}; latency n={n_lat} interleaved; throughput: median of {rounds} interleaved "
+             f"rounds of {load_seconds:.0f} s (baseline {[round(r, 2) for r in base_runs]}, served "
+             f"{[round(r, 2) for r in served_runs]}); client and server share the machine's cores; load average "
+             f"at the end {os.getloadavg()[0]:.1f}.")
     result = {"benchmark": "serve", "rows": rows, "notes": notes}
     print(json.dumps(result, indent=2))
     if args.json_out:
