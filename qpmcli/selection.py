@@ -389,8 +389,10 @@ def check_request(n_total: int, n_classes: int, n_features: int, per_class: int)
 
 def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_features: int = 50, per_class: int = 5,
            time_limit: float = 60.0, seed: int = 0, workers: int = 8, previous: Selection | None = None,
-           progress: bool = True) -> Selection:
+           progress: bool = True, bound: str | None = None) -> Selection:
     """Select ``n_features`` features and assign ``per_class`` of them to every class with the named selector.
+
+    ``bound`` (lp, sdp or auto) picks the certified bound of selectors that have one (``qpm``); None: theirs.
 
     ``A_or_problem`` is a :class:`SelectionProblem` or the matrix A (then ``R`` is required). The result is checked
     (binary selectors: exactly ``per_class`` per class, distinct class sets) before it is returned.
@@ -411,6 +413,10 @@ def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_feature
         raise SelectionError(f"--time-limit must be positive, got {time_limit}")
     spec = get_registry().get("selector", selector)
     sel_obj = spec.factory()
+    if bound is not None:
+        if not hasattr(sel_obj, "bound"):
+            raise SelectionError(f"--bound applies to selectors with a certified bound (qpm), not {selector!r}")
+        sel_obj.bound = bound
     start = time.perf_counter()
     sel = sel_obj.select(problem, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
                          workers=workers, previous=previous, progress=progress)

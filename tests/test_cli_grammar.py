@@ -192,8 +192,9 @@ def test_cuda_without_cuda_is_one_line_on_every_command(qpm, tmp_path, args):
     out = qpm([*args, "--device", "cuda"])
     _one_line_error(out, "no CUDA device", "--device cpu")
     assert _files(tmp_path) == before
-    out = qpm(args, env_extra={"QPM_DEVICE": "cuda:1"})  # from the settings, too
-    _one_line_error(out, "cuda:1", "no CUDA device")
+    out = qpm(args, env_extra={"QPM_DEVICE": "cuda:1"})  # from the settings, too, naming where it came from
+    where = ["device setting (env QPM_DEVICE)"] if args[0] != "serve" else []
+    _one_line_error(out, "cuda:1", "no CUDA device", *where)
 
 
 @pytest.mark.parametrize("args, flag", [

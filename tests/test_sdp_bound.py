@@ -215,3 +215,40 @@ def test_auto_bound_takes_the_sdp_only_for_large_problems_with_time_for_it():
     with pytest.raises(ValueError, match="lp, sdp, auto"):
         D.choose_bound("best", big, 60.0)
     assert [s.name for s in D.bound_sources("auto", big, 100, 120.0)] == ["sdp"]
+
+
+@pytest.mark.parametrize("bound", ["lp", "sdp"])
+def test_qpm_selector_records_which_bound_it_used_and_the_bound_stays_valid(bound):
+    from qpm_plugins.selectors.qpm import QpmSelector
+
+    prob = synthetic_problem(8, 4, seed=0, rank=3, n_samples=200)
+    sel = QpmSelector(bound=bound).select(prob, n_features=4, per_class=2, time_limit=20, progress=False)
+    p = sel.params
+    assert p["bound_option"] == bound and p["bound_method"] == bound and p[f"{bound}_seconds"] > 0
+    assert p["bound_from"] in (bound, "cpsat", "objective")
+    assert sel.bound >= brute_force(Q.make_instance(prob, 4, 2)) - 1e-6
+    if bound == "sdp":
+        assert p["sdp"]["chunks"] >= 1 and p["sdp"]["iterations"] > 0
+    with pytest.raises(ValueError, match="lp, sdp, auto"):
+        QpmSelector(bound="exact").select(prob, n_features=4, per_class=2, time_limit=5, progress=False)
+
+
+def test_cli_select_bound_flag(qpm, tmp_path):
+    import json
+
+    prob = synthetic_problem(8, 4, seed=0, rank=3, n_samples=200)  # proven optimal within seconds: the run ends
+    np.savez(tmp_path / "problem.npz", A=prob.A, R=prob.R)
+    r = qpm(["select", "--problem", "problem.npz", "--features", "4", "--per-class", "2", "--time-limit", "60",
+             "--workers", "2", "--bound", "sdp", "--out", "sel.json", "--json"])
+    assert r.returncode == 0, r.stderr
+    params = json.loads((tmp_path / "sel.json").read_text())["params"]
+    assert params["bound_option"] == "sdp" and params["bound_method"] == "sdp" and params["sdp_seconds"] > 0
+    before = (tmp_path / "sel.json").read_bytes()
+    r = qpm(["select", "--problem", "problem.npz", "--features", "4", "--per-class", "2", "--bound", "best",
+             "--out", "sel.json"])
+    assert r.returncode == 2 and "--bound 'best' is not one of lp, sdp, auto" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "sel.json").read_bytes() == before
+    r = qpm(["select", "--problem", "problem.npz", "--features", "4", "--per-class", "2", "--selector", "topk",
+             "--bound", "lp", "--out", "sel.json"])
+    assert r.returncode == 2 and "--bound applies to" in r.stderr and "Traceback" not in r.stderr
+    assert (tmp_path / "sel.json").read_bytes() == before

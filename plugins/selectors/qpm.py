@@ -967,9 +967,10 @@ class QpmSelector:
     name = "qpm"
     iterations = 1
 
-    def __init__(self, deterministic: bool = True, candidates: int | None = None) -> None:
+    def __init__(self, deterministic: bool = True, candidates: int | None = None, bound: str = "auto") -> None:
         self.deterministic = deterministic
         self.candidates = candidates
+        self.bound = bound  # lp | sdp | auto: the certified bound's source (sdp.choose_bound)
 
     def select(self, problem: SelectionProblem, *, n_features: int = 50, per_class: int = 5,
                time_limit: float = 60.0, seed: int = 0, workers: int = 8, previous: Selection | None = None,
@@ -978,14 +979,18 @@ class QpmSelector:
         inst = make_instance(problem, n_features, per_class)
         prev = None if previous is None else np.asarray(previous.features)
         remaining = max(time_limit - (time.perf_counter() - start), 0.5)
+        from qpm_plugins.selectors.sdp import bound_sources, bound_stats
+
+        sources = bound_sources(self.bound, inst, self.candidates, remaining)
         res = solve(inst, time_limit=remaining, seed=seed, workers=workers, previous=prev, M=self.candidates,
-                    deterministic=self.deterministic, progress=progress)
+                    deterministic=self.deterministic, progress=progress, bound_sources=sources)
         return Selection(
             features=res.S.astype(np.int64), weight=res.W.astype(np.float64), bias=None, trainable_norm=False,
             objective=res.objective, bound=res.bound, gap=res.gap, status=res.status,
             seconds=time.perf_counter() - start, solver="ortools-cpsat+local-search",
             params={"n_features": n_features, "per_class": per_class, "time_limit": time_limit, "seed": seed,
-                    "workers": workers, "deterministic": self.deterministic, **_jsonable(res.stats)},
+                    "workers": workers, "deterministic": self.deterministic, **_jsonable(res.stats),
+                    **bound_stats(self.bound, sources, res.stats, res.bound)},
         )
 
     def finetune_schedule(self, iteration: int) -> dict[str, Any]:

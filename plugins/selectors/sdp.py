@@ -348,8 +348,8 @@ class SdpBound:
 
     The first step builds the model and runs SCS's setup (its sparse factorisation: the expensive part at n = 512),
     then a chunk. A chunk lasts about ``chunk_seconds`` (default: ``chunk_share`` of the time left at the first
-    step; SCS checks its clock every 25 iterations); it is not started when the previous chunk's duration no longer
-    fits before the deadline. Each chunk's dual is tightened (``tighten`` sweeps of :func:`tighten_dual`) and
+    step; SCS checks its clock every 25 iterations); it is not started when 1.25 times the longest chunk so far no
+    longer fits before the deadline. Each chunk's dual is tightened (``tighten`` sweeps of :func:`tighten_dual`) and
     certified. ``done`` once SCS converges to ``eps``, fails, or ``max_iters`` is used up; the solver's memory is
     then released (``close`` releases it early).
     """
@@ -367,7 +367,7 @@ class SdpBound:
         self.done = False
         self.model: ConicModel | None = None
         self._solver = None
-        self._last = 0.0  # duration of the last chunk with its certificate
+        self._last = 0.0  # duration of the longest chunk so far, with its certificate
         self.info: dict[str, Any] = {"time": 0.0, "build_seconds": 0.0, "setup_seconds": 0.0, "iterations": 0,
                                      "chunks": 0, "status": "not started", "memory": 0, "scs_objective": math.nan,
                                      "untightened_bound": math.inf}
@@ -406,8 +406,8 @@ class SdpBound:
             info.update(setup_seconds=round(time.perf_counter() - t0 - info["build_seconds"], 3),
                         variables=int(m.A.shape[1]), rows=int(m.A.shape[0]), nonzeros=int(m.A.nnz))
         left = deadline - time.perf_counter()
-        if left <= 0 or (info["chunks"] and self._last > left):
-            return  # the next chunk would not fit
+        if left <= 0 or (info["chunks"] and 1.25 * self._last > left):
+            return  # the next chunk would not fit (as long as the longest so far, with a margin for the load)
         t1 = time.perf_counter()
         sol = self._solver.solve(warm_start=info["chunks"] > 0)
         res = sol["info"]
@@ -420,7 +420,7 @@ class SdpBound:
         info["untightened_bound"] = min(info["untightened_bound"], value)
         if self.tighten:
             value = min(value, certify(self.model, tighten_dual(self.model, y, sweeps=self.tighten)))
-        self._last = time.perf_counter() - t1
+        self._last = max(self._last, time.perf_counter() - t1)
         if value < self.bound:
             self.bound = value
             if self.report is not None:
@@ -493,10 +493,61 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
     return "sdp" if not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS else "lp"
 
 
-def bound_sources(choice: str, inst, M: int, time_limit: float, *, cut_rounds: int = 50) -> list:
-    """The bound sources for ``qpm.solve``: the cut LP or the SDP, as :func:`choose_bound` picks."""
+class TimedSource:
+    """A bound source that counts the seconds its steps take (``seconds``); otherwise the source itself."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.seconds = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def bound(self) -> float:
+        return self.source.bound
+
+    @property
+    def done(self) -> bool:
+        return self.source.done
+
+    def step(self, deadline: float) -> float:
+        t0 = time.perf_counter()
+        try:
+            return self.source.step(deadline)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_rounds: int = 50) -> list:
+    """The bound sources for ``qpm.solve``: the cut LP or the SDP, as :func:`choose_bound` picks, timed."""
+    M = default_candidates(inst) if M is None else int(M)
     if choose_bound(choice, inst, time_limit) == "sdp":
-        return [SdpBound(inst, M)]
+        return [TimedSource(SdpBound(inst, M))]
     from qpm_plugins.selectors.qpm import LpBound
 
-    return [LpBound(inst, M, cut_rounds=cut_rounds)]
+    return [TimedSource(LpBound(inst, M, cut_rounds=cut_rounds))]
+
+
+def bound_stats(choice: str, sources: list, stats: dict[str, Any], bound: float) -> dict[str, Any]:
+    """What the selection JSON records about the bound: the option, the method used, which source gave the final
+    ``bound`` (``cpsat`` for CP-SAT's own bound, ``objective`` when the bound is the solution's value, i.e. optimal)
+    and the seconds spent in each source; the SDP's solver details under ``sdp``."""
+    out: dict[str, Any] = {"bound_option": choice, "bound_method": "+".join(s.name for s in sources)}
+    candidates_: dict[str, float] = {s.name: float(s.bound) for s in sources}
+    if stats.get("cpsat_bound") is not None:
+        candidates_["cpsat"] = float(stats["cpsat_bound"])
+    finite = {k: v for k, v in candidates_.items() if math.isfinite(v)}
+    best = min(finite, key=finite.get) if finite else None
+    if not math.isfinite(bound):
+        out["bound_from"] = None
+    else:
+        out["bound_from"] = best if best is not None and finite[best] <= bound + 1e-9 else "objective"
+    for s in sources:
+        out[f"{s.name}_seconds"] = round(float(getattr(s, "seconds", 0.0)), 3)
+        inner = getattr(s, "source", s)
+        if isinstance(inner, SdpBound):
+            out["sdp"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in inner.info.items()}
+    return out

@@ -24,10 +24,21 @@ def settings_from_flags(*, device_check: str | None = "plain", **flags: Any):
     ``"ort"`` (tensorrt allowed) or ``None`` (the command uses no device)."""
     from qpmcli.settings import resolve_settings
 
-    settings, _ = resolve_settings(**flags)
+    settings, sources = resolve_settings(**flags)
     if device_check is not None:
-        opts.check_device(settings.device, torch=device_check == "torch")
+        flag = "--device" if flags.get("device") else f"device setting ({sources['device']})"
+        opts.check_device(settings.device, torch=device_check == "torch", flag=flag)
     return settings
+
+
+def ort_device(device: str | None, settings: Any) -> str:
+    """The ONNX Runtime device of predict/explain/serve: the flag, else the setting; checked up front."""
+    from qpmcli.settings import resolve_settings
+
+    if device:
+        return opts.check_device(device, tensorrt=True)
+    _, sources = resolve_settings()
+    return opts.check_device(settings.device, tensorrt=True, flag=f"device setting ({sources['device']})")
 
 
 def say(line: str) -> None:

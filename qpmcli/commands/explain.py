@@ -26,12 +26,12 @@ def explain(
     json_out: bool = JsonFlag,
 ) -> None:
     """Explain predictions: the class's 5 features, where they fire, and what they contribute to the logit."""
-    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.commands._common import ort_device, say, settings_from_flags
     from qpmcli.current import resolve_model
     from qpmcli.errors import ConfigError
 
     settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
-    device = opts.check_device(device or settings.device, tensorrt=True)
+    device = ort_device(device, settings)
     opts.check_positive(top_k, "--top-k")
     opts.check_out_dir(out, "--out")
     if not images and not class_name:

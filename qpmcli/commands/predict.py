@@ -20,12 +20,12 @@ def predict(
     json_out: bool = JsonFlag,
 ) -> None:
     """Classify images; unreadable images are reported per file and do not stop the others."""
-    from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.commands._common import ort_device, say, settings_from_flags
     from qpmcli.current import resolve_model
     from qpmcli.errors import ImageError
 
     settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
-    device = opts.check_device(device or settings.device, tensorrt=True)
+    device = ort_device(device, settings)
     opts.check_positive(top_k, "--top-k")
     opts.check_positive(batch_size, "--batch-size")
     target = resolve_model(settings, model)

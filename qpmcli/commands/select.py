@@ -24,6 +24,9 @@ def select_cmd(
     time_limit: float = typer.Option(60.0, "--time-limit", help="Solver time limit in seconds."),
     seed: int = Seed,
     workers: int = typer.Option(8, "--workers", help="CP-SAT worker threads."),
+    bound: str = typer.Option(None, "--bound", help="qpm selector's certified bound: lp (LP + clique cuts), sdp "
+                                                    "(semidefinite, SCS) or auto (sdp for large problems given "
+                                                    ">= 60 s; the default)."),
     threshold_rule: str = typer.Option("reference", "--threshold-rule",
                                        help="Redundancy threshold: reference (the paper's procedure) or greedy-bisect "
                                             "(qpm's earlier rule; see docs/method-notes.md)."),
@@ -44,6 +47,8 @@ def select_cmd(
     opts.check_selection_sizes(features, per_class)
     opts.check_time_limit(time_limit)
     opts.check_positive(workers, "--workers")
+    if bound is not None:
+        opts.check_choice(bound, ("lp", "sdp", "auto"), "--bound")
     opts.check_choice(threshold_rule, ("reference", "greedy-bisect"), "--threshold-rule")
     if run is not None and problem is not None:
         raise SelectionError("give either a run directory or --problem FILE (not both)")
@@ -72,7 +77,7 @@ def select_cmd(
             else load_problem_npz(problem, threshold_rule=threshold_rule))
     opts.check_selection_sizes(features, per_class, prob.n_classes, prob.n_features_total)
     sel = select(prob, selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
-                 seed=settings.seed, workers=workers, progress=not (json_out or quiet))
+                 seed=settings.seed, workers=workers, progress=not (json_out or quiet), bound=bound)
     save_selection(sel, out, class_names=prob.class_names)
     summary = selection_summary(sel)
     summary["out"] = str(out)
