@@ -305,7 +305,7 @@ def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str 
     """
     import numpy as np
 
-    from qpmcli.images import list_images, open_image, preprocess_array
+    from qpmcli.images import list_images, open_image, preprocess_array, synthetic_images
 
     images: list[Any] = []
     if check_images:
@@ -343,28 +343,6 @@ def _dataset_images(run: Path, n: int) -> tuple[list[Any], str]:
         return images, f"{len(images)} images of {req['dataset']} (test split)"
     except (QpmError, KeyError, TypeError, OSError):
         return [], ""
-
-
-def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[Any]:
-    """Deterministic natural-ish images: smooth gradients plus a few filled ellipses/rectangles."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    h, w = size
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    out = []
-    for _ in range(n):
-        base = np.stack([rng.uniform(0, 255) * (1 - xx) + rng.uniform(0, 255) * yy for _ in range(3)], -1)
-        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(3):
-            x0, y0 = rng.uniform(0, w * 0.7), rng.uniform(0, h * 0.7)
-            box = [x0, y0, x0 + rng.uniform(w * 0.1, w * 0.5), y0 + rng.uniform(h * 0.1, h * 0.5)]
-            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-        out.append(img)
-    return out
 
 
 def compare(ref: dict[str, Any], onnx_path: Path, x: Any, precision: str, device: str = "cpu") -> dict[str, Any]:

@@ -159,3 +159,25 @@ def preprocess_array(image, config: dict[str, Any]) -> np.ndarray:
         lo, hi = x.min(), x.max()
         x = np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def synthetic_images(n: int, size: tuple[int, int], seed: int = 0) -> list[Any]:
+    """Deterministic natural-ish images: smooth gradients plus a few filled ellipses/rectangles."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = []
+    for _ in range(n):
+        base = np.stack([rng.uniform(0, 255) * (1 - xx) + rng.uniform(0, 255) * yy for _ in range(3)], -1)
+        img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x0, y0 = rng.uniform(0, w * 0.7), rng.uniform(0, h * 0.7)
+            box = [x0, y0, x0 + rng.uniform(w * 0.1, w * 0.5), y0 + rng.uniform(h * 0.1, h * 0.5)]
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+        out.append(img)
+    return out
