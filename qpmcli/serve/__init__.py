@@ -52,13 +52,15 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", max_upload_mb: float = 20.0, max_batch: int = 16, batch_window_ms: float = 4.0,
-          log_level: str = "warning", say: Callable[[str], None] | None = None) -> None:
+          log_level: str = "warning", say: Callable[[str], None] | None = None, settings: Any = None) -> None:
     """Serve MODEL until interrupted (see the module docstring)."""
     import threading
 
     say = say or (lambda m: print(m, flush=True))
     if max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb must be positive, not {max_upload_mb}")
+    if batch_window_ms < 0:
+        raise ConfigError(f"--batch-window-ms must be >= 0, not {batch_window_ms}")
     sock = bind(host, port)
     loaded: dict[str, Any] = {}
 
@@ -67,7 +69,7 @@ def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1
             from qpmcli.serve.engine import load_served_model
 
             loaded["model"] = load_served_model(model, device=device, max_batch=max_batch,
-                                                window=batch_window_ms / 1e3)
+                                                window=batch_window_ms / 1e3, settings=settings)
         except BaseException as exc:  # re-raised below, in the caller's thread
             loaded["error"] = exc
 
