@@ -85,9 +85,9 @@ class TokenCache:
         labels = np.load(path / "labels.npy")
         masks = np.load(path / "masks.npy") if (path / "masks.npy").is_file() else None
         indices = np.load(path / "indices.npy")
-        if tokens.shape[0] != manifest["n"] or labels.shape[0] != manifest["n"]:
+        if tokens.shape[0] != manifest.get("n") or labels.shape[0] != manifest.get("n"):
             raise CacheError(f"token cache {path} is inconsistent (rows {tokens.shape[0]} vs manifest "
-                             f"{manifest['n']}); delete it and rerun qpm extract")
+                             f"{manifest.get('n')}); delete it and rerun qpm extract")
         _check_chunks(path, manifest.get("chunks"), tokens, labels, masks, full=False)
         return cls(path, tokens, labels, masks, indices, manifest)
 

@@ -93,11 +93,11 @@ def export_onnx(
         settings, _ = resolve_settings()
     model, info = load_model(run, "final", device="cpu")
     meta = metadata_from_run(model, info)
-    backbone = load_run_backbone(info, weights=weights, settings=settings, device="cpu")
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
     if out_path.suffix.lower() != ".onnx":
         raise ConfigError(f"--out must end in .onnx, not {out_path.name}")
-    prototypes = embedded_prototypes(run, log=say)
+    prototypes = embedded_prototypes(run, log=say)  # checked (paths inside the run) before the backbone is built
+    backbone = load_run_backbone(info, weights=weights, settings=settings, device="cpu")
 
     full = FullGraph(backbone, model).eval()  # the PyTorch reference for --verify
     exported = graph_model(model, prune)
