@@ -75,16 +75,28 @@ class TokenCache:
         mf = path / "manifest.json"
         if not mf.is_file():
             raise CacheError(f"{path} is not a finished token cache (no manifest.json); rerun qpm extract")
-        manifest = json.loads(mf.read_text())
+        try:
+            manifest = json.loads(mf.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"token cache {path} has an unreadable manifest.json ({exc}); delete it and rerun "
+                             f"qpm extract") from exc
+        if not isinstance(manifest, dict):
+            raise CacheError(f"token cache {path} has a malformed manifest.json; delete it and rerun qpm extract")
         if manifest.get("format") != FORMAT_VERSION:
             raise CacheError(f"token cache {path} has format {manifest.get('format')}, expected {FORMAT_VERSION}; "
                              f"delete it and rerun qpm extract")
         if expect is not None:
             _check_key(manifest.get("key_fields", {}), expect, path)
-        tokens = np.load(path / "tokens.npy", mmap_mode="r")
-        labels = np.load(path / "labels.npy")
-        masks = np.load(path / "masks.npy") if (path / "masks.npy").is_file() else None
-        indices = np.load(path / "indices.npy")
+        try:  # never pickle; a truncated or foreign file is our error, not numpy's
+            tokens = np.load(path / "tokens.npy", mmap_mode="r", allow_pickle=False)
+            labels = np.load(path / "labels.npy", allow_pickle=False)
+            masks = np.load(path / "masks.npy", allow_pickle=False) if (path / "masks.npy").is_file() else None
+            indices = np.load(path / "indices.npy", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise CacheError(f"token cache {path} is damaged ({exc}); delete it and rerun qpm extract") from exc
+        if tokens.ndim != 3 or labels.shape != (tokens.shape[0],) or indices.shape != (tokens.shape[0],):
+            raise CacheError(f"token cache {path} is inconsistent (tokens {tokens.shape}, labels {labels.shape}, "
+                             f"indices {indices.shape}); delete it and rerun qpm extract")
         if tokens.shape[0] != manifest.get("n") or labels.shape[0] != manifest.get("n"):
             raise CacheError(f"token cache {path} is inconsistent (rows {tokens.shape[0]} vs manifest "
                              f"{manifest.get('n')}); delete it and rerun qpm extract")
