@@ -123,13 +123,12 @@ def exact_assignment(sub: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     order = np.argsort(-sub, axis=1, kind="stable")
     W = np.zeros((C, K), dtype=bool)
     W[np.arange(C)[:, None], order[:, :k]] = True
-    top = [tuple(sorted(order[c, :k].tolist())) for c in range(C)]
-    owners: dict[tuple[int, ...], list[int]] = {}
-    for c, t in enumerate(top):
-        owners.setdefault(t, []).append(c)
-    X = {c for g in owners.values() if len(g) > 1 for c in g}
-    if not X:
+    topk = np.sort(order[:, :k], axis=1)
+    _, inv, counts = np.unique(topk, axis=0, return_inverse=True, return_counts=True)
+    if counts.max(initial=1) <= 1:
         return W, float((sub * W).sum())
+    X = set(np.flatnonzero(counts[inv.ravel()] > 1).tolist())
+    top = [tuple(r) for r in topk.tolist()]
     n_sets = math.comb(K, k)
     if n_sets <= _ALL_SUBSETS:  # few k-subsets: one linear assignment over all of them (same optimum, faster)
         subsets = _subsets(K, k)
@@ -383,6 +382,7 @@ class LpBound:
         self.done = False
         self.rounds = 0
         self.solver = None
+        self.packing: list[tuple[tuple[int, ...], list[int], int]] = []  # distinct-set cuts found so far
 
     def _build(self) -> None:
         from ortools.linear_solver import pywraplp
@@ -398,6 +398,7 @@ class LpBound:
             if inst.bonus[f] != 0:
                 obj.SetCoefficient(s[f], float(inst.bonus[f]))
         order_vals = -np.sort(-inst.coef, axis=0)
+        self.xvar: dict[tuple[int, int], Any] = {}
         for c in range(C):
             xs = []
             for f in cand[c]:
@@ -405,6 +406,7 @@ class LpBound:
                 solver.Add(x <= s[f])
                 obj.SetCoefficient(x, float(inst.coef[f, c]))
                 xs.append(x)
+                self.xvar[(int(f), c)] = x
             if M < n:
                 z = solver.NumVar(0.0, float(k), "")
                 obj.SetCoefficient(z, float(order_vals[M, c]))
@@ -442,14 +444,54 @@ class LpBound:
         val = float(self.obj.Value())
         # GLOP works in floating point: pad by its tolerance so the bound stays on the safe side
         self.bound = min(self.bound, val + 1e-6 * max(1.0, abs(val)))
-        if self.rounds > self.cut_rounds or not self.Y:
+        if self.rounds > self.cut_rounds:
             self.done = True
             return self.bound
         sv = np.array([v.solution_value() for v in self.s])
         yv = {p: v.solution_value() for p, v in self.Y.items()}
-        if _add_clique_cuts(self.inst, self.solver, self.s, self.Y, sv, yv, self.relevant) == 0:
+        X = np.zeros((self.inst.n, self.inst.C))
+        for (f, c), v in self.xvar.items():
+            X[f, c] = v.solution_value()
+        new = packing_cuts(X, self.inst.k, self.inst.K, self.inst.coef)
+        for U, gamma, rhs in new:
+            self.solver.Add(self.solver.Sum([self.xvar[(f, c)] for c in gamma for f in U if (f, c) in self.xvar])
+                            <= rhs)
+        self.packing.extend(new)
+        added = _add_clique_cuts(self.inst, self.solver, self.s, self.Y, sv, yv, self.relevant) if self.Y else 0
+        if added == 0 and not new:
             self.done = True
         return self.bound
+
+
+def packing_cuts(X: np.ndarray, k: int, K: int, coef: np.ndarray, max_cuts: int = 40
+                 ) -> list[tuple[tuple[int, ...], list[int], int]]:
+    """Violated distinct-set cuts for fractional class assignments X [n, C]: ``(U, G, rhs)`` with
+    sum_{c in G} sum_{f in U} x[f, c] <= rhs = |G| (k - 1) + min(|G|, binom(|U|, k)).
+
+    Valid for every solution with distinct class sets: a class has at most k features in U, and k only when its set
+    lies inside U, which at most binom(|U|, k) classes can do. U = each class's u largest x (u = k, k+1, k+2), G =
+    the classes with more than k - 1 in U (the most violated choice for that U). Most violated first.
+    """
+    n, C = X.shape
+    order = np.argsort(-(X + 1e-6 * coef), axis=0, kind="stable")
+    found: dict[tuple[int, ...], float] = {}
+    for u in range(k, min(k + 2, K) + 1):
+        cap = math.comb(u, k)
+        for c in range(C):
+            U = tuple(sorted(order[:u, c].tolist()))
+            if U in found:
+                continue
+            t = X[list(U)].sum(0) - (k - 1)
+            gamma = np.flatnonzero(t > 1e-9)
+            viol = float(t[gamma].sum()) - cap
+            if len(gamma) >= cap and viol > 1e-4:
+                found[U] = viol
+    out = []
+    for U, _ in sorted(found.items(), key=lambda kv: -kv[1])[:max_cuts]:
+        t = X[list(U)].sum(0) - (k - 1)
+        gamma = [int(c) for c in np.flatnonzero(t > 1e-9)]
+        out.append((U, gamma, len(gamma) * (k - 1) + min(len(gamma), math.comb(len(U), k))))
+    return out
 
 
 def _subset_penalties(T: list[int], P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -736,6 +778,12 @@ class CpsatModel:
         complete = not fallback_used and not new_pairs and _distinct_rows(W) and (W.sum(1) == inst.k).all()
         return S_new, (W if complete else None)
 
+    def add_packing(self, U: tuple[int, ...], gamma: list[int], rhs: int) -> None:
+        """A distinct-set cut (:func:`packing_cuts`; valid for every feasible solution) for CP-SAT's LP."""
+        terms = [self.x[c][f] for c in gamma for f in U if f in self.x[c]]
+        if terms:
+            self.model.Add(sum(terms) <= rhs)
+
     def _differ(self, c1: int, c2: int) -> None:
         model, x, z = self.model, self.x, self.z
         self.cut_pairs.add((c1, c2))
@@ -808,7 +856,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     1. Starts (greedy, the clique, ``previous``, ``random_starts`` seeded random sets), each improved by
        :func:`local_search`; the best one seeds an iterated local search (:class:`IlsState`). Scores are the true
        objective of a feature set (its optimal distinct-sets assignment).
-    2. Then cycles, each in a fixed order: ``ils_rounds`` perturbation rounds; one step of every bound source
+    2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
+       bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds; one step of every bound source
        (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
        ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``); one CP-SAT chunk
        (:class:`CpsatModel`: the exact model on small problems, where a chunk that ends OPTIMAL proves the optimum;
@@ -820,6 +869,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     3. The result is the incumbent's feature set with its exact optimal assignment (:func:`exact_assignment`), the
     smallest certified bound, and status OPTIMAL iff the relative gap is at most :data:`OPT_TOL`.
     """
+    import scipy.optimize  # noqa: F401  (loaded before the clock starts: the exact assignment uses it)
+
     start = time.perf_counter()
     deadline = start + time_limit
     rng = np.random.default_rng(seed)
@@ -846,55 +897,82 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         starts[f"random{i}"] = np.sort(rng.choice(alive, size=inst.K, replace=False))
     stats["greedy_objective"] = inst.selection_value(starts["greedy"])
     best_S, best_v = starts["greedy"], stats["greedy_objective"]
-    for name, S0 in starts.items():
-        S1 = local_search(inst, S0, deadline=deadline)
+    for name, S0 in starts.items():  # the greedy start's local search always completes (a floor on the result)
+        S1 = local_search(inst, S0, deadline=math.inf if name == "greedy" else deadline)
         v1 = inst.selection_value(S1)
         stats[f"{name}_local_search_objective"] = v1
         if v1 > best_v + 1e-9:
             best_S, best_v = S1, v1
     ils = IlsState(inst, best_S, rng, deadline=deadline)
     stats["local_search_objective"] = ils.best_v
+    trajectory: list[list[float]] = [[round(now() - start, 3), ils.best_v, math.inf]]  # (seconds, objective, bound)
+
+    def record(b: float) -> None:
+        if ils.best_v > trajectory[-1][1] + 1e-12 or b < trajectory[-1][2] - 1e-12:
+            trajectory.append([round(now() - start, 3), ils.best_v, b])
     bar.update(now() - start, ils.best_v, math.inf)
 
     # 2. cycles
     sources = [LpBound(inst, M, cut_rounds=cut_rounds)] if bound_sources is None else list(bound_sources)
     bound = math.inf
     cp: CpsatModel | None = None
+    cp_cuts: dict[int, int] = {}
     time_to_best = now() - start
     cycle = 0
 
     def proven() -> bool:
         return gap_of(ils.best_v, max(bound, ils.best_v)) <= OPT_TOL or (cp is not None and cp.proven)
 
-    while not proven() and now() < deadline and (work_limit is None or cycle < work_limit):
+    def ils_rounds_step() -> None:
+        nonlocal time_to_best
         for _ in range(ils_rounds):
             if now() >= deadline:
                 break
             if ils.round(deadline):
                 time_to_best = now() - start
+                record(bound)
+
+    def bound_step() -> None:
+        nonlocal bound
         for src in sources:
             if not src.done and now() < deadline:
-                b = src.step(deadline)
-                bound = min(bound, b)
+                bound = min(bound, src.step(deadline))
                 stats[f"{src.name}_bound"] = src.bound
+                record(bound)
         bar.update(now() - start, ils.best_v, bound)
-        if use_cpsat and now() < deadline and not proven():
-            if cp is None:
-                cp = CpsatModel(inst, M, "full" if full else "restrict", ils.best)
-            dtime = min(0.5 * 2 ** cycle, 32.0 if full else 8.0)
 
-            def report(obj: float, bnd: float, _bound: float = bound) -> None:
-                bar.update(now() - start, max(ils.best_v, obj), _bound)
+    def cpsat_step() -> None:
+        nonlocal cp, bound, time_to_best
+        if not use_cpsat or now() >= deadline or proven():
+            return
+        if cp is None:
+            cp = CpsatModel(inst, M, "full" if full else "restrict", ils.best)
+        dtime = min(0.5 * 2 ** cycle, 32.0 if full else 8.0)
 
-            S2, _ = cp.chunk(ils.best, dtime=dtime, deadline=deadline, workers=workers, seed=seed,
-                             deterministic=deterministic, report=report if progress else None)
-            if S2 is not None and len(S2) == inst.K:
-                if ils.offer(S2, inst.selection_value(S2)):
-                    time_to_best = now() - start
-                    stats["cpsat_improved"] = stats.get("cpsat_improved", 0) + 1
-            if cp.bound_valid:
-                bound = min(bound, cp.bound)
-                stats["cpsat_bound"] = cp.bound
+        def report(obj: float, bnd: float) -> None:
+            bar.update(now() - start, max(ils.best_v, obj), bound)
+
+        for src in sources:  # distinct-set cuts found by the LP strengthen CP-SAT's own LP
+            for cut in getattr(src, "packing", [])[cp_cuts.get(id(src), 0):]:
+                cp.add_packing(*cut)
+            cp_cuts[id(src)] = len(getattr(src, "packing", []))
+        S2, _ = cp.chunk(ils.best, dtime=dtime, deadline=deadline, workers=workers, seed=seed,
+                         deterministic=deterministic, report=report if progress else None)
+        if S2 is not None and len(S2) == inst.K and ils.offer(S2, inst.selection_value(S2)):
+            time_to_best = now() - start
+            stats["cpsat_improved"] = stats.get("cpsat_improved", 0) + 1
+        if cp.bound_valid:
+            bound = min(bound, cp.bound)
+            stats["cpsat_bound"] = cp.bound
+        record(bound)
+
+    # small problems: proof work first (the exact model proves them); large ones: the search first
+    steps = (bound_step, cpsat_step, ils_rounds_step) if full else (ils_rounds_step, bound_step, cpsat_step)
+    while not proven() and now() < deadline and (work_limit is None or cycle < work_limit):
+        for step in steps:
+            if proven() or now() >= deadline:
+                break
+            step()
         cycle += 1
         bar.update(now() - start, ils.best_v, bound)
 
@@ -902,11 +980,11 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     best_S = np.sort(ils.best)
     best_W = assign(inst, best_S)
     best_v = inst.value(best_S, best_W)
-    if cp is not None and cp.proven:
-        bound = min(bound, best_v)  # the exact model's optimum; our value is at least its rounded objective
     bound = max(bound, best_v)  # the bound can never be below a feasible value
     gap = gap_of(best_v, bound)
     status = "OPTIMAL" if gap <= OPT_TOL else "FEASIBLE"
+    record(bound)
+    stats["trajectory"] = [[t, v, b if math.isfinite(b) else None] for t, v, b in trajectory]
     stats.update(cycles=cycle, ils_rounds=ils.rounds, seconds=round(now() - start, 3),
                  time_to_best=round(time_to_best, 3), cpsat_model=None if cp is None else cp.mode,
                  cpsat_chunks=0 if cp is None else cp.chunks, cpsat_status=None if cp is None else cp.status,
