@@ -2,9 +2,9 @@
 
 ``build_problem`` turns the dense model's pooled train features into a :class:`SelectionProblem`; ``select`` hands it
 to a selector plugin (``qpm``, ``sldd``, ``qsenn``, ``topk``) and checks what comes back; ``save_selection`` /
-``load_selection`` read and write the selection JSON of ARCHITECTURE.md §8.
+``load_selection`` read and write the selection JSON (docs/design.md, "Interfaces between stages").
 
-Deliberate differences from the reference (ARCHITECTURE.md §5, METHOD.md §6.9 / §12 item 12): R has its negatives
+Deliberate differences from the reference (docs/method-notes.md, METHOD.md §6.9 / §12 item 12): R has its negatives
 clipped at 0 (as in the original QPM) and the clique threshold, the disallowed-pair test and the penalty weights all use
 that one R (the reference searches cliques on 2R but tests pairs on R). The threshold itself is the reference procedure
 step for step (``clique_threshold``, :mod:`qpmcli.redundancy`); qpm's earlier bisection rule is the option
@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from qpmcli.artifact import CONFIG, DENSE_FEATURES, DENSE_JSON, MODEL_JSON, atomic_write_text
 from qpmcli.contracts import Selection, SelectionProblem
 from qpmcli.errors import SelectionError
 
@@ -300,7 +301,7 @@ def synthetic_problem(n_features: int = 512, n_classes: int = 200, *, n_samples:
 
 
 def load_problem_npz(path: str | Path, *, threshold_rule: str = "reference") -> SelectionProblem:
-    """A problem file: ``A`` [n_f, C], ``R`` [n_f, n_f], optional ``B`` [n_f], ``class_names`` (ARCHITECTURE §8).
+    """A problem file: ``A`` [n_f, C], ``R`` [n_f, n_f], optional ``B`` [n_f], ``class_names``.
 
     A file with ``features`` and ``labels`` instead (e.g. ``<run>/dense_features.npz``) is turned into a problem.
     """
@@ -344,13 +345,13 @@ def problem_from_run(run_dir: str | Path, *, threshold_rule: str = "reference") 
     """
     check_threshold_rule(threshold_rule)
     run = Path(run_dir)
-    path = run / "dense_features.npz"
+    path = run / DENSE_FEATURES
     if not run.is_dir():
         raise SelectionError(f"run directory {run} not found")
     if not path.is_file():
         raise SelectionError(f"{path} not found; train the dense model first (qpm train) or pass --problem FILE")
     names: list[str] | None = None
-    for name in ("model.json", "dense.json", "config.json"):
+    for name in (MODEL_JSON, DENSE_JSON, CONFIG):
         try:
             found = json.loads((run / name).read_text()).get("class_names") if (run / name).is_file() else None
         except (OSError, json.JSONDecodeError, AttributeError):
@@ -456,7 +457,7 @@ def validate_selection(sel: Selection, n_classes: int, n_features: int, per_clas
 
 
 def save_selection(sel: Selection, path: str | Path, class_names: list[str] | None = None) -> Path:
-    """Write the selection JSON (ARCHITECTURE §8) atomically; returns the path."""
+    """Write the selection JSON (format :data:`SELECTION_FORMAT`) atomically; returns the path."""
     path = Path(path)
     data = {
         "format": SELECTION_FORMAT,
@@ -474,11 +475,7 @@ def save_selection(sel: Selection, path: str | Path, class_names: list[str] | No
     }
     if class_names is not None:
         data["class_names"] = list(class_names)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=1, default=_json_default))
 
 
 def load_selection(path: str | Path) -> Selection:
