@@ -252,3 +252,13 @@ def test_cli_select_bound_flag(qpm, tmp_path):
              "--bound", "lp", "--out", "sel.json"])
     assert r.returncode == 2 and "--bound applies to" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "sel.json").read_bytes() == before
+
+
+def test_explicit_sdp_bound_refuses_problems_too_big_for_its_memory():
+    from qpmcli.errors import SelectionError
+
+    huge = Q.QpmInstance(coef=np.zeros((D.SDP_MAX_FEATURES + 1, 2)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
+                         bonus=np.zeros(D.SDP_MAX_FEATURES + 1), K=4, k=2)
+    with pytest.raises(SelectionError, match="--bound sdp: 2049 features"):
+        D.bound_sources("sdp", huge, 8, 600.0)
+    assert D.choose_bound("auto", huge, 600.0) == "lp"

@@ -520,10 +520,19 @@ class TimedSource:
             self.seconds += time.perf_counter() - t0
 
 
+SDP_MAX_FEATURES = 2048  # explicit --bound sdp beyond this: memory grows as n^2 (about 8 GB at 2048)
+
+
 def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_rounds: int = 50) -> list:
     """The bound sources for ``qpm.solve``: the cut LP or the SDP, as :func:`choose_bound` picks, timed."""
     M = default_candidates(inst) if M is None else int(M)
     if choose_bound(choice, inst, time_limit) == "sdp":
+        if inst.n > SDP_MAX_FEATURES:
+            from qpmcli.errors import SelectionError
+
+            raise SelectionError(f"--bound sdp: {inst.n} features is more than the SDP bound takes "
+                                 f"({SDP_MAX_FEATURES}; its memory grows as n^2, about 0.5 GB at 512); use --bound lp "
+                                 f"or auto")
         return [TimedSource(SdpBound(inst, M))]
     from qpm_plugins.selectors.qpm import LpBound
 
