@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -99,7 +100,18 @@ def world(tmp_path_factory):
     other = make_tiny_run(root / "other", class_names=["a", "b", "c", "d"], seed=1)
     export_onnx(other, adapter=False)
     (root / "good.png").write_bytes(png_bytes())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QPM_")}
+    res = subprocess.run([sys.executable, "-m", "qpmcli.cli", *EXTRACT, "--cache-dir", str(root / "cache"), "-q"],
+                         env={**env, "QPM_DEVICE": "cpu", "HOME": str(root), "XDG_CONFIG_HOME": str(root / "xdg")},
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
     return root
+
+
+# a small CLI-built token cache (efficientnet-lite0 at 32 px: a 1x1 grid), reused by the cache cases
+EXTRACT = ["extract", "-b", "efficientnet-lite0", "-d", "shapes", "--split", "test", "--image-size", "32",
+           "-O", "n_classes=2", "-O", "per_class=2", "-O", "test_per_class=3", "-O", "image_size=32",
+           "--num-workers", "0"]
 
 
 def _copy_run(world: Path, d: Path, name: str = "run") -> Path:
@@ -217,6 +229,22 @@ def _prototypes_absolute(d: Path, w: Path) -> list[str]:
     return ["explain", "--class", "square", "-m", str(run), "-o", str(d / "ex"), "--device", "cpu"]
 
 
+def _weights_symlink(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    shutil.move(run / "model.safetensors", d / "elsewhere.safetensors")
+    (run / "model.safetensors").symlink_to(d / "elsewhere.safetensors")  # the name is fine, the target is not
+    return ["predict", str(w / "good.png"), "-m", str(run), "--device", "cpu"]
+
+
+def _prototypes_not_a_name(d: Path, w: Path) -> list[str]:
+    run = _copy_run(w, d)
+    (run / "prototypes").mkdir()
+    (run / "prototypes" / "prototypes.json").write_text(json.dumps({
+        "format": "qpm-prototypes", "format_version": 1,
+        "features": {"3": [{"file": {"path": "x.png"}, "class": "square", "activation": 1.0}]}}))
+    return ["export", str(run), "--onnx", "--out", str(d / "m.onnx")]
+
+
 def _onnx_case(change: Callable[[dict[str, str]], dict[str, str]], command: str = "predict"):
     def setup(d: Path, w: Path) -> list[str]:
         m = _onnx_with_props(w / "run" / "model.onnx", d / "m.onnx", change)
@@ -322,6 +350,31 @@ def _imagefolder(kind: str):
     return setup
 
 
+def _cache_case(damage: str):
+    def setup(d: Path, w: Path) -> list[str]:
+        shutil.copytree(w / "cache", d / "cache")
+        (folder,) = [p for p in (d / "cache").iterdir() if p.is_dir()]
+        tokens = folder / "tokens.npy"
+        raw = bytearray(tokens.read_bytes())
+        if damage == "flip":
+            raw[-7] ^= 0x40  # one value of the last row: the open-time probe of the last row catches it too
+            raw[len(raw) // 2 + 64] ^= 0x01  # and one in the middle, which only the full check sees
+            tokens.write_bytes(bytes(raw))
+        elif damage == "flip-middle":
+            raw[len(raw) // 2 + 64] ^= 0x01
+            tokens.write_bytes(bytes(raw))
+        elif damage == "truncate":
+            tokens.write_bytes(bytes(raw[: len(raw) // 2]))
+        elif damage == "manifest":
+            (folder / "manifest.json").write_text("[1, 2")
+        elif damage == "pickle":
+            import pickle
+
+            (folder / "labels.npy").write_bytes(pickle.dumps([1, 2, 3]))
+        return [*EXTRACT, "--cache-dir", str(d / "cache"), "--verify"]
+    return setup
+
+
 def _bad_config(d: Path, w: Path) -> list[str]:
     cfg = d / "xdg" / "qpm"
     cfg.mkdir(parents=True)
@@ -356,6 +409,8 @@ CASES = [
     Case("weights-of-another-run", _other_weights, r"does not match"),  # 4-class weights: a multi-line torch error
     Case("prototype-file-outside-run", _prototypes_outside, r"points outside"),
     Case("prototype-file-absolute", _prototypes_absolute, r"points outside"),
+    Case("weights-symlink-out-of-run", _weights_symlink, r"points outside"),
+    Case("prototype-file-not-a-name", _prototypes_not_a_name, r"must be a file name"),
     # ONNX metadata
     Case("onnx-other-runs-metadata", _other_runs_metadata, r"does not match its qpm metadata"),
     Case("onnx-class-names-not-json", _onnx_case(_prop("class_names", "[oops", raw=True)), r"metadata"),
@@ -378,6 +433,12 @@ CASES = [
          r"good\.png"),
     Case("dataset-option-not-an-int", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes", "-O",
                                             "per_class=abc", "--cache-dir", "{d}/c"), r"per_class"),
+    # token caches (built by qpm extract, then damaged)
+    Case("cache-value-changed-mid-chunk", _cache_case("flip-middle"), r"chunk 0 .*has changed"),
+    Case("cache-values-changed", _cache_case("flip"), r"chunk 0"),
+    Case("cache-tokens-truncated", _cache_case("truncate"), r"damaged"),
+    Case("cache-manifest-not-json", _cache_case("manifest"), r"manifest\.json"),
+    Case("cache-labels-a-pickle", _cache_case("pickle"), r"damaged"),
     # settings
     Case("settings-bad-device-env", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes", "--cache-dir",
                                           "{d}/c"), r"(?i)device", env={"QPM_DEVICE": "quantum"}),
@@ -426,10 +487,9 @@ def _hash_tree(*roots: Path) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input(case: Case, world: Path, tmp_path: Path, isolated_env: dict[str, str]) -> None:
-    d = tmp_path / "case"
-    d.mkdir()
+def _run_case(case: Case, world: Path, d: Path, base_env: dict[str, str]) -> dict:
+    """Set the case up in its own folder, hash every file, run the real CLI, hash again."""
+    d.mkdir(parents=True)
     args = case.setup(d, world)
     if case.id == "model-json-not-json":
         (d / "run" / "model.json").write_text("{not json")
@@ -440,18 +500,42 @@ def test_hostile_input(case: Case, world: Path, tmp_path: Path, isolated_env: di
                 "cpu"]
     if args[0] in QUIET_COMMANDS:
         args = [*args, "-q"]  # no informational lines ("using RUN ..."): stderr holds only what went wrong
-    env = {**isolated_env, "QPM_DEVICE": "cpu", "QPM_CACHE_DIR": str(d / "qpm-cache"),
-           "QPM_WEIGHTS_DIR": str(d / "weights"), "XDG_CONFIG_HOME": str(d / "xdg"), "CUDA_VISIBLE_DEVICES": "",
-           **case.env}
+    env = {**base_env, "QPM_DEVICE": "cpu", "QPM_CACHE_DIR": str(d / "qpm-cache"), "HOME": str(d / "home"),
+           "QPM_WEIGHTS_DIR": str(d / "weights"), "XDG_CONFIG_HOME": str(d / "xdg"),
+           "XDG_CACHE_HOME": str(d / "xdg-cache"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **case.env}
     before = _hash_tree(d, world)
     res = subprocess.run([sys.executable, "-m", "qpmcli.cli", *args], env=env, cwd=d, capture_output=True,
-                         text=True, timeout=300)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode == 2, f"exit {res.returncode}\nstdout: {res.stdout[-1500:]}\nstderr: {res.stderr[-3000:]}"
-    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr[-3000:]
-    assert re.search(case.expect, lines[0]), lines[0]
+                         text=True, timeout=600)
     after = _hash_tree(d, world)
-    changed = [p for p, h in before.items() if after.get(p) != h]
-    assert not changed, f"pre-existing files changed or removed: {changed}"
-    strays = [p for p in after if p not in before and re.search(r"\.(tmp|staged|partial)$|\.tmp\d+$", p)]
-    assert not strays, f"stray temporary files: {strays}"
+    return {"args": args, "returncode": res.returncode, "stdout": res.stdout, "stderr": res.stderr,
+            "changed": [p for p, h in before.items() if after.get(p) != h],
+            "strays": [p for p in after if p not in before and re.search(r"\.(tmp|staged|partial)$|\.tmp\d+$", p)]}
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, world, tmp_path_factory):
+    """Every selected case, run concurrently (a few CLI processes at a time: most of each is interpreter start-up
+    and imports), keyed by case id."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    selected = {getattr(getattr(item, "callspec", None), "id", None) for item in request.session.items}
+    root = tmp_path_factory.mktemp("hostile-cases")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("QPM_")}
+    base_env["PYTHONUNBUFFERED"] = "1"
+    pool = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)))
+    futures = {c.id: pool.submit(_run_case, c, world, root / c.id, base_env) for c in CASES if c.id in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input(case: Case, outcomes: dict) -> None:
+    out = outcomes[case.id].result()
+    err = out["stderr"]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert out["returncode"] == 2, f"{out['args']}: exit {out['returncode']}\nstdout: {out['stdout'][-1500:]}\n" \
+                                   f"stderr: {err[-3000:]}"
+    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("Error: ") and re.search(case.expect, lines[0]), lines[0]
+    assert not out["changed"], f"pre-existing files changed or removed: {out['changed']}"
+    assert not out["strays"], f"stray temporary files: {out['strays']}"
