@@ -201,9 +201,8 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         except ClientDisconnect:
             raise HTTPException(400, "the client went away during the upload") from None
         with model.batcher.incoming() as submit:
-            x, size = await run_in_threadpool(model.prepare, data)  # decode + preprocess: one worker-thread hop
-            future = submit(x)
-        out = await asyncio.wrap_future(future)
+            future = submit(data)  # the batching worker decodes and preprocesses it (UploadError for bad ones)
+        out, size = await asyncio.wrap_future(future)
         return out, size
 
     def _check_top_k(top_k: int) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpmcli.artifact import ONNX_MODEL, SELECTION
 from qpmcli.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None, settings: Any = Non
     resolved = resolve_model(settings, str(model) if model is not None else None, prefer_onnx=True)
     path = resolved.path
     if path.is_dir():
-        onnx = exported_model(path) or (path / "model.onnx" if (path / "model.onnx").is_file() else None)
+        onnx = exported_model(path) or (path / ONNX_MODEL if (path / ONNX_MODEL).is_file() else None)
         if onnx is None:
             raise ArtifactError(f"run directory {path} has no exported model; run `qpm export {path} --onnx` first "
                                 f"(qpm serve runs the ONNX graph with ONNX Runtime, without PyTorch)")
@@ -118,15 +119,22 @@ class _Item:
 
 
 class MicroBatcher:
-    """One worker thread that runs ``run_fn(batch [B, ...]) -> {name: [B, ...]}`` on queued single images."""
+    """One worker thread that runs ``run_fn(batch [B, ...]) -> {name: [B, ...]}`` on queued single images.
+
+    With ``prepare_fn(item) -> (x, info)`` the queued items are raw (upload bytes) and the worker prepares them
+    itself right before the session call; a future then resolves to ``(outputs, info)``. Decoding in the worker keeps
+    it from competing with the session's own threads for the cores (oversubscription made concurrent requests
+    slower than sequential ones on 2 cores), and lets requests queue up, and batch, while the session runs.
+    """
 
     def __init__(self, run_fn: Callable[[Any], dict[str, Any]], *, max_batch: int = DEFAULT_MAX_BATCH,
-                 window: float = DEFAULT_WINDOW) -> None:
+                 window: float = DEFAULT_WINDOW, prepare_fn: Callable[[Any], tuple[Any, Any]] | None = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"the batch cap must be at least 1, not {max_batch}")
         if window < 0:
             raise ConfigError(f"the batching window must be >= 0 ms, not {window * 1e3:g}")
         self.run_fn = run_fn
+        self.prepare_fn = prepare_fn
         self.max_batch = int(max_batch)
         self.window = float(window)
         self._queue: queue.Queue[_Item | None] = queue.Queue()
@@ -204,6 +212,22 @@ class MicroBatcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            if self.prepare_fn is not None:  # decode here, between session runs, never beside them
+                ready, infos = [], []
+                for it in batch:
+                    try:
+                        x, info = self.prepare_fn(it.x)
+                    except BaseException as exc:  # a bad upload fails its own request only
+                        it.future.set_exception(exc)
+                        continue
+                    it.x = x
+                    ready.append(it)
+                    infos.append(info)
+                batch = ready
+                if not batch:
+                    continue
+            else:
+                infos = [None] * len(batch)
             try:
                 out = self.run_fn(np.stack([it.x for it in batch]))
             except BaseException as exc:  # the session failed: every waiting request gets the error
@@ -213,8 +237,9 @@ class MicroBatcher:
             with self._lock:
                 self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(batch))
-            for row, it in enumerate(batch):
-                it.future.set_result({name: value[row] for name, value in out.items()})
+            for row, (it, info) in enumerate(zip(batch, infos, strict=True)):
+                result = {name: value[row] for name, value in out.items()}
+                it.future.set_result(result if self.prepare_fn is None else (result, info))
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -242,7 +267,8 @@ class ServedModel:
         self.selection = extra.get("selection_result") or _run_selection(path)
         self.dataset = extra.get("dataset")
         self.head = extra.get("head")
-        self.batcher = MicroBatcher(classifier.run_array, max_batch=max_batch, window=window)
+        self.batcher = MicroBatcher(classifier.run_array, max_batch=max_batch, window=window,
+                                    prepare_fn=self.prepare)
 
     # ---------------------------------------------------------------------------------------------- facts
     def summary(self) -> dict[str, Any]:
@@ -436,7 +462,7 @@ def _run_selection(path: Path) -> dict[str, Any] | None:
     """The selection facts of the run an exported file sits in (``<run>/selection.json``), when it is one."""
     import json
 
-    sel = path.parent / "selection.json"
+    sel = path.parent / SELECTION
     if not sel.is_file():
         return None
     try:
