@@ -381,9 +381,9 @@ def images_per_second(paths: dict[str, Path], x: np.ndarray, repeats: int = 3, m
 
 # ---------------------------------------------------------------------------------------------------- images
 def _run_request(run: Path) -> dict[str, Any] | None:
-    from qpmcli.artifact import read_json
+    from qpmcli.artifact import CONFIG, read_json
 
-    cfg = run / "config.json"
+    cfg = run / CONFIG
     if not cfg.is_file():
         return None
     try:
