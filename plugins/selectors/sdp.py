@@ -348,10 +348,10 @@ class SdpBound:
 
     The first step builds the model and runs SCS's setup (its sparse factorisation: the expensive part at n = 512),
     then a chunk. A chunk lasts about ``chunk_seconds`` (default: ``chunk_share`` of the time left at the first
-    step; SCS checks its clock every 25 iterations); it is not started when 1.25 times the longest chunk so far no
-    longer fits before the deadline. Each chunk's dual is tightened (``tighten`` sweeps of :func:`tighten_dual`) and
-    certified. ``done`` once SCS converges to ``eps``, fails, or ``max_iters`` is used up; the solver's memory is
-    then released (``close`` releases it early).
+    step; SCS checks its clock every 25 iterations); it is not started when 1.25 times the longest chunk so far (1.5
+    times the setup, before the first chunk) no longer fits before the deadline. Each chunk's dual is tightened
+    (``tighten`` sweeps of :func:`tighten_dual`) and certified. ``done`` once SCS converges to ``eps``, fails, or
+    ``max_iters`` is used up; the solver's memory is then released (``close`` releases it early).
     """
 
     name = "sdp"
@@ -406,8 +406,11 @@ class SdpBound:
             info.update(setup_seconds=round(time.perf_counter() - t0 - info["build_seconds"], 3),
                         variables=int(m.A.shape[1]), rows=int(m.A.shape[0]), nonzeros=int(m.A.nnz))
         left = deadline - time.perf_counter()
-        if left <= 0 or (info["chunks"] and 1.25 * self._last > left):
-            return  # the next chunk would not fit (as long as the longest so far, with a margin for the load)
+        # the next chunk must fit: as long as the longest so far with a margin for the load; before the first one,
+        # SCS's setup time stands in for it (a 25-iteration chunk took 1.3-2.3x the setup on the shared machine)
+        expected = 1.25 * self._last if info["chunks"] else 1.5 * info["setup_seconds"]
+        if left <= 0 or expected > left:
+            return
         t1 = time.perf_counter()
         sol = self._solver.solve(warm_start=info["chunks"] > 0)
         res = sol["info"]
