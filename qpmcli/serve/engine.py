@@ -143,6 +143,7 @@ class MicroBatcher:
         self.requests = 0
         self.batches = 0
         self.largest_batch = 0
+        self.busy = 0.0  # seconds the worker spent preparing and running batches
         self._thread = threading.Thread(target=self._loop, name="qpm-serve-batcher", daemon=True)
         self._thread.start()
 
@@ -184,7 +185,7 @@ class MicroBatcher:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest_batch,
-                    "max_batch": self.max_batch, "window_ms": self.window * 1e3}
+                    "max_batch": self.max_batch, "window_ms": self.window * 1e3, "busy_s": round(self.busy, 3)}
 
     def _loop(self) -> None:
         import numpy as np
@@ -212,6 +213,7 @@ class MicroBatcher:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(item)
+            started = time.perf_counter()
             if self.prepare_fn is not None:  # decode here, between session runs, never beside them
                 ready, infos = [], []
                 for it in batch:
@@ -237,6 +239,7 @@ class MicroBatcher:
             with self._lock:
                 self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(batch))
+                self.busy += time.perf_counter() - started
             for row, (it, info) in enumerate(zip(batch, infos, strict=True)):
                 result = {name: value[row] for name, value in out.items()}
                 it.future.set_result(result if self.prepare_fn is None else (result, info))
