@@ -157,20 +157,18 @@ def test_a_stale_chunk_marker_is_redone_not_trusted(tmp_path, tinymod, backbone)
 
 
 def _interrupt_after_first_chunk(backbone, ds, cache_dir):
-    from qpmcli import cache as cache_mod
+    """Build until the first image of the second chunk is read, then stop as Ctrl-C would."""
+    from qpmcli.cache import build_cache
 
-    real = cache_mod._atomic_write
+    class StopsAtRow8(type(ds)):
+        def __getitem__(self, i):
+            if i >= 8:
+                raise KeyboardInterrupt
+            return super().__getitem__(i)
 
-    def write_then_stop(path, text):
-        real(path, text)
-        if path.parent.name == "done":
-            raise KeyboardInterrupt
-
-    cache_mod._atomic_write = write_then_stop
-    try:
-        cache_mod.build_cache(backbone, ds, "train", cache_dir, batch_size=4, progress=False, chunk_images=8)
-    finally:
-        cache_mod._atomic_write = real
+    stopping = StopsAtRow8.__new__(StopsAtRow8)
+    stopping.__dict__.update(ds.__dict__)
+    build_cache(backbone, stopping, "train", cache_dir, batch_size=4, progress=False, chunk_images=8)
 
 
 def test_open_checks_every_chunk_and_verify_checks_every_byte(tmp_path, tinymod, backbone):
