@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 
 STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
 ONNX_MODEL = "model.onnx"  # qpm export's default output inside the run
+STALE = "stale.json"  # written by `qpm select --force` when it replaces a finetuned run's selection.json
 PROTOTYPES_PARTIAL = ".prototypes.partial"  # prototypes/ while it is being written
 
 

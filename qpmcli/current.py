@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qpmcli.artifact import MODEL_JSON, ONNX_MODEL
 from qpmcli.errors import ArtifactError
 
 POINTER = "current-run.json"
@@ -79,9 +80,9 @@ def exported_model(run: Path, pointer_onnx: str | None = None) -> Path | None:
 
     Looked for: the file the pointer recorded (``qpm export`` / ``qpm demo``), then ``<run>/model.onnx``.
     """
-    model_json = run / "model.json"
+    model_json = run / MODEL_JSON
     trained = model_json.stat().st_mtime if model_json.is_file() else 0.0
-    for cand in ([Path(pointer_onnx)] if pointer_onnx else []) + [run / "model.onnx"]:
+    for cand in ([Path(pointer_onnx)] if pointer_onnx else []) + [run / ONNX_MODEL]:
         if cand.is_file() and cand.stat().st_mtime >= trained:
             return cand
     return None

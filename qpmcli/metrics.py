@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from qpmcli.modelfile import SIGMA_MIN
+
 # OpenCV's fixed-point bilinear resize for 8-bit images (imgproc/src/resize.cpp): 11 fractional bits per axis.
 _COEF_BITS = 11
 _COEF_SCALE = 1 << _COEF_BITS
@@ -589,7 +591,7 @@ class TestMapScorer:
     def _head(self, x: Any) -> Any:
         if self.mean is not None:
             std = self.std if self.std is not None else _torch().ones_like(self.mean)
-            x = (x - self.mean) / std.clamp_min(1e-6)
+            x = (x - self.mean) / std.clamp_min(SIGMA_MIN)
         out = x @ self.weight.T
         return out + self.bias if self.bias is not None else out
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STALE = "stale.json"  # written by `qpm select --force` when it replaces a finetuned run's selection.json
+from qpmcli.artifact import CHECKPOINTS, CONFIG, DENSE_JSON, METRICS, MODEL_JSON, ONNX_MODEL, SELECTION, STALE
 
 
 def _read(path: Path) -> Any:
@@ -32,11 +32,11 @@ def find_runs(folders: list[Path]) -> list[Path]:
     seen: set[Path] = set()
     for folder in folders:
         folder = folder.expanduser()
-        cands = [folder] if (folder / "config.json").is_file() else (
+        cands = [folder] if (folder / CONFIG).is_file() else (
             sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else [])
         for cand in cands:
             key = cand.resolve()
-            if key not in seen and (cand / "config.json").is_file():
+            if key not in seen and (cand / CONFIG).is_file():
                 seen.add(key)
                 found.append(cand)
     return found
@@ -44,9 +44,8 @@ def find_runs(folders: list[Path]) -> list[Path]:
 
 def _stages(head: str) -> list[tuple[str, str]]:
     if head == "linear-probe":
-        return [("dense", "dense.json"), ("evaluate", "model.json")]
-    return [("dense", "dense.json"), ("select", "selection.json"), ("finetune", "model.json"),
-            ("evaluate", "metrics.json")]
+        return [("dense", DENSE_JSON), ("evaluate", MODEL_JSON)]
+    return [("dense", DENSE_JSON), ("select", SELECTION), ("finetune", MODEL_JSON), ("evaluate", METRICS)]
 
 
 def run_info(run: Path, current: Path | None = None, current_onnx: str | None = None) -> dict[str, Any]:
@@ -55,19 +54,19 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
                            "head": None, "status": None, "accuracy": None, "sid5": None, "created": None,
                            "onnx": None, "current": current is not None and run.resolve() == current}
     try:
-        cfg = _read(run / "config.json") or {}
+        cfg = _read(run / CONFIG) or {}
         req = cfg.get("request", {}) if isinstance(cfg, dict) else {}
         head = req.get("head", "qpm")
         row.update(dataset=req.get("dataset"), backbone=req.get("backbone"), head=head,
                    selector=req.get("selector") if head == "qpm" else None)
-        row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / "config.json").stat().st_mtime))
-        metrics = _read(run / "metrics.json") or {}
+        row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / CONFIG).stat().st_mtime))
+        metrics = _read(run / METRICS) or {}
         final = metrics.get("final") if isinstance(metrics, dict) else None
         status = "complete"
         for stage, filename in _stages(head):
             done = (run / filename).is_file() and (stage != "evaluate" or isinstance(final, dict))
             if not done:
-                ckpt = run / "checkpoints"
+                ckpt = run / CHECKPOINTS
                 resumable = ckpt.is_dir() and any(ckpt.glob("*.json"))
                 status = f"interrupted at {stage}" + (" (checkpoint)" if resumable else "")
                 break
@@ -82,7 +81,7 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
     except ValueError as exc:
         row["status"] = f"unreadable: {exc}"
     onnx = [Path(current_onnx)] if row["current"] and current_onnx else []
-    onnx.append(run / "model.onnx")
+    onnx.append(run / ONNX_MODEL)
     row["onnx"] = next((str(p) for p in onnx if p.is_file()), None)
     return row
 
@@ -96,7 +95,7 @@ def _stale_reason(run: Path) -> str | None:
     if (run / STALE).is_file():
         return "selection replaced"
     try:
-        if (run / "selection.json").stat().st_mtime > (run / "model.json").stat().st_mtime:
+        if (run / SELECTION).stat().st_mtime > (run / MODEL_JSON).stat().st_mtime:
             return "selection.json is newer than the model"
     except FileNotFoundError:
         return None

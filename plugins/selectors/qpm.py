@@ -1018,11 +1018,10 @@ class _Bar:
         self.progress = None
         if not enabled:
             return
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from qpmcli.progress import progress_bar
 
-        self.progress = Progress(TextColumn("qpm select"), BarColumn(), TextColumn("{task.description}"),
-                                 TimeElapsedColumn(), transient=True)
-        self.task = self.progress.add_task("starting", total=total)
+        self.progress = progress_bar(elapsed=True)
+        self.task = self.progress.add_task("qpm select: starting", total=total)
         self.progress.start()
 
     def update(self, elapsed: float, obj: float, bound: float) -> None:
@@ -1031,7 +1030,7 @@ class _Bar:
         gap = _gap(obj, bound)
         text = f"obj {obj:.3f}  bound {bound:.3f}  gap {100 * gap:.2f}%" if math.isfinite(gap) else f"obj {obj:.3f}"
         self.progress.update(self.task, completed=min(elapsed, self.progress.tasks[0].total or elapsed),
-                             description=text)
+                             description=f"qpm select: {text}")
 
     def close(self) -> None:
         if self.progress is not None:

@@ -8,10 +8,9 @@ from pathlib import Path
 import typer
 
 from qpmcli import options as opts
+from qpmcli.artifact import MODEL_JSON, SELECTION, STALE
 from qpmcli.commands._common import JsonFlag, Quiet, Seed, console, print_json
 from qpmcli.errors import SelectionError
-
-STALE = "stale.json"  # written into a run whose selection.json was replaced after finetuning (`qpm runs` shows it)
 
 
 def select_cmd(
@@ -62,7 +61,7 @@ def select_cmd(
         run = target.path
         if not quiet:  # -q: nothing on stderr but errors
             say(target.line("selecting for"))
-    own = None if run is None else (run / "selection.json")
+    own = None if run is None else (run / SELECTION)
     if out is None:
         name = f"selection-{selector}.json"
         out = own if (force and own is not None) else ((run / name) if run is not None else Path(name))
@@ -81,7 +80,7 @@ def select_cmd(
     save_selection(sel, out, class_names=prob.class_names)
     summary = selection_summary(sel)
     summary["out"] = str(out)
-    if replacing and (run / "model.json").is_file():
+    if replacing and (run / MODEL_JSON).is_file():
         from qpmcli.artifact import atomic_write_json
 
         atomic_write_json(run / STALE, {"reason": "selection.json was replaced by `qpm select --force` after the "
