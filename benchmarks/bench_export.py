@@ -12,14 +12,23 @@ Rows (ratios measured in this one process):
   <= 0.05; whole/backbone is listed too), and in ONNX Runtime adapter graph / (full graph - adapter graph);
 - CUDA (``--device cuda``): PyTorch eager fp16 (autocast) / fp32 images/s, the adapter + head share in fp32 and fp16,
   and ONNX Runtime CUDA (IO binding) fp32 / fp16 vs eager -- only when the CUDA EP is available.
+- int8 (CPU; ``qpmcli.quantize``, the code ``qpm export --int8`` runs): ONNX Runtime int8 / fp32 images/s at each
+  batch size for the headline model (target >= 2.0 at batch 8), the graph optimisation applied before quantizing
+  (ONNX Runtime's transformer optimizer and none, each vs the default basic level), int8 / fp32 file size (about
+  0.3); and on the demo model (``--demo-run RUN``, or the environment variable ``QPM_BENCH_DEMO_RUN``: a run of the
+  ``qpm demo`` configuration): int8 / fp32 images/s, top-1 agreement on its test split (target >= 0.99), agreement of
+  the explained class's top feature and the rank correlation of its feature contributions, the static-QDQ
+  (``--calibrate train``) vs dynamic decision, and the size ratio. The notes say which int8 instructions the CPU
+  offers (VNNI/AMX, from /proc/cpuinfo) and which int8 kernels ONNX Runtime ran (from its session profile).
 
-    python benchmarks/bench_export.py [--quick] [--json-out PATH] [--device cpu|cuda]
+    python benchmarks/bench_export.py [--quick] [--json-out PATH] [--device cpu|cuda] [--int8-only] [--demo-run RUN]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -101,6 +110,11 @@ def main() -> int:
     ap.add_argument("--backbone", default="dinov2-vitb14-reg")
     ap.add_argument("--classes", type=int, default=200)
     ap.add_argument("--batch-sizes", default=None, help="comma-separated (default: cpu 1,8[,32]; cuda 1,32[,128])")
+    ap.add_argument("--int8-only", action="store_true", help="CPU: only the int8 rows (skip eager/fp32 vs eager)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    ap.add_argument("--demo-only", action="store_true", help="only the demo model's int8 rows (needs --demo-run)")
+    ap.add_argument("--demo-run", type=Path, default=os.environ.get("QPM_BENCH_DEMO_RUN") or None,
+                    help="a run of the qpm demo configuration for the int8 accuracy rows")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -124,6 +138,17 @@ def main() -> int:
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rows: list[dict] = []
     notes: list[str] = []
+    if args.demo_only:
+        if not args.demo_run:
+            print("--demo-only needs --demo-run RUN", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="qpm-bench-export-") as tmp:
+            demo_int8_rows(Path(tmp), Path(args.demo_run), repeats, min_s, rows, notes)
+        cpu = cpu_int8_features()
+        notes.append(f"CPU {cpu['cpu']}: int8-relevant flags {', '.join(cpu['flags']) or 'none'} -> MLAS int8 path "
+                     f"{cpu['mlas_int8_path']}; onnxruntime {ort.__version__}; load average at the end "
+                     f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+        return _write(args, {"benchmark": "export", "device": dev, "rows": rows, "notes": "; ".join(notes)})
 
     with tempfile.TemporaryDirectory(prefix="qpm-bench-export-") as tmp:
         run = Path(tmp) / "run"
@@ -165,7 +190,7 @@ def main() -> int:
             return call
 
         gen = torch.Generator().manual_seed(0)
-        for b in batches:
+        for b in ([] if args.int8_only else batches):
             first_row = len(rows)
             x = torch.randn(b, 3, *bb.image_size, generator=gen)
             x_np = x.numpy()
@@ -247,14 +272,192 @@ def main() -> int:
                      f"{adapter_macs / 1e9:.2f} GMAC = {adapter_macs / bb_macs:.3f} of it, as exported (last layer cut "
                      f"to the selected features, no CLS) {pruned_macs / 1e9:.2f} GMAC = {pruned_macs / bb_macs:.3f}: "
                      f"the share any implementation pays at equal efficiency")
+        if dev == "cpu" and not args.no_int8:
+            int8_rows(Path(tmp), Path(report["files"]["full"]), args, batches, repeats, min_s, rows, notes)
         notes.append(f"torch threads {torch.get_num_threads()}, onnxruntime {ort.__version__}, "
-                     f"torch {torch.__version__}")
-    result = {"benchmark": "export", "device": dev, "rows": rows, "notes": "; ".join(notes)}
+                     f"torch {torch.__version__}; load average at the end {os.getloadavg()[0]:.1f} on "
+                     f"{os.cpu_count()} cpus (the machine is shared: ratios, measured in alternation, are what counts)")
+    return _write(args, {"benchmark": "export", "device": dev, "rows": rows, "notes": "; ".join(notes)})
+
+
+def _write(args, result: dict) -> int:
     print(json.dumps(result, indent=2))
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------------ int8
+INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_int8_features() -> dict:
+    """The int8-relevant instruction sets this CPU reports (/proc/cpuinfo) and the MLAS kernel family they select.
+
+    ONNX Runtime does not expose which MLAS GEMM kernel it dispatched; MLAS picks, in order, AMX, AVX512-VNNI,
+    AVX-VNNI, AVX512BW, AVX2 u8s8/u8u8 kernels by these CPUID flags, so the flags determine the path.
+    """
+    flags: set[str] = set()
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    have = [f for f in INT8_FLAGS if f in flags]
+    if {"amx_tile", "amx_int8"} <= flags:
+        path = "AMX int8 tiles"
+    elif "avx512_vnni" in flags:
+        path = "AVX512-VNNI"
+    elif "avx_vnni" in flags:
+        path = "AVX-VNNI"
+    elif "avx512bw" in flags:
+        path = "AVX512BW (no VNNI)"
+    elif "avx2" in flags:
+        path = "AVX2 u8s8 via vpmaddubsw/vpmaddwd (no VNNI, no AMX)"
+    else:
+        path = "SSE/portable"
+    return {"cpu": model, "flags": have, "mlas_int8_path": path}
+
+
+def profiled_ops(path: Path, x) -> dict:
+    """Op types ONNX Runtime ran for ``path`` (its session profile; node events only), with total microseconds."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: x})
+    prof = Path(sess.end_profiling())
+    ops: dict[str, float] = {}
+    providers: set[str] = set()
+    for ev in json.loads(prof.read_text()):
+        args_ = ev.get("args") or {}
+        if ev.get("cat") == "Node" and "op_name" in args_ and ev.get("name", "").endswith("_kernel_time"):
+            ops[args_["op_name"]] = ops.get(args_["op_name"], 0) + float(ev.get("dur", 0))
+            providers.add(args_.get("provider", ""))
+    prof.unlink(missing_ok=True)
+    total = sum(ops.values()) or 1.0
+    top = sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+    return {"providers": sorted(p for p in providers if p), "top_ops": {k: round(v / total, 3) for k, v in top}}
+
+
+def int8_rows(tmp: Path, fp32: Path, args, batches: list[int], repeats: int, min_s: float, rows: list[dict],
+              notes: list[str]) -> None:
+    """int8 rows: the headline model (speed, optimisation levels, size) and the demo model (speed, accuracy)."""
+    import numpy as np
+
+    from qpmcli.modelfile import read_onnx_metadata
+    from qpmcli.quantize import (
+        build_int8,
+        cpu_session,
+        optimize_for_quantization,
+        preprocess_batch,
+        quantize_dynamic_int8,
+    )
+
+    meta, _ = read_onnx_metadata(fp32)
+    from qpmcli.images import synthetic_images
+
+    x_all = preprocess_batch(synthetic_images(max(batches), meta.image_size), meta)
+    t0 = time.perf_counter()
+    rep = build_int8(fp32, tmp / "model.int8.onnx", x_all[:8], verify_source="8 synthetic images",
+                     min_agreement=0.0)
+    paths = {"fp32": fp32, "int8": tmp / "model.int8.onnx"}
+    for level in ("transformer", "none"):  # the default is "basic"; the others are measured against it
+        staged = tmp / f"opt-{level}.onnx"
+        info = optimize_for_quantization(fp32, staged, level, num_heads=meta.embed_dim // 64,
+                                         hidden_size=meta.embed_dim)
+        quantize_dynamic_int8(staged, tmp / f"int8-{level}.onnx")
+        staged.unlink()
+        paths[f"int8_{level}"] = tmp / f"int8-{level}.onnx"
+        if level == "transformer":
+            notes.append(f"transformer optimizer fused {info.get('fused') or 'nothing'}")
+    notes.append(f"int8 {args.backbone}: dynamic quantization of {rep['quantization']['quantized_nodes']} MatMul "
+                 f"nodes in {time.perf_counter() - t0:.0f} s (with the two other optimisation levels); top-1 "
+                 f"agreement with fp32 on 8 synthetic images {rep['verify']['top1_agreement']:.3f} (random weights: "
+                 f"near-tied logits, so this is not the accuracy row)")
+    sessions = {k: cpu_session(p) for k, p in paths.items()}
+    for b in batches:
+        x = np.ascontiguousarray(x_all[:b])
+        fns = {k: (lambda s=s, x=x: s.run(None, {"image": x})) for k, s in sessions.items()}
+        t = interleaved(fns, lambda: None, repeats, min_s)
+        ips = {k: b / v for k, v in t.items()}
+        new = [row(f"ORT CPU int8 (dynamic, basic graph opt.) vs fp32, images/s, {args.backbone}, batch {b}",
+                   ips["int8"], ips["fp32"], ips["int8"] / ips["fp32"], ">= 2.0" if b == 8 else "report",
+                   ips["int8"] / ips["fp32"] >= 2.0 if b == 8 else None)]
+        for level, label in (("transformer", "ORT transformer optimizer"), ("none", "no graph optimisation")):
+            new.append(row(f"int8 with {label} before quantizing vs basic (default), images/s, batch {b}",
+                           ips[f"int8_{level}"], ips["int8"], ips[f"int8_{level}"] / ips["int8"],
+                           "report (default = the faster)", None))
+        rows.extend(new)
+        for r in new:
+            print(f"{r['what']}: ratio {r['ratio']:.3f} (target {r['target']})", flush=True)
+    size = paths["int8"].stat().st_size / fp32.stat().st_size
+    rows.append(row(f"int8 / fp32 file size, {args.backbone}", paths["int8"].stat().st_size / 2**20,
+                    fp32.stat().st_size / 2**20, size, "~0.3 (<= 0.35)", size <= 0.35))
+    cpu = cpu_int8_features()
+    prof = profiled_ops(paths["int8"], np.ascontiguousarray(x_all[:1]))
+    notes.append(f"CPU {cpu['cpu']}: int8-relevant flags {', '.join(cpu['flags']) or 'none'} -> MLAS int8 GEMM path "
+                 f"{cpu['mlas_int8_path']} (inferred from the CPUID flags; ORT does not report the kernel); ORT "
+                 f"profile of the int8 graph (batch 1): providers {prof['providers']}, time share by op "
+                 f"{prof['top_ops']}")
+    del sessions
+    if args.demo_run:
+        demo_int8_rows(tmp, Path(args.demo_run), repeats, min_s, rows, notes)
+    else:
+        notes.append("demo-model int8 rows skipped: pass --demo-run RUN (or QPM_BENCH_DEMO_RUN)")
+
+
+def demo_int8_rows(tmp: Path, run: Path, repeats: int, min_s: float, rows: list[dict], notes: list[str]) -> None:
+    """The demo model: export fp32, quantize (with --calibrate train, so both methods are measured), compare."""
+    import numpy as np
+
+    from qpmcli.export import export_onnx
+    from qpmcli.quantize import cpu_session, export_int8, preprocess_batch, split_images
+
+    fp32 = tmp / "demo.onnx"
+    export_onnx(run, fp32, adapter=False)
+    rep = export_int8(run, fp32, tmp / "demo.int8.onnx", calibrate="train", min_agreement=0.0)
+    v = rep["verify"]
+    what = f"demo model ({run.name}: efficientnet-lite0, {rep['verify_set']})"
+    rows.append(row(f"top-1 agreement int8 vs fp32, {what}", v["top1_agreement"], 1.0, v["top1_agreement"],
+                    ">= 0.99", v["top1_agreement"] >= 0.99, method=rep["method"]))
+    rows.append(row("explained class's top feature agreement int8 vs fp32, demo model", v["top_feature_agreement"],
+                    1.0, v["top_feature_agreement"], "report", None))
+    rows.append(row("explained class's contribution rank correlation (mean Spearman) int8 vs fp32, demo model",
+                    v["contribution_rank_correlation"], 1.0, v["contribution_rank_correlation"], "report", None,
+                    max_prob_diff=round(v["max_prob_diff"], 4)))
+    cal = rep.get("calibration") or {}
+    for k, c in (cal.get("candidates") or {}).items():
+        notes.append(f"demo {k}: top-1 agreement {c['top1_agreement']:.3f}, top feature {c['top_feature_agreement']}, "
+                     f"rank corr. {c['contribution_rank_correlation']}, max prob diff {c['max_prob_diff']:.3g}")
+    if cal:
+        notes.append(f"demo --calibrate train decision: {cal['decision']}")
+    size = (tmp / "demo.int8.onnx").stat().st_size / fp32.stat().st_size
+    rows.append(row("int8 / fp32 file size, demo model", (tmp / "demo.int8.onnx").stat().st_size / 2**20,
+                    fp32.stat().st_size / 2**20, size, "report (convolutions stay fp32 with dynamic)", None))
+    images, _ = split_images(run, "test", 8)
+    from qpmcli.modelfile import read_onnx_metadata
+
+    meta, _ = read_onnx_metadata(fp32)
+    x_all = preprocess_batch(images, meta)
+    sessions = {"fp32": cpu_session(fp32), "int8": cpu_session(tmp / "demo.int8.onnx")}
+    for b in (1, 8):
+        x = np.ascontiguousarray(x_all[:b])
+        fns = {k: (lambda s=s, x=x: s.run(None, {"image": x})) for k, s in sessions.items()}
+        t = interleaved(fns, lambda: None, repeats, min_s)
+        ips = {k: b / v for k, v in t.items()}
+        rows.append(row(f"ORT CPU int8 ({rep['method']}) vs fp32, images/s, demo model, batch {b}", ips["int8"],
+                        ips["fp32"], ips["int8"] / ips["fp32"], "report", None))
+        print(f"{rows[-1]['what']}: ratio {rows[-1]['ratio']:.3f}", flush=True)
 
 
 if __name__ == "__main__":
