@@ -17,6 +17,7 @@ from typing import Any
 
 import typer
 
+from qpmcli.distributed import cuda_device_count
 from qpmcli.errors import ConfigError
 
 
@@ -247,21 +248,6 @@ def _example(declared: dict[str, Any] | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------- device
-def cuda_device_count() -> int:
-    """CUDA devices the driver (libcuda) sees; 0 without a driver. No torch import."""
-    import ctypes
-
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            cuda = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    return 0
-
 
 def check_device(device: str | None, *, tensorrt: bool = False, torch: bool = False, flag: str = "--device"
                  ) -> str:

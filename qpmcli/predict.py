@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpmcli.distributed import cuda_device_count
 from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
 from qpmcli.images import list_images, preprocess_array
 from qpmcli.modelfile import ClassifierMetadata, decode_onnx_metadata, metadata_from_run, softmax
@@ -182,22 +183,6 @@ def _check_device(device: str) -> None:
 
     if not re.fullmatch(r"auto|cpu|tensorrt|cuda(:\d+)?", device):
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or tensorrt, not {device!r}")
-
-
-def cuda_device_count() -> int:
-    """Number of CUDA devices, asked from the driver (libcuda) so that no torch import is needed."""
-    import ctypes
-
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            cuda = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    return 0
 
 
 def _torch_device(device: str) -> str:
