@@ -27,8 +27,9 @@ this module only chooses what to quantize and checks the result.
   Attention fusion where its patterns match); ``"none"`` quantizes the exported graph as is. Measured
   (``benchmarks/bench_export.py``, ViT-B/14-reg, batch 1, 2 shared cores): int8 after the transformer optimizer runs
   at 0.76x and without optimisation at 0.87x the speed of int8 after the basic level (the optimizer fuses
-  SkipLayerNormalization/BiasGelu but does not match DINOv2's attention pattern), so ``basic`` is the default. The session that runs the int8 file applies ONNX Runtime's full
-  optimisation level on top, as for any exported model.
+  SkipLayerNormalization/BiasGelu but does not match DINOv2's attention pattern), so ``basic`` is the default.
+  The session that runs the int8 file applies ONNX Runtime's full optimisation level on top, as for any exported
+  model.
 
 Verification is part of the export: the int8 and fp32 graphs run on the same preprocessed images (the run's test
 split, or ``--verify-images``) and :func:`compare_outputs` reports top-1 agreement, the largest probability
