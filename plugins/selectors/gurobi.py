@@ -109,6 +109,8 @@ def solve_gurobi(inst, *, time_limit: float = 60.0, workers: int = 2, seed: int 
 
 
 def _build(gp, m, inst, links: str, pairs_form: str, start: np.ndarray | None) -> dict[str, Any]:
+    from qpm_plugins.selectors.qpm import packing_cuts
+
     GRB = gp.GRB
     n, C, k, K = inst.n, inst.C, inst.k, inst.K
     s = m.addVars(n, vtype=GRB.BINARY, name="s")
@@ -165,28 +167,12 @@ def _build(gp, m, inst, links: str, pairs_form: str, start: np.ndarray | None) -
         cuts[0] += 1
 
     def separate(xv: dict, add, max_cuts: int) -> None:
-        """Set-packing cuts: for a feature set U (|U| = u >= k), at most binom(u, k) classes have their k features
-        inside U and every other class has at most k - 1 there, so sum_{c in G} sum_{f in U} x[f,c] <= |G| (k-1) +
-        min(|G|, binom(u, k)) for every class set G. U = each class's u largest x (u = k, k+1, k+2), G = the
-        classes with more than k - 1 in U."""
+        """Set-packing cuts (:func:`qpm.packing_cuts`, with |U| up to k + 3) for the fractional x."""
         X = np.zeros((n, C))
         for (f, c) in keys:
             X[f, c] = xv[f, c]
-        order = np.argsort(-(X + 1e-6 * inst.coef), axis=0, kind="stable")
-        found: dict[tuple[int, ...], float] = {}
-        for u in range(k, min(k + 3, K) + 1):
-            for c in range(C):
-                U = tuple(sorted(order[:u, c].tolist()))
-                if U in found:
-                    continue
-                t = X[list(U)].sum(0) - (k - 1)
-                gamma = np.flatnonzero(t > 1e-9)
-                viol = float(t[gamma].sum()) - math.comb(u, k)
-                if len(gamma) >= math.comb(u, k) and viol > 1e-4:
-                    found[U] = viol
-        for U, _ in sorted(found.items(), key=lambda kv: -kv[1])[:max_cuts]:
-            t = X[list(U)].sum(0) - (k - 1)
-            packing_cut(None, U, [int(c) for c in np.flatnonzero(t > 1e-9)], add)
+        for U, gamma, _ in packing_cuts(X, k, K, inst.coef, max_cuts=max_cuts, max_extra=3):
+            packing_cut(None, U, gamma, add)
 
     def callback(model, where) -> None:
         if where == GRB.Callback.MIPSOL:

@@ -463,19 +463,19 @@ class LpBound:
         return self.bound
 
 
-def packing_cuts(X: np.ndarray, k: int, K: int, coef: np.ndarray, max_cuts: int = 40
+def packing_cuts(X: np.ndarray, k: int, K: int, coef: np.ndarray, max_cuts: int = 40, max_extra: int = 2
                  ) -> list[tuple[tuple[int, ...], list[int], int]]:
     """Violated distinct-set cuts for fractional class assignments X [n, C]: ``(U, G, rhs)`` with
     sum_{c in G} sum_{f in U} x[f, c] <= rhs = |G| (k - 1) + min(|G|, binom(|U|, k)).
 
     Valid for every solution with distinct class sets: a class has at most k features in U, and k only when its set
-    lies inside U, which at most binom(|U|, k) classes can do. U = each class's u largest x (u = k, k+1, k+2), G =
-    the classes with more than k - 1 in U (the most violated choice for that U). Most violated first.
+    lies inside U, which at most binom(|U|, k) classes can do. U = each class's u largest x (u = k .. k +
+    max_extra), G = the classes with more than k - 1 in U (the most violated choice for that U). Most violated first.
     """
     n, C = X.shape
     order = np.argsort(-(X + 1e-6 * coef), axis=0, kind="stable")
     found: dict[tuple[int, ...], float] = {}
-    for u in range(k, min(k + 2, K) + 1):
+    for u in range(k, min(k + max_extra, K) + 1):
         cap = math.comb(u, k)
         for c in range(C):
             U = tuple(sorted(order[:u, c].tolist()))
