@@ -25,10 +25,11 @@ this module only chooses what to quantize and checks the result.
   offline: constant folding, redundant-node elimination), which ONNX Runtime recommends before quantizing;
   ``"transformer"`` additionally runs ``onnxruntime.transformers.optimizer`` (SkipLayerNormalization, BiasGelu,
   Attention fusion where its patterns match); ``"none"`` quantizes the exported graph as is. Measured
-  (``benchmarks/bench_export.py``, ViT-B/14-reg, 2 shared cores): int8 after the transformer optimizer runs at 0.76x
-  (batch 1) and 1.06x (batch 8), without optimisation at 0.87x and 0.97x the speed of int8 after the basic level
-  (the optimizer fuses SkipLayerNormalization/BiasGelu but does not match DINOv2's attention pattern), so ``basic``
-  is the default.
+  (``benchmarks/bench_export.py``, ViT-B/14-reg, 2 shared cores, two runs): int8 after the transformer optimizer
+  runs at 0.76-0.97x (batch 1) and 0.96-1.06x (batch 8), without optimisation at 0.87-1.05x and 0.97-1.04x the speed
+  of int8 after the basic level (the optimizer fuses SkipLayerNormalization/BiasGelu but does not match DINOv2's
+  attention pattern): no level helps beyond noise, so ``basic``, ONNX Runtime's recommended pre-processing, is the
+  default.
   The session that runs the int8 file applies ONNX Runtime's full optimisation level on top, as for any exported
   model.
 
