@@ -13,6 +13,7 @@ back instead of running it. The training loop itself (epochs, checkpoints, Batch
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from collections.abc import Callable
@@ -114,8 +115,8 @@ def _validate_request(req: TrainRequest) -> None:
         if ph.epochs < 1 or ph.batch_size < 1 or ph.lr <= 0:
             raise ConfigError(f"{name} phase needs epochs >= 1, batch size >= 1 and lr > 0 "
                               f"(got {ph.epochs}, {ph.batch_size}, {ph.lr})")
-    if req.time_limit <= 0:
-        raise ConfigError(f"--time-limit must be positive, got {req.time_limit}")
+    if not (math.isfinite(req.time_limit) and req.time_limit > 0):  # nan/inf: the solver needs a real deadline
+        raise ConfigError(f"--time-limit must be a positive, finite number of seconds, got {req.time_limit}")
     from qpmcli.evaluate import checked_metric_names
 
     checked_metric_names(req.metrics)  # an unknown --metrics name fails now, not after extraction and training

@@ -70,6 +70,8 @@ def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
     ({"head": "svm"}, "unknown head 'svm'"),
     ({"metrics": "accuracy,bogus"}, "unknown metric 'bogus'"),
     ({"pooling": "median"}, "unknown pooling 'median'"),
+    ({"time_limit": float("nan")}, "--time-limit must be a positive, finite number of seconds, got nan"),
+    ({"time_limit": float("inf")}, "--time-limit must be a positive, finite number of seconds, got inf"),
 ])
 def test_bad_train_requests_fail_before_any_work(tmp_path, changes, message):
     from dataclasses import replace
