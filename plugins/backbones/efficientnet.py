@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpmcli.contracts import BackboneSpec
 from qpm_plugins.backbones.vit import BACKBONE_OPTIONS
+
+from qpmcli.contracts import BackboneSpec
 
 NAME = "efficientnet-lite0"
 MEAN = (127.0 / 255.0,) * 3
