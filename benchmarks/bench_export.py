@@ -300,14 +300,12 @@ def cpu_int8_features() -> dict:
     """
     flags: set[str] = set()
     model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []):  # no /proc: no flags to report
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        elif line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
     have = [f for f in INT8_FLAGS if f in flags]
     if {"amx_tile", "amx_int8"} <= flags:
         path = "AMX int8 tiles"

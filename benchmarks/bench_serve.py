@@ -22,6 +22,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -120,12 +121,10 @@ def first_answer(url: str, image: bytes, t_spawn: float, deadline: float = 60.0)
     import httpx
 
     while True:
-        try:
+        with contextlib.suppress(httpx.TransportError):  # not listening yet: try again below
             r = httpx.post(url + "/api/predict", files={"file": ("a.png", image, "image/png")}, timeout=30)
             if r.status_code == 200:
                 return time.perf_counter() - t_spawn
-        except httpx.TransportError:
-            pass
         if time.perf_counter() - t_spawn > deadline:
             raise RuntimeError("no answer from the server")
         time.sleep(0.01)

@@ -249,8 +249,7 @@ def check_cache_dir(settings: Any) -> dict[str, Any]:
     writable = os.access(probe, os.W_OK | os.X_OK)
     if writable:
         try:
-            with tempfile.NamedTemporaryFile(dir=probe, prefix=".qpm-doctor-"):
-                pass
+            tempfile.NamedTemporaryFile(dir=probe, prefix=".qpm-doctor-").close()  # create + delete: the real test
         except OSError:
             writable = False
     free = shutil.disk_usage(probe).free / 2**30
