@@ -197,11 +197,6 @@ def _top_subsets(vals: np.ndarray, order: np.ndarray, k: int, m: int) -> list[tu
     return out
 
 
-def _exact_assignment(sub: np.ndarray, k: int) -> np.ndarray:
-    """Optimal distinct assignment for a fixed selection (kept for callers of the earlier name)."""
-    return exact_assignment(sub, k)[0]
-
-
 # ------------------------------------------------------------------------------------------------- heuristics
 def greedy(inst: QpmInstance, exclude_dead: bool = True) -> np.ndarray:
     """Forward greedy: repeatedly add the feature with the largest gain in top-k value minus penalty."""
@@ -339,6 +334,11 @@ class IlsState:
 
 
 # ------------------------------------------------------------------------------------------------------ bounds
+def default_candidates(inst: QpmInstance) -> int:
+    """The top-M candidate count of the bounds when none is given: every feature up to 64, else max(4k, min(n, 2K))."""
+    return inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
+
+
 def candidates(inst: QpmInstance, M: int) -> np.ndarray:
     """Per class the indices of its top-M features by value, [C, M] (M = n: no pruning)."""
     M = min(M, inst.n)
@@ -877,7 +877,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     stats: dict[str, Any] = {**inst.threshold_info, "threshold": inst.threshold,
                              "penalised_pairs": int(len(inst.pairs))}
     if M is None:
-        M = inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
+        M = default_candidates(inst)
     full = exact_model_fits(inst) if exact_model is None else bool(exact_model)
     bar = _Bar(progress, time_limit)
 
@@ -1008,7 +1008,6 @@ def gap_of(obj: float, bound: float) -> float:
     return max(0.0, bound - obj) / max(abs(obj), 1e-9)
 
 
-_gap = gap_of
 
 
 class _Bar:
@@ -1027,7 +1026,7 @@ class _Bar:
     def update(self, elapsed: float, obj: float, bound: float) -> None:
         if self.progress is None:
             return
-        gap = _gap(obj, bound)
+        gap = gap_of(obj, bound)
         text = f"obj {obj:.3f}  bound {bound:.3f}  gap {100 * gap:.2f}%" if math.isfinite(gap) else f"obj {obj:.3f}"
         self.progress.update(self.task, completed=min(elapsed, self.progress.tasks[0].total or elapsed),
                              description=f"qpm select: {text}")

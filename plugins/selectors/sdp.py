@@ -77,8 +77,10 @@ def _svec_index(m: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def default_candidates(inst) -> int:
-    """The top-M candidate count ``qpm.solve`` uses for its LP bound when none is given."""
-    return inst.n if inst.n <= 64 else max(4 * inst.k, min(inst.n, 2 * inst.K))
+    """The top-M candidate count ``qpm.solve`` uses for its LP bound when none is given (one rule, in qpm.py)."""
+    from qpm_plugins.selectors.qpm import default_candidates as rule
+
+    return rule(inst)
 
 
 def build_model(inst, M: int | None = None) -> ConicModel:
