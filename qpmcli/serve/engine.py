@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.artifact import ONNX_MODEL, SELECTION
+from qpmcli.artifact import ONNX_MODEL, SELECTION, read_json
 from qpmcli.errors import ArtifactError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +53,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None, settings: Any = Non
     """The ``.onnx`` file to serve: the file itself, a run directory's export, or (no MODEL) the ``model`` setting /
     the current run's export (:mod:`qpmcli.current`). A run without an export and an adapter-only graph are
     :class:`ArtifactError` naming the command that fixes it."""
-    from qpmcli.current import exported_model, resolve_model
+    from qpmcli.current import resolve_model
 
     if settings is None:
         from qpmcli.settings import resolve_settings
@@ -62,8 +62,8 @@ def resolve_model_path(model: str | os.PathLike[str] | None, settings: Any = Non
     resolved = resolve_model(settings, str(model) if model is not None else None, prefer_onnx=True)
     path = resolved.path
     if path.is_dir():
-        onnx = exported_model(path) or (path / ONNX_MODEL if (path / ONNX_MODEL).is_file() else None)
-        if onnx is None:
+        onnx = path / ONNX_MODEL  # served even when older than the run's model (the overview shows what it serves)
+        if not onnx.is_file():
             raise ArtifactError(f"run directory {path} has no exported model; run `qpm export {path} --onnx` first "
                                 f"(qpm serve runs the ONNX graph with ONNX Runtime, without PyTorch)")
         return onnx
@@ -463,14 +463,12 @@ def _prototypes(doc: Any) -> dict[int, list[dict[str, Any]]]:
 
 def _run_selection(path: Path) -> dict[str, Any] | None:
     """The selection facts of the run an exported file sits in (``<run>/selection.json``), when it is one."""
-    import json
-
     sel = path.parent / SELECTION
     if not sel.is_file():
         return None
     try:
-        doc = json.loads(sel.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json(sel)
+    except (ArtifactError, ValueError):  # ValueError: undecodable bytes
         return None
     return doc if isinstance(doc, dict) else None
 
