@@ -389,6 +389,16 @@ def _schemas() -> dict[str, Any]:
     class Open(BaseModel):
         model_config = ConfigDict(extra="allow", strict=False)
 
+    def size_problems(preprocess: Any, image_size: Any) -> list[str]:
+        """The one rule both documents share: preprocess.size is the image size (when both are given)."""
+        if preprocess is None or image_size is None or tuple(preprocess.size) == tuple(image_size):
+            return []
+        return [f"image_size {list(image_size)} but preprocess.size is {list(preprocess.size)}"]
+
+    def raise_problems(problems: list[str]) -> None:
+        if problems:
+            raise ValueError("; ".join(problems))
+
     class Preprocess(Open):
         size: Pair
         mean: tuple[float, float, float]
@@ -441,12 +451,7 @@ def _schemas() -> dict[str, Any]:
                 problems.append(f"grid {list(self.grid)} but the model's grid is {list(self.model.grid)}")
             if self.embed_dim is not None and self.embed_dim != self.model.embed_dim:
                 problems.append(f"embed_dim {self.embed_dim} but the model takes {self.model.embed_dim}")
-            if self.preprocess is not None and self.image_size is not None \
-                    and tuple(self.preprocess.size) != tuple(self.image_size):
-                problems.append(f"image_size {list(self.image_size)} but preprocess.size is "
-                                f"{list(self.preprocess.size)}")
-            if problems:
-                raise ValueError("; ".join(problems))
+            raise_problems(problems + size_problems(self.preprocess, self.image_size))
             return self
 
     class OnnxDocument(Open):
@@ -480,11 +485,7 @@ def _schemas() -> dict[str, Any]:
                 problems.append(f"mu and sigma must have {k} entries (one per feature)")
             if self.bias is not None and len(self.bias) != c:
                 problems.append(f"bias must have {c} entries (one per class)")
-            if tuple(self.preprocess.size) != tuple(self.image_size):
-                problems.append(f"image_size {list(self.image_size)} but preprocess.size is "
-                                f"{list(self.preprocess.size)}")
-            if problems:
-                raise ValueError("; ".join(problems))
+            raise_problems(problems + size_problems(self.preprocess, self.image_size))
             return self
 
     return {"model": ModelDocument, "onnx": OnnxDocument}
