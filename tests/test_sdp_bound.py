@@ -204,6 +204,38 @@ def test_sdp_bound_source_steps_never_raise_the_bound_and_finish_when_converged(
     assert src.info["chunks"] == len(seen) and src.step(time.perf_counter() + 60) == seen[-1]
 
 
+def test_concurrent_source_runs_beside_the_caller_and_its_final_bound_is_valid():
+    import threading
+    import time
+
+    inst = random_instance(4, n=10, C=4, K=5, k=2)
+    opt = best_without_distinct_sets(inst)
+    src = D.ConcurrentSource(D.SdpBound(inst, eps=1e-7, chunk_seconds=0.2))
+    assert not src.done and src.bound == math.inf
+    t0 = time.perf_counter()
+    src.step(t0 + 30)
+    assert time.perf_counter() - t0 < 0.5 and src.done  # returns at once; the thread does the rest
+    assert any(t.name == "qpm-sdp-bound" for t in threading.enumerate())
+    final = src.finish()
+    assert not any(t.name == "qpm-sdp-bound" for t in threading.enumerate())
+    assert final == src.bound >= opt - 1e-9 and math.isfinite(final) and src.error is None
+    assert src.source.info["chunks"] >= 1 and src.seconds > 0
+
+
+def test_a_failing_background_bound_leaves_the_selection_running_and_says_why():
+    class Broken:
+        name, bound, done, steps, seconds = "sdp", math.inf, False, 0, 0.0
+
+        def step(self, deadline):
+            raise MemoryError("no room for the PSD block")
+
+    src = D.ConcurrentSource(Broken())
+    src.step(math.inf)
+    assert src.finish() == math.inf and src.error == "MemoryError: no room for the PSD block"
+    stats = D.bound_stats("sdp", [src], {}, 10.0)
+    assert stats["sdp_error"] == "MemoryError: no room for the PSD block" and stats["bound_from"] == "objective"
+
+
 def test_auto_bound_takes_the_sdp_only_for_large_problems_with_time_for_it():
     big = Q.QpmInstance(coef=np.zeros((512, 200)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
                         bonus=np.zeros(512), K=50, k=5)

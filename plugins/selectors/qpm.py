@@ -859,7 +859,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
        bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds; one step of every bound source
        (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
-       ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``); one CP-SAT chunk
+       ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``; one with ``finish()`` works
+       in its own thread, is only read at each cycle and is finished before the result); one CP-SAT chunk
        (:class:`CpsatModel`: the exact model on small problems, where a chunk that ends OPTIMAL proves the optimum;
        else the top-M restriction), hinted with the incumbent, of 0.5, 1, 2, ... deterministic seconds (doubling, up
        to 32 on the exact model, 8 on the restriction). CP-SAT's solutions join the local search's incumbent.
@@ -883,6 +884,11 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
     def now() -> float:
         return time.perf_counter()
+
+    sources = [LpBound(inst, M, cut_rounds=cut_rounds)] if bound_sources is None else list(bound_sources)
+    for src in sources:  # background sources start now: they use the core that the starts leave idle
+        if hasattr(src, "finish"):
+            src.step(deadline)
 
     # 1. starts
     starts = {"greedy": greedy(inst)}
@@ -913,7 +919,6 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     bar.update(now() - start, ils.best_v, math.inf)
 
     # 2. cycles
-    sources = [LpBound(inst, M, cut_rounds=cut_rounds)] if bound_sources is None else list(bound_sources)
     bound = math.inf
     cp: CpsatModel | None = None
     cp_cuts: dict[int, int] = {}
@@ -934,11 +939,13 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
     def bound_step() -> None:
         nonlocal bound
-        for src in sources:
+        for src in sources:  # a source that runs in its own thread (sdp.ConcurrentSource) is only read here
             if not src.done and now() < deadline:
-                bound = min(bound, src.step(deadline))
+                src.step(deadline)
+            if src.bound < bound:
+                bound = src.bound
                 stats[f"{src.name}_bound"] = src.bound
-                record(bound)
+            record(bound)
         bar.update(now() - start, ils.best_v, bound)
 
     def cpsat_step() -> None:
@@ -975,6 +982,11 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
             step()
         cycle += 1
         bar.update(now() - start, ils.best_v, bound)
+
+    for src in sources:  # wait for background bound work (at most the chunk in flight) and take its last bound
+        if hasattr(src, "finish"):
+            bound = min(bound, src.finish())
+            stats[f"{src.name}_bound"] = src.bound
 
     # 3. the incumbent with its exact assignment
     best_S = np.sort(ils.best)

@@ -378,6 +378,11 @@ class SdpBound:
     def seconds(self) -> float:
         return float(self.info["time"])
 
+    @property
+    def steps(self) -> int:
+        """SCS chunks run so far (a step that runs none did no work)."""
+        return int(self.info["chunks"])
+
     def step(self, deadline: float) -> float:
         if self.done:
             return self.bound
@@ -498,6 +503,70 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
     return "sdp" if not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS else "lp"
 
 
+class ConcurrentSource:
+    """Runs a bound source's steps in a background thread, beside the search, until its deadline.
+
+    The first ``step(deadline)`` starts the thread and returns at once; later calls return the best certified
+    bound so far. The thread steps the source until it is ``done``, a step does no work (the next SCS chunk no
+    longer fits before the deadline) or :meth:`finish` asks it to stop; :meth:`finish` then waits for the chunk in
+    flight (at most one chunk: a chunk is only started when it fits before the deadline). This is for sources whose
+    work releases the GIL (SCS does, while it iterates): the SDP then takes the search's idle core instead of turns
+    in its schedule, so the bound's time comes out of neither the local search's rounds nor CP-SAT's chunks, which
+    stay the same deterministic sequence. An exception in the thread ends the bound work (the bound so far stays
+    valid) and is kept in ``error``; the selection goes on without it.
+    """
+
+    def __init__(self, source) -> None:
+        self.source = source
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def bound(self) -> float:
+        return self.source.bound
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None  # started: the thread does the rest
+
+    @property
+    def seconds(self) -> float:
+        return float(self.source.seconds)
+
+    def step(self, deadline: float) -> float:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(deadline,), name=f"qpm-{self.name}-bound",
+                                            daemon=True)
+            self._thread.start()
+        return self.source.bound
+
+    def _run(self, deadline: float) -> None:
+        src = self.source
+        try:
+            while not self._stop.is_set() and not src.done and time.perf_counter() < deadline:
+                before = src.steps
+                src.step(deadline)
+                if src.steps == before:
+                    break
+        except Exception as exc:  # noqa: BLE001 - the bound is optional; the selection must not die with it
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if hasattr(src, "close"):
+                src.close()
+
+    def finish(self) -> float:
+        """Stop after the chunk in flight, wait for it, and return the final certified bound."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.source.bound
+
+
 class TimedSource:
     """A bound source that counts the seconds its steps take (``seconds``); otherwise the source itself."""
 
@@ -538,7 +607,7 @@ def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_ro
             raise SelectionError(f"--bound sdp: {inst.n} features is more than the SDP bound takes "
                                  f"({SDP_MAX_FEATURES}; its memory grows as n^2, about 0.5 GB at 512); use --bound lp "
                                  f"or auto")
-        return [TimedSource(SdpBound(inst, M))]
+        return [ConcurrentSource(SdpBound(inst, M))]
     from qpm_plugins.selectors.qpm import LpBound
 
     return [TimedSource(LpBound(inst, M, cut_rounds=cut_rounds))]
@@ -560,6 +629,8 @@ def bound_stats(choice: str, sources: list, stats: dict[str, Any], bound: float)
         out["bound_from"] = best if best is not None and finite[best] <= bound + 1e-9 else "objective"
     for s in sources:
         out[f"{s.name}_seconds"] = round(float(getattr(s, "seconds", 0.0)), 3)
+        if getattr(s, "error", None):
+            out[f"{s.name}_error"] = s.error
         inner = getattr(s, "source", s)
         if isinstance(inner, SdpBound):
             out["sdp"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
