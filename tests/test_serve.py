@@ -137,8 +137,15 @@ def png_bytes(path: Path) -> bytes:
 def test_binds_loopback_and_never_imports_torch(server, client, served_model):
     assert server.url.startswith("http://127.0.0.1:")  # no --host: this machine only
     files = {"file": ("a.png", png_bytes(served_model["images"][0]), "image/png")}
-    assert client.post("/api/predict", files=files).status_code == 200
+    r = client.post("/api/predict", files=files)
+    assert r.status_code == 200 and r.headers["x-content-type-options"] == "nosniff"
+    timing = dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))  # where the time went
+    assert set(timing) == {"queue", "decode", "infer", "batch", "total"} and float(timing["batch"]) >= 1
+    assert 0 < float(timing["infer"]) < float(timing["total"])
     assert client.post("/api/explain", files=files).status_code == 200
+    page = client.get("/")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    assert "content-security-policy" not in client.get("/docs").headers
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["provider"] == "CPUExecutionProvider"
     assert health["torch_imported"] is False

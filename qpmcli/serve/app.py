@@ -41,6 +41,42 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
     return out
 
 
+class ResponseHeaders:
+    """Pure ASGI middleware (no extra task or stream per request, unlike ``@app.middleware``): the security headers
+    on every response, the page CSP on our HTML pages, and a ``Server-Timing`` header on every response -- ``total``
+    (request arrival to response start, multipart parsing included) plus what the handler put in
+    ``scope["qpm.timing"]`` (the inference worker's queue, decode and infer milliseconds)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        docs = scope.get("path", "").startswith("/docs")
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {k.lower() for k, _ in headers}
+                for key, value in SECURITY_HEADERS.items():
+                    if key.lower().encode() not in present:
+                        headers.append((key.lower().encode(), value.encode()))
+                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+                if ctype.startswith(b"text/html") and not docs:
+                    headers = [(k, v) for k, v in headers if k.lower() != b"content-security-policy"]
+                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
+                parts = [f"{name};dur={ms:.2f}" for name, ms in scope.get("qpm.timing", [])]
+                parts.append(f"total;dur={(time.perf_counter() - t0) * 1e3:.2f}")
+                headers.append((b"server-timing", ", ".join(parts).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class UploadLimit:
     """ASGI middleware: request bodies above ``limit`` bytes get 413 with a JSON message, known from Content-Length
     before the app runs or as soon as a streamed body passes the limit (the app then sees a disconnect).
@@ -135,17 +171,8 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
     started = time.time()
     app.state.model = model
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        for key, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        if response.headers.get("content-type", "").startswith("text/html") and \
-                not request.url.path.startswith("/docs"):
-            response.headers["Content-Security-Policy"] = PAGE_CSP
-        return response
-
     app.add_middleware(UploadLimit, limit=max_upload)
+    app.add_middleware(ResponseHeaders)  # outermost: its total covers the upload limit and the parsing
 
     @app.exception_handler(UploadError)
     async def upload_error(_request: Request, exc: UploadError) -> JSONResponse:
@@ -195,14 +222,16 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
 
     # -------------------------------------------------------------------------------------------------- API
-    async def _run(upload: UploadFile) -> tuple[dict[str, Any], tuple[int, int]]:
+    async def _run(request: Request, upload: UploadFile) -> tuple[dict[str, Any], tuple[int, int]]:
         try:
             data = await upload.read()
         except ClientDisconnect:
             raise HTTPException(400, "the client went away during the upload") from None
         with model.batcher.incoming() as submit:
             future = submit(data)  # the batching worker decodes and preprocesses it (UploadError for bad ones)
-        out, size = await asyncio.wrap_future(future)
+        out, size, tm = await asyncio.wrap_future(future)
+        request.scope["qpm.timing"] = [("queue", tm.queue * 1e3), ("decode", tm.decode * 1e3),
+                                       ("infer", tm.infer * 1e3), ("batch", tm.batch)]
         return out, size
 
     def _check_top_k(top_k: int) -> None:
@@ -210,18 +239,20 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
             raise UploadError(422, "top_k must be at least 1")
 
     @app.post("/api/predict", tags=["inference"])
-    async def api_predict(file: UploadFile = File(..., description="The image (any format PIL reads)."),
+    async def api_predict(request: Request,
+                          file: UploadFile = File(..., description="The image (any format PIL reads)."),
                           top_k: int = Form(5, description="Classes to list.")) -> dict[str, Any]:
         """Classify one image: the same JSON as `qpm predict --json` (top-k classes, and the features behind the
         top class with their contributions to its logit)."""
         _check_top_k(top_k)
-        out, _ = await _run(file)
+        out, _ = await _run(request, file)
         result = model.describe(out, top_k)
         return {"model": str(model.path), "kind": model.classifier.kind, "provider": model.classifier.provider,
                 "num_images": 1, "num_failed": 0, "predictions": [{"path": file.filename or "upload", **result}]}
 
     @app.post("/api/explain", tags=["inference"])
     async def api_explain(
+            request: Request,
             file: UploadFile = File(..., description="The image (any format PIL reads)."),
             class_: str | None = Form(None, alias="class", description="Explain this class (index or name) "
                                                                         "instead of the predicted one."),
@@ -236,7 +267,7 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
             raise UploadError(422, "heatmaps must be png, array or none")
         cls = model.resolve_class(class_)
         cmp_ = model.resolve_class(compare)
-        out, size = await _run(file)
+        out, size = await _run(request, file)
         result = await run_in_threadpool(model.explain, out, size, class_index=cls, compare=cmp_, top_k=top_k,
                                          heatmaps=heatmaps)
         result["image"] = {"name": file.filename or "upload", "width": size[0], "height": size[1]}

@@ -116,15 +116,28 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
 class _Item:
     x: Any
     future: Future = field(default_factory=Future)
+    queued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Timing:
+    """Where one request's seconds went in the worker: waiting in the queue (``queue``), decoding and preprocessing
+    its upload (``decode``), the ONNX Runtime call it shared with ``batch - 1`` others (``infer``)."""
+
+    queue: float = 0.0
+    decode: float = 0.0
+    infer: float = 0.0
+    batch: int = 1
 
 
 class MicroBatcher:
     """One worker thread that runs ``run_fn(batch [B, ...]) -> {name: [B, ...]}`` on queued single images.
 
     With ``prepare_fn(item) -> (x, info)`` the queued items are raw (upload bytes) and the worker prepares them
-    itself right before the session call; a future then resolves to ``(outputs, info)``. Decoding in the worker keeps
-    it from competing with the session's own threads for the cores (oversubscription made concurrent requests
-    slower than sequential ones on 2 cores), and lets requests queue up, and batch, while the session runs.
+    itself right before the session call; a future then resolves to ``(outputs, info, timing)`` (:class:`Timing`).
+    Decoding in the worker keeps it from competing with the session's own threads for the cores (oversubscription
+    made concurrent requests slower than sequential ones on 2 cores), and lets requests queue up, and batch, while
+    the session runs.
     """
 
     def __init__(self, run_fn: Callable[[Any], dict[str, Any]], *, max_batch: int = DEFAULT_MAX_BATCH,
@@ -214,35 +227,42 @@ class MicroBatcher:
                     break
                 batch.append(item)
             started = time.perf_counter()
+            timings = [Timing(queue=started - it.queued) for it in batch]
             if self.prepare_fn is not None:  # decode here, between session runs, never beside them
-                ready, infos = [], []
-                for it in batch:
+                ready, infos, kept = [], [], []
+                for it, tm in zip(batch, timings, strict=True):
+                    t0 = time.perf_counter()
                     try:
                         x, info = self.prepare_fn(it.x)
                     except BaseException as exc:  # a bad upload fails its own request only
                         it.future.set_exception(exc)
                         continue
+                    tm.decode = time.perf_counter() - t0
                     it.x = x
                     ready.append(it)
                     infos.append(info)
-                batch = ready
+                    kept.append(tm)
+                batch, timings = ready, kept
                 if not batch:
                     continue
             else:
                 infos = [None] * len(batch)
+            t0 = time.perf_counter()
             try:
                 out = self.run_fn(np.stack([it.x for it in batch]))
             except BaseException as exc:  # the session failed: every waiting request gets the error
                 for it in batch:
                     it.future.set_exception(exc)
                 continue
+            infer = time.perf_counter() - t0
             with self._lock:
                 self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(batch))
                 self.busy += time.perf_counter() - started
-            for row, (it, info) in enumerate(zip(batch, infos, strict=True)):
+            for row, (it, info, tm) in enumerate(zip(batch, infos, timings, strict=True)):
+                tm.infer, tm.batch = infer, len(batch)
                 result = {name: value[row] for name, value in out.items()}
-                it.future.set_result(result if self.prepare_fn is None else (result, info))
+                it.future.set_result(result if self.prepare_fn is None else (result, info, tm))
 
 
 # --------------------------------------------------------------------------------------------------- model
