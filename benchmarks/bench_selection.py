@@ -15,7 +15,8 @@ including the ones where distinct class sets bind: C = 20, K = 8, k = 2 and C = 
 limit stops on that trajectory (it can only end slightly higher, by a local search round that the limit truncates).
 
     python benchmarks/bench_selection.py [--quick] [--time-limit 60] [--long 300] [--workers 8] [--json-out PATH]
-                                         [--problem RUN_DIR_OR_NPZ] [--compare-commit REV]
+                                         [--problem RUN_DIR_OR_NPZ] [--compare-commit REV] [--bound auto]
+                                         [--skip-plain]
     python benchmarks/bench_selection.py --licence [--limits 5,15,60] [--gurobi-limit 60] [--workers 2]
                                          [--instances N] [--json-out PATH]
 """
@@ -166,12 +167,17 @@ def run_cub(args) -> dict:
         return out
 
     def ours(limit: float) -> dict:
-        res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False)
+        from qpm_plugins.selectors.sdp import bound_sources, bound_stats
+
+        sources = bound_sources(args.bound, inst, None, limit)
+        res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False,
+                      bound_sources=sources)
+        res.stats.update(bound_stats(args.bound, sources, res.stats, res.bound))
         ok = (res.W.sum(1) == 5).all() and len({r.tobytes() for r in res.W}) == C and len(set(res.S)) == 50
         out = {"seconds": limit, "objective": res.objective, "bound": res.bound, "gap": res.gap, "status": res.status,
                "constraints_hold": bool(ok), "stats": res.stats}
         print(f"ours {limit:.0f}s: {res.objective:.4f} bound {res.bound:.4f} gap {100 * res.gap:.2f}% "
-              f"(constraints hold: {ok})", flush=True)
+              f"(bound from {res.stats.get('bound_from')}; constraints hold: {ok})", flush=True)
         return out
 
     if args.compare_commit:
@@ -182,10 +188,12 @@ def run_cub(args) -> dict:
         runs[f"commit_{args.compare_commit}"] = {"seconds": T, "objective": v, "bound": r.bound, "gap": r.gap}
         print(f"solver of {args.compare_commit} {T:.0f}s: {v:.4f} bound {r.bound:.4f}", flush=True)
     runs["ours"] = ours(T)
-    runs["plain_cpsat"] = plain(T)
+    if not args.skip_plain:
+        runs["plain_cpsat"] = plain(T)
     if long_T > 0:
         runs["ours_long"] = ours(long_T)
-        runs["plain_cpsat_long"] = plain(long_T)
+        if not args.skip_plain:
+            runs["plain_cpsat_long"] = plain(long_T)
     return {"benchmark": "selection", "runs": runs,
             "notes": f"{source}; {args.workers} CP-SAT workers on {os.cpu_count()} cpus (shared machine)"}
 
@@ -200,6 +208,9 @@ def main() -> int:
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--problem", default=None, help="run directory or .npz with A and R (default: synthetic)")
     ap.add_argument("--compare-commit", default=None, help="also run the qpm solver of this git revision")
+    ap.add_argument("--bound", default="auto", choices=("lp", "sdp", "auto"),
+                    help="the qpm selector's bound source (as qpm select --bound); the licence part uses its own")
+    ap.add_argument("--skip-plain", action="store_true", help="no plain CP-SAT rows")
     ap.add_argument("--licence", action="store_true", help="ours vs Gurobi's proven optimum on small instances")
     ap.add_argument("--limits", default="5,15,60")
     ap.add_argument("--gurobi-limit", type=float, default=60.0)
