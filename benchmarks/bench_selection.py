@@ -18,7 +18,7 @@ limit stops on that trajectory (it can only end slightly higher, by a local sear
                                          [--problem RUN_DIR_OR_NPZ] [--compare-commit REV] [--bound auto]
                                          [--skip-plain]
     python benchmarks/bench_selection.py --licence [--limits 5,15,60] [--gurobi-limit 60] [--workers 2]
-                                         [--instances N] [--json-out PATH]
+                                         [--instances N] [--json-out PATH] [--oracle GUROBI.json]
 """
 
 from __future__ import annotations
@@ -63,11 +63,23 @@ def run_licence(args) -> dict:
     limits = [float(x) for x in args.limits.split(",")]
     T = max(limits)
     rows = []
+    oracle: dict[str, dict] = {}
+    if args.oracle and os.path.exists(args.oracle):  # Gurobi's results of an earlier sweep (same instances)
+        with open(args.oracle) as fh:
+            oracle = {str(r["instance"]): r for r in json.load(fh)}
     for n, C, K, k, seed in licence_instances()[: args.instances]:
         prob = synthetic_problem(n, C, seed=seed, n_samples=30 * C)
         inst = Q.make_instance(prob, K, k)
-        g = solve_gurobi(inst, time_limit=args.gurobi_limit, workers=args.workers,
-                         start=inst.clique[:K] if len(inst.clique) >= K else None)
+        key = str([n, C, K, k, seed])
+        if key not in oracle:
+            g = solve_gurobi(inst, time_limit=args.gurobi_limit, workers=args.workers,
+                             start=inst.clique[:K] if len(inst.clique) >= K else None)
+            oracle[key] = {"instance": [n, C, K, k, seed], "objective": g["objective"], "bound": g["bound"],
+                           "seconds": g["seconds"], "limit": args.gurobi_limit}
+            if args.oracle:
+                with open(args.oracle, "w") as fh:
+                    json.dump(list(oracle.values()), fh, indent=1)
+        g = oracle[key]
         g_proven = Q.gap_of(g["objective"], max(g["bound"], g["objective"])) <= Q.OPT_TOL
         res = Q.solve(inst, time_limit=T, seed=0, workers=args.workers, progress=False)
         traj = res.stats["trajectory"]
@@ -215,6 +227,8 @@ def main() -> int:
     ap.add_argument("--limits", default="5,15,60")
     ap.add_argument("--gurobi-limit", type=float, default=60.0)
     ap.add_argument("--instances", type=int, default=42)
+    ap.add_argument("--oracle", default=None, help="JSON of Gurobi's results: read if present (instances in it are "
+                                                   "not solved again), else written")
     args = ap.parse_args()
     result = run_licence(args) if args.licence else run_cub(args)
     if args.json_out:

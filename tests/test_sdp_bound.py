@@ -222,6 +222,20 @@ def test_concurrent_source_runs_beside_the_caller_and_its_final_bound_is_valid()
     assert src.source.info["chunks"] >= 1 and src.seconds > 0
 
 
+def test_the_search_is_the_same_whichever_bound_runs_beside_it():
+    prob = synthetic_problem(40, 12, seed=3, n_samples=360)
+    inst = Q.make_instance(prob, 10, 3)
+    runs = {}
+    for name, sources in (("lp", [Q.LpBound(inst, Q.default_candidates(inst))]),
+                          ("sdp", [D.ConcurrentSource(D.SdpBound(inst))])):
+        runs[name] = Q.solve(inst, time_limit=120, work_limit=2, seed=1, workers=1, progress=False,
+                             use_cpsat=False, exact_model=False, bound_sources=sources)
+    lp, sdp = runs["lp"], runs["sdp"]
+    assert lp.stats["cycles"] == sdp.stats["cycles"] == 2 and lp.stats["ils_rounds"] == sdp.stats["ils_rounds"]
+    np.testing.assert_array_equal(lp.S, sdp.S)
+    assert lp.objective == sdp.objective and sdp.bound >= sdp.objective and math.isfinite(sdp.bound)
+
+
 def test_a_failing_background_bound_leaves_the_selection_running_and_says_why():
     class Broken:
         name, bound, done, steps, seconds = "sdp", math.inf, False, 0, 0.0
