@@ -488,9 +488,10 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
     """``lp`` or ``sdp`` for a ``bound`` option of ``lp``, ``sdp`` or ``auto``.
 
     auto takes the SDP where the LP is loose and the SDP pays off: problems too big for CP-SAT's exact model (whose
-    own bound closes small problems), at most :data:`AUTO_MAX_FEATURES` features, and a time limit of at least
-    :data:`AUTO_MIN_SECONDS`. At CUB size (512 x 200) a 120 s budget certifies 343.1 with the SDP against 358.9
-    with the LP and clique cuts (benchmarks/results/sdp.md).
+    own bound closes small problems), at most :data:`AUTO_MAX_FEATURES` features, a time limit of at least
+    :data:`AUTO_MIN_SECONDS`, and at least two usable cores (the SDP runs in its own thread beside the search; on
+    one core it would take the search's time). At CUB size (512 x 200) a 120 s budget certifies 343.1 with the
+    SDP against 358.9 with the LP and clique cuts (benchmarks/results/sdp.md).
     """
     if choice not in BOUND_CHOICES:
         raise ValueError(f"bound must be one of {', '.join(BOUND_CHOICES)}, got {choice!r}")
@@ -500,7 +501,9 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
 
     fits = getattr(qpm, "exact_model_fits", None)
     small = fits(inst) if fits is not None else inst.n <= 64
-    return "sdp" if not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS else "lp"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return "sdp" if (not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS
+                     and cores >= 2) else "lp"
 
 
 class ConcurrentSource:
