@@ -172,9 +172,12 @@ class ClassifierMetadata:
     def check_shapes(self) -> None:
         """``weight [C, K]``, ``mu``/``sigma [K]`` and ``bias [C]`` must agree with the class and feature lists."""
         k = len(self.features)
-        if self.weight.shape != (self.n_classes, k) or self.mu.shape != (k,) or self.sigma.shape != (k,):
+        bias = None if self.bias is None else self.bias.shape
+        if self.weight.shape != (self.n_classes, k) or self.mu.shape != (k,) or self.sigma.shape != (k,) or \
+                bias not in (None, (self.n_classes,)):
             raise ArtifactError(f"model metadata shapes disagree: W {self.weight.shape}, mu {self.mu.shape}, "
-                                f"sigma {self.sigma.shape} for {self.n_classes} classes and {k} features")
+                                f"sigma {self.sigma.shape}, bias {bias} for {self.n_classes} classes and {k} "
+                                f"features")
 
     @classmethod
     def from_head(cls, head: Mapping[str, Any]) -> ClassifierMetadata:

@@ -69,3 +69,16 @@ def test_atomic_writes_get_the_usual_file_permissions(tmp_path):
     path = atomic_write_json(tmp_path / "x.json", {"a": 1})
     assert (path.stat().st_mode & 0o777) == 0o666 & ~mask
     assert (path.stat().st_mode & 0o044) == 0o044 or mask & 0o044  # readable by others unless the umask forbids it
+
+
+def test_model_metadata_with_disagreeing_shapes_is_refused_in_one_line():
+    from qpmcli.modelfile import ClassifierMetadata
+
+    doc = {"class_names": ["a", "b", "c"], "features": [4, 9], "weight": [[1, 0], [0, 1], [1, 1]],
+           "mu": [0, 0], "sigma": [1, 1], "bias": [0.0, 0.1, 0.2], "preprocess": {}, "backbone": "x",
+           "weights_digest": "d", "image_size": [224, 224], "grid": [16, 16]}
+    assert ClassifierMetadata.from_json(doc).bias.shape == (3,)
+    for key, bad in (("bias", [0.0, 0.1]), ("mu", [0, 0, 0]), ("weight", [[1, 0], [0, 1]])):
+        with pytest.raises(ArtifactError, match="shapes disagree") as err:
+            ClassifierMetadata.from_json({**doc, key: bad})
+        assert "\n" not in str(err.value)
