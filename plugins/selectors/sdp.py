@@ -506,7 +506,41 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
                      and cores >= 2) else "lp"
 
 
-class ConcurrentSource:
+class _SourceView:
+    """A wrapper around a bound source that forwards its ``name`` and ``bound``."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def bound(self) -> float:
+        return self.source.bound
+
+
+class TimedSource(_SourceView):
+    """A bound source that counts the seconds its steps take (``seconds``); otherwise the source itself."""
+
+    def __init__(self, source) -> None:
+        super().__init__(source)
+        self.seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.source.done
+
+    def step(self, deadline: float) -> float:
+        t0 = time.perf_counter()
+        try:
+            return self.source.step(deadline)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+class ConcurrentSource(_SourceView):
     """Runs a bound source's steps in a background thread, beside the search, until its deadline.
 
     The first ``step(deadline)`` starts the thread and returns at once; later calls return the best certified
@@ -520,18 +554,10 @@ class ConcurrentSource:
     """
 
     def __init__(self, source) -> None:
-        self.source = source
+        super().__init__(source)
         self.error: str | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def bound(self) -> float:
-        return self.source.bound
 
     @property
     def done(self) -> bool:
@@ -568,33 +594,6 @@ class ConcurrentSource:
         if self._thread is not None:
             self._thread.join()
         return self.source.bound
-
-
-class TimedSource:
-    """A bound source that counts the seconds its steps take (``seconds``); otherwise the source itself."""
-
-    def __init__(self, source) -> None:
-        self.source = source
-        self.seconds = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.source.name
-
-    @property
-    def bound(self) -> float:
-        return self.source.bound
-
-    @property
-    def done(self) -> bool:
-        return self.source.done
-
-    def step(self, deadline: float) -> float:
-        t0 = time.perf_counter()
-        try:
-            return self.source.step(deadline)
-        finally:
-            self.seconds += time.perf_counter() - t0
 
 
 SDP_MAX_FEATURES = 2048  # explicit --bound sdp beyond this: memory grows as n^2 (about 8 GB at 2048)
