@@ -16,7 +16,7 @@ limit stops on that trajectory (it can only end slightly higher, by a local sear
 
     python benchmarks/bench_selection.py [--quick] [--time-limit 60] [--long 300] [--workers 8] [--json-out PATH]
                                          [--problem RUN_DIR_OR_NPZ] [--compare-commit REV] [--bound auto]
-                                         [--skip-plain]
+                                         [--skip-plain] [--skip-ours]
     python benchmarks/bench_selection.py --licence [--limits 5,15,60] [--gurobi-limit 60] [--workers 2]
                                          [--instances N] [--json-out PATH] [--oracle GUROBI.json]
 """
@@ -199,11 +199,13 @@ def run_cub(args) -> dict:
         v = inst.value(r.S, r.W.astype(bool))
         runs[f"commit_{args.compare_commit}"] = {"seconds": T, "objective": v, "bound": r.bound, "gap": r.gap}
         print(f"solver of {args.compare_commit} {T:.0f}s: {v:.4f} bound {r.bound:.4f}", flush=True)
-    runs["ours"] = ours(T)
+    if not args.skip_ours:
+        runs["ours"] = ours(T)
     if not args.skip_plain:
         runs["plain_cpsat"] = plain(T)
     if long_T > 0:
-        runs["ours_long"] = ours(long_T)
+        if not args.skip_ours:
+            runs["ours_long"] = ours(long_T)
         if not args.skip_plain:
             runs["plain_cpsat_long"] = plain(long_T)
     return {"benchmark": "selection", "runs": runs,
@@ -223,6 +225,7 @@ def main() -> int:
     ap.add_argument("--bound", default="auto", choices=("lp", "sdp", "auto"),
                     help="the qpm selector's bound source (as qpm select --bound); the licence part uses its own")
     ap.add_argument("--skip-plain", action="store_true", help="no plain CP-SAT rows")
+    ap.add_argument("--skip-ours", action="store_true", help="no qpm rows (e.g. plain CP-SAT rows alone)")
     ap.add_argument("--licence", action="store_true", help="ours vs Gurobi's proven optimum on small instances")
     ap.add_argument("--limits", default="5,15,60")
     ap.add_argument("--gurobi-limit", type=float, default=60.0)
