@@ -840,6 +840,9 @@ class SolveResult:
     stats: dict[str, Any]
 
 
+ILS_GROWTH_CAP = 6  # exact-model runs: at most ils_rounds * 2**6 local-search rounds per cycle
+
+
 def exact_model_fits(inst: QpmInstance) -> bool:
     """Whether CP-SAT gets the exact model (every feature a candidate of every class) instead of the top-M
     restriction: the licence-sized problems (n <= 64) and anything up to 4,000 (feature, class) entries."""
@@ -930,7 +933,9 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
     def ils_rounds_step() -> None:
         nonlocal time_to_best
-        for _ in range(ils_rounds):
+        # on the exact model the CP-SAT chunks double; the search's rounds double with them (capped), so it keeps
+        # its share of a long run instead of 8 rounds per ever longer cycle
+        for _ in range(ils_rounds * 2 ** min(cycle, ILS_GROWTH_CAP) if full else ils_rounds):
             if now() >= deadline:
                 break
             if ils.round(deadline):
