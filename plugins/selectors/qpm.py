@@ -860,8 +860,9 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
        :func:`local_search`; the best one seeds an iterated local search (:class:`IlsState`). Scores are the true
        objective of a feature set (its optimal distinct-sets assignment).
     2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
-       bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds; one step of every bound source
-       (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
+       bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds (on the exact model
+       ``ils_rounds * 2**cycle``, at most 2**:data:`ILS_GROWTH_CAP` times, as its CP-SAT chunks double too); one step
+       of every bound source (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
        ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``; one with ``finish()`` works
        in its own thread, is only read at each cycle and is finished before the result); one CP-SAT chunk
        (:class:`CpsatModel`: the exact model on small problems, where a chunk that ends OPTIMAL proves the optimum;
