@@ -238,17 +238,19 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         if top_k < 1:
             raise UploadError(422, "top_k must be at least 1")
 
-    @app.post("/api/predict", tags=["inference"])
+    @app.post("/api/predict", tags=["inference"], response_class=JSONResponse)
     async def api_predict(request: Request,
                           file: UploadFile = File(..., description="The image (any format PIL reads)."),
-                          top_k: int = Form(5, description="Classes to list.")) -> dict[str, Any]:
+                          top_k: int = Form(5, description="Classes to list.")) -> JSONResponse:
         """Classify one image: the same JSON as `qpm predict --json` (top-k classes, and the features behind the
         top class with their contributions to its logit)."""
         _check_top_k(top_k)
         out, _ = await _run(request, file)
         result = model.describe(out, top_k)
-        return {"model": str(model.path), "kind": model.classifier.kind, "provider": model.classifier.provider,
-                "num_images": 1, "num_failed": 0, "predictions": [{"path": file.filename or "upload", **result}]}
+        # plain JSON types already (as qpm predict --json writes them): no response-model validation per request
+        return JSONResponse({"model": str(model.path), "kind": model.classifier.kind,
+                             "provider": model.classifier.provider, "num_images": 1, "num_failed": 0,
+                             "predictions": [{"path": file.filename or "upload", **result}]})
 
     @app.post("/api/explain", tags=["inference"])
     async def api_explain(
