@@ -981,11 +981,15 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
     # small problems: proof work first (the exact model proves them); large ones: the search first
     steps = (bound_step, cpsat_step, ils_rounds_step) if full else (ils_rounds_step, bound_step, cpsat_step)
+    names = {ils_rounds_step: "search", bound_step: "bound", cpsat_step: "cpsat"}
+    spent = {"starts": round(now() - start, 3), "search": 0.0, "bound": 0.0, "cpsat": 0.0}  # wall seconds by step
     while not proven() and now() < deadline and (work_limit is None or cycle < work_limit):
         for step in steps:
             if proven() or now() >= deadline:
                 break
+            t_step = now()
             step()
+            spent[names[step]] += now() - t_step
         cycle += 1
         bar.update(now() - start, ils.best_v, bound)
 
@@ -1003,6 +1007,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     status = "OPTIMAL" if gap <= OPT_TOL else "FEASIBLE"
     record(bound)
     stats["trajectory"] = [[t, v, b if math.isfinite(b) else None] for t, v, b in trajectory]
+    stats["step_seconds"] = {key: round(val, 3) for key, val in spent.items()}
     stats.update(cycles=cycle, ils_rounds=ils.rounds, seconds=round(now() - start, 3),
                  time_to_best=round(time_to_best, 3), cpsat_model=None if cp is None else cp.mode,
                  cpsat_chunks=0 if cp is None else cp.chunks, cpsat_status=None if cp is None else cp.status,
