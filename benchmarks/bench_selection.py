@@ -186,8 +186,11 @@ def run_cub(args) -> dict:
                       bound_sources=sources)
         res.stats.update(bound_stats(args.bound, sources, res.stats, res.bound))
         ok = (res.W.sum(1) == 5).all() and len({r.tobytes() for r in res.W}) == C and len(set(res.S)) == 50
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (Linux reports KiB)
         out = {"seconds": limit, "objective": res.objective, "bound": res.bound, "gap": res.gap, "status": res.status,
-               "constraints_hold": bool(ok), "stats": res.stats}
+               "constraints_hold": bool(ok), "process_peak_rss_gib": round(peak, 3), "stats": res.stats}
         print(f"ours {limit:.0f}s: {res.objective:.4f} bound {res.bound:.4f} gap {100 * res.gap:.2f}% "
               f"(bound from {res.stats.get('bound_from')}; constraints hold: {ok})", flush=True)
         return out
