@@ -183,7 +183,7 @@ def run_cub(args) -> dict:
 
         sources = bound_sources(args.bound, inst, None, limit)
         res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False,
-                      bound_sources=sources)
+                      bound_sources=sources, ils_growth=True if args.ils_growth else None)
         res.stats.update(bound_stats(args.bound, sources, res.stats, res.bound))
         ok = (res.W.sum(1) == 5).all() and len({r.tobytes() for r in res.W}) == C and len(set(res.S)) == 50
         import resource
@@ -228,6 +228,8 @@ def main() -> int:
     ap.add_argument("--bound", default="auto", choices=("lp", "sdp", "auto"),
                     help="the qpm selector's bound source (as qpm select --bound); the licence part uses its own")
     ap.add_argument("--skip-plain", action="store_true", help="no plain CP-SAT rows")
+    ap.add_argument("--ils-growth", action="store_true",
+                    help="qpm rows: local-search rounds per cycle double on large problems too (solve(ils_growth))")
     ap.add_argument("--skip-ours", action="store_true", help="no qpm rows (e.g. plain CP-SAT rows alone)")
     ap.add_argument("--licence", action="store_true", help="ours vs Gurobi's proven optimum on small instances")
     ap.add_argument("--limits", default="5,15,60")
