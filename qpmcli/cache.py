@@ -432,7 +432,6 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
 
 def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,
                     skip_bad: bool, grid, has_masks: bool, progress: bool, total: int, split: str) -> None:
-    import contextlib
 
     import torch
     from torch.utils.data import DataLoader
@@ -453,12 +452,9 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
     skipped: list[dict[str, Any]] = []
     from qpmcli.progress import progress_bar
 
-    bar = progress_bar(transient=False, rate="img/s") if progress else contextlib.nullcontext()
-    with bar:
-        task = None
-        if progress:
-            already = total - sum(chunks[c][1] - chunks[c][0] for c in todo)
-            task = bar.add_task(f"extract {getattr(dataset, 'name', '')}/{split}", total=total, completed=already)
+    with progress_bar(enabled=progress, transient=False, rate="img/s") as bar:
+        already = total - sum(chunks[c][1] - chunks[c][0] for c in todo)
+        task = bar.add_task(f"extract {getattr(dataset, 'name', '')}/{split}", total=total, completed=already)
         for idx, x, y, m, errs in loader:
             bad = [i for i, e in enumerate(errs) if e]
             if bad and not skip_bad:
@@ -476,8 +472,7 @@ def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], b
                 masks[a:b] = m.numpy()
             kept = [i for i in range(b - a) if not errs[i]]
             record.add(out[kept], y.numpy()[kept], None if masks is None else m.numpy()[kept])
-            if progress:
-                bar.update(task, advance=b - a)
+            bar.update(task, advance=b - a)
             if b in ends:  # chunk finished: flush, then leave its marker
                 tokens.flush()
                 labels.flush()

@@ -754,13 +754,11 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
         summary["global"] = {"class": names[cls_idx], "class_index": cls_idx, "figure": str(fig),
                              "features": [ids[k] for k in class_columns(w, cls_idx, 10)]}
     used: set[str] = set()
-    bar = None
-    if progress and paths:
-        from qpmcli.progress import progress_bar
+    from qpmcli.progress import progress_bar
 
-        bar = progress_bar()
-        bar.start()
-        task = bar.add_task("explaining", total=len(paths))
+    bar = progress_bar(enabled=progress and bool(paths))
+    bar.start()
+    task = bar.add_task("explaining", total=len(paths))
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
@@ -771,8 +769,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                     good.append(p)
                 except ImageError as exc:
                     summary["images"].append({"image": str(p), "error": str(exc)})
-                    if bar is not None:
-                        bar.advance(task)
+                    bar.advance(task)
             if not good:
                 continue
             res = clf.run(pil)
@@ -798,11 +795,9 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                                        "shared": groups["shared_features"], "only_a": groups["only_a_features"],
                                        "only_b": groups["only_b_features"], "figure": str(fig)}
                 summary["images"].append(item)
-                if bar is not None:
-                    bar.advance(task)
+                bar.advance(task)
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.stop()
     summary["num_failed"] = sum(1 for i in summary["images"] if "error" in i)
     if paths and summary["num_failed"] == len(paths):
         raise ImageError(f"none of the {len(paths)} image(s) could be read; first error: "

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -339,9 +338,8 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
                 clf.metadata, out["logits"][row], out["features"][row], top_k=top_k)}
         pending.clear()
 
-    bar = progress_bar(stderr=True) if progress else None
-    with bar or nullcontext():
-        task = bar.add_task("predict", total=len(paths)) if bar else None
+    with progress_bar(enabled=progress, stderr=True) as bar:
+        task = bar.add_task("predict", total=len(paths))
         for i, p in enumerate(paths):
             try:
                 pending.append((i, open_image(p)))
@@ -349,8 +347,7 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
                 results[i] = {"path": str(p), "error": str(exc)}
             if len(pending) >= batch_size:
                 flush()
-            if bar:
-                bar.update(task, completed=i + 1)
+            bar.update(task, completed=i + 1)
         flush()
     done = [r for r in results if r is not None]
     failed = sum(1 for r in done if "error" in r)
