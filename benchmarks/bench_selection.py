@@ -16,7 +16,7 @@ limit stops on that trajectory (it can only end slightly higher, by a local sear
 
     python benchmarks/bench_selection.py [--quick] [--time-limit 60] [--long 300] [--workers 8] [--json-out PATH]
                                          [--problem RUN_DIR_OR_NPZ] [--compare-commit REV] [--bound auto]
-                                         [--skip-plain] [--skip-ours]
+                                         [--skip-plain] [--skip-ours] [--ils-rounds N] [--no-ils-growth]
     python benchmarks/bench_selection.py --licence [--limits 5,15,60] [--gurobi-limit 60] [--workers 2]
                                          [--instances N] [--json-out PATH] [--oracle GUROBI.json]
 """
@@ -183,7 +183,7 @@ def run_cub(args) -> dict:
 
         sources = bound_sources(args.bound, inst, None, limit)
         res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False,
-                      bound_sources=sources, ils_growth=True if args.ils_growth else None,
+                      bound_sources=sources, ils_growth=not args.no_ils_growth,
                       **({"ils_rounds": args.ils_rounds} if args.ils_rounds else {}))
         res.stats.update(bound_stats(args.bound, sources, res.stats, res.bound))
         ok = (res.W.sum(1) == 5).all() and len({r.tobytes() for r in res.W}) == C and len(set(res.S)) == 50
@@ -229,8 +229,8 @@ def main() -> int:
     ap.add_argument("--bound", default="auto", choices=("lp", "sdp", "auto"),
                     help="the qpm selector's bound source (as qpm select --bound); the licence part uses its own")
     ap.add_argument("--skip-plain", action="store_true", help="no plain CP-SAT rows")
-    ap.add_argument("--ils-growth", action="store_true",
-                    help="qpm rows: local-search rounds per cycle double on large problems too (solve(ils_growth))")
+    ap.add_argument("--no-ils-growth", action="store_true",
+                    help="qpm rows: a fixed number of local-search rounds per cycle (solve(ils_growth=False))")
     ap.add_argument("--ils-rounds", type=int, default=0, help="qpm rows: local-search rounds per cycle (solve's "
                                                                "ils_rounds; 0: its default)")
     ap.add_argument("--skip-ours", action="store_true", help="no qpm rows (e.g. plain CP-SAT rows alone)")

@@ -840,7 +840,12 @@ class SolveResult:
     stats: dict[str, Any]
 
 
-ILS_GROWTH_CAP = 6  # exact-model runs: at most ils_rounds * 2**6 local-search rounds per cycle
+ILS_GROWTH_CAP = 6  # at most ils_rounds * 2**6 local-search rounds per cycle
+# Local-search rounds of the first cycle. At CUB size (512 x 200) a round takes about 0.2 s and a CP-SAT chunk on the
+# top-M restriction 10-20 s (improving nothing in every CUB run measured); 64 rounds gave the best 60 s results there
+# (benchmarks/results/selection.md).
+ILS_ROUNDS_EXACT = 8
+ILS_ROUNDS_LARGE = 64
 
 
 def exact_model_fits(inst: QpmInstance) -> bool:
@@ -852,17 +857,17 @@ def exact_model_fits(inst: QpmInstance) -> bool:
 def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers: int = 8,
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
           progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50, work_limit: int | None = None,
-          bound_sources: list | None = None, ils_rounds: int = 8, random_starts: int = 2,
-          exact_model: bool | None = None, ils_growth: bool | None = None) -> SolveResult:
+          bound_sources: list | None = None, ils_rounds: int | None = None, random_starts: int = 2,
+          exact_model: bool | None = None, ils_growth: bool = True) -> SolveResult:
     """One deterministic search that runs until the optimum is proven, the time limit or ``work_limit`` cycles.
 
     1. Starts (greedy, the clique, ``previous``, ``random_starts`` seeded random sets), each improved by
        :func:`local_search`; the best one seeds an iterated local search (:class:`IlsState`). Scores are the true
        objective of a feature set (its optimal distinct-sets assignment).
     2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
-       bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds (with ``ils_growth``, by default on the
-       exact model: ``ils_rounds * 2**cycle``, at most 2**:data:`ILS_GROWTH_CAP` times, as CP-SAT's chunks double
-       too); one step
+       bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds (default :data:`ILS_ROUNDS_EXACT` on the
+       exact model, :data:`ILS_ROUNDS_LARGE` on larger problems; with ``ils_growth``, the default, times
+       ``2**cycle``, at most 2**:data:`ILS_GROWTH_CAP`, as CP-SAT's chunks double too); one step
        of every bound source (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
        ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``; one with ``finish()`` works
        in its own thread, is only read at each cycle and is finished before the result); one CP-SAT chunk
@@ -885,7 +890,8 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     if M is None:
         M = default_candidates(inst)
     full = exact_model_fits(inst) if exact_model is None else bool(exact_model)
-    grow = full if ils_growth is None else bool(ils_growth)
+    if ils_rounds is None:  # large problems: CP-SAT's restricted chunks are slow and rarely help; search more
+        ils_rounds = ILS_ROUNDS_EXACT if full else ILS_ROUNDS_LARGE
     bar = _Bar(progress, time_limit)
 
     def now() -> float:
@@ -938,7 +944,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         nonlocal time_to_best
         # on the exact model the CP-SAT chunks double; the search's rounds double with them (capped), so it keeps
         # its share of a long run instead of 8 rounds per ever longer cycle
-        for _ in range(ils_rounds * 2 ** min(cycle, ILS_GROWTH_CAP) if grow else ils_rounds):
+        for _ in range(ils_rounds * 2 ** min(cycle, ILS_GROWTH_CAP) if ils_growth else ils_rounds):
             if now() >= deadline:
                 break
             if ils.round(deadline):
