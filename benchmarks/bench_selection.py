@@ -184,7 +184,8 @@ def run_cub(args) -> dict:
         sources = bound_sources(args.bound, inst, None, limit)
         res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False,
                       bound_sources=sources, ils_growth=not args.no_ils_growth,
-                      **({"ils_rounds": args.ils_rounds} if args.ils_rounds else {}))
+                      **({"ils_rounds": args.ils_rounds} if args.ils_rounds else {}),
+                      **({"start_rounds": args.start_rounds} if args.start_rounds >= 0 else {}))
         res.stats.update(bound_stats(args.bound, sources, res.stats, res.bound))
         ok = (res.W.sum(1) == 5).all() and len({r.tobytes() for r in res.W}) == C and len(set(res.S)) == 50
         import resource
@@ -233,6 +234,8 @@ def main() -> int:
                     help="qpm rows: a fixed number of local-search rounds per cycle (solve(ils_growth=False))")
     ap.add_argument("--ils-rounds", type=int, default=0, help="qpm rows: local-search rounds per cycle (solve's "
                                                                "ils_rounds; 0: its default)")
+    ap.add_argument("--start-rounds", type=int, default=-1, help="qpm rows: iterated-search rounds from each start "
+                                                                  "(solve's start_rounds; -1: its default)")
     ap.add_argument("--skip-ours", action="store_true", help="no qpm rows (e.g. plain CP-SAT rows alone)")
     ap.add_argument("--licence", action="store_true", help="ours vs Gurobi's proven optimum on small instances")
     ap.add_argument("--limits", default="5,15,60")

@@ -846,6 +846,7 @@ ILS_GROWTH_CAP = 6  # at most ils_rounds * 2**6 local-search rounds per cycle
 # (benchmarks/results/selection.md).
 ILS_ROUNDS_EXACT = 8
 ILS_ROUNDS_LARGE = 64
+START_ROUNDS_LARGE = 16  # large problems: iterated-search rounds from each start before the best one goes on
 
 
 def exact_model_fits(inst: QpmInstance) -> bool:
@@ -858,11 +859,13 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
           progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50, work_limit: int | None = None,
           bound_sources: list | None = None, ils_rounds: int | None = None, random_starts: int = 2,
-          exact_model: bool | None = None, ils_growth: bool = True) -> SolveResult:
+          exact_model: bool | None = None, ils_growth: bool = True, start_rounds: int | None = None) -> SolveResult:
     """One deterministic search that runs until the optimum is proven, the time limit or ``work_limit`` cycles.
 
     1. Starts (greedy, the clique, ``previous``, ``random_starts`` seeded random sets), each improved by
-       :func:`local_search`; the best one seeds an iterated local search (:class:`IlsState`). Scores are the true
+       :func:`local_search` and, on problems larger than the exact model, ``start_rounds`` (default
+       :data:`START_ROUNDS_LARGE`) iterated-search rounds of its own; the best one seeds the iterated local search
+       (:class:`IlsState`) that continues. Scores are the true
        objective of a feature set (its optimal distinct-sets assignment).
     2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
        bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds (default :data:`ILS_ROUNDS_EXACT` on the
@@ -915,8 +918,17 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         starts[f"random{i}"] = np.sort(rng.choice(alive, size=inst.K, replace=False))
     stats["greedy_objective"] = inst.selection_value(starts["greedy"])
     best_S, best_v = starts["greedy"], stats["greedy_objective"]
+    if start_rounds is None:
+        start_rounds = 0 if full else START_ROUNDS_LARGE
     for name, S0 in starts.items():  # the greedy start's local search always completes (a floor on the result)
         S1 = local_search(inst, S0, deadline=math.inf if name == "greedy" else deadline)
+        if start_rounds and now() < deadline:  # every start gets its own iterated search: diversity
+            own = IlsState(inst, S1, rng, deadline=deadline)
+            for _ in range(start_rounds):
+                if now() >= deadline:
+                    break
+                own.round(deadline)
+            S1 = own.best
         v1 = inst.selection_value(S1)
         stats[f"{name}_local_search_objective"] = v1
         if v1 > best_v + 1e-9:
