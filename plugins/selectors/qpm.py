@@ -923,12 +923,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     for name, S0 in starts.items():  # the greedy start's local search always completes (a floor on the result)
         S1 = local_search(inst, S0, deadline=math.inf if name == "greedy" else deadline)
         if start_rounds and now() < deadline:  # every start gets its own iterated search: diversity
-            own = IlsState(inst, S1, rng, deadline=deadline)
-            for _ in range(start_rounds):
-                if now() >= deadline:
-                    break
-                own.round(deadline)
-            S1 = own.best
+            S1, _ = iterated_local_search(inst, S1, rng, rounds=start_rounds, deadline=deadline)
         v1 = inst.selection_value(S1)
         stats[f"{name}_local_search_objective"] = v1
         if v1 > best_v + 1e-9:
@@ -954,8 +949,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
 
     def ils_rounds_step() -> None:
         nonlocal time_to_best
-        # on the exact model the CP-SAT chunks double; the search's rounds double with them (capped), so it keeps
-        # its share of a long run instead of 8 rounds per ever longer cycle
+        # CP-SAT's chunks double; the search's rounds double with them (capped), so it keeps its share of a long run
         for _ in range(ils_rounds * 2 ** min(cycle, ILS_GROWTH_CAP) if ils_growth else ils_rounds):
             if now() >= deadline:
                 break
