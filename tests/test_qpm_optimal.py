@@ -68,6 +68,26 @@ def test_exact_assignment_with_many_subsets_uses_the_closed_collision_set():
     assert len({tuple(row) for row in W}) == 12 and (W.sum(1) == 5).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_assignment_groups_equal_linear_assignment_over_all_subsets(seed):
+    # the collision-group path (binom(14, 5) = 2002 subsets) on several families of near-identical classes, with
+    # ties (rounded values) and exact duplicates: each group is closed and solved alone, the total must still be
+    # the optimum over all subsets
+    rng = np.random.default_rng(100 + seed)
+    subsets = np.array(list(itertools.combinations(range(14), 5)))
+    for _ in range(25):
+        C, families = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+        base = rng.normal(size=(families, 14))
+        sub = base[rng.integers(0, families, size=C)] + rng.choice([0.0, 0.01, 0.05, 0.3]) * rng.normal(size=(C, 14))
+        if rng.random() < 0.3:
+            sub = np.round(sub, 1)
+        W, v = Q.exact_assignment(sub, 5)
+        val = sub[:, subsets].sum(2)
+        r, c = linear_sum_assignment(-val)
+        assert v == pytest.approx(val[r, c].sum(), abs=1e-9) and v == pytest.approx((sub * W).sum(), abs=1e-9)
+        assert (W.sum(1) == 5).all() and len({tuple(row) for row in W}) == C
+
+
 # ------------------------------------------------------------------------------------------ search guarantees
 def more_work(inst: Q.QpmInstance, limits: tuple[int, ...], **kw) -> list[Q.SolveResult]:
     return [Q.solve(inst, time_limit=math.inf, work_limit=w, workers=2, progress=False, **kw) for w in limits]

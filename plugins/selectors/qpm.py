@@ -111,12 +111,16 @@ def assign(inst: QpmInstance, S: np.ndarray) -> np.ndarray:
 def exact_assignment(sub: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     """Optimal distinct-sets assignment ``(W [C, K], value)`` for class values ``sub`` [C, K] (exact, polynomial).
 
-    Every class takes its top-k set unless two classes' top sets coincide. Then X = the classes in such collisions,
-    closed under "a class outside X whose top set is among the top-|X| sets of a class in X joins X". Inside a closed
-    X an exchange argument shows that each class needs only its own top-|X| k-subsets (at most |X| - 1 of them are
-    taken by the others, and the classes outside X keep their top sets, which no list in X contains), so a linear
-    assignment (scipy) of X's classes to the union of those lists is optimal, and so is the whole assignment.
+    Every class takes its top-k set unless two classes' top sets coincide. The colliding classes form groups (one per
+    shared top set); a group Y lists each of its classes' top-|Y| k-subsets. Groups whose lists share a subset merge,
+    and a class outside every group whose top set is in a group's list joins that group, until nothing changes.
+    Then each group is closed: an exchange argument shows that inside Y each class needs only its own top-|Y|
+    k-subsets (at most |Y| - 1 of them are taken by the others). Dropping the distinctness between groups gives an
+    upper bound, the sum of the groups' own optima and the other classes' top values; each group's optimum is a
+    linear assignment (scipy) of its classes to the union of its lists. The groups' lists are disjoint and contain
+    no other class's top set, so these assignments together are feasible: they reach the bound and are optimal.
     """
+    from scipy.cluster.hierarchy import DisjointSet
     from scipy.optimize import linear_sum_assignment
 
     C, K = sub.shape
@@ -124,11 +128,13 @@ def exact_assignment(sub: np.ndarray, k: int) -> tuple[np.ndarray, float]:
     W = np.zeros((C, K), dtype=bool)
     W[np.arange(C)[:, None], order[:, :k]] = True
     topk = np.sort(order[:, :k], axis=1)
-    _, inv, counts = np.unique(topk, axis=0, return_inverse=True, return_counts=True)
+    if K ** k < 2 ** 62:  # each top set as one integer (base K): a 1-D unique is much faster than a row unique
+        _, inv, counts = np.unique(topk @ (K ** np.arange(k, dtype=np.int64)), return_inverse=True,
+                                   return_counts=True)
+    else:
+        _, inv, counts = np.unique(topk, axis=0, return_inverse=True, return_counts=True)
     if counts.max(initial=1) <= 1:
         return W, float((sub * W).sum())
-    X = set(np.flatnonzero(counts[inv.ravel()] > 1).tolist())
-    top = [tuple(r) for r in topk.tolist()]
     n_sets = math.comb(K, k)
     if n_sets <= _ALL_SUBSETS:  # few k-subsets: one linear assignment over all of them (same optimum, faster)
         subsets = _subsets(K, k)
@@ -137,30 +143,54 @@ def exact_assignment(sub: np.ndarray, k: int) -> tuple[np.ndarray, float]:
         for c, j in zip(rows, chosen, strict=True):
             W[c, subsets[j]] = True
         return W, float((sub * W).sum())
+    inv = inv.ravel()
+    top = [tuple(r) for r in topk.tolist()]
+    owner = {top[c]: c for c in range(C) if counts[inv[c]] == 1}  # unique top sets -> their class
+    groups: dict[int, list[int]] = {}  # group id -> classes
+    for c in np.flatnonzero(counts[inv] > 1).tolist():
+        groups.setdefault(int(inv[c]), []).append(c)
     lists: dict[int, list[tuple[int, ...]]] = {}
     while True:
-        m = min(len(X), n_sets)
-        for c in X:
-            if len(lists.get(c, ())) < m:
-                lists[c] = _top_subsets(sub[c], order[c], k, m)
-        listed = {t for c in X for t in lists[c][:m]}
-        new = {c for c in range(C) if c not in X and top[c] in listed}
-        if not new:
+        holder: dict[tuple[int, ...], int] = {}  # listed subset -> the group listing it
+        merge: list[tuple[int, int]] = []
+        joins: dict[int, int] = {}
+        for g, Y in groups.items():
+            m = min(len(Y), n_sets)
+            for c in Y:
+                if len(lists.get(c, ())) < m:
+                    lists[c] = _top_subsets(sub[c], order[c], k, m)
+                for t in lists[c][:m]:
+                    h = holder.setdefault(t, g)
+                    if h != g:
+                        merge.append((h, g))
+                    o = owner.get(t)
+                    if o is not None:
+                        joins[o] = g
+        if not merge and not joins:
             break
-        X |= new
-    Xs = sorted(X)
-    m = min(len(X), n_sets)
-    cols = sorted({t for c in Xs for t in lists[c][:m]})
-    col_of = {t: j for j, t in enumerate(cols)}
-    value = np.full((len(Xs), len(cols)), -1e18)
-    for i, c in enumerate(Xs):
-        for t in lists[c][:m]:
-            value[i, col_of[t]] = float(sub[c, list(t)].sum())
-    rows, chosen = linear_sum_assignment(-value)
-    for i, j in zip(rows, chosen, strict=True):
-        c = Xs[i]
-        W[c] = False
-        W[c, list(cols[j])] = True
+        for o, g in joins.items():
+            del owner[top[o]]
+            groups[g].append(o)
+        union = DisjointSet(groups)
+        for a, b in merge:
+            union.merge(a, b)
+        merged: dict[int, list[int]] = {}
+        for g, Y in groups.items():
+            merged.setdefault(union[g], []).extend(Y)
+        groups = merged
+    for Y in groups.values():
+        m = min(len(Y), n_sets)
+        cols = sorted({t for c in Y for t in lists[c][:m]})
+        col_of = {t: j for j, t in enumerate(cols)}
+        value = np.full((len(Y), len(cols)), -1e18)
+        for i, c in enumerate(Y):
+            for t in lists[c][:m]:
+                value[i, col_of[t]] = float(sub[c, list(t)].sum())
+        rows, chosen = linear_sum_assignment(-value)
+        for i, j in zip(rows, chosen, strict=True):
+            c = Y[i]
+            W[c] = False
+            W[c, list(cols[j])] = True
     return W, float((sub * W).sum())
 
 
@@ -254,17 +284,22 @@ def local_search(inst: QpmInstance, S: np.ndarray, max_moves: int = 10_000, dead
         rank = np.argsort(np.argsort(-sub, axis=0, kind="stable"), axis=0, kind="stable")
         in_top = rank < k
         loss = np.where(in_top, sub - k1, 0.0).sum(1)  # [K]
-        newkth = np.where(in_top, k1, kth)  # [K, C]
         cg = inst.coef[G]  # [G, C]
-        gain = np.empty((K, len(G)))
+        # gain[i, g] = sum_c max(0, A[g, c] - newkth[i, c]); newkth[i] differs from kth only on the classes whose
+        # top-k holds S_i (k per class, so K x C work becomes C x k)
+        gain = np.repeat(np.maximum(cg - kth, 0.0).sum(1)[None, :], K, axis=0)
         for i in range(K):
-            gain[i] = np.maximum(cg - newkth[i], 0.0).sum(1)
+            cols = np.flatnonzero(in_top[i])
+            if len(cols):
+                sl = cg[:, cols]
+                gain[i] += (np.maximum(sl - k1[cols], 0.0) - np.maximum(sl - kth[cols], 0.0)).sum(1)
         pen_S = inst.P[np.ix_(S, S)].sum(1)  # [K]
         pen_G = inst.P[np.ix_(G, S)]  # [G, K]
         pen_add = pen_G.sum(1)[None, :] - pen_G.T  # [K, G]: penalty g gets with S \ {S_i}
         delta = gain - loss[:, None] + pen_S[:, None] - pen_add + inst.bonus[G][None, :] - inst.bonus[S][:, None]
         ub = inst.topk_value(S) + delta  # upper bound on the true value of each swapped selection
-        flat = np.argsort(-ub, axis=None, kind="stable")
+        above = np.flatnonzero(ub.ravel() > cur_v + 1e-9)  # only swaps whose bound beats the current value
+        flat = above[np.argsort(-ub.ravel()[above], kind="stable")]
         best_v, best_S = cur_v, None
         for cnt, idx in enumerate(flat):
             i, j = divmod(int(idx), len(G))
