@@ -332,6 +332,42 @@ def test_concurrent_requests_are_micro_batched(client, served_model, server):
     assert after["batches"] - before["batches"] < 12 and after["largest_batch"] >= 2  # one ORT call served several
 
 
+def test_requests_arriving_while_a_batch_decodes_join_its_session_call():
+    # the batching worker itself (real threads): the first request's decoding is held until three more requests
+    # are queued, so they must ride in the same session call instead of a second one; a bad upload among them
+    # fails alone
+    from qpmcli.serve.engine import MicroBatcher
+
+    decoding, release, calls = threading.Event(), threading.Event(), []
+
+    def prepare(raw):
+        if raw == 0:
+            decoding.set()
+            assert release.wait(10)
+        if raw == "bad":
+            raise ValueError("not an image")
+        return np.full(3, float(raw), np.float32), raw
+
+    def run(x):
+        calls.append(len(x))
+        return {"y": x.sum(1)}
+
+    batcher = MicroBatcher(run, max_batch=3, window=0.0, prepare_fn=prepare)
+    try:
+        first = batcher.submit(0)
+        assert decoding.wait(10)  # the worker has picked the first one up and is decoding it
+        later = [batcher.submit(v) for v in (1, "bad", 2, 3)]
+        release.set()
+        assert first.result(10)[0]["y"] == 0
+        with pytest.raises(ValueError):
+            later[1].result(10)
+        assert [f.result(10)[0]["y"] for f in (later[0], later[2], later[3])] == [3, 6, 9]
+        assert calls == [3, 1]  # 0, 1, 2 in one call (the bad upload takes no place in it), then 3
+        assert batcher.stats()["largest_batch"] == 3
+    finally:
+        batcher.close()
+
+
 # ------------------------------------------------------------------------------------------------------ pages
 def test_pages_escape_hostile_class_names(client):
     escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"

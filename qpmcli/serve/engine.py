@@ -3,9 +3,10 @@
 Nothing here imports torch: the model is the exported ``.onnx`` file (its metadata carries class names, W, mu, sigma,
 preprocessing and the training prototypes), run by ONNX Runtime in one session.
 
-Micro-batching (:class:`MicroBatcher`): requests hand their preprocessed image to one worker thread, which runs the
-session on every image that is queued when it picks up work, and waits up to ``window`` seconds for more only while
-other requests are still decoding their uploads (so a lone request never waits), up to ``max_batch`` images per call.
+Micro-batching (:class:`MicroBatcher`): requests hand their upload to one worker thread, which decodes every upload
+that is queued when it picks up work (waiting up to ``window`` seconds for more only while other requests are about
+to submit, so a lone request never waits), then the ones that arrived during that decoding, and runs the session
+once on all of them, up to ``max_batch`` images per call.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ class MicroBatcher:
     itself right before the session call; a future then resolves to ``(outputs, info, timing)`` (:class:`Timing`).
     Decoding in the worker keeps it from competing with the session's own threads for the cores (oversubscription
     made concurrent requests slower than sequential ones on 2 cores), and lets requests queue up, and batch, while
-    the session runs.
+    the session runs. Requests that arrive while a batch decodes join it: with 8 clients, the 4 answered by one call
+    otherwise came back while the other 4 ran, and the two halves alternated in calls of 4.
     """
 
     def __init__(self, run_fn: Callable[[Any], dict[str, Any]], *, max_batch: int = DEFAULT_MAX_BATCH,
@@ -200,6 +202,45 @@ class MicroBatcher:
             return {"requests": self.requests, "batches": self.batches, "largest_batch": self.largest_batch,
                     "max_batch": self.max_batch, "window_ms": self.window * 1e3, "busy_s": round(self.busy, 3)}
 
+    def _collect(self, batch: list[_Item], limit: int, deadline: float) -> bool:
+        """Add queued items to ``batch`` until it holds ``limit``, waiting until ``deadline`` only while announced
+        requests are outstanding. Returns False when the stop sentinel was seen (it is put back for the next pickup).
+        """
+        while len(batch) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                with self._lock:
+                    waiting = self._incoming
+                remaining = deadline - time.perf_counter()
+                if waiting == 0 or remaining <= 0:
+                    return True
+                try:
+                    item = self._queue.get(timeout=min(remaining, 0.0005))
+                except queue.Empty:
+                    continue
+            if item is None:
+                self._queue.put(None)
+                return False
+            batch.append(item)
+        return True
+
+    def _prepare(self, items: list[_Item], started: float) -> list[tuple[_Item, Any, Timing]]:
+        """Decode and preprocess raw items (a bad upload fails its own request only)."""
+        out = []
+        for it in items:
+            tm = Timing(queue=started - it.queued)
+            t0 = time.perf_counter()
+            try:
+                x, info = self.prepare_fn(it.x) if self.prepare_fn is not None else (it.x, None)
+            except BaseException as exc:
+                it.future.set_exception(exc)
+                continue
+            tm.decode = time.perf_counter() - t0
+            it.x = x
+            out.append((it, info, tm))
+        return out
+
     def _loop(self) -> None:
         import numpy as np
 
@@ -208,59 +249,36 @@ class MicroBatcher:
             if first is None:
                 return
             batch = [first]
-            deadline = time.perf_counter() + self.window
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    with self._lock:
-                        waiting = self._incoming
-                    remaining = deadline - time.perf_counter()
-                    if waiting == 0 or remaining <= 0:
-                        break
-                    try:
-                        item = self._queue.get(timeout=min(remaining, 0.0005))
-                    except queue.Empty:
-                        continue
-                if item is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                batch.append(item)
+            running = self._collect(batch, self.max_batch, time.perf_counter() + self.window)
             started = time.perf_counter()
-            timings = [Timing(queue=started - it.queued) for it in batch]
-            if self.prepare_fn is not None:  # decode here, between session runs, never beside them
-                ready, infos, kept = [], [], []
-                for it, tm in zip(batch, timings, strict=True):
-                    t0 = time.perf_counter()
-                    try:
-                        x, info = self.prepare_fn(it.x)
-                    except BaseException as exc:  # a bad upload fails its own request only
-                        it.future.set_exception(exc)
-                        continue
-                    tm.decode = time.perf_counter() - t0
-                    it.x = x
-                    ready.append(it)
-                    infos.append(info)
-                    kept.append(tm)
-                batch, timings = ready, kept
-                if not batch:
-                    continue
-            else:
-                infos = [None] * len(batch)
+            ready = self._prepare(batch, started)
+            # Requests that arrived while these were decoding join the same session call (decoded in turn): under
+            # load, the clients answered by the last call come back during the decoding, and their requests batch
+            # with the ones that waited, instead of alternating with them in half-size calls. A lone request finds
+            # the queue empty and runs at once.
+            while running and self.prepare_fn is not None and len(ready) < self.max_batch:
+                more: list[_Item] = []
+                running = self._collect(more, self.max_batch - len(ready), 0.0)
+                if not more:
+                    break
+                ready += self._prepare(more, time.perf_counter())
+            if not ready:
+                continue
+            items = [r[0] for r in ready]
             t0 = time.perf_counter()
             try:
-                out = self.run_fn(np.stack([it.x for it in batch]))
+                out = self.run_fn(np.stack([it.x for it in items]))
             except BaseException as exc:  # the session failed: every waiting request gets the error
-                for it in batch:
+                for it in items:
                     it.future.set_exception(exc)
                 continue
             infer = time.perf_counter() - t0
             with self._lock:
                 self.batches += 1
-                self.largest_batch = max(self.largest_batch, len(batch))
+                self.largest_batch = max(self.largest_batch, len(items))
                 self.busy += time.perf_counter() - started
-            for row, (it, info, tm) in enumerate(zip(batch, infos, timings, strict=True)):
-                tm.infer, tm.batch = infer, len(batch)
+            for row, (it, info, tm) in enumerate(ready):
+                tm.infer, tm.batch = infer, len(items)
                 result = {name: value[row] for name, value in out.items()}
                 it.future.set_result(result if self.prepare_fn is None else (result, info, tm))
 
