@@ -97,6 +97,47 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+class StagedFiles:
+    """Files written aside (``.<name>.<pid>.staged`` next to their final names) that :func:`staged_files` renames over
+    their final names together, or deletes together."""
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}  # final path -> staged path, in the order they were asked for
+
+    def aside(self, path: str | os.PathLike[str]) -> Path:
+        """The staged path to write instead of ``path``."""
+        final = Path(path)
+        staged = final.with_name(f".{final.name}.{os.getpid()}.staged")
+        self._staged[final] = staged
+        return staged
+
+    def __getitem__(self, path: str | os.PathLike[str]) -> Path:
+        """The staged path of the final ``path``."""
+        return self._staged[Path(path)]
+
+    def sizes_mb(self) -> dict[str, float]:
+        """Final name -> size in MB of every staged file written so far."""
+        return {f.name: round(s.stat().st_size / 2**20, 2) for f, s in self._staged.items() if s.exists()}
+
+
+@contextmanager
+def staged_files() -> Iterator[StagedFiles]:
+    """Write several files aside; only when the block succeeds are they renamed over their final names (each write
+    that was staged must exist), and in every case no staged file is left behind: a failed or interrupted block
+    leaves every existing final file untouched."""
+    stage = StagedFiles()
+    try:
+        yield stage
+        for staged in stage._staged.values():
+            with open(staged, "rb+") as fh:  # a staged write that never happened is an error here, not a skip
+                os.fsync(fh.fileno())
+        for final, staged in stage._staged.items():
+            os.replace(staged, final)
+    finally:
+        for staged in stage._staged.values():
+            staged.unlink(missing_ok=True)
+
+
 @functools.cache
 def _umask() -> int:
     """The process umask (read once: reading it means setting it briefly)."""

@@ -81,7 +81,7 @@ def export_onnx(
     ``int8``: also write ``<stem>.int8.onnx`` (:func:`qpmcli.quantize.export_int8` with these keyword arguments,
     ``{}`` for the defaults), quantized from the staged fp32 graph and verified against it before anything is renamed.
     """
-    from qpmcli.artifact import ONNX_MODEL, load_model
+    from qpmcli.artifact import ONNX_MODEL, load_model, staged_files
     from qpmcli.backbone import load_run_backbone
     from qpmcli.prototypes import embedded_prototypes
 
@@ -106,61 +106,45 @@ def export_onnx(
     h, w = meta.grid
     image = torch.zeros(2, 3, *meta.image_size)
     tokens = torch.zeros(2, 1 + h * w, tokens_dim)
-    written: list[Path] = []  # staged files, renamed over their final names only at the end
-    final_of: dict[Path, Path] = {}
-
-    def aside(path: Path) -> Path:
-        staged = path.with_name(f".{path.name}.{os.getpid()}.staged")
-        final_of[staged] = path
-        return staged
-
     report: dict[str, Any] = {"run": str(run), "backbone": meta.backbone, "weights_digest": meta.weights_digest,
                               "image_size": list(meta.image_size), "grid": list(meta.grid),
                               "classes": meta.n_classes, "features": meta.n_features, "files": {},
                               "prototypes_embedded": prototypes is not None,
                               "pruned_to_selection": exported is not model}
-    try:
+    with staged_files() as stage:  # renamed over the final names only when everything is written and verified
         t0 = time.perf_counter()
         say(f"exporting the full graph to {out_path}")
-        full_staged = aside(out_path)
-        _export(graph_full, image, "image", full_staged, meta, "full", opset, prototypes)
-        written.append(full_staged)
+        _export(graph_full, image, "image", stage.aside(out_path), meta, "full", opset, prototypes)
         report["files"]["full"] = str(out_path)
         adapter_path = out_path.with_name(out_path.stem + ".adapter.onnx")
-        adapter_staged = aside(adapter_path)
         if adapter:
             say(f"exporting the adapter graph to {adapter_path}")
-            _export(AdapterGraph(exported).eval(), tokens, "tokens", adapter_staged, meta, "adapter", opset,
-                    prototypes)
-            written.append(adapter_staged)
+            _export(AdapterGraph(exported).eval(), tokens, "tokens", stage.aside(adapter_path), meta, "adapter",
+                    opset, prototypes)
             report["files"]["adapter"] = str(adapter_path)
-        staged_of = {str(out_path): full_staged, str(adapter_path): adapter_staged}
         if fp16:
             for kind, src in [("full", out_path)] + ([("adapter", adapter_path)] if adapter else []):
                 dst = src.with_name(src.name.replace(".onnx", "").replace(".adapter", "") + ".fp16"
                                     + (".adapter" if kind == "adapter" else "") + ".onnx")
                 say(f"converting to fp16: {dst}")
-                staged_of[str(dst)] = aside(dst)
-                convert_fp16(staged_of[str(src)], staged_of[str(dst)])
-                written.append(staged_of[str(dst)])
+                convert_fp16(stage[src], stage.aside(dst))
                 report["files"][f"{kind}_fp16"] = str(dst)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
-        for p in written:
-            report.setdefault("sizes_mb", {})[final_of[p].name] = round(p.stat().st_size / 2**20, 2)
+        report["sizes_mb"] = stage.sizes_mb()
         if verify:
             x, source = check_batch(meta, run, check_images, n_check)
             report["check_set"] = source
             report["verify"] = {}
             ref = full.reference(x)
             for precision, key in [("fp32", "full")] + ([("fp16", "full_fp16")] if fp16 else []):
-                res = compare(ref, staged_of[report["files"][key]], x, precision, device)
+                res = compare(ref, stage[report["files"][key]], x, precision, device)
                 res["file"] = report["files"][key]
                 report["verify"][precision] = res
                 say(f"verify {precision}: max |logit diff| {res['max_abs_diff']['logits']:.3g}, top-1 agreement "
                     f"{100 * res['top1_agreement']:.1f}% on {res['n']} images ({res['provider']})")
             if adapter:
                 tok = full.tokens(x)
-                res = compare(ref, adapter_staged, tok, "fp32", device)
+                res = compare(ref, stage[adapter_path], tok, "fp32", device)
                 res["file"] = str(adapter_path)
                 report["verify"]["adapter_fp32"] = res
             failed = [k for k, v in report["verify"].items() if not v["passed"]]
@@ -172,19 +156,12 @@ def export_onnx(
             from qpmcli.quantize import export_int8, int8_path
 
             int8_final = int8_path(out_path)
-            int8_staged = aside(int8_final)
-            written.append(int8_staged)
             say(f"quantizing to int8: {int8_final}")
-            q = export_int8(run, full_staged, int8_staged, log=say, **int8)
+            q = export_int8(run, stage[out_path], stage.aside(int8_final), log=say, **int8)
             q.update(file=str(int8_final), source=str(out_path))
             report["int8"] = q
             report["files"]["full_int8"] = str(int8_final)
-            report.setdefault("sizes_mb", {})[int8_final.name] = round(int8_staged.stat().st_size / 2**20, 2)
-        for p in written:  # everything written (and verified): now replace the old files
-            os.replace(p, final_of[p])
-    finally:
-        for p in written:
-            p.unlink(missing_ok=True)
+            report["sizes_mb"] = stage.sizes_mb()
     report["verified"] = bool(verify)
     return report
 

@@ -31,6 +31,27 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_staged_files_replace_all_together_or_none(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    a.write_bytes(b"old a")
+    with pytest.raises(RuntimeError), artifact.staged_files() as stage:  # fails after one file was written
+        stage.aside(a).write_bytes(b"new a")
+        stage.aside(b).write_bytes(b"new b")
+        assert stage.sizes_mb() == {"a.onnx": 0.0, "b.onnx": 0.0}
+        raise RuntimeError("verification failed")
+    assert a.read_bytes() == b"old a" and not b.exists()
+    with pytest.raises(FileNotFoundError), artifact.staged_files() as stage:  # a staged write that never happened
+        stage.aside(a).write_bytes(b"new a")
+        stage.aside(b)
+    assert a.read_bytes() == b"old a" and not b.exists()
+    with artifact.staged_files() as stage:
+        stage.aside(a).write_bytes(b"new a")
+        stage.aside(b).write_bytes(b"new b")
+        assert stage[b].read_bytes() == b"new b"
+    assert a.read_bytes() == b"new a" and b.read_bytes() == b"new b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]  # no staged file left behind
+
+
 def test_save_and_load_final_model_reproduces_outputs(tmp_path):
     torch.manual_seed(0)
     m = QPMModel(8, 3, (2, 2), n_layers=2, hidden_size=12, n_features=6).eval()
