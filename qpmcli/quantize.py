@@ -293,19 +293,12 @@ def quantize_static_int8(src: Path, dst: Path, calibration: np.ndarray) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------- measuring
-def cpu_session(path: str | os.PathLike[str], threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session at the full optimisation level (as ``qpm predict --device cpu`` opens one)."""
-    import onnxruntime as ort
+def cpu_session(path: str | os.PathLike[str]) -> Any:
+    """An ONNX Runtime CPU session, opened exactly as ``qpm predict --device cpu`` opens one
+    (:func:`qpmcli.predict.make_session`)."""
+    from qpmcli.predict import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ArtifactError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0][:300]}") from exc
+    return make_session(Path(path), "cpu")[0]
 
 
 def run_outputs(session: Any, x: np.ndarray, batch: int = RUN_BATCH) -> dict[str, np.ndarray]:
