@@ -115,14 +115,18 @@ def test_every_returned_selection_satisfies_all_constraints(selector, seed):
 
 
 def test_qpm_beats_or_matches_greedy_and_is_deterministic():
+    # the search is one deterministic sequence per seed; a wall-clock limit only decides how far along it the result
+    # is taken (on this instance improvements land around 3 s, so two 3 s runs may stop on either side of one), so
+    # the repeat is checked with a work limit, which stops at the same point every time
     prob = synthetic_problem(40, 30, seed=5, n_samples=900)
-    kw = dict(selector="qpm", n_features=10, per_class=3, time_limit=3, seed=1, workers=2, progress=False)
-    a, b = select(prob, **kw), select(prob, **kw)
+    a = select(prob, selector="qpm", n_features=10, per_class=3, time_limit=3, seed=1, workers=2, progress=False)
     greedy = select(prob, selector="topk", n_features=10, per_class=3, progress=False)
     assert a.objective >= greedy.objective - 1e-9
-    np.testing.assert_array_equal(a.features, b.features)
-    np.testing.assert_array_equal(a.weight, b.weight)
-    assert a.objective == b.objective
+    inst = Q.make_instance(prob, 10, 3)
+    r1, r2 = (Q.solve(inst, time_limit=math.inf, work_limit=1, seed=1, workers=2, progress=False) for _ in range(2))
+    np.testing.assert_array_equal(r1.S, r2.S)
+    np.testing.assert_array_equal(r1.W, r2.W)
+    assert r1.objective == r2.objective and r1.stats["ils_rounds"] == r2.stats["ils_rounds"]
 
 
 def test_local_search_never_worsens_and_assign_gives_distinct_sets():
