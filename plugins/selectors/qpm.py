@@ -876,7 +876,7 @@ class SolveResult:
 
 
 ILS_GROWTH_CAP = 6  # at most ils_rounds * 2**6 local-search rounds per cycle
-# Local-search rounds of the first cycle. At CUB size (512 x 200) a round takes about 0.2 s and a CP-SAT chunk on the
+# Local-search rounds of the first cycle. At CUB size (512 x 200) a round takes about 0.1 s and a CP-SAT chunk on the
 # top-M restriction 10-20 s (improving nothing in every CUB run measured); 64 rounds gave the best 60 s results there
 # (benchmarks/results/selection.md).
 ILS_ROUNDS_EXACT = 8
