@@ -756,10 +756,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     used: set[str] = set()
     from qpmcli.progress import progress_bar
 
-    bar = progress_bar(enabled=progress and bool(paths))
-    bar.start()
-    task = bar.add_task("explaining", total=len(paths))
-    try:
+    with progress_bar(enabled=progress and bool(paths)) as bar:
+        task = bar.add_task("explaining", total=len(paths))
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
             good, pil = [], []
@@ -796,8 +794,6 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                                        "only_b": groups["only_b_features"], "figure": str(fig)}
                 summary["images"].append(item)
                 bar.advance(task)
-    finally:
-        bar.stop()
     summary["num_failed"] = sum(1 for i in summary["images"] if "error" in i)
     if paths and summary["num_failed"] == len(paths):
         raise ImageError(f"none of the {len(paths)} image(s) could be read; first error: "

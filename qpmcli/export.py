@@ -130,7 +130,6 @@ def export_onnx(
                 convert_fp16(stage[src], stage.aside(dst))
                 report["files"][f"{kind}_fp16"] = str(dst)
         report["export_seconds"] = round(time.perf_counter() - t0, 2)
-        report["sizes_mb"] = stage.sizes_mb()
         if verify:
             x, source = check_batch(meta, run, check_images, n_check)
             report["check_set"] = source
@@ -161,7 +160,7 @@ def export_onnx(
             q.update(file=str(int8_final), source=str(out_path))
             report["int8"] = q
             report["files"]["full_int8"] = str(int8_final)
-            report["sizes_mb"] = stage.sizes_mb()
+        report["sizes_mb"] = stage.sizes_mb()  # every file written, before they are renamed
     report["verified"] = bool(verify)
     return report
 
