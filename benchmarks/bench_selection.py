@@ -16,7 +16,8 @@ limit stops on that trajectory (it can only end slightly higher, by a local sear
 
     python benchmarks/bench_selection.py [--quick] [--time-limit 60] [--long 300] [--workers 8] [--json-out PATH]
                                          [--problem RUN_DIR_OR_NPZ] [--compare-commit REV] [--bound auto]
-                                         [--skip-plain] [--skip-ours] [--ils-rounds N] [--no-ils-growth]
+                                         [--skip-plain] [--skip-ours] [--ils-rounds N] [--start-rounds N]
+                                         [--no-ils-growth]
     python benchmarks/bench_selection.py --licence [--limits 5,15,60] [--gurobi-limit 60] [--workers 2]
                                          [--instances N] [--json-out PATH] [--oracle GUROBI.json]
 """

@@ -163,6 +163,22 @@ def multipart(image: bytes, boundary: str = "qpmbenchboundary") -> tuple[bytes, 
     return head + image + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def lean_connection(url: str):
+    """A keep-alive ``http.client`` connection to the server at ``url`` (the benchmark's minimal client)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    return http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)
+
+
+def lean_predict(conn, upload: tuple[bytes, str]) -> tuple[int, bytes]:
+    """POST a prebuilt multipart ``(body, content type)`` to ``/api/predict``; returns (status, response body)."""
+    body, ctype = upload
+    conn.request("POST", "/api/predict", body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
 def concurrent_load(url: str, images: list[bytes], clients: int, seconds: float, max_requests: int) -> float:
     """Images/s answered with ``clients`` concurrent keep-alive clients (bounded in time and count).
 
@@ -170,10 +186,6 @@ def concurrent_load(url: str, images: list[bytes], clients: int, seconds: float,
     cores with the server, and httpx spent about 2 ms of CPU per request building and parsing, which the server
     then did not get. (Latency, one request at a time, is measured with httpx: there the client does not compete.)
     """
-    import http.client
-    from urllib.parse import urlsplit
-
-    host, port = urlsplit(url).hostname, urlsplit(url).port
     bodies = [multipart(img) for img in images]
     stop = time.perf_counter() + seconds
     done = [0] * clients
@@ -181,15 +193,12 @@ def concurrent_load(url: str, images: list[bytes], clients: int, seconds: float,
     errors: list[str] = []
 
     def client(i: int) -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn = lean_connection(url)
         try:
             k = i
             while time.perf_counter() < stop and budget.acquire(blocking=False):
-                body, ctype = bodies[k % len(bodies)]
-                conn.request("POST", "/api/predict", body=body, headers={"Content-Type": ctype})
-                r = conn.getresponse()
-                text = r.read()
-                if r.status != 200:
+                status, text = lean_predict(conn, bodies[k % len(bodies)])
+                if status != 200:
                     errors.append(text.decode(errors="replace"))
                     return
                 done[i] += 1
@@ -250,18 +259,12 @@ def main() -> int:
             for img in images[:4]:
                 a, b = served(img), base.predict([img])[0]
                 assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
-            import http.client
-            from urllib.parse import urlsplit
-
-            lean = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=60)
+            lean = lean_connection(url)
             bodies = [multipart(img) for img in images]
 
             def served_lean(i: int) -> None:  # the same request from a minimal client (stdlib, prebuilt body)
-                body, ctype = bodies[i % len(bodies)]
-                lean.request("POST", "/api/predict", body=body, headers={"Content-Type": ctype})
-                r = lean.getresponse()
-                doc = json.loads(r.read())
-                assert r.status == 200 and doc["predictions"][0]["top_k"]
+                status, text = lean_predict(lean, bodies[i % len(bodies)])
+                assert status == 200 and json.loads(text)["predictions"][0]["top_k"]
 
             lat_srv, lat_lean, lat_base = [], [], []
             timings.clear()
