@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 
 import typer
 
@@ -60,25 +61,46 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"qpmcli.commands.{_name}").register(app)
 
 
-def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run ``qpm ARGV`` in this process and return its exit code; the one owner of the error -> exit-code mapping.
+
+    User errors (:class:`QpmError`) are one line on stderr and their ``exit_code`` (2); Ctrl-C says what was kept and
+    gives 130; Click's usage errors keep Click's codes. Anything else is a bug and propagates with its traceback.
+    ``argv`` defaults to ``sys.argv[1:]``. Tests call this directly (no new interpreter, no second torch import).
+    """
     try:
-        app(prog_name="qpm")
+        app(args=None if argv is None else [str(a) for a in argv], prog_name="qpm")
     except QpmError as exc:
         typer.secho("Error: " + " ".join(str(exc).split()), err=True, fg="red")  # one line, whatever it wraps
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
-        _interrupted()
-    except SystemExit as exc:  # Typer turns Ctrl-C into a silent exit 130 (Exit raised from the KeyboardInterrupt)
-        if exc.code == 130 and _from_keyboard_interrupt(exc):
-            _interrupted()
-        raise
+        return _interrupted()
+    except SystemExit as exc:  # Click/Typer end every command with SystemExit
+        if exc.code == 130 and _from_keyboard_interrupt(exc):  # Typer turns Ctrl-C into a silent exit 130
+            return _interrupted()
+        return _exit_code(exc.code)
+    return 0
 
 
-def _interrupted() -> None:
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+def _exit_code(code: object) -> int:
+    """SystemExit's code as a process exit status: None is 0, a message is printed and gives 1 (as Python does)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    typer.echo(str(code), err=True)
+    return 1
+
+
+def _interrupted() -> int:
     typer.secho("Interrupted. Finished stages are kept; rerun the command (with --resume for train) to continue.",
                 err=True, fg="yellow")
-    sys.exit(130)
+    return 130
 
 
 def _from_keyboard_interrupt(exc: BaseException) -> bool:

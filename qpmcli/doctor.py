@@ -78,28 +78,32 @@ def _tiny_onnx() -> bytes:
 
 
 def _capture_output(fn):
-    """Run ``fn()`` while the process's stdout and stderr (fds 1 and 2: ONNX Runtime's C++ logger and its Python
-    fallback message write there) go to a file; returns ``(result or exception, captured text)``."""
+    """Run ``fn()`` while the process's stdout and stderr (fds 1 and 2: ONNX Runtime's C++ logger writes there) go to
+    a file and Python's ``sys.stdout``/``sys.stderr`` (its Python fallback message) to a buffer, wherever they pointed
+    (a terminal, or a caller's redirection); returns ``(result or exception, captured text)``."""
+    import contextlib
+    import io
+
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
+    py_text = io.StringIO()
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         for fd in saved:
             os.dup2(tmp.fileno(), fd)
         try:
-            try:
-                result: Any = fn()
-            except Exception as exc:  # the provider's own error is the answer we want
-                result = exc
+            with contextlib.redirect_stdout(py_text), contextlib.redirect_stderr(py_text):
+                try:
+                    result: Any = fn()
+                except Exception as exc:  # the provider's own error is the answer we want
+                    result = exc
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
         tmp.seek(0)
         text = tmp.read().decode("utf-8", "replace")
-    return result, text
+    return result, text + py_text.getvalue()
 
 
 def _reason(text: str) -> str:

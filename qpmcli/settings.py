@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from qpmcli.errors import ConfigError
@@ -45,11 +45,11 @@ class QpmSettings(BaseSettings):
 
     data_root: Path | None = None
     """Root folder of the dataset (e.g. ``~/data/CUB_200_2011``); datasets that ship with qpm need none."""
-    weights_dir: Path = _cache_home() / "qpm" / "weights"
+    weights_dir: Path = Field(default_factory=lambda: _cache_home() / "qpm" / "weights")
     """Folder searched for official backbone weight files (e.g. ``dinov2_vitb14_reg4_pretrain.pth``)."""
     runs_dir: Path = Path("runs")
     """Where ``qpm train`` creates run directories."""
-    cache_dir: Path = _cache_home() / "qpm" / "tokens"
+    cache_dir: Path = Field(default_factory=lambda: _cache_home() / "qpm" / "tokens")
     """Where token caches (frozen backbone outputs) are stored."""
     device: str = "auto"
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
@@ -60,7 +60,7 @@ class QpmSettings(BaseSettings):
     model: str | None = None
     """The model ``qpm explain``/``predict``/``export``/``evaluate`` use when none is given (a run folder or an
     ``.onnx`` file); unset = the current run (the one ``qpm train`` or ``qpm demo`` wrote last)."""
-    state_dir: Path = _cache_home() / "qpm"
+    state_dir: Path = Field(default_factory=lambda: _cache_home() / "qpm")
     """qpm's own state (the current-run pointer); next to the default token cache."""
 
     @field_validator("data_root", "weights_dir", "runs_dir", "cache_dir", "state_dir", mode="after")

@@ -82,7 +82,9 @@ PLUGIN_BODY = """
 """
 
 
-def test_third_party_plugin_is_discovered_through_its_entry_point(qpm, tmp_path):
+@pytest.mark.e2e  # entry points are read once per interpreter: a fresh process sees the new PYTHONPATH
+def test_third_party_plugin_is_discovered_through_its_entry_point(qpm_process, tmp_path):
+    qpm = qpm_process
     site = tmp_path / "site"
     site.mkdir()
     _write_dist(site, "qpm-birdwatch", "qpm_birdwatch", PLUGIN_BODY.replace("{name}", "birdwatch"))
@@ -96,7 +98,9 @@ def test_third_party_plugin_is_discovered_through_its_entry_point(qpm, tmp_path)
     assert "birdwatch" in text.stdout and "qpm-birdwatch" in text.stdout
 
 
-def test_two_plugins_claiming_one_name_is_an_error_naming_both(qpm, tmp_path):
+@pytest.mark.e2e
+def test_two_plugins_claiming_one_name_is_an_error_naming_both(qpm_process, tmp_path):
+    qpm = qpm_process
     site = tmp_path / "site"
     site.mkdir()
     _write_dist(site, "qpm-alpha", "qpm_alpha", PLUGIN_BODY.replace("{name}", "clash"))
