@@ -133,3 +133,30 @@ def qpm_process(isolated_env, tmp_path):
         return run_qpm(args, env=env, cwd=cwd or tmp_path, timeout=timeout)
 
     return _run
+
+
+# ------------------------------------------------------------------------------------------ shared test runs
+def copy_run(run: Path, dest: Path) -> Path:
+    """A private copy of a shared run (shared runs are read-only: copy before writing into one)."""
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> dict:
+    """The real pipeline once per session (``builders.train_shapes_run``: shapes, a tiny random-init ViT, topk
+    selection, prototypes, ``model.onnx``). Read-only: tests that write into the run use :func:`copy_run`."""
+    from builders import train_shapes_run
+
+    return train_shapes_run(tmp_path_factory.mktemp("trained-run"))
+
+
+@pytest.fixture(scope="session")
+def made_run(tmp_path_factory) -> dict:
+    """``builders.build_made_run`` once per session: a hand-set W (shared and distinct features known), real
+    prototypes, two test images. Read-only."""
+    from builders import build_made_run
+
+    return build_made_run(tmp_path_factory.mktemp("made-run"))

@@ -18,64 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import MADE_ARCH, MADE_FEATURE_IDS, MADE_IMAGE_SIZE, MADE_W
 from PIL import Image
 
 from qpmcli import explain as E
 from qpmcli import prototypes as P
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
 
-ARCH = {"depth": 1, "embed_dim": 48, "num_heads": 2}
-IMAGE_SIZE = 112  # 8 x 8 tokens of 14 px
-FEATURE_IDS = [2, 3, 5, 7, 8, 11]  # dense ids of the 6 selected features (n_f = 12)
-W = np.array([[1, 1, 1, 0, 0, 0],  # class 0: features 2, 3, 5
-              [1, 1, 0, 1, 0, 0],  # class 1: features 2, 3, 7  -> vs class 0: shared 2, 3; only 5 / only 7
-              [0, 0, 0, 1, 1, 1],  # class 2: features 7, 8, 11
-              [1, 0, 0, 0, 1, 1]], dtype=np.float32)  # class 3: features 2, 8, 11
-
-
-def build_made_run(root: Path) -> dict:
-    """A run directory loadable by `qpm explain`: random-init adapter, hand-set W, real prototypes."""
-    import torch
-
-    from qpmcli import artifact
-    from qpmcli.backbone import load_backbone
-    from qpmcli.cache import build_cache
-    from qpmcli.data import load_dataset
-    from qpmcli.model import QPMModel
-
-    opts = dict(n_classes=4, per_class=4, test_per_class=2, image_size=IMAGE_SIZE, seed=0)
-    train = load_dataset("shapes", split="train", **opts)
-    test = load_dataset("shapes", split="test", **opts)
-    bb = load_backbone("dinov2-vits14", weights="random", image_size=IMAGE_SIZE, arch=ARCH, device="cpu")
-    cache = build_cache(bb, train, "train", root / "cache", batch_size=16, num_workers=0, progress=False)
-    torch.manual_seed(0)
-    model = QPMModel(bb.embed_dim, 4, cache.grid, n_layers=1, n_features=12, head_dropout=0.0).eval()
-    with torch.no_grad():
-        dense = model(torch.from_numpy(np.asarray(cache.tokens, dtype=np.float32))).features
-    mu, sigma = dense.mean(0), dense.std(0, unbiased=False)
-    model.set_selection(FEATURE_IDS, torch.from_numpy(W), mu, sigma)
-    model.eval()
-    run = root / "run"
-    info = {"class_names": train.classes, "backbone": bb.name, "weights_digest": bb.weights_digest,
-            "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(cache.grid),
-            "embed_dim": bb.embed_dim, "dataset": "shapes", "head": "qpm",
-            "backbone_options": {"arch": ARCH, "image_size": IMAGE_SIZE}, "seed": 0}
-    artifact.save_model(model, run, "final", info=info)
-    summary = P.build_prototypes(model, cache, train, run, per_feature=4)
-    images = root / "images"
-    images.mkdir()
-    paths = []
-    for i in range(2):
-        p = images / f"test_{i}.png"
-        test[i].image.save(p)
-        paths.append(p)
-    return {"run": run, "images": paths, "folder": images, "classes": train.classes, "model": model,
-            "backbone": bb, "prototypes": summary}
-
-
-@pytest.fixture(scope="module")
-def made_run(tmp_path_factory):
-    return build_made_run(tmp_path_factory.mktemp("explain"))
+ARCH, IMAGE_SIZE, FEATURE_IDS, W = MADE_ARCH, MADE_IMAGE_SIZE, MADE_FEATURE_IDS, MADE_W
 
 
 def cli(args: list[str], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:

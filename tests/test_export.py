@@ -14,52 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import CLASS_NAMES, FEATURES, W
+from builders import make_tiny_run as make_run
 
 from qpmcli.errors import ArtifactError, WeightsError
-
-TINY = {"image_size": 56, "arch": {"depth": 2}}
-CLASS_NAMES = ["circle", "square", "triangle", "star", "ring"]
-FEATURES = [1, 3, 4, 7, 9, 12]
-# 5 classes x 6 selected features, 3 per class, no two classes with the same set (a valid QPM assignment).
-W = np.array([[1, 1, 1, 0, 0, 0],
-              [0, 1, 1, 1, 0, 0],
-              [0, 0, 1, 1, 1, 0],
-              [1, 0, 0, 0, 1, 1],
-              [0, 1, 0, 1, 0, 1]], dtype=np.float32)
-
-
-def make_run(run_dir: Path, backbone: str = "dinov2-vits14-reg", options: dict | None = None, *,
-             n_features: int = 16, hidden: int = 32, dataset: str = "shapes", seed: int = 0,
-             pooling: str = "avg", sparse: bool = True) -> Path:
-    """Write a finetuned-looking run: model.json + model.safetensors (+ config.json naming the dataset)."""
-    import torch
-
-    from qpmcli import artifact
-    from qpmcli.backbone import load_backbone
-    from qpmcli.model import QPMModel
-
-    options = dict(TINY if options is None else options)
-    bb = load_backbone(backbone, weights="random", device="cpu", **options)
-    torch.manual_seed(seed)
-    model = QPMModel(bb.embed_dim, len(CLASS_NAMES), bb.grid, hidden_size=hidden, n_features=n_features,
-                     pooling=pooling).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):  # "trained" BN statistics
-        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
-        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
-    mu = torch.rand(n_features, generator=gen) * 0.2
-    sigma = torch.rand(n_features, generator=gen) * 0.2 + 0.05
-    if sparse:
-        model.set_selection(FEATURES, torch.from_numpy(W), mu, sigma)
-    info = {"class_names": CLASS_NAMES, "backbone": bb.name, "weights_digest": bb.weights_digest,
-            "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(bb.grid),
-            "embed_dim": bb.embed_dim, "dataset": dataset, "head": "qpm" if sparse else "dense",
-            "backbone_options": options, "seed": seed}
-    artifact.save_model(model, run_dir, "final", info=info)
-    artifact.atomic_write_json(run_dir / "config.json", {"request": {
-        "backbone": backbone, "dataset": dataset, "data_root": None,
-        "dataset_options": {"n_classes": 5, "test_per_class": 4, "image_size": 64}}})
-    return run_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import CLASS_NAMES, FEATURES, W
+from builders import make_tiny_run as make_run
 from PIL import Image
-from test_export import CLASS_NAMES, FEATURES, W, make_run
 
 from qpmcli.errors import ArtifactError, ConfigError
 

@@ -15,71 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from builders import CLASS_NAMES, FEATURES, W, make_demo_run
+from builders import make_tiny_run as make_run
 from conftest import run_qpm
-from test_export import CLASS_NAMES, FEATURES, W, make_run
-
-DEMO_OPTIONS = {"image_size": 128}
-
-
-def make_demo_run(run_dir: Path, *, outlier: float | None = None, hidden: int = 64, seed: int = 0) -> Path:
-    """A small trained run on the demo backbone with its shipped weights: the adapter's BatchNorm statistics and the
-    head's mu/sigma come from 40 shapes training images (as training sets them) and the adapter is then trained for
-    80 steps through the sparse head, so its predictions have the confident margins of a trained model
-    (test_export.make_run's random weights and statistics give near-tied logits).
-
-    ``outlier``: set one weight of the adapter's first layer to this value, for a hidden unit the next layer ignores
-    (its column is zero), so the fp32 model does not depend on it. Per-tensor int8 quantization still spends its 255
-    levels on that weight and rounds the others to zero -- the classic outlier failure of int8, a real model on
-    which int8 genuinely disagrees with fp32.
-    """
-    import torch
-
-    from qpmcli import artifact
-    from qpmcli.backbone import load_backbone
-    from qpmcli.data import load_dataset
-    from qpmcli.images import preprocess_array
-    from qpmcli.model import QPMModel
-
-    data_options = {"n_classes": 5, "per_class": 8, "test_per_class": 20, "image_size": 96}
-    bb = load_backbone("efficientnet-lite0", device="cpu", **DEMO_OPTIONS)
-    train = load_dataset("shapes", split="train", **data_options)
-    x = torch.from_numpy(np.stack([preprocess_array(train[i].image, bb.preprocess_config) for i in range(40)]))
-    with torch.inference_mode():
-        cls, patches = bb(x)
-        tokens = torch.cat([cls[:, None], patches], dim=1)
-    tokens = tokens.clone()  # a normal tensor (autograd may save it) outside inference mode
-    torch.manual_seed(seed)
-    model = QPMModel(bb.embed_dim, len(CLASS_NAMES), bb.grid, hidden_size=hidden, n_features=16)
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)):
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the pass below
-    with torch.no_grad():
-        model.train()(tokens)  # BatchNorm statistics of the training tokens
-        feats = model.eval()(tokens).features
-    mu, sigma = feats.mean(0), feats.std(0).clamp_min(1e-3)
-    model.set_selection(FEATURES, torch.from_numpy(W), mu, sigma)
-    labels = torch.tensor([train.label(i) for i in range(40)])
-    opt = torch.optim.Adam(model.mlp.parameters(), lr=1e-3)
-    model.eval()  # BatchNorm keeps the statistics above
-    for _ in range(80):
-        loss = torch.nn.functional.cross_entropy(model(tokens).logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if outlier is not None:
-        first, second = [m for m in model.mlp if isinstance(m, torch.nn.Linear)][:2]
-        with torch.no_grad():
-            first.weight[0, 0] = outlier
-            second.weight[:, 0] = 0.0
-    model.eval()
-    info = {"class_names": CLASS_NAMES, "backbone": bb.name, "weights_digest": bb.weights_digest,
-            "preprocess": bb.preprocess_config, "image_size": list(bb.image_size), "grid": list(bb.grid),
-            "embed_dim": bb.embed_dim, "dataset": "shapes", "head": "qpm", "backbone_options": DEMO_OPTIONS,
-            "seed": 0}
-    artifact.save_model(model, run_dir, "final", info=info)
-    artifact.atomic_write_json(run_dir / "config.json", {"request": {
-        "backbone": "efficientnet-lite0", "dataset": "shapes", "data_root": None, "dataset_options": data_options}})
-    return run_dir
 
 
 def cli_env(tmp: Path) -> dict[str, str]:

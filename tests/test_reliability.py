@@ -294,8 +294,8 @@ def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path, isolated_env):
 def test_dollar_signs_in_file_and_class_names_are_drawn_as_text(tmp_path):
     """A file named ``price_$\\foo$.png`` and a class named ``$\\foo$`` used to crash matplotlib's mathtext parser,
     and one such file aborted the whole folder."""
+    from builders import make_tiny_run
     from PIL import Image
-    from test_hostile import make_tiny_run
 
     from qpmcli.explain import explain
 
@@ -315,7 +315,7 @@ def test_dollar_signs_in_file_and_class_names_are_drawn_as_text(tmp_path):
 # ------------------------------------------------------------------------------------------------ 2. export
 @pytest.fixture(scope="module")
 def exported_run(tmp_path_factory):
-    from test_hostile import make_tiny_run
+    from builders import make_tiny_run
 
     from qpmcli.export import export_onnx
 
@@ -387,7 +387,7 @@ def test_fp16_criterion_is_relative_and_checks_probabilities_and_decisive_top1()
     pytest.param("dinov2-vitb14-reg", {"image_size": 224}, "random", marks=pytest.mark.slow),  # ViT-B/14-reg, 12 blocks
 ])
 def test_fp16_export_passes_on_the_demo_backbone_and_vit_b14_reg(tmp_path, backbone, options, weights):
-    from test_hostile import make_tiny_run
+    from builders import make_tiny_run
 
     from qpmcli.export import export_onnx
 

@@ -36,7 +36,7 @@ def build_served_model(root: Path) -> dict:
     done = root / "done.json"
     if done.is_file():
         return {k: Path(v) if k != "images" else [Path(p) for p in v] for k, v in json.loads(done.read_text()).items()}
-    from test_explain import build_made_run
+    from builders import build_made_run
 
     from qpmcli.export import export_onnx
 
@@ -173,7 +173,8 @@ def test_predict_api_equals_cli_json(client, served_model, tmp_path):
 
 
 def test_model_classes_features_and_prototypes(client, served_model):
-    from test_explain import FEATURE_IDS, W
+    from builders import MADE_FEATURE_IDS as FEATURE_IDS
+    from builders import MADE_W as W
 
     model = client.get("/api/model").json()
     assert model["classes"] == 4 and model["features"] == 6 and model["feature_ids"] == FEATURE_IDS
@@ -202,8 +203,9 @@ def test_model_classes_features_and_prototypes(client, served_model):
 
 
 def test_explain_api(client, served_model):
+    from builders import MADE_FEATURE_IDS as FEATURE_IDS
+    from builders import MADE_W as W
     from PIL import Image as PILImage
-    from test_explain import FEATURE_IDS, W
 
     image = served_model["images"][0]
     data = image.read_bytes()
