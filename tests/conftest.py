@@ -66,9 +66,11 @@ class _Buffer(io.RawIOBase):
         return len(data)
 
 
-def invoke(args: list[str], env: dict[str, str], cwd: Path) -> CliResult:
+def invoke(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+           timeout: float | None = None) -> CliResult:
     """``qpm ARGS`` through :func:`qpmcli.cli.run` in this process, with ``env`` as the whole environment and ``cwd``
-    as the working directory (both restored afterwards), stdout and stderr captured.
+    as the working directory (both restored afterwards; default: the current ones), stdout and stderr captured. The
+    same call shape as :func:`run_qpm` (``timeout`` is accepted for that; pytest-timeout bounds the call).
 
     An exception that is not a user error (a bug) ends the call as it ends a real process: its traceback goes to
     stderr and the exit code is 1; the exception itself is kept in ``exception``.
@@ -80,9 +82,10 @@ def invoke(args: list[str], env: dict[str, str], cwd: Path) -> CliResult:
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     out, err = _Stream(), _Stream()
     exception = None
+    env = saved_env if env is None else env
     os.environ.clear()
     os.environ.update(env)
-    os.chdir(cwd)
+    os.chdir(cwd or saved_cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

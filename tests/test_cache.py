@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CliResult, invoke
 
 from qpmcli.cache import CacheLock, TokenCache, build_cache, cache_key_fields, cache_path
 from qpmcli.errors import CacheError, ImageError
@@ -155,6 +156,7 @@ def _strip_created(path: Path) -> dict:
     return m
 
 
+@pytest.mark.e2e  # SIGKILL needs a process of its own
 def test_resume_after_kill_gives_byte_identical_cache(tmp_path, tinymod, backbone):
     moddir, mod = tinymod
     root = tmp_path / "imgs"
@@ -224,9 +226,8 @@ def test_corrupt_image_is_named_or_skipped(tmp_path, tinymod, backbone):
     np.testing.assert_array_equal(cache.tokens[5, 0], backbone(x)[0][0].half().numpy())
 
 
-def _qpm(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qpmcli.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+def _qpm(*args: str, env: dict) -> CliResult:
+    return invoke(list(args), env=env)
 
 
 def test_cli_extract_json_and_missing_weights(tmp_path):

@@ -1,6 +1,6 @@
 """The design card's commands verbatim after a (small) train, from a fresh working directory with no run path:
 ``qpm export --onnx``, ``qpm explain img.jpg``, ``qpm predict img.jpg``; then ``qpm runs``, ``qpm select`` and its
---force/stale rule, QPM_MODEL and --model overrides. Real `qpm` subprocesses in an isolated home."""
+--force/stale rule, QPM_MODEL and --model overrides. The CLI in-process (``cli.run``) in an isolated home."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import run_qpm
+from conftest import invoke
 from test_readme import CARD_COMMANDS, readme_commands
 from test_train_cli import TINY
 
@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     (root / "home").mkdir()
     work = root / "work"
     work.mkdir()
-    res = run_qpm(["train", *TINY], env=env, cwd=work, timeout=600)
+    res = invoke(["train", *TINY], env=env, cwd=work, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     run = root / "runs" / "shapes-dinov2-vits14"
     assert (run / "model.json").is_file()
@@ -59,44 +59,44 @@ def test_card_commands_work_verbatim_from_a_fresh_directory(trained, tmp_path):
     _image(fresh / "img.jpg")
 
     # before the export, explain/predict fall back to the run itself
-    out = run_qpm(card("predict"), env=env, cwd=fresh, timeout=300)
+    out = invoke(card("predict"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using {run} (the current run)" in out.stderr
 
-    out = run_qpm(card("export"), env=env, cwd=fresh, timeout=600)
+    out = invoke(card("export"), env=env, cwd=fresh, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"exporting {run} (the current run)" in out.stderr
     assert (run / "model.onnx").is_file()
     assert json.loads(pointer.read_text())["onnx"] == str(run / "model.onnx")
 
-    out = run_qpm(card("explain"), env=env, cwd=fresh, timeout=300)
+    out = invoke(card("explain"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using {run / 'model.onnx'} (the current run's exported model; run {run})" in out.stderr
     assert (fresh / "explanations" / "img_explain.png").stat().st_size > 5000
 
-    out = run_qpm(card("predict"), env=env, cwd=fresh, timeout=300)
+    out = invoke(card("predict"), env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"using {run / 'model.onnx'}" in out.stderr and "1 of 1 images classified with onnx" in out.stdout
-    out = run_qpm(["predict", "img.jpg", "--json"], env=env, cwd=fresh, timeout=300)
+    out = invoke(["predict", "img.jpg", "--json"], env=env, cwd=fresh, timeout=300)
     result = json.loads(out.stdout)
     assert result["kind"] == "onnx" and result["num_images"] == 1 and result["num_failed"] == 0
 
     # an explicit --model or QPM_MODEL wins over the pointer, and says so
-    out = run_qpm(["predict", "img.jpg", "-m", str(run), "--json"], env=env, cwd=fresh, timeout=300)
+    out = invoke(["predict", "img.jpg", "-m", str(run), "--json"], env=env, cwd=fresh, timeout=300)
     assert out.returncode == 0 and f"using {run} (given on the command line)" in out.stderr
-    out = run_qpm(["predict", "img.jpg", "--json"], env={**env, "QPM_MODEL": str(run)}, cwd=fresh, timeout=300)
+    out = invoke(["predict", "img.jpg", "--json"], env={**env, "QPM_MODEL": str(run)}, cwd=fresh, timeout=300)
     assert out.returncode == 0 and f"using {run} (from the model setting (QPM_MODEL))" in out.stderr
     assert json.loads(out.stdout)["kind"] != "onnx"
 
     # qpm runs marks it current, complete, exported
-    out = run_qpm(["runs", "--json"], env=env, cwd=fresh, timeout=120)
+    out = invoke(["runs", "--json"], env=env, cwd=fresh, timeout=120)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     row = next(r for r in data["runs"] if r["path"] == str(run))
     assert row["current"] and row["status"] == "complete" and row["onnx"] == str(run / "model.onnx")
     assert row["dataset"] == "shapes" and row["backbone"] == "dinov2-vits14" and row["selector"] == "topk"
     assert 0.0 <= row["accuracy"] <= 1.0 and data["current"] == str(run)
-    text = run_qpm(["runs"], env={**env, "COLUMNS": "250"}, cwd=fresh, timeout=120)
+    text = invoke(["runs"], env={**env, "COLUMNS": "250"}, cwd=fresh, timeout=120)
     assert "shapes-dinov2-vits14" in text.stdout and "complete" in text.stdout
 
 
@@ -104,24 +104,24 @@ def test_select_never_silently_replaces_the_runs_selection(trained):
     env, run = trained["env"], trained["run"]
     own = run / "selection.json"
     before = own.read_bytes()
-    out = run_qpm(["select", str(run), "--selector", "topk", "--features", "6", "--per-class", "2", "-q", "--json"],
+    out = invoke(["select", str(run), "--selector", "topk", "--features", "6", "--per-class", "2", "-q", "--json"],
                   env=env, cwd=trained["root"], timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["out"] == str(run / "selection-topk.json")
     assert own.read_bytes() == before and (run / "selection-topk.json").is_file()
 
-    out = run_qpm(["select", str(run), "--selector", "topk", "--features", "8", "--per-class", "2", "-o", str(own)],
+    out = invoke(["select", str(run), "--selector", "topk", "--features", "8", "--per-class", "2", "-o", str(own)],
                   env=env, cwd=trained["root"], timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "--force" in out.stderr
     assert own.read_bytes() == before
 
-    runs = json.loads(run_qpm(["runs", "--json"], env=env, cwd=trained["root"]).stdout)["runs"]
+    runs = json.loads(invoke(["runs", "--json"], env=env, cwd=trained["root"]).stdout)["runs"]
     assert next(r for r in runs if r["path"] == str(run))["status"] == "complete"
     # --force replaces it (8 features now: not what the model was finetuned on) and marks the model stale
-    out = run_qpm(["select", str(run), "--selector", "topk", "--features", "8", "--per-class", "2", "--force", "-q"],
+    out = invoke(["select", str(run), "--selector", "topk", "--features", "8", "--per-class", "2", "--force", "-q"],
                   env=env, cwd=trained["root"], timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert own.read_bytes() != before and (run / "stale.json").is_file() and "stale" in out.stderr
-    runs = json.loads(run_qpm(["runs", "--json"], env=env, cwd=trained["root"]).stdout)["runs"]
+    runs = json.loads(invoke(["runs", "--json"], env=env, cwd=trained["root"]).stdout)["runs"]
     assert next(r for r in runs if r["path"] == str(run))["status"].startswith("stale")

@@ -10,15 +10,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 from builders import MADE_ARCH, MADE_FEATURE_IDS, MADE_IMAGE_SIZE, MADE_W
+from conftest import CliResult, invoke, isolated_environ
 from PIL import Image
 
 from qpmcli import explain as E
@@ -28,12 +26,9 @@ from qpmcli.errors import ArtifactError, ConfigError, ImageError
 ARCH, IMAGE_SIZE, FEATURE_IDS, W = MADE_ARCH, MADE_IMAGE_SIZE, MADE_FEATURE_IDS, MADE_W
 
 
-def cli(args: list[str], tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QPM_")}
-    env.update(XDG_CONFIG_HOME=str(tmp / "xdg-config"), XDG_CACHE_HOME=str(tmp / "xdg-cache"), PYTHONUNBUFFERED="1",
-               MPLCONFIGDIR=str(tmp / "mpl"))
-    return subprocess.run([sys.executable, "-m", "qpmcli.cli", *args], env=env, cwd=tmp, capture_output=True,
-                          text=True, timeout=timeout)
+def cli(args: list[str], tmp: Path) -> CliResult:
+    """``qpm ARGS`` in-process, in an isolated home under ``tmp``."""
+    return invoke(args, isolated_environ(tmp), tmp)
 
 
 def distinct_colours(img: np.ndarray) -> int:

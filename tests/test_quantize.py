@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from builders import CLASS_NAMES, FEATURES, W, make_demo_run
 from builders import make_tiny_run as make_run
-from conftest import run_qpm
+from conftest import invoke as run_qpm
 
 
 def cli_env(tmp: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_qpm
+from conftest import invoke, run_qpm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -46,7 +46,8 @@ def test_every_readme_command_is_covered_by_a_test():
     assert set(readme_commands()) == known, set(readme_commands()) - known
 
 
-@pytest.mark.parametrize("command", _paper_commands())
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.distributed) if c.startswith("torchrun") else c
+                                     for c in _paper_commands()])
 def test_paper_commands_parse_and_explain_what_is_missing(command, isolated_env, tmp_path):
     """Without the official weights (and data) the paper commands stop before any work, saying what to get where."""
     args = shlex.split(command.replace("~", str(tmp_path / "home")))
@@ -64,7 +65,7 @@ def test_paper_commands_parse_and_explain_what_is_missing(command, isolated_env,
         assert out.returncode != 0
         assert "dinov2_vitb14_reg4_pretrain.pth" in out.stderr + out.stdout
         return
-    out = run_qpm(args[1:], env=isolated_env, cwd=tmp_path, timeout=300)
+    out = invoke(args[1:], env=isolated_env, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("Error: ") and len(out.stderr.strip().splitlines()) == 1
     expected = "dinov2_vitb14_reg4_pretrain.pth" if "dinov2-vitb14-reg" in command else "dinov2_vitb14_pretrain.pth"

@@ -101,6 +101,7 @@ def _build_proc(script: Path, moddir: Path, root: Path, cache: Path, *, bs: int,
 
 
 # ------------------------------------------------------------------------------------------------- 1. the cache
+@pytest.mark.e2e  # SIGKILL needs a process of its own
 def test_resume_with_another_batch_size_and_worker_count_is_complete_and_correct(tmp_path, tinymod, backbone):
     """Issue 19.1: killed after the first chunk marker, resumed with another batch size (6, not a divisor of the
     chunk) and 2 decoding workers: every row equals an uninterrupted build's, none is left unwritten."""
@@ -273,6 +274,7 @@ def test_data_check_finds_every_unreadable_image_not_just_the_first(tmp_path, qp
 
 
 # ------------------------------------------------------------------------------------------------ 7. Ctrl-C
+@pytest.mark.e2e  # SIGINT to a real `qpm` process
 def test_ctrl_c_says_what_is_kept_and_exits_130(tmp_path, isolated_env):
     """SIGINT during an extraction: the message shows (Typer used to swallow it with a silent exit 130)."""
     env = {**isolated_env, "QPM_DEVICE": "cpu", "QPM_CACHE_DIR": str(tmp_path / "cache")}

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+# Entry points are read once per interpreter: the installed package is seen by `qpm` processes started with it on
+# PYTHONPATH, so these tests run real processes (their own CI step).
+pytestmark = pytest.mark.e2e
+
 SOURCE = Path(__file__).resolve().parent / "thirdparty_plugin"
 TRAIN = ["train", "--backbone", "stripes-cnn", "--weights", "random", "--backbone-option", "width=6",
          "--dataset", "stripes", "--dataset-option", "n_classes=3", "--dataset-option", "per_class=8",
@@ -35,7 +39,8 @@ def site(tmp_path_factory) -> Path:
     return target
 
 
-def test_the_installed_package_provides_a_backbone_a_dataset_and_a_selector(qpm, site):
+def test_the_installed_package_provides_a_backbone_a_dataset_and_a_selector(qpm_process, site):
+    qpm = qpm_process
     res = qpm(["plugins", "--json"], env_extra={"PYTHONPATH": str(site)})
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
@@ -69,7 +74,8 @@ print(json.dumps({{"calls": qpm_stripes.CALLS, "cls": list(cls.shape), "patches"
     assert out["digest"] == "random-width4" and out["mean"] == [0.485, 0.456, 0.406]
 
 
-def test_qpm_trains_with_the_third_party_backbone_dataset_and_selector(qpm, site, tmp_path):
+def test_qpm_trains_with_the_third_party_backbone_dataset_and_selector(qpm_process, site, tmp_path):
+    qpm = qpm_process
     run = tmp_path / "run"
     res = qpm([*TRAIN, "--run-dir", str(run)], env_extra={"PYTHONPATH": str(site)}, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
