@@ -120,8 +120,9 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
+    from qpmcli.device import cuda_device_count
     from qpmcli.export import FullGraph, export_onnx
-    from qpmcli.predict import cuda_device_count, make_session
+    from qpmcli.predict import make_session
 
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():

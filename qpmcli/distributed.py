@@ -7,8 +7,7 @@
   CUDA, each rank on ``cuda:LOCAL_RANK``) and return :class:`DistInfo`; :func:`dist_info`: the current state;
 - :meth:`DistInfo.barrier`, :meth:`DistInfo.broadcast` (a picklable object from rank 0; internal values only),
   :func:`all_reduce` (sum over ranks, optionally differentiable), :func:`world_size`;
-- :func:`local_device`: the device a rank uses (``cuda`` becomes ``cuda:LOCAL_RANK`` under ``torchrun``);
-  :func:`cuda_device_count`: how many CUDA devices the driver sees (no torch import).
+- :func:`local_device`: the device a rank uses (``cuda`` becomes ``cuda:LOCAL_RANK`` under ``torchrun``).
 
 Outside ``torchrun`` everything is a no-op for a single process (rank 0 of 1). torch is imported inside functions.
 """
@@ -19,7 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DistInfo", "all_reduce", "barrier", "broadcast", "cuda_device_count", "dist_info", "init_distributed",
+__all__ = ["DistInfo", "all_reduce", "barrier", "broadcast", "dist_info", "init_distributed",
            "launched", "local_device", "world_size"]
 
 
@@ -127,22 +126,6 @@ def all_reduce(tensor: Any, *, differentiable: bool = False) -> Any:
 
     dist.all_reduce(tensor)
     return tensor
-
-
-def cuda_device_count() -> int:
-    """Number of CUDA devices, asked from the driver (libcuda) so that no torch import is needed."""
-    import ctypes
-
-    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            cuda = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-        return int(count.value)
-    return 0
 
 
 def local_device(device: str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.distributed import cuda_device_count
+from qpmcli.device import check_device, ort_providers, torch_device
 from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
 from qpmcli.images import list_images, preprocess_array
 from qpmcli.modelfile import ClassifierMetadata, decode_onnx_metadata, metadata_from_run, softmax
@@ -167,7 +167,7 @@ def load_classifier(model_path: str | os.PathLike[str], device: str = "auto", *,
     backbone's weights digest must equal the run's.
     """
     path = Path(model_path).expanduser()
-    _check_device(device)
+    check_device(device, tensorrt=True)
     if path.is_dir():
         return _load_run(path, device, weights=weights, settings=settings)
     if path.is_file() and path.suffix.lower() == ".onnx":
@@ -175,21 +175,6 @@ def load_classifier(model_path: str | os.PathLike[str], device: str = "auto", *,
     if path.is_file():
         raise ArtifactError(f"{path} is neither a run directory nor an .onnx file; pass a run folder or model.onnx")
     raise ArtifactError(f"model {path} does not exist; pass a run directory or an .onnx file from `qpm export`")
-
-
-def _check_device(device: str) -> None:
-    import re
-
-    if not re.fullmatch(r"auto|cpu|tensorrt|cuda(:\d+)?", device):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or tensorrt, not {device!r}")
-
-
-def _torch_device(device: str) -> str:
-    if device in ("auto", "tensorrt"):
-        return "cuda" if cuda_device_count() > 0 else "cpu"
-    if device.startswith("cuda") and cuda_device_count() == 0:
-        raise ConfigError(f"device {device} requested but no CUDA device is visible; use --device cpu")
-    return device
 
 
 def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) -> TorchClassifier:
@@ -201,7 +186,7 @@ def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) ->
         from qpmcli.settings import resolve_settings
 
         settings, _ = resolve_settings()
-    dev = _torch_device(device)
+    dev = torch_device(device)
     model, info = load_model(path, "final", device=dev)
     meta = metadata_from_run(model, info)
     try:  # the same {feature_id: [...]} document an exported file embeds
@@ -212,34 +197,12 @@ def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) ->
     return TorchClassifier(path, backbone, model, meta, dev)
 
 
-def _providers(device: str) -> tuple[list[Any], bool]:
-    """Execution providers to request for ``device`` and whether to use IO binding (GPU)."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"], False
-    gpus = cuda_device_count()
-    if device == "tensorrt":
-        if "TensorrtExecutionProvider" not in available or gpus == 0:
-            raise ConfigError("device tensorrt needs onnxruntime-gpu with the TensorRT EP and a CUDA GPU")
-        return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], True
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available or gpus == 0:
-            raise ConfigError(f"device {device} needs onnxruntime-gpu and a CUDA GPU; use --device cpu")
-        dev_id = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"], True
-    if "CUDAExecutionProvider" in available and gpus > 0:  # auto
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], True
-    return ["CPUExecutionProvider"], False
-
-
 def make_session(path: Path, device: str) -> tuple[Any, bool]:
     """An ONNX Runtime session for ``path`` on ``device`` (see :func:`load_classifier`) and whether to use IO
     binding; a file ONNX Runtime cannot load is an :class:`ArtifactError`."""
     import onnxruntime as ort
 
-    providers, io_binding = _providers(device)
+    providers, io_binding = ort_providers(device)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # warnings about unused initialisers or EP fallbacks are noise for users
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

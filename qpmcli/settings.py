@@ -8,7 +8,6 @@ Resolved once per command (``resolve_settings``) and saved with every run; there
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -71,7 +70,9 @@ class QpmSettings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        from qpmcli.device import is_device
+
+        if not is_device(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
@@ -95,12 +96,10 @@ class QpmSettings(BaseSettings):
         return (init_settings, env_settings, *files)
 
     def torch_device(self) -> str:
-        """The concrete device string (resolves ``auto``)."""
-        if self.device != "auto":
-            return self.device
-        import torch
+        """The concrete PyTorch device of the ``device`` setting (``qpmcli.device.torch_device``)."""
+        from qpmcli.device import torch_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return torch_device(self.device)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

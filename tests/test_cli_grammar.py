@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from qpmcli.options import cuda_device_count
+from qpmcli.device import cuda_device_count
 
 NO_CUDA = cuda_device_count() == 0
 
@@ -229,7 +229,7 @@ def test_select_checks_the_class_count_against_binomial(qpm, tmp_path):
     _one_line_error(out, "10 classes need distinct feature sets", "C(3,1) = 3")
     assert not (tmp_path / "selection-topk.json").exists()
     out = qpm(["select", "--problem", "p.npz", "--features", "9", "--per-class", "2", "--selector", "topk"])
-    _one_line_error(out, "--features 9 exceeds the 8 dense features")
+    _one_line_error(out, "--features 9 exceeds the 8 features of the dense model")
     out = qpm(["select", "--problem", "p.npz", "--features", "5", "--per-class", "2", "--selector", "topk", "-q",
                "--json"])
     assert out.returncode == 0, out.stderr

@@ -150,7 +150,7 @@ def test_load_classifier_errors(tmp_path, models):
     (tmp_path / "broken.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(ArtifactError, match="cannot load"):
         load_classifier(tmp_path / "broken.onnx")
-    with pytest.raises(ConfigError, match="device must be"):
+    with pytest.raises(ConfigError, match="is not a device"):
         load_classifier(models[1], device="gpu")
     with pytest.raises(ConfigError, match="no CUDA device|needs onnxruntime-gpu and a CUDA GPU"):
         load_classifier(models[1], device="cuda")

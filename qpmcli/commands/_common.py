@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from qpmcli import options as opts
+from qpmcli.device import check_device
 
 # Shared option objects (the same long and short names in every command); see qpmcli/options.py.
 DataRoot = opts.data_root_opt()
@@ -27,7 +28,7 @@ def settings_from_flags(*, device_check: str | None = "plain", **flags: Any):
     settings, sources = resolve_settings(**flags)
     if device_check is not None:
         flag = "--device" if flags.get("device") else f"device setting ({sources['device']})"
-        opts.check_device(settings.device, torch=device_check == "torch", flag=flag)
+        check_device(settings.device, torch=device_check == "torch", flag=flag)
     return settings
 
 
@@ -36,9 +37,9 @@ def ort_device(device: str | None, settings: Any) -> str:
     from qpmcli.settings import resolve_settings
 
     if device:
-        return opts.check_device(device, tensorrt=True)
+        return check_device(device, tensorrt=True)
     _, sources = resolve_settings()
-    return opts.check_device(settings.device, tensorrt=True, flag=f"device setting ({sources['device']})")
+    return check_device(settings.device, tensorrt=True, flag=f"device setting ({sources['device']})")
 
 
 def say(line: str) -> None:

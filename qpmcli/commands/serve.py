@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 
 
@@ -23,8 +24,10 @@ def serve(
     from qpmcli.serve import serve as run_serve
 
     settings = settings_from_flags(device_check=None)
-    device = opts.check_device(device or settings.device, tensorrt=True)
-    opts.check_positive(max_batch, "--max-batch")
+    from qpmcli.device import check_device
+
+    device = check_device(device or settings.device, tensorrt=True)
+    checks.check_positive(max_batch, "--max-batch")
     run_serve(model, host=host, port=port, device=device, max_upload_mb=max_upload_mb, max_batch=max_batch,
               batch_window_ms=batch_window_ms, settings=settings)
 
