@@ -84,7 +84,7 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
     train cache's order) enables Alignment; segmentation overlap needs the test cache's masks. Absent inputs give
     ``None`` for those metrics.
     """
-    keys = checked_metric_names(which)
+    keys = M.checked_metric_names(which)
     model = model.to(device).eval()
     head = head_parameters(model)
     weight = head["weight"]
@@ -185,7 +185,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
 
     t0 = time.perf_counter()
     run = Path(run_dir)
-    keys = checked_metric_names(which)
+    keys = M.checked_metric_names(which)
     if not run.is_dir():
         raise ArtifactError(f"run directory {run} does not exist; train one with `qpm train --run-dir {run}`")
     if settings is None:
@@ -218,13 +218,3 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
     return {"run": str(run), "stage": stage, "metrics": values, "device": device,
             "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache), "n_test": len(test_cache),
             "notes": notes}
-
-
-def checked_metric_names(which: str | list[str]) -> list[str]:
-    """Metric names from a CLI string or list; unknown names become a one-line ``QpmError``."""
-    from qpmcli.errors import ConfigError
-
-    try:
-        return M.resolve_metric_names(which)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc

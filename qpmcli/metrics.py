@@ -195,6 +195,17 @@ def resolve_metric_names(which: str | list[str] | tuple[str, ...] = "all") -> li
 # Helpers
 # ====================================================================================================================
 
+def checked_metric_names(which: str | list[str] | tuple[str, ...], flag: str = "--metrics") -> list[str]:
+    """:func:`resolve_metric_names`, with an unknown name as a one-line ``ConfigError`` listing the valid ones (the
+    check every job makes before any work)."""
+    from qpmcli.errors import ConfigError
+
+    try:
+        return resolve_metric_names(which)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
 def relevant_features(weight: Any) -> np.ndarray:
     """Indices of the head's input features that have at least one non-zero class weight (METHOD.md §13 C15).
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import typer
 
-from qpmcli.distributed import cuda_device_count
+from qpmcli.device import ORT_DEVICES
 from qpmcli.errors import ConfigError
 
 
@@ -42,10 +40,6 @@ def complete_dataset(incomplete: str) -> list[str]:
 
 def complete_selector(incomplete: str) -> list[str]:
     return _names("selector", incomplete)
-
-
-DEVICES = ("auto", "cpu", "cuda", "cuda:0")
-ORT_DEVICES = (*DEVICES, "tensorrt")
 
 
 def complete_device(incomplete: str) -> list[str]:
@@ -245,112 +239,3 @@ def _example(declared: dict[str, Any] | None) -> str:
         o = next(iter(declared.values()))
         return f"{o.name}={o.choices[0] if o.choices else o.default}"
     return "key=value"
-
-
-# ---------------------------------------------------------------------------------------------------------- device
-
-def check_device(device: str | None, *, tensorrt: bool = False, torch: bool = False, flag: str = "--device"
-                 ) -> str:
-    """Validate a device string (the flag's, else the setting's) before any work; returns it.
-
-    ``cuda``/``cuda:N``/``tensorrt`` without a visible CUDA device is one clear error. ``torch``: the command runs
-    PyTorch on it, so a CPU-only PyTorch build is also an error (torch is imported only when CUDA was asked for).
-    """
-    device = (device or "auto").strip()
-    pattern = r"auto|cpu|cuda(:\d+)?" + ("|tensorrt" if tensorrt else "")
-    if not re.fullmatch(pattern, device):
-        choices = "auto, cpu, cuda, cuda:N" + (", tensorrt" if tensorrt else "")
-        raise ConfigError(f"{flag} {device!r} is not a device; use one of {choices}")
-    if device.startswith("cuda") or device == "tensorrt":
-        n = cuda_device_count()
-        if n == 0:
-            raise ConfigError(f"{flag} {device}: no CUDA device is visible on this machine; use --device cpu "
-                              f"(or auto)")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= n:
-            raise ConfigError(f"{flag} {device}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
-        if torch:
-            import torch as _torch
-
-            if not _torch.cuda.is_available():
-                raise ConfigError(f"{flag} {device}: this PyTorch build ({_torch.__version__}) has no CUDA support; "
-                                  f"install a CUDA build of torch or use --device cpu")
-    return device
-
-
-# ---------------------------------------------------------------------------------------------------- output paths
-def _writable_parent(path: Path, flag: str) -> None:
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise ConfigError(f"{flag} {path}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {probe} is not writable")
-
-
-def check_out_dir(path: str | os.PathLike[str] | None, flag: str) -> Path | None:
-    """An output folder: it may exist (as a folder) or be creatable; an existing file there is an error."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{flag} {p} is an existing file, not a folder; choose a folder")
-    _writable_parent(p, flag)
-    return p
-
-
-def check_out_file(path: str | os.PathLike[str] | None, flag: str) -> Path | None:
-    """An output file: an existing folder there is an error; its parent must be a (creatable) writable folder."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ConfigError(f"{flag} {p} is a folder; give a file path")
-    _writable_parent(p.parent, flag)
-    return p
-
-
-# ---------------------------------------------------------------------------------------------- selector & metrics
-def check_time_limit(value: float, flag: str = "--time-limit") -> float:
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{flag} must be a positive finite number of seconds, got {value}")
-    return float(value)
-
-
-def check_selection_sizes(n_features: int, per_class: int, n_classes: int | None = None,
-                          n_total: int | None = None) -> None:
-    """K >= k >= 1, K <= n_f, and C <= binomial(K, k) (every class needs its own feature set)."""
-    if per_class < 1 or n_features < 1:
-        raise ConfigError(f"--features ({n_features}) and --per-class ({per_class}) must be at least 1")
-    if per_class > n_features:
-        raise ConfigError(f"--per-class {per_class} exceeds --features {n_features}")
-    if n_total is not None and n_features > n_total:
-        raise ConfigError(f"--features {n_features} exceeds the {n_total} dense features")
-    if n_classes is not None and n_classes > math.comb(n_features, per_class):
-        raise ConfigError(f"{n_classes} classes need distinct feature sets but only C({n_features},{per_class}) = "
-                          f"{math.comb(n_features, per_class)} exist; raise --features or --per-class")
-
-
-def check_metrics(which: str, flag: str = "--metrics") -> list[str]:
-    """Metric names resolved up front (``all``, ``fast``, ``essential``, ids or keys); a typo lists the valid ones."""
-    from qpmcli.metrics import resolve_metric_names
-
-    try:
-        return resolve_metric_names(which)
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: {exc}") from None
-
-
-def check_choice(value: str, choices: Iterable[str], flag: str) -> str:
-    choices = list(choices)
-    if value not in choices:
-        raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def check_positive(value: int | None, flag: str, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise ConfigError(f"{flag} must be at least {minimum}, got {value}")

@@ -373,19 +373,43 @@ def problem_from_run(run_dir: str | Path, *, threshold_rule: str = "reference") 
 
 
 # -------------------------------------------------------------------------------------------------- selecting
-def check_request(n_total: int, n_classes: int, n_features: int, per_class: int) -> None:
-    """Reject infeasible requests before any solving, with the numbers that make them infeasible."""
-    if per_class < 1 or n_features < 1:
-        raise SelectionError(f"--features ({n_features}) and --per-class ({per_class}) must be at least 1")
-    if per_class > n_features:
-        raise SelectionError(f"--per-class {per_class} exceeds --features {n_features}: a class cannot get more "
-                             f"features than are selected")
-    if n_features > n_total:
-        raise SelectionError(f"--features {n_features} exceeds the {n_total} features of the dense model")
-    subsets = math.comb(n_features, per_class)
-    if n_classes > subsets:
-        raise SelectionError(f"{n_classes} classes need distinct feature sets but only C({n_features},{per_class}) = "
-                             f"{subsets} exist; raise --features or --per-class")
+BOUNDS = ("lp", "sdp", "auto")  # the certified bounds of the qpm selector (docs/method-notes.md)
+
+
+@dataclass(frozen=True)
+class SelectRequest:
+    """A feature selection (``qpm select``, :func:`select`, the selection stage of ``qpm train``): the selector, the
+    sizes (K features, k per class), the time limit, seed and CP-SAT workers, the certified bound (``None``: the
+    selector's own choice) and the redundancy threshold rule used to pose the problem."""
+
+    selector: str = "qpm"
+    n_features: int = 50
+    per_class: int = 5
+    time_limit: float = 60.0
+    seed: int = 0
+    workers: int = 8
+    bound: str | None = None
+    threshold_rule: str = "reference"
+
+    def checked(self, n_classes: int | None = None, n_total: int | None = None) -> SelectRequest:
+        """Every check that needs no solving (one line, exit 2 each): the selector's name, the sizes (against the
+        problem's class and feature counts when given), the time limit, workers, bound and threshold rule."""
+        from qpmcli.checks import check_choice, check_positive, check_selection_sizes, check_time_limit
+        from qpmcli.registry import get_registry
+
+        get_registry().get("selector", self.selector)
+        check_selection_sizes(self.n_features, self.per_class, n_classes, n_total)
+        check_time_limit(self.time_limit)
+        check_positive(self.workers, "--workers")
+        if self.bound is not None:
+            check_choice(self.bound, BOUNDS, "--bound")
+        check_threshold_rule(self.threshold_rule)
+        return self
+
+    def solver_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`select` (everything but the threshold rule, which poses the problem)."""
+        return {"selector": self.selector, "n_features": self.n_features, "per_class": self.per_class,
+                "time_limit": self.time_limit, "seed": self.seed, "workers": self.workers, "bound": self.bound}
 
 
 def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_features: int = 50, per_class: int = 5,
@@ -409,9 +433,9 @@ def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_feature
         problem = SelectionProblem(A=A, R=np.asarray(R, dtype=np.float64))
     if problem.A.ndim != 2 or problem.R.shape != (problem.A.shape[0],) * 2:
         raise SelectionError(f"A must be [n_f, C] and R [n_f, n_f]; got {problem.A.shape} and {problem.R.shape}")
-    check_request(problem.n_features_total, problem.n_classes, n_features, per_class)
-    if time_limit <= 0:
-        raise SelectionError(f"--time-limit must be positive, got {time_limit}")
+    SelectRequest(selector=selector, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
+                  workers=workers, bound=bound, threshold_rule=problem.threshold_rule,
+                  ).checked(problem.n_classes, problem.n_features_total)
     spec = get_registry().get("selector", selector)
     sel_obj = spec.factory()
     if bound is not None:

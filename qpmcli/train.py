@@ -85,41 +85,71 @@ class TrainRequest:
         d["finetune"] = self.finetune.to_dict()
         return d
 
+    @classmethod
+    def from_options(cls, *, head: str = "qpm", selector: str = "qpm", dense_epochs: int | None = None,
+                     finetune_epochs: int | None = None, batch_size: int | None = None,
+                     dense_lr: float | None = None, finetune_lr: float | None = None, recompute_bn: bool = True,
+                     bf16: bool = False, eval_every: int = 0, checkpoint_steps: int = 0, **fields: Any,
+                     ) -> TrainRequest:
+        """A request whose phases are the paper's settings for its head and selector (``phase_presets``: the row of
+        its table), with the given epochs, batch size and learning rates (``None``: the preset's) and switches
+        applied to both phases. ``fields`` are the request's other fields. ``qpm train`` builds its request here."""
+        dense, finetune = phase_presets(head, selector)
+        common = dict(recompute_bn=recompute_bn, bf16=bf16, eval_every=eval_every, checkpoint_steps=checkpoint_steps)
 
-def _validate_request(req: TrainRequest) -> None:
-    """Name and size errors that need no data, raised before any work starts."""
-    from qpmcli.model import ACTIVATIONS, MAX_FEATURES, POOLINGS
-    from qpmcli.registry import get_registry
+        def phase(preset: PhaseOptions, epochs: int | None, lr: float | None) -> PhaseOptions:
+            given = {k: v for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)) if v is not None}
+            return replace(preset, **common, **given)
 
-    reg = get_registry()
-    reg.get("backbone", req.backbone)
-    reg.get("dataset", req.dataset)
-    if req.head not in HEADS:
-        raise ConfigError(f"unknown head {req.head!r}; choose one of {', '.join(HEADS)}")
-    if req.head == "qpm":
-        reg.get("selector", req.selector)
-        if req.per_class < 1 or req.n_selected < 1:
-            raise ConfigError(f"--features ({req.n_selected}) and --per-class ({req.per_class}) must be at least 1")
-        if req.per_class > req.n_selected:
-            raise ConfigError(f"--per-class {req.per_class} exceeds --features {req.n_selected}")
-        if req.n_layers > 0 and req.n_selected > req.n_features:
-            raise ConfigError(f"--features {req.n_selected} exceeds the adapter's {req.n_features} dense features "
-                              f"(--dense-features)")
-    if req.n_layers > 0 and not 1 <= req.n_features <= MAX_FEATURES:
-        raise ConfigError(f"--dense-features {req.n_features} cannot be trained (allowed 1..{MAX_FEATURES})")
-    if req.pooling not in POOLINGS:
-        raise ConfigError(f"unknown pooling {req.pooling!r}; choose one of {', '.join(POOLINGS)}")
-    if req.activation not in ACTIVATIONS:
-        raise ConfigError(f"unknown activation {req.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-    for name, ph in (("dense", req.dense), ("finetune", req.finetune)):
-        if ph.epochs < 1 or ph.batch_size < 1 or ph.lr <= 0:
-            raise ConfigError(f"{name} phase needs epochs >= 1, batch size >= 1 and lr > 0 "
-                              f"(got {ph.epochs}, {ph.batch_size}, {ph.lr})")
-    if not (math.isfinite(req.time_limit) and req.time_limit > 0):  # nan/inf: the solver needs a real deadline
-        raise ConfigError(f"--time-limit must be a positive, finite number of seconds, got {req.time_limit}")
-    from qpmcli.evaluate import checked_metric_names
+        return cls(head=head, selector=selector, dense=phase(dense, dense_epochs, dense_lr),
+                   finetune=phase(finetune, finetune_epochs, finetune_lr), **fields)
 
-    checked_metric_names(req.metrics)  # an unknown --metrics name fails now, not after extraction and training
+    def checked(self, settings: Any = None) -> TrainRequest:
+        """Every check that needs no images, made before any work (one line, exit 2 each): plugin names, choices,
+        sizes, the phases' schedules, the time limit, metric names and, given ``settings``, C <= binomial(K, k) with
+        the class count read from the dataset's lists (a dataset that cannot be opened yet is reported by the run
+        itself, after the weights check). Returns the request."""
+        from qpmcli.checks import check_choice, check_positive, check_selection_sizes, check_time_limit
+        from qpmcli.metrics import checked_metric_names
+        from qpmcli.model import ACTIVATIONS, MAX_FEATURES, POOLINGS
+        from qpmcli.registry import get_registry
+
+        reg = get_registry()
+        reg.get("backbone", self.backbone)
+        reg.get("dataset", self.dataset)
+        check_choice(self.head, HEADS, "--head")
+        check_choice(self.preprocess, ("official", "reference"), "--preprocess")
+        check_choice(self.pooling, POOLINGS, "--pooling")
+        check_choice(self.activation, tuple(ACTIVATIONS), "--activation")
+        check_positive(self.n_layers, "--layers", 0)
+        check_positive(self.hidden_size, "--hidden-size")
+        if self.n_layers > 0 and not 1 <= self.n_features <= MAX_FEATURES:
+            raise ConfigError(f"--dense-features {self.n_features} cannot be trained (allowed 1..{MAX_FEATURES})")
+        if self.head == "qpm":
+            reg.get("selector", self.selector)
+            check_selection_sizes(self.n_selected, self.per_class,
+                                  n_total=self.n_features if self.n_layers > 0 else None)
+        check_time_limit(self.time_limit)
+        check_positive(self.workers, "--workers")
+        for name, ph in (("dense", self.dense), ("finetune", self.finetune)):
+            check_positive(ph.epochs, f"--{name}-epochs")
+            check_positive(ph.batch_size, "--batch-size")
+            if not (math.isfinite(ph.lr) and ph.lr > 0):
+                raise ConfigError(f"--{name}-lr must be a positive number, got {ph.lr}")
+            check_positive(ph.eval_every, "--eval-every", 0)
+            check_positive(ph.checkpoint_steps, "--checkpoint-steps", 0)
+        checked_metric_names(self.metrics)
+        if self.head == "qpm" and settings is not None:
+            from qpmcli.data import load_dataset
+
+            try:
+                n_classes = load_dataset(self.dataset, root=self.data_root, split="train", settings=settings,
+                                         **self.dataset_options).num_classes
+            except QpmError:
+                n_classes = None
+            if n_classes is not None:
+                check_selection_sizes(self.n_selected, self.per_class, n_classes)
+        return self
 
 
 def default_run_dir(settings: Any, req: TrainRequest) -> Path:
@@ -175,7 +205,8 @@ class _RunLog:
 def _evaluate(model: QPMModel, train_cache: Any, test_cache: Any, req: TrainRequest, device: str,
               settings: Any) -> dict[str, Any]:
     """The metrics of METHOD.md §8 (``req.metrics``) on the run's caches, with the dataset's attributes if any."""
-    from qpmcli.evaluate import checked_metric_names, dataset_attributes, evaluate_model
+    from qpmcli.evaluate import dataset_attributes, evaluate_model
+    from qpmcli.metrics import checked_metric_names
 
     keys = checked_metric_names(req.metrics)
     class_attrs = image_attrs = None
@@ -300,10 +331,10 @@ def extract(ctx: TrainContext) -> None:
     _check_classes(test_cache.labels, class_names, "test")
     embed_dim = int(train_cache.tokens.shape[-1])
     if req.head == "qpm":
-        from qpmcli.selection import check_request
+        from qpmcli.checks import check_selection_sizes
 
         n_f = embed_dim if req.n_layers == 0 else req.n_features
-        check_request(n_f, len(class_names), req.n_selected, req.per_class)
+        check_selection_sizes(req.n_selected, req.per_class, len(class_names), n_f)
     ctx.info = {
         "class_names": class_names, "backbone": backbone.name, "weights_digest": backbone.weights_digest,
         "preprocess": backbone.preprocess_config, "image_size": list(backbone.image_size),
@@ -512,7 +543,11 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
     ``resume``; an interrupted phase continues from its checkpoint. Returns a JSON-able summary (paths, metrics,
     selection facts, timings).
     """
-    _validate_request(req)
+    req.checked(settings)
+    if run_dir is not None:
+        from qpmcli.checks import check_out_dir
+
+        check_out_dir(run_dir, "--run-dir")
     dist = init_distributed()
     run = Path(run_dir) if run_dir is not None else default_run_dir(settings, req)
     _check_run_dir(run, req, resume)

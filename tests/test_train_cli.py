@@ -65,13 +65,13 @@ def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
     ({"dataset": "nope"}, "unknown dataset 'nope'; available: "),
     ({"selector": "nope"}, "unknown selector 'nope'; available: "),
     ({"n_selected": 3, "per_class": 4}, "--per-class 4 exceeds --features 3"),
-    ({"n_selected": 40}, "--features 40 exceeds the adapter's 16 dense features"),
+    ({"n_selected": 40}, "--features 40 exceeds the 16 features of the dense model"),
     ({"n_features": 100000}, "--dense-features 100000 cannot be trained"),
-    ({"head": "svm"}, "unknown head 'svm'"),
+    ({"head": "svm"}, "--head 'svm' is not one of qpm, linear-probe"),
     ({"metrics": "accuracy,bogus"}, "unknown metric 'bogus'"),
-    ({"pooling": "median"}, "unknown pooling 'median'"),
-    ({"time_limit": float("nan")}, "--time-limit must be a positive, finite number of seconds, got nan"),
-    ({"time_limit": float("inf")}, "--time-limit must be a positive, finite number of seconds, got inf"),
+    ({"pooling": "median"}, "--pooling 'median' is not one of avg, max, cls, mean-avg"),
+    ({"time_limit": float("nan")}, "--time-limit must be a positive finite number of seconds, got nan"),
+    ({"time_limit": float("inf")}, "--time-limit must be a positive finite number of seconds, got inf"),
 ])
 def test_bad_train_requests_fail_before_any_work(tmp_path, changes, message):
     from dataclasses import replace

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
 
@@ -23,8 +24,8 @@ def demo(
 
     from qpmcli.commands._common import settings_from_flags
 
-    opts.check_time_limit(time_limit)
-    opts.check_out_dir(out, "--out")
+    checks.check_time_limit(time_limit)
+    checks.check_out_dir(out, "--out")
     settings = settings_from_flags(device=device, device_check="torch")
     from qpmcli.demo import TABLE_COLUMNS, run_demo
 

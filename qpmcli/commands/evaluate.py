@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
 
@@ -26,9 +27,11 @@ def evaluate(
     from qpmcli.commands._common import say, settings_from_flags
     from qpmcli.current import resolve_model
 
-    opts.check_choice(stage, ("final", "dense"), "--stage")
-    opts.check_positive(batch_size, "--batch-size")
-    opts.check_metrics(metrics)
+    checks.check_choice(stage, ("final", "dense"), "--stage")
+    checks.check_positive(batch_size, "--batch-size")
+    from qpmcli.metrics import checked_metric_names
+
+    checked_metric_names(metrics)
     settings = settings_from_flags(device=device, device_check="torch")
     target = resolve_model(settings, run, run_only=True)
     if not quiet:  # -q: nothing on stderr but errors

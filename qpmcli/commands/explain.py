@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
@@ -32,8 +33,8 @@ def explain(
 
     settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
     device = ort_device(device, settings)
-    opts.check_positive(top_k, "--top-k")
-    opts.check_out_dir(out, "--out")
+    checks.check_positive(top_k, "--top-k")
+    checks.check_out_dir(out, "--out")
     if not images and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     target = resolve_model(settings, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
@@ -45,10 +46,10 @@ def export(
     if not onnx:
         raise ConfigError("choose an export format: pass --onnx")
     settings = settings_from_flags(weights_dir=weights_dir, device=device)
-    opts.check_out_file(out, "--out")
+    checks.check_out_file(out, "--out")
     if out is not None and not str(out).lower().endswith(".onnx"):
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
-    opts.check_positive(opset, "--opset", 7)
+    checks.check_positive(opset, "--opset", 7)
     int8_opts = _int8_options(int8, calibrate, calibrate_n, verify_images, min_agreement)
     target = resolve_model(settings, run, run_only=True)
     if not quiet:  # -q: nothing on stderr but errors
@@ -111,7 +112,7 @@ def _int8_options(int8: bool, calibrate: str | None, calibrate_n: int, verify_im
         return None
     if not (math.isfinite(min_agreement) and 0.0 <= min_agreement <= 1.0):
         raise ConfigError(f"--min-agreement must be between 0 and 1 (a share of images), not {min_agreement}")
-    opts.check_positive(calibrate_n, "--calibrate-n")
+    checks.check_positive(calibrate_n, "--calibrate-n")
     if calibrate is not None and calibrate != "train":
         from pathlib import Path
 

@@ -6,6 +6,7 @@ import time
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import DataRoot, Device, JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
@@ -36,12 +37,12 @@ def extract(
     from qpmcli.commands._common import settings_from_flags
     from qpmcli.registry import get_registry
 
-    opts.check_choice(split, ("train", "test", "all"), "--split")
-    opts.check_choice(preprocess, ("official", "reference"), "--preprocess")
-    opts.check_positive(batch_size, "--batch-size")
-    opts.check_positive(image_size, "--image-size")
-    opts.check_positive(num_workers, "--num-workers", 0)
-    opts.check_out_dir(cache_dir, "--cache-dir")
+    checks.check_choice(split, ("train", "test", "all"), "--split")
+    checks.check_choice(preprocess, ("official", "reference"), "--preprocess")
+    checks.check_positive(batch_size, "--batch-size")
+    checks.check_positive(image_size, "--image-size")
+    checks.check_positive(num_workers, "--num-workers", 0)
+    checks.check_out_dir(cache_dir, "--cache-dir")
     get_registry().get("backbone", backbone)
     options = opts.parse_plugin_options("dataset", dataset, dataset_option)
     settings = settings_from_flags(data_root=data_root, weights_dir=weights_dir, device=device, cache_dir=cache_dir,

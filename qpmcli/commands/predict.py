@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
@@ -26,8 +27,8 @@ def predict(
 
     settings = settings_from_flags(weights_dir=weights_dir, device_check=None)
     device = ort_device(device, settings)
-    opts.check_positive(top_k, "--top-k")
-    opts.check_positive(batch_size, "--batch-size")
+    checks.check_positive(top_k, "--top-k")
+    checks.check_positive(batch_size, "--batch-size")
     target = resolve_model(settings, model)
     if not quiet:  # -q: nothing on stderr but errors
         say(target.line())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.artifact import MODEL_JSON, SELECTION, STALE
 from qpmcli.commands._common import JsonFlag, Quiet, Seed, console, print_json
@@ -39,16 +40,11 @@ def select_cmd(
     """Select K features and assign k of them to every class; writes the selection JSON (never silently the run's
     own selection.json: that needs --force)."""
     from qpmcli.commands._common import say, settings_from_flags
-    from qpmcli.registry import get_registry
+    from qpmcli.selection import SelectRequest
 
     settings = settings_from_flags(seed=seed, device_check=None)
-    get_registry().get("selector", selector)
-    opts.check_selection_sizes(features, per_class)
-    opts.check_time_limit(time_limit)
-    opts.check_positive(workers, "--workers")
-    if bound is not None:
-        opts.check_choice(bound, ("lp", "sdp", "auto"), "--bound")
-    opts.check_choice(threshold_rule, ("reference", "greedy-bisect"), "--threshold-rule")
+    req = SelectRequest(selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
+                        seed=settings.seed, workers=workers, bound=bound, threshold_rule=threshold_rule).checked()
     if run is not None and problem is not None:
         raise SelectionError("give either a run directory or --problem FILE (not both)")
     if run is None and problem is None:
@@ -65,18 +61,17 @@ def select_cmd(
     if out is None:
         name = f"selection-{selector}.json"
         out = own if (force and own is not None) else ((run / name) if run is not None else Path(name))
-    opts.check_out_file(out, "--out")
+    checks.check_out_file(out, "--out")
     replacing = own is not None and out.resolve() == own.resolve() and own.exists()
     if replacing and not force:
         raise SelectionError(f"{own} is the run's own selection (its finetuned model was trained on it); pass --force "
                              f"to replace it, or choose another --out")
     from qpmcli.selection import load_problem_npz, problem_from_run, save_selection, select, selection_summary
 
-    prob = (problem_from_run(run, threshold_rule=threshold_rule) if run is not None
-            else load_problem_npz(problem, threshold_rule=threshold_rule))
-    opts.check_selection_sizes(features, per_class, prob.n_classes, prob.n_features_total)
-    sel = select(prob, selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
-                 seed=settings.seed, workers=workers, progress=not (json_out or quiet), bound=bound)
+    prob = (problem_from_run(run, threshold_rule=req.threshold_rule) if run is not None
+            else load_problem_npz(problem, threshold_rule=req.threshold_rule))
+    req.checked(prob.n_classes, prob.n_features_total)  # the sizes against this problem, before solving
+    sel = select(prob, **req.solver_options(), progress=not (json_out or quiet))
     save_selection(sel, out, class_names=prob.class_names)
     summary = selection_summary(sel)
     summary["out"] = str(out)

@@ -54,62 +54,23 @@ def train(
     json_out: bool = JsonFlag,
 ) -> None:
     """Train a DINO-QPM model end to end: extract -> dense -> select -> finetune -> evaluate."""
-    from dataclasses import replace
-
+    from qpmcli.checks import check_out_dir
     from qpmcli.commands._common import say, settings_from_flags
-    from qpmcli.errors import QpmError
+    from qpmcli.train import TrainRequest, train_run
 
-    # ---- every check that needs no data, before any work
     settings = settings_from_flags(data_root=data_root, weights_dir=weights_dir, device=device, seed=seed,
                                    device_check="torch")
-    from qpmcli.registry import get_registry
-
-    reg = get_registry()
-    reg.get("backbone", backbone)
-    reg.get("dataset", dataset)
-    opts.check_choice(head, ("qpm", "linear-probe"), "--head")
-    opts.check_choice(preprocess, ("official", "reference"), "--preprocess")
-    opts.check_choice(pooling, ("avg", "max", "cls", "mean-avg"), "--pooling")
-    if head == "qpm":
-        reg.get("selector", selector)
-        opts.check_selection_sizes(features, per_class, n_total=dense_features if layers > 0 else None)
-    opts.check_time_limit(time_limit)
-    for flag, value in (("--dense-epochs", dense_epochs), ("--finetune-epochs", finetune_epochs),
-                        ("--batch-size", batch_size), ("--hidden-size", hidden_size)):
-        opts.check_positive(value, flag)
-    opts.check_positive(layers, "--layers", 0)
-    for flag, value in (("--dense-lr", dense_lr), ("--finetune-lr", finetune_lr)):
-        if value is not None and not value > 0:
-            raise opts.ConfigError(f"{flag} must be positive, got {value}")
-    opts.check_metrics(metrics)
-    opts.check_out_dir(run_dir, "--run-dir")
-    dataset_options = opts.parse_plugin_options("dataset", dataset, dataset_option)
-    backbone_options = opts.parse_plugin_options("backbone", backbone, backbone_option)
-    if head == "qpm":  # C <= binomial(K, k): the class count comes from the dataset's lists (no image is read)
-        from qpmcli.data import load_dataset
-
-        try:
-            n_classes = load_dataset(dataset, root=data_root, split="train", settings=settings,
-                                     **dataset_options).num_classes
-        except QpmError:
-            n_classes = None  # a missing root or layout is reported by the run itself, after the weights check
-        if n_classes is not None:
-            opts.check_selection_sizes(features, per_class, n_classes)
-
-    from qpmcli.train import TrainRequest, phase_presets, train_run
-
-    dense, finetune = phase_presets(head, selector)  # the paper's settings for this row of its table
-    common = dict(recompute_bn=bn_recompute, bf16=bf16, eval_every=eval_every, checkpoint_steps=checkpoint_steps)
-    dense = replace(dense, **common, **({"epochs": dense_epochs} if dense_epochs is not None else {}),
-                    **({"batch_size": batch_size} if batch_size else {}), **({"lr": dense_lr} if dense_lr else {}))
-    finetune = replace(finetune, **common, **({"epochs": finetune_epochs} if finetune_epochs is not None else {}),
-                       **({"batch_size": batch_size} if batch_size else {}),
-                       **({"lr": finetune_lr} if finetune_lr else {}))
-    req = TrainRequest(backbone=backbone, dataset=dataset, data_root=data_root, weights=weights,
-                       preprocess=preprocess, dataset_options=dataset_options, backbone_options=backbone_options,
-                       selector=selector, n_selected=features, per_class=per_class, time_limit=time_limit, head=head,
-                       n_layers=layers, hidden_size=hidden_size, n_features=dense_features, pooling=pooling,
-                       dense=dense, finetune=finetune, seed=settings.seed, metrics=metrics)
+    check_out_dir(run_dir, "--run-dir")
+    req = TrainRequest.from_options(
+        head=head, selector=selector, dense_epochs=dense_epochs, finetune_epochs=finetune_epochs,
+        batch_size=batch_size, dense_lr=dense_lr, finetune_lr=finetune_lr, recompute_bn=bn_recompute, bf16=bf16,
+        eval_every=eval_every, checkpoint_steps=checkpoint_steps,
+        backbone=backbone, dataset=dataset, data_root=data_root, weights=weights, preprocess=preprocess,
+        dataset_options=opts.parse_plugin_options("dataset", dataset, dataset_option),
+        backbone_options=opts.parse_plugin_options("backbone", backbone, backbone_option),
+        n_selected=features, per_class=per_class, time_limit=time_limit, n_layers=layers, hidden_size=hidden_size,
+        n_features=dense_features, pooling=pooling, seed=settings.seed, metrics=metrics,
+    ).checked(settings)  # every check before any work
     err = console(stderr=True)
     summary = train_run(req, settings, run_dir=run_dir, resume=resume, progress=not quiet and not json_out,
                         log=None if (json_out or quiet) else (lambda m: err.print(m)))
