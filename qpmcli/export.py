@@ -36,6 +36,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,39 @@ DEFAULT_OPSET = 17
 N_CHECK = 16
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """``qpm export --onnx``: where the full graph goes (``None``: ``<run>/model.onnx``), which siblings are written
+    (fp16, the adapter graph, int8 with its :class:`~qpmcli.quantize.Int8Options`), whether to verify against PyTorch
+    and on which images, the opset and the ONNX Runtime device of the checks."""
+
+    out: str | None = None
+    fp16: bool = False
+    verify: bool = False
+    adapter: bool = True
+    prune: bool = True
+    opset: int = DEFAULT_OPSET
+    check_images: tuple[str, ...] | None = None
+    n_check: int = N_CHECK
+    device: str = "cpu"
+    int8: Any = None  # qpmcli.quantize.Int8Options or None
+
+    def checked(self) -> ExportRequest:
+        """Every check that needs no model (one line, exit 2 each): the output path, the opset, the int8 options."""
+        from qpmcli.checks import check_out_file, check_positive
+        from qpmcli.device import check_device
+
+        check_out_file(self.out, "--out")
+        if self.out is not None and Path(self.out).suffix.lower() != ".onnx":
+            raise ConfigError(f"--out {self.out}: the file name must end in .onnx")
+        check_positive(self.opset, "--opset", 7)
+        check_positive(self.n_check, "the number of check images")
+        check_device(self.device, tensorrt=True)
+        if self.int8 is not None:
+            self.int8.checked()
+        return self
+
+
 def export_onnx(
     run_dir: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -68,7 +102,7 @@ def export_onnx(
     n_check: int = N_CHECK,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
-    int8: dict[str, Any] | None = None,
+    int8: Any = None,
 ) -> dict[str, Any]:
     """Export the run's final model to ONNX (see the module docstring); returns a JSON-able report.
 
@@ -78,13 +112,22 @@ def export_onnx(
     its digest must equal the run's. ``check_images``: files/folders for ``verify`` (default: the run's test split,
     else deterministic synthetic images). ``device`` is the ONNX Runtime device used by the check. ``prune``: export
     :class:`SelectedFeaturesModel` (the last adapter layer cut to the selected features; same outputs, less work).
-    ``int8``: also write ``<stem>.int8.onnx`` (:func:`qpmcli.quantize.export_int8` with these keyword arguments,
-    ``{}`` for the defaults), quantized from the staged fp32 graph and verified against it before anything is renamed.
+    ``int8``: also write ``<stem>.int8.onnx`` (:func:`qpmcli.quantize.export_int8` with these
+    :class:`~qpmcli.quantize.Int8Options`, or a dict of them, ``{}`` for the defaults), quantized from the staged fp32
+    graph and verified against it before anything is renamed. The options are checked (:class:`ExportRequest`)
+    before any work.
     """
     from qpmcli.artifact import ONNX_MODEL, load_model, staged_files
     from qpmcli.backbone import load_run_backbone
     from qpmcli.prototypes import embedded_prototypes
+    from qpmcli.quantize import Int8Options
 
+    if isinstance(int8, dict):
+        int8 = Int8Options(**{**int8, "verify_images": tuple(map(str, int8["verify_images"]))
+                              if int8.get("verify_images") else None})
+    ExportRequest(out=None if out is None else str(out), fp16=fp16, verify=verify, adapter=adapter, prune=prune,
+                  opset=opset, check_images=tuple(map(str, check_images)) if check_images else None, n_check=n_check,
+                  device=device, int8=int8).checked()
     say = log or (lambda _m: None)
     run = Path(run_dir).expanduser()
     if settings is None:
@@ -94,8 +137,6 @@ def export_onnx(
     model, info = load_model(run, "final", device="cpu")
     meta = metadata_from_run(model, info)
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
-    if out_path.suffix.lower() != ".onnx":
-        raise ConfigError(f"--out must end in .onnx, not {out_path.name}")
     prototypes = embedded_prototypes(run, log=say)  # checked (paths inside the run) before the backbone is built
     backbone = load_run_backbone(info, weights=weights, settings=settings, device="cpu")
 
@@ -156,7 +197,7 @@ def export_onnx(
 
             int8_final = int8_path(out_path)
             say(f"quantizing to int8: {int8_final}")
-            q = export_int8(run, stage[out_path], stage.aside(int8_final), log=say, **int8)
+            q = export_int8(run, stage[out_path], stage.aside(int8_final), log=say, **int8.as_kwargs())
             q.update(file=str(int8_final), source=str(out_path))
             report["int8"] = q
             report["files"]["full_int8"] = str(int8_final)

@@ -51,6 +51,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,38 @@ FP32_OP_TYPES = ("LayerNormalization", "SkipLayerNormalization", "Softmax", "Red
 OUTPUTS = ("logits", "maps", "features")
 WEIGHT_TYPE = "int8 per output channel, 7-bit range"  # see the module docstring: reduce_range
 RUN_BATCH = 16  # images per ONNX Runtime call while verifying (bounds memory on big backbones)
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """``qpm export --int8``: how to quantize and verify. ``calibrate``: ``"train"`` or a folder of images for static
+    QDQ (kept only when faster and as accurate); ``n_calibrate`` images; ``verify_images``: files/folders to compare
+    with fp32 on (default: the run's test split); ``min_agreement``: the least top-1 agreement with fp32."""
+
+    calibrate: str | None = None
+    n_calibrate: int = DEFAULT_CALIBRATION_N
+    verify_images: tuple[str, ...] | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+
+    def checked(self) -> Int8Options:
+        """Every check that needs no model (one line, exit 2 each)."""
+        import math
+
+        if not (math.isfinite(self.min_agreement) and 0.0 <= self.min_agreement <= 1.0):
+            raise ConfigError(f"--min-agreement must be between 0 and 1 (a share of images), not "
+                              f"{self.min_agreement}")
+        if self.n_calibrate < 1:
+            raise ConfigError(f"--calibrate-n must be at least 1, not {self.n_calibrate}")
+        if self.calibrate is not None and self.calibrate != "train" and \
+                not Path(self.calibrate).expanduser().is_dir():
+            raise ConfigError(f"--calibrate {self.calibrate}: expected 'train' or an existing folder of images")
+        return self
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`export_int8`."""
+        return {"calibrate": self.calibrate, "n_calibrate": self.n_calibrate,
+                "verify_images": list(self.verify_images) if self.verify_images else None,
+                "min_agreement": self.min_agreement}
 
 
 def int8_path(fp32_path: str | os.PathLike[str]) -> Path:
@@ -580,12 +613,10 @@ def export_int8(
 
     src = Path(fp32_path)
     out = Path(dst) if dst is not None else int8_path(src)
-    if n_calibrate < 1:
-        raise ConfigError(f"--calibrate-n must be at least 1, not {n_calibrate}")
+    Int8Options(calibrate, n_calibrate, tuple(map(str, verify_images)) if verify_images else None,
+                min_agreement).checked()
     if n_verify < 1:
         raise ConfigError(f"the number of verification images must be at least 1, not {n_verify}")
-    if not 0.0 <= min_agreement <= 1.0:
-        raise ConfigError(f"--min-agreement must be between 0 and 1, not {min_agreement}")
     meta, _ = read_onnx_metadata(src)
     run_dir = Path(run).expanduser() if run is not None else None
     if verify_images:
@@ -615,19 +646,3 @@ def export_int8(
         calib = preprocess_batch(c_images, meta)
     return build_int8(src, out, x_verify, verify_source=v_source, calibration=calib, calibration_source=c_source,
                       min_agreement=min_agreement, optimization=optimization, log=log)
-
-
-def describe(report: dict[str, Any]) -> list[str]:
-    """Human lines for the int8 part of an export report (stdout of ``qpm export --int8``)."""
-    v = report["verify"]
-    rho = v["contribution_rank_correlation"]
-    lines = [f"int8: {report['file']} ({report['method']}, {report['quantization']['quantized_nodes']} nodes "
-             f"quantized, pooling + class-feature head in fp32; {report['optimization']['level']} graph "
-             f"optimisation; size {100 * report['size_ratio']:.0f}% of fp32)",
-             f"verify int8 vs fp32 on {report['verify_set']}: top-1 agreement {100 * v['top1_agreement']:.1f}% "
-             f"(min {100 * report['min_agreement']:.1f}%), max probability difference {v['max_prob_diff']:.3g}, "
-             f"top feature agreement {_pct(v['top_feature_agreement'])}, contribution rank correlation "
-             f"{'n/a' if rho is None else f'{rho:.3f}'}: {'ok' if report['passed'] else 'FAILED'}"]
-    if report.get("calibration"):
-        lines.append(f"int8 --calibrate: {report['calibration']['decision']}")
-    return lines

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 
-from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
 
@@ -46,21 +45,19 @@ def export(
     if not onnx:
         raise ConfigError("choose an export format: pass --onnx")
     settings = settings_from_flags(weights_dir=weights_dir, device=device)
-    checks.check_out_file(out, "--out")
-    if out is not None and not str(out).lower().endswith(".onnx"):
-        raise ConfigError(f"--out {out}: the file name must end in .onnx")
-    checks.check_positive(opset, "--opset", 7)
-    int8_opts = _int8_options(int8, calibrate, calibrate_n, verify_images, min_agreement)
+    from qpmcli.export import ExportRequest, export_onnx
+
+    req = ExportRequest(out=out, fp16=fp16, verify=verify, adapter=adapter, opset=opset,
+                        check_images=tuple(check_images) if check_images else None, device=settings.device,
+                        int8=_int8_options(int8, calibrate, calibrate_n, verify_images, min_agreement)).checked()
     target = resolve_model(settings, run, run_only=True)
     if not quiet:  # -q: nothing on stderr but errors
         say(target.line("exporting"))
-    from qpmcli.export import export_onnx
-
     err = console(stderr=True)
-    report = export_onnx(target.path, out, fp16=fp16, verify=verify, adapter=adapter, weights=weights,
-                         settings=settings, opset=opset, check_images=check_images or None, device=settings.device,
-                         log=None if (json_out or quiet) else (lambda m: err.print(m)),
-                         **({"int8": int8_opts} if int8_opts is not None else {}))
+    report = export_onnx(target.path, req.out, fp16=req.fp16, verify=req.verify, adapter=req.adapter,
+                         weights=weights, settings=settings, opset=req.opset, check_images=req.check_images,
+                         device=req.device, int8=req.int8,
+                         log=None if (json_out or quiet) else (lambda m: err.print(m)))
     full = report.get("files", {}).get("full")
     if full:
         report["current"] = record_export(settings, target.path, full)
@@ -91,35 +88,44 @@ def _print_report(report: dict) -> None:
     if report.get("check_set"):
         out.print(f"check set: {report['check_set']}")
     if report.get("int8"):
-        from qpmcli.quantize import describe
-
-        for line in describe(report["int8"]):
+        for line in _describe_int8(report["int8"]):
             out.print(line, highlight=False)
 
 
 def _int8_options(int8: bool, calibrate: str | None, calibrate_n: int, verify_images: list[str] | None,
-                  min_agreement: float) -> dict | None:
-    """The ``int8=`` argument of ``export_onnx`` (None without --int8); int8-only flags without --int8 are errors."""
-    import math
-
+                  min_agreement: float):
+    """The int8 options of the request (None without --int8; int8-only flags without --int8 are errors)."""
     from qpmcli.errors import ConfigError
+    from qpmcli.quantize import DEFAULT_CALIBRATION_N, DEFAULT_MIN_AGREEMENT, Int8Options
 
     if not int8:
         for flag, given in (("--calibrate", calibrate is not None), ("--verify-images", bool(verify_images)),
-                            ("--min-agreement", min_agreement != 0.99), ("--calibrate-n", calibrate_n != 64)):
+                            ("--min-agreement", min_agreement != DEFAULT_MIN_AGREEMENT),
+                            ("--calibrate-n", calibrate_n != DEFAULT_CALIBRATION_N)):
             if given:
                 raise ConfigError(f"{flag} needs --int8")
         return None
-    if not (math.isfinite(min_agreement) and 0.0 <= min_agreement <= 1.0):
-        raise ConfigError(f"--min-agreement must be between 0 and 1 (a share of images), not {min_agreement}")
-    checks.check_positive(calibrate_n, "--calibrate-n")
-    if calibrate is not None and calibrate != "train":
-        from pathlib import Path
+    return Int8Options(calibrate=calibrate, n_calibrate=calibrate_n,
+                       verify_images=tuple(verify_images) if verify_images else None, min_agreement=min_agreement)
 
-        if not Path(calibrate).expanduser().is_dir():
-            raise ConfigError(f"--calibrate {calibrate}: expected 'train' or an existing folder of images")
-    return {"calibrate": calibrate, "n_calibrate": calibrate_n, "verify_images": verify_images or None,
-            "min_agreement": min_agreement}
+
+def _describe_int8(report: dict) -> list[str]:
+    """Human lines for the int8 part of an export report."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    v = report["verify"]
+    rho = v["contribution_rank_correlation"]
+    lines = [f"int8: {report['file']} ({report['method']}, {report['quantization']['quantized_nodes']} nodes "
+             f"quantized, pooling + class-feature head in fp32; {report['optimization']['level']} graph "
+             f"optimisation; size {100 * report['size_ratio']:.0f}% of fp32)",
+             f"verify int8 vs fp32 on {report['verify_set']}: top-1 agreement {100 * v['top1_agreement']:.1f}% "
+             f"(min {100 * report['min_agreement']:.1f}%), max probability difference {v['max_prob_diff']:.3g}, "
+             f"top feature agreement {pct(v['top_feature_agreement'])}, contribution rank correlation "
+             f"{'n/a' if rho is None else f'{rho:.3f}'}: {'ok' if report['passed'] else 'FAILED'}"]
+    if report.get("calibration"):
+        lines.append(f"int8 --calibrate: {report['calibration']['decision']}")
+    return lines
 
 
 def register(app: typer.Typer) -> None:
