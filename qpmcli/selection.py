@@ -403,7 +403,7 @@ class SelectRequest:
         check_positive(self.workers, "--workers")
         if self.bound is not None:
             check_choice(self.bound, BOUNDS, "--bound")
-        check_threshold_rule(self.threshold_rule)
+        check_choice(self.threshold_rule, THRESHOLD_RULES, "--threshold-rule")
         return self
 
     def solver_options(self) -> dict[str, Any]:
