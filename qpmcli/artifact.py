@@ -18,10 +18,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError
+from qpmcli.errors import ArtifactError, QpmError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -75,6 +76,139 @@ def iteration_files(iteration: int, iterations: int) -> tuple[str, str, str]:
     tag = "" if iterations == 1 else f"-{iteration + 1}"
     last = iteration == iterations - 1
     return (SELECTION if last else f"selection{tag}.json", f"iteration{tag}.json", f"iteration{tag}.safetensors")
+
+
+# -------------------------------------------------------------------------------------------------- the run folder
+@dataclass(frozen=True)
+class RunRecord:
+    """How a run was made, as its ``config.json`` records it (the ``request`` of ``qpm train``), typed. Runs written
+    by other tools may hold only part of it: missing fields are ``None`` (``head`` defaults to ``qpm``)."""
+
+    backbone: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    head: str = "qpm"
+    selector: str | None = None
+    seed: int | None = None
+
+    @classmethod
+    def from_request(cls, request: Any, source: str = "config.json") -> RunRecord:
+        """The record of a ``config.json`` ``request`` mapping; wrong value types are one :class:`ArtifactError`."""
+        if not isinstance(request, dict):
+            raise ArtifactError(f"{source}: 'request' must be an object, not {type(request).__name__}")
+        types = {"backbone": str, "dataset": str, "data_root": str, "dataset_options": dict, "head": str,
+                 "selector": str, "seed": int}
+        values: dict[str, Any] = {}
+        for name, typ in types.items():
+            value = request.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise ArtifactError(f"{source}: request {name!r} must be {typ.__name__}, not {value!r}"[:300])
+            values[name] = value
+        return cls(**values)
+
+
+class RunFolder:
+    """A run directory: typed access to its files, so that no module reads ``config.json`` by hand.
+
+    ``run / name`` is the path of a run file (names are the constants of this module). Reads are validated and
+    raise :class:`ArtifactError` with one line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the folder holds a run (its ``config.json``)."""
+        return (self.path / CONFIG).is_file()
+
+    def config(self) -> dict[str, Any]:
+        """``config.json`` (resolved settings, the request, the token caches)."""
+        doc = read_json(self.path / CONFIG)
+        if not isinstance(doc, dict):
+            raise ArtifactError(f"{self.path / CONFIG} is not a JSON object")
+        return doc
+
+    def record(self) -> RunRecord:
+        """How the run was made (:class:`RunRecord`); an empty record when it has no ``config.json``."""
+        if not self.is_run:
+            return RunRecord()
+        return RunRecord.from_request(self.config().get("request", {}), str(self.path / CONFIG))
+
+    def cache_paths(self) -> dict[str, Path]:
+        """The token caches the run was trained on (``{"train": path, "test": path}``; empty when none recorded)."""
+        caches = self.config().get("caches") or {}
+        if not isinstance(caches, dict) or not all(isinstance(v, str) for v in caches.values()):
+            raise ArtifactError(f"{self.path / CONFIG}: 'caches' must map split names to folders")
+        return {str(k): Path(v) for k, v in caches.items()}
+
+    def class_names(self) -> list[str] | None:
+        """The class names that ``model.json``, ``dense.json`` or ``config.json`` lists (the first that does)."""
+        for name in (MODEL_JSON, DENSE_JSON, CONFIG):
+            if not (self.path / name).is_file():
+                continue
+            try:
+                doc = read_json(self.path / name)
+            except ArtifactError:
+                continue
+            found = doc.get("class_names") if isinstance(doc, dict) else None
+            if isinstance(found, list) and found:
+                return [str(c) for c in found]
+        return None
+
+    def dataset(self, split: str, settings: Any = None) -> Any:
+        """The run's dataset (name, root and options from its record) for ``split``; a run that names no dataset, or
+        a dataset that cannot be opened here, is a :class:`QpmError`."""
+        from qpmcli.data import load_dataset
+
+        rec = self.record()
+        if rec.dataset is None:
+            raise ArtifactError(f"{self.path} has no config.json naming its dataset")
+        return load_dataset(rec.dataset, root=rec.data_root, split=split, settings=settings, **rec.dataset_options)
+
+    def sample_images(self, split: str, n: int) -> tuple[list[Any], str]:
+        """Up to ``n`` images spread evenly over the run's ``split`` and where they came from, or ``([], why not)``
+        when the dataset cannot be opened here (a missing data root is not an error for a sample)."""
+        try:
+            ds = self.dataset(split)
+            total = len(ds)
+            if total == 0:
+                return [], f"the {split} split of {self.record().dataset} is empty"
+            idx = sorted({int(i * total / min(n, total)) for i in range(min(n, total))})
+            return [ds[i].image for i in idx], f"{len(idx)} images of {self.record().dataset} ({split} split)"
+        except (QpmError, OSError) as exc:
+            return [], f"the {split} split of the run's dataset cannot be opened here ({str(exc).splitlines()[0]})"
+
+    def stale_reason(self) -> str | None:
+        """Why the finetuned model no longer matches the run's selection, or ``None`` (file stats only: fast).
+
+        ``qpm train`` writes selection.json before it finetunes (model.json comes later); a selection.json newer
+        than model.json was written afterwards, by ``qpm select --force`` (which also leaves stale.json) or by hand.
+        """
+        if (self.path / STALE).is_file():
+            return "selection replaced"
+        try:
+            if (self.path / SELECTION).stat().st_mtime > (self.path / MODEL_JSON).stat().st_mtime:
+                return "selection.json is newer than the model"
+        except FileNotFoundError:
+            return None
+        return None
+
+    def mark_stale(self, reason: str, **facts: Any) -> Path:
+        """Write ``stale.json``: the finetuned model no longer matches the run (``qpm runs`` shows it)."""
+        import time
+
+        return atomic_write_json(self.path / STALE, {"reason": reason, **facts,
+                                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
 
 # ------------------------------------------------------------------------------------------------------ atomic writes

@@ -157,10 +157,14 @@ def dataset_attributes(dataset: str, settings: Any, *, data_root: str | None = N
     return class_attrs, image_attrs, notes
 
 
-def _open_run_caches(run: Path, config: dict[str, Any]) -> tuple[TokenCache, TokenCache]:
+def open_run_caches(run_dir: str | os.PathLike[str]) -> tuple[TokenCache, TokenCache]:
+    """The train and test token caches a run was trained on (``config.json``), opened; a missing or unusable cache is
+    one line that says how to rebuild it."""
+    from qpmcli.artifact import RunFolder
     from qpmcli.cache import TokenCache
 
-    paths = config.get("caches") or {}
+    run = RunFolder(run_dir).path
+    paths = RunFolder(run).cache_paths()
     out = []
     for split in ("train", "test"):
         p = paths.get(split)
@@ -194,21 +198,20 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
         settings, _ = resolve_settings()
     device = device or settings.torch_device()
     model, info = artifact.load_model(run, stage=stage, device=device)
-    config = artifact.read_json(run / artifact.CONFIG)
-    train_cache, test_cache = _open_run_caches(run, config)
-    request = config.get("request", {})
+    record = artifact.RunFolder(run).record()
+    train_cache, test_cache = open_run_caches(run)
     class_attrs = image_attrs = None
     notes: list[str] = []
-    if {"Structural-Grounding", "Alignment"} & set(keys) and request.get("dataset"):
+    if {"Structural-Grounding", "Alignment"} & set(keys) and record.dataset:
         class_attrs, image_attrs, notes = dataset_attributes(
-            request["dataset"], settings, data_root=request.get("data_root"),
-            dataset_options=request.get("dataset_options"), train_cache=train_cache, n_classes=model.n_classes)
+            record.dataset, settings, data_root=record.data_root, dataset_options=record.dataset_options,
+            train_cache=train_cache, n_classes=model.n_classes)
     if test_cache.masks is None and any(k.startswith("SegOverlap-") or k == "Plausibility" for k in keys):
         notes.append("the test cache has no object masks: segmentation overlap is not applicable")
     if "SID@5" in keys and int(((model.head_weight() != 0).sum(dim=1) >= 5).sum()) == 0:
         notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the reference)")
     values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
-                            image_attributes=image_attrs, which=keys, seed=int(request.get("seed", 0) or 0),
+                            image_attributes=image_attrs, which=keys, seed=record.seed or 0,
                             device=device, batch_size=batch_size, progress=progress)
     if save:
         path = run / artifact.METRICS

@@ -333,33 +333,14 @@ def check_batch(meta: ClassifierMetadata, run: Path, check_images: Sequence[str 
             raise ImageError("no check images found in --check-images")
         source = f"{len(images)} given images"
     else:
-        images, source = _dataset_images(run, n)
+        from qpmcli.artifact import RunFolder
+
+        images, source = RunFolder(run).sample_images("test", n)
         if not images:
             images = synthetic_images(n, meta.image_size)
             source = f"{len(images)} synthetic images (the run's dataset is not available here)"
     x = np.stack([preprocess_array(im, meta.preprocess) for im in images])
     return x, source
-
-
-def _dataset_images(run: Path, n: int) -> tuple[list[Any], str]:
-    """Up to ``n`` images spread over the run's test split, or ``[]`` when the dataset cannot be opened."""
-    from qpmcli.artifact import CONFIG, read_json
-    from qpmcli.errors import QpmError
-
-    cfg_path = run / CONFIG
-    if not cfg_path.is_file():
-        return [], ""
-    try:
-        req = read_json(cfg_path).get("request", {})
-        from qpmcli.data import load_dataset
-
-        ds = load_dataset(req["dataset"], root=req.get("data_root"), split="test",
-                          **(req.get("dataset_options") or {}))
-        step = max(1, len(ds) // n)
-        images = [ds[i].image for i in range(0, len(ds), step)][:n]
-        return images, f"{len(images)} images of {req['dataset']} (test split)"
-    except (QpmError, KeyError, TypeError, OSError):
-        return [], ""
 
 
 def compare(ref: dict[str, Any], onnx_path: Path, x: Any, precision: str, device: str = "cpu") -> dict[str, Any]:

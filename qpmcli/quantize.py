@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError, ConfigError, ImageError, QpmError
+from qpmcli.errors import ArtifactError, ConfigError, ImageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -411,44 +411,11 @@ def images_per_second(paths: dict[str, Path], x: np.ndarray, repeats: int = 3, m
 
 
 # ---------------------------------------------------------------------------------------------------- images
-def _run_request(run: Path) -> dict[str, Any] | None:
-    from qpmcli.artifact import CONFIG, read_json
-
-    cfg = run / CONFIG
-    if not cfg.is_file():
-        return None
-    try:
-        req = read_json(cfg).get("request")
-    except (QpmError, OSError, AttributeError):
-        return None
-    return req if isinstance(req, dict) and req.get("dataset") else None
-
-
-def split_images(run: Path, split: str, n: int) -> tuple[list[Any], str]:
-    """Up to ``n`` images spread evenly over the run's ``split`` (from its ``config.json``), or ``([], reason)``."""
-    req = _run_request(run)
-    if req is None:
-        return [], f"{run} has no config.json naming its dataset"
-    try:
-        from qpmcli.data import load_dataset
-
-        ds = load_dataset(req["dataset"], root=req.get("data_root"), split=split,
-                          **(req.get("dataset_options") or {}))
-        total = len(ds)
-        if total == 0:
-            return [], f"the {split} split of {req['dataset']} is empty"
-        idx = sorted({int(i * total / min(n, total)) for i in range(min(n, total))})
-        return [ds[i].image for i in idx], f"{len(idx)} images of {req['dataset']} ({split} split)"
-    except (QpmError, KeyError, TypeError, OSError) as exc:
-        return [], f"the {split} split of {req.get('dataset')} cannot be opened here ({str(exc).splitlines()[0]})"
-
-
 def folder_images(inputs: Sequence[str | os.PathLike[str]], n: int | None, flag: str) -> tuple[list[Any], str]:
     """Images from files/folders (unreadable files are an error: they were named on purpose)."""
-    from qpmcli.images import open_image
-    from qpmcli.predict import collect_images
+    from qpmcli.images import list_images, open_image
 
-    paths = collect_images(inputs)
+    paths = list_images(inputs)
     if n is not None:
         paths = paths[:n]
     if not paths:
@@ -609,6 +576,7 @@ def export_int8(
     """``--int8`` of ``qpm export``: quantize the exported fp32 full graph ``fp32_path`` to ``dst`` (default
     :func:`int8_path`), verified on the run's test split (or ``verify_images``), calibrated on the run's train split
     (``calibrate="train"``) or a folder of images (``calibrate=DIR``) when asked. See :func:`build_int8`."""
+    from qpmcli.artifact import RunFolder
     from qpmcli.modelfile import read_onnx_metadata
 
     src = Path(fp32_path)
@@ -622,7 +590,7 @@ def export_int8(
     if verify_images:
         images, v_source = folder_images(verify_images, None, "--verify-images")
     else:
-        images, v_source = split_images(run_dir, "test", n_verify) if run_dir else ([], "no run given")
+        images, v_source = RunFolder(run_dir).sample_images("test", n_verify) if run_dir else ([], "no run given")
         if not images:
             from qpmcli.images import synthetic_images
 
@@ -636,7 +604,7 @@ def export_int8(
         if calibrate == "train":
             if run_dir is None:
                 raise ConfigError("--calibrate train needs the run; pass --calibrate DIR")
-            c_images, c_source = split_images(run_dir, "train", n_calibrate)
+            c_images, c_source = RunFolder(run_dir).sample_images("train", n_calibrate)
             if not c_images:
                 raise ConfigError(f"--calibrate train: {c_source}; pass --calibrate DIR (a folder of images)")
         else:

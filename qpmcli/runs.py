@@ -7,23 +7,23 @@ accuracy and SID@5, created time, the exported .onnx (if any) and whether it is 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from qpmcli.artifact import CHECKPOINTS, CONFIG, DENSE_JSON, METRICS, MODEL_JSON, ONNX_MODEL, SELECTION, STALE
-
-
-def _read(path: Path) -> Any:
-    try:
-        with path.open("rb") as fh:
-            return json.loads(fh.read())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path.name} unreadable ({type(exc).__name__})") from exc
+from qpmcli.artifact import (
+    CHECKPOINTS,
+    CONFIG,
+    DENSE_JSON,
+    METRICS,
+    MODEL_JSON,
+    ONNX_MODEL,
+    SELECTION,
+    RunFolder,
+    read_json,
+)
+from qpmcli.errors import QpmError
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
@@ -49,18 +49,17 @@ def _stages(head: str) -> list[tuple[str, str]]:
 
 
 def run_info(run: Path, current: Path | None = None, current_onnx: str | None = None) -> dict[str, Any]:
-    """One run's row, from its JSON files; a damaged file gives status ``unreadable (...)``."""
+    """One run's row, from its JSON files; a damaged file gives status ``unreadable: ...``."""
     row: dict[str, Any] = {"name": run.name, "path": str(run), "dataset": None, "backbone": None, "selector": None,
                            "head": None, "status": None, "accuracy": None, "sid5": None, "created": None,
                            "onnx": None, "current": current is not None and run.resolve() == current}
     try:
-        cfg = _read(run / CONFIG) or {}
-        req = cfg.get("request", {}) if isinstance(cfg, dict) else {}
-        head = req.get("head", "qpm")
-        row.update(dataset=req.get("dataset"), backbone=req.get("backbone"), head=head,
-                   selector=req.get("selector") if head == "qpm" else None)
+        record = RunFolder(run).record()
+        head = record.head
+        row.update(dataset=record.dataset, backbone=record.backbone, head=head,
+                   selector=record.selector if head == "qpm" else None)
         row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / CONFIG).stat().st_mtime))
-        metrics = _read(run / METRICS) or {}
+        metrics = read_json(run / METRICS) if (run / METRICS).is_file() else {}
         final = metrics.get("final") if isinstance(metrics, dict) else None
         status = "complete"
         for stage, filename in _stages(head):
@@ -71,35 +70,19 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
                 status = f"interrupted at {stage}" + (" (checkpoint)" if resumable else "")
                 break
         if status == "complete" and head == "qpm":
-            reason = _stale_reason(run)
+            reason = RunFolder(run).stale_reason()
             if reason:
                 status = f"stale ({reason})"
         row["status"] = status
         if isinstance(final, dict):
             row["accuracy"] = final.get("Accuracy")
             row["sid5"] = final.get("SID@5")
-    except ValueError as exc:
-        row["status"] = f"unreadable: {exc}"
+    except QpmError as exc:  # a damaged run file: its row says so, the other runs are still listed
+        row["status"] = f"unreadable: {str(exc).splitlines()[0]}"
     onnx = [Path(current_onnx)] if row["current"] and current_onnx else []
     onnx.append(run / ONNX_MODEL)
     row["onnx"] = next((str(p) for p in onnx if p.is_file()), None)
     return row
-
-
-def _stale_reason(run: Path) -> str | None:
-    """Why the finetuned model no longer matches the run's selection, or ``None`` (file stats only: fast).
-
-    ``qpm train`` writes selection.json before it finetunes (model.json comes later); a selection.json newer than
-    model.json was written afterwards, by ``qpm select --force`` (which also leaves stale.json) or by hand.
-    """
-    if (run / STALE).is_file():
-        return "selection replaced"
-    try:
-        if (run / SELECTION).stat().st_mtime > (run / MODEL_JSON).stat().st_mtime:
-            return "selection.json is newer than the model"
-    except FileNotFoundError:
-        return None
-    return None
 
 
 def list_runs(settings: Any, folders: list[str | os.PathLike[str]] | None = None) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from qpmcli.artifact import CONFIG, DENSE_FEATURES, DENSE_JSON, MODEL_JSON, atomic_write_text
+from qpmcli.artifact import DENSE_FEATURES, RunFolder, atomic_write_text
 from qpmcli.contracts import Selection, SelectionProblem
 from qpmcli.errors import SelectionError
 
@@ -350,15 +350,7 @@ def problem_from_run(run_dir: str | Path, *, threshold_rule: str = "reference") 
         raise SelectionError(f"run directory {run} not found")
     if not path.is_file():
         raise SelectionError(f"{path} not found; train the dense model first (qpm train) or pass --problem FILE")
-    names: list[str] | None = None
-    for name in (MODEL_JSON, DENSE_JSON, CONFIG):
-        try:
-            found = json.loads((run / name).read_text()).get("class_names") if (run / name).is_file() else None
-        except (OSError, json.JSONDecodeError, AttributeError):
-            found = None
-        if found:
-            names = [str(c) for c in found]
-            break
+    names = RunFolder(run).class_names()
     try:
         with np.load(path, allow_pickle=False) as data:
             if not {"features", "labels"} <= set(data.files):

@@ -257,7 +257,8 @@ bb = load_backbone("dinov2-vits14", weights="random", settings=QpmSettings(devic
                    image_size=56)
 ds = TinyImages({root!r}, n=18)
 c = build_cache(bb, ds, "train", {cache!r}, batch_size=4, num_workers=0, progress=False, chunk_images=4)
-print("RANK", os.environ["RANK"], len(c), flush=True)
+with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as fh:  # one file per rank: stdout interleaves
+    fh.write(str(len(c)))
 dist.destroy_process_group()
 '''
 
@@ -267,13 +268,14 @@ def test_torchrun_two_ranks_fill_one_cache_identically(tmp_path, tinymod, backbo
     moddir, mod = tinymod
     root = tmp_path / "imgs"
     script = tmp_path / "dist.py"
-    script.write_text(DIST_SCRIPT.format(moddir=str(moddir), root=str(root), cache=str(tmp_path / "dc")))
+    script.write_text(DIST_SCRIPT.format(moddir=str(moddir), root=str(root), cache=str(tmp_path / "dc"),
+                                         out=str(tmp_path)))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
                          text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "RANK 0 18" in out.stdout and "RANK 1 18" in out.stdout
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["18", "18"]
     single = build_cache(backbone, mod.TinyImages(root, n=18), "train", tmp_path / "sc", batch_size=4,
                          progress=False, chunk_images=4)
     (d,) = [p for p in (tmp_path / "dc").iterdir() if p.is_dir()]

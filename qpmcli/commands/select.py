@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
@@ -76,11 +75,10 @@ def select_cmd(
     summary = selection_summary(sel)
     summary["out"] = str(out)
     if replacing and (run / MODEL_JSON).is_file():
-        from qpmcli.artifact import atomic_write_json
+        from qpmcli.artifact import RunFolder
 
-        atomic_write_json(run / STALE, {"reason": "selection.json was replaced by `qpm select --force` after the "
-                                                  "model was finetuned on the previous selection",
-                                        "selection": str(out), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        RunFolder(run).mark_stale("selection.json was replaced by `qpm select --force` after the model was "
+                                  "finetuned on the previous selection", selection=str(out))
         summary["stale"] = True
         say(f"{run}: model.safetensors was finetuned on the previous selection and is now marked stale "
             f"({run / STALE}); `qpm runs` shows it")
