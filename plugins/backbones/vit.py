@@ -8,6 +8,7 @@ nothing, and the position embedding is then resized once to the target grid with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -96,6 +97,16 @@ def _resize_vit_pos_embed(model: Any, size: tuple[int, int], patch: int, offset:
     model.pos_embed = torch.nn.Parameter(new, requires_grad=False)
 
 
+def find_weights(name: str, settings: Any, weights: Any = None):
+    """The weights file of ViT ``name`` (``weights``, else the official file names in ``weights_dir``, else local
+    timm/Hugging Face caches); a :class:`WeightsError` says what is missing where."""
+    from qpmcli.backbone import resolve_weights
+
+    info = VITS[name]
+    return resolve_weights(weights, settings, filenames=list(info.filenames), source=info.source,
+                           hf_repo=info.hf_repo, backbone=name)
+
+
 def build_vit(*, name: str, weights: Any = None, preprocess: str = "official", settings: Any = None,
               dataset: str | None = None, amp: bool = False, image_size: Any = None,
               arch: dict[str, Any] | None = None):
@@ -103,15 +114,14 @@ def build_vit(*, name: str, weights: Any = None, preprocess: str = "official", s
     timm's ``checkpoint_filter_fn`` of the family, then the position embedding resized once to the target grid."""
     import timm
 
-    from qpmcli.backbone import IMAGENET_MEAN, IMAGENET_STD, build_frozen_backbone, parse_image_size, resolve_weights
+    from qpmcli.backbone import IMAGENET_MEAN, IMAGENET_STD, build_frozen_backbone, parse_image_size
     from qpmcli.errors import ConfigError, WeightsError
 
     info = VITS[name]
     size = parse_image_size(image_size)
     if size[0] % info.patch_size or size[1] % info.patch_size:
         raise ConfigError(f"image size {size} is not a multiple of {name}'s patch size {info.patch_size}")
-    path = resolve_weights(weights, settings, filenames=list(info.filenames), source=info.source,
-                           hf_repo=info.hf_repo, backbone=name)
+    path = find_weights(name, settings, weights)
     if not timm.is_model(info.timm_name):
         raise WeightsError(f"backbone {name} needs timm model {info.timm_name}, which timm {timm.__version__} lacks; "
                            f"upgrade timm")
@@ -196,7 +206,7 @@ def specs() -> list[BackboneSpec]:
         out.append(BackboneSpec(
             name=name, factory=build_vit, description=f"{kind} {info.timm_name}{reg} (timm)",
             embed_dim=info.embed_dim, patch_size=info.patch_size, weights_filename=info.filenames[0],
-            weights_source=info.source, options=BACKBONE_OPTIONS))
+            weights_source=info.source, options=BACKBONE_OPTIONS, find_weights=functools.partial(find_weights, name)))
     out.append(BackboneSpec(name="timm:", factory=build_timm,
                             description="any timm model: timm:<model name> (weights via --weights or the HF cache)",
                             options=BACKBONE_OPTIONS, prefix=True))

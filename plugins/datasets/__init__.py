@@ -11,14 +11,7 @@ from qpmcli.contracts import DatasetSpec, PluginOption
 from qpmcli.errors import DatasetError
 from qpmcli.hookspecs import hookimpl
 
-CUB_SOURCE = ("https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz; segmentations.tgz for masks), "
-              "unpacked so that the root holds images.txt, classes.txt, images/")
-CARS_SOURCE = ("the Stanford Cars devkit layout (car_devkit/cars_meta.mat, car_devkit/cars_train_annos.mat, "
-               "cars_test_annos_withlabels.mat, cars_train/, cars_test/), e.g. from the Kaggle mirror "
-               "'eduardo4jesus/stanford-cars-dataset'")
-AIRCRAFT_SOURCE = ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz; the root is "
-                   "fgvc-aircraft-2013b or its data/ folder)")
-IMAGEFOLDER_SOURCE = "your own images: root/train/<class>/*.jpg and root/test/<class>/*.jpg, or root/<class>/*.jpg"
+from ._common import AIRCRAFT_SOURCE, CARS_SOURCE, CUB_SOURCE, IMAGEFOLDER_SOURCE
 
 
 def build(cls: type, root: Any, split: str, options: dict[str, Any]):

@@ -15,6 +15,17 @@ SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # one list for datasets and for qpm predict/explain (qpmcli.images)
 
 
+# Where each dataset comes from (the plugin descriptions and the missing-root errors say it).
+CUB_SOURCE = ("https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz; segmentations.tgz for masks), "
+              "unpacked so that the root holds images.txt, classes.txt, images/")
+CARS_SOURCE = ("the Stanford Cars devkit layout (car_devkit/cars_meta.mat, car_devkit/cars_train_annos.mat, "
+               "cars_test_annos_withlabels.mat, cars_train/, cars_test/), e.g. from the Kaggle mirror "
+               "'eduardo4jesus/stanford-cars-dataset'")
+AIRCRAFT_SOURCE = ("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz; the root is "
+                   "fgvc-aircraft-2013b or its data/ folder)")
+IMAGEFOLDER_SOURCE = "your own images: root/train/<class>/*.jpg and root/test/<class>/*.jpg, or root/<class>/*.jpg"
+
+
 def check_split(name: str, split: str) -> str:
     if split not in SPLITS:
         raise DatasetError(f"dataset {name!r} has no split {split!r}; use one of: {', '.join(SPLITS)}")

@@ -11,8 +11,7 @@ from typing import Any
 
 from qpmcli.errors import DatasetError
 
-from . import AIRCRAFT_SOURCE
-from ._common import FileDataset, check_split, read_table, require_root
+from ._common import AIRCRAFT_SOURCE, FileDataset, check_split, read_table, require_root
 
 SPLIT_FILES = {"train": "images_variant_trainval.txt", "test": "images_variant_test.txt"}
 

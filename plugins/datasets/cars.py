@@ -13,8 +13,7 @@ from typing import Any
 
 from qpmcli.errors import DatasetError
 
-from . import CARS_SOURCE
-from ._common import FileDataset, check_split, require_root
+from ._common import CARS_SOURCE, FileDataset, check_split, require_root
 
 DEVKITS = ("car_devkit", "devkit")
 

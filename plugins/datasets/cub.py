@@ -15,8 +15,7 @@ from typing import Any
 from qpmcli.contracts import Sample
 from qpmcli.errors import DatasetError, ImageError
 
-from . import CUB_SOURCE
-from ._common import FileDataset, check_split, read_table, require_file, require_root, to_int
+from ._common import CUB_SOURCE, FileDataset, check_split, read_table, require_file, require_root, to_int
 
 LISTS = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
 CROPS = ("none", "bbox")

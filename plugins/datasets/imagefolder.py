@@ -10,8 +10,7 @@ from typing import Any
 
 from qpmcli.errors import DatasetError
 
-from . import IMAGEFOLDER_SOURCE
-from ._common import IMAGE_EXTENSIONS, FileDataset, check_split, require_root
+from ._common import IMAGE_EXTENSIONS, IMAGEFOLDER_SOURCE, FileDataset, check_split, require_root
 
 
 def _class_dirs(folder: Path) -> list[Path]:
