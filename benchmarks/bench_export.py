@@ -420,7 +420,8 @@ def demo_int8_rows(tmp: Path, run: Path, repeats: int, min_s: float, rows: list[
     import numpy as np
 
     from qpmcli.export import export_onnx
-    from qpmcli.quantize import cpu_session, export_int8, preprocess_batch, split_images
+    from qpmcli.artifact import RunFolder
+    from qpmcli.quantize import cpu_session, export_int8, preprocess_batch
 
     fp32 = tmp / "demo.onnx"
     export_onnx(run, fp32, adapter=False)
@@ -443,7 +444,7 @@ def demo_int8_rows(tmp: Path, run: Path, repeats: int, min_s: float, rows: list[
     size = (tmp / "demo.int8.onnx").stat().st_size / fp32.stat().st_size
     rows.append(row("int8 / fp32 file size, demo model", (tmp / "demo.int8.onnx").stat().st_size / 2**20,
                     fp32.stat().st_size / 2**20, size, "report (convolutions stay fp32 with dynamic)", None))
-    images, _ = split_images(run, "test", 8)
+    images, _ = RunFolder(run).sample_images("test", 8)
     from qpmcli.modelfile import read_onnx_metadata
 
     meta, _ = read_onnx_metadata(fp32)
