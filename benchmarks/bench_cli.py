@@ -23,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import provenance, write_result
+
+STARTED = provenance()
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -120,8 +124,7 @@ def main() -> int:
                  f"pay the same interpreter + typer start-up, which dominates on a loaded machine)",
     }
     print(json.dumps(result, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    write_result(args.json_out, result, started=STARTED)
     return 0
 
 

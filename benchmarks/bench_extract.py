@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import provenance, write_result
+
+STARTED = provenance()
 
 
 def _make_images(root: Path, n: int) -> list[Path]:
@@ -184,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         {"what": f"epoch read: memmap cache vs per-image .pt files ({read['images']} images)",
          "ratio": round(read["speedup"], 1), "target": ">= 10", "met": read["speedup"] >= 10},
     ]
-    if args.json_out:
-        args.json_out.write_text(json.dumps(result, indent=2))
+    write_result(args.json_out, result, started=STARTED)
     return 0
 
 

@@ -12,7 +12,6 @@ sklearn's ``GaussianMixture(random_state=seed)`` per feature for Contrastiveness
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -22,7 +21,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import provenance, write_result
+
 from qpmcli import metrics as M  # noqa: E402
+
+STARTED = provenance()
 
 
 def make_problem(n_train: int, n_test: int, tmp: Path, seed: int = 0) -> dict:
@@ -183,9 +186,7 @@ def main() -> None:
         print(f"{r['what']}: ours {r['ours']}, baseline {r['baseline']}, ratio {r['ratio']} "
               f"(target {r['target']}, {'met' if r['met'] else 'NOT met'})")
     print(notes)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({"benchmark": "metrics", "rows": rows, "notes": notes}, indent=2) + "\n")
+    write_result(args.json_out, {"benchmark": "metrics", "rows": rows, "notes": notes}, started=STARTED)
 
 
 if __name__ == "__main__":

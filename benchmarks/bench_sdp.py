@@ -22,6 +22,10 @@ import resource
 import sys
 import time
 
+from harness import provenance, write_result
+
+STARTED = provenance()
+
 KNOWN = {("synthetic", 512, 200, 0, 15284): 335.24}  # benchmarks/results/selection.md, longer multi-start runs
 
 
@@ -116,8 +120,7 @@ def main() -> int:
            "lp": {"bound": lp, "seconds": lp_time}, "reference": {"objective": ref, "from": ref_from}}
     for row in rows:
         print(json.dumps(row), flush=True)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    write_result(args.json_out, out, started=STARTED)
     return 0
 
 

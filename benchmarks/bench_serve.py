@@ -35,6 +35,10 @@ import threading
 import time
 from pathlib import Path
 
+from harness import provenance, write_result
+
+STARTED = provenance()
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
@@ -359,8 +363,7 @@ def main() -> int:
              f"at the end {os.getloadavg()[0]:.1f}; niceness {os.nice(0)} (server and clients alike).")
     result = {"benchmark": "serve", "rows": rows, "notes": notes}
     print(json.dumps(result, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2))
+    write_result(args.json_out, result, started=STARTED)
     return 0
 
 

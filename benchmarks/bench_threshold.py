@@ -19,6 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+from harness import provenance, write_result
+
+STARTED = provenance()
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -70,9 +74,7 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     print(notes)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({"benchmark": "threshold", "rows": rows, "notes": notes}, indent=2) + "\n")
+    write_result(args.json_out, {"benchmark": "threshold", "rows": rows, "notes": notes}, started=STARTED)
 
 
 if __name__ == "__main__":

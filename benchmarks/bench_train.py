@@ -22,6 +22,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from harness import provenance, write_result
+
+STARTED = provenance()
+
 
 def _tokens(n: int, t: int, d: int, c: int):
     import numpy as np
@@ -203,8 +207,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['what']}: ours {r['ours']} vs baseline {r['baseline']} -> ratio {r['ratio']}")
     print(notes)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
+    write_result(args.json_out, doc, started=STARTED)
 
 
 def _cuda() -> bool:

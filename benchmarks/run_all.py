@@ -13,31 +13,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # torch missing is reported, not fatal
-        info["torch"] = None
-    try:
-        with open("/proc/meminfo") as fh:
-            info["memory_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
+from harness import load_average, machine  # noqa: E402
 
 
 def _fmt(value) -> str:
@@ -46,14 +30,27 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
+def _provenance_cells(res: dict) -> dict:
+    """The revision and load of a benchmark's result, as the columns every row of its table carries."""
+    prov = res.get("provenance") or {}
+    rev = prov.get("revision")
+    rev = "unknown" if not rev else rev[:10] + ("+dirty" if prov.get("dirty") else "")
+    start, end = prov.get("load_start"), prov.get("load_end")
+    load = "unknown" if start is None else f"{start:.2f}-{end:.2f}" if end is not None else f"{start:.2f}"
+    return {"revision": rev, "load": load}
+
+
 def to_markdown(results: list[dict], info: dict, date: str) -> str:
-    lines = [f"# qpm benchmark results ({date})", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), ""]
+    lines = [f"# qpm benchmark results ({date})", "", "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items()),
+             "", "Every row carries the git revision it was measured at and the 1-minute load average at the start "
+             "and end of its benchmark (2 cores: a quiet machine reads below about 1).", ""]
     for res in results:
         lines += [f"## {res.get('benchmark', res['script'])}", ""]
         if res.get("error"):
             lines += [f"FAILED: {res['error']}", ""]
             continue
-        rows = res.get("rows", [])
+        cells = _provenance_cells(res)
+        rows = [{**row, **cells} for row in res.get("rows", [])]
         keys: list[str] = []
         for row in rows:
             keys += [k for k in row if k not in keys]
@@ -62,7 +59,8 @@ def to_markdown(results: list[dict], info: dict, date: str) -> str:
             lines += ["| " + " | ".join(_fmt(row.get(k)) for k in keys) + " |" for row in rows]
         if res.get("notes"):
             lines += ["", res["notes"]]
-        lines += ["", f"({res['script']}, {res['seconds']:.0f} s)", ""]
+        argv = " ".join((res.get("provenance") or {}).get("argv") or [res["script"]])
+        lines += ["", f"(`{argv}`, {res['seconds']:.0f} s)", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +75,10 @@ def main() -> int:
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     scripts = sorted(p for p in HERE.glob("bench_*.py") if not only or p.stem.removeprefix("bench_") in only)
     results = []
+    start_load = load_average()
+    if start_load is not None and start_load > 1.0:
+        print(f"warning: load average {start_load:.2f} on {os.cpu_count()} cores: the machine is not quiet, and the "
+              f"rows will say so", flush=True)
     for script in scripts:
         json_path = out / f"{script.stem}.json"
         cmd = [sys.executable, str(script), "--json-out", str(json_path)] + (["--quick"] if args.quick else [])

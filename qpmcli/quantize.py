@@ -394,20 +394,23 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], meta
 
 def images_per_second(paths: dict[str, Path], x: np.ndarray, repeats: int = 3, min_seconds: float = 0.5
                       ) -> dict[str, float]:
-    """Median images/s of each model on the batch ``x``, measured in alternation (fair on a busy machine)."""
-    sessions = {k: cpu_session(p) for k, p in paths.items()}
-    name = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():  # warm-up
-        s.run(None, {name[k]: x})
-    for _ in range(repeats):
-        for k, s in sessions.items():
+    """Median images/s of each model on the batch ``x``, each timed in a block of its own with only its session
+    open: an idle session's spinning ONNX Runtime threads would take the cores from the one being timed."""
+    out: dict[str, float] = {}
+    for key, path in paths.items():
+        session = cpu_session(path)
+        feed = {session.get_inputs()[0].name: x}
+        session.run(None, feed)  # warm-up
+        times = []
+        for _ in range(repeats):
             n, start = 0, time.perf_counter()
             while n < 1 or time.perf_counter() - start < min_seconds:
-                s.run(None, {name[k]: x})
+                session.run(None, feed)
                 n += 1
-            times[k].append((time.perf_counter() - start) / n)
-    return {k: len(x) / statistics.median(v) for k, v in times.items()}
+            times.append((time.perf_counter() - start) / n)
+        out[key] = len(x) / statistics.median(times)
+        del session
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- images
