@@ -12,17 +12,22 @@ metrics and library versions. ``load_model(run_dir)`` rebuilds the :class:`qpmcl
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import re
+import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError, QpmError
+from qpmcli.errors import ArtifactError, ConfigError, QpmError
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -48,6 +53,21 @@ STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
 ONNX_MODEL = "model.onnx"  # qpm export's default output inside the run
 STALE = "stale.json"  # written by `qpm select --force` when it replaces a finetuned run's selection.json
 PROTOTYPES_PARTIAL = ".prototypes.partial"  # prototypes/ while it is being written
+LOCK = ".qpm.lock"  # the run-folder lock (:func:`run_lock`): who holds it (pid, command, host, since)
+
+# The files of a run folder (the one list: ``qpm select -o`` refuses them, writers that must not replace a run's own
+# files check it). Commands that add a run file append its name here.
+RUN_FILES: tuple[str, ...] = (CONFIG, DENSE, DENSE_JSON, SELECTION, MODEL, MODEL_JSON, METRICS, LOG_JSONL, LOG_CSV,
+                              DENSE_FEATURES, STALE, ONNX_MODEL)
+RUN_FOLDERS: tuple[str, ...] = (CHECKPOINTS, PROTOTYPES)
+_RUN_FILE_PATTERNS = (re.compile(r"selection-\d+\.json"),  # earlier Q-SENN iterations (iteration_files)
+                      re.compile(r"model(\.fp16)?(\.adapter|\.int8)?\.onnx"))  # qpm export's siblings of model.onnx
+
+
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` is one of the files a run folder holds (:data:`RUN_FILES`, a Q-SENN iteration's selection,
+    an exported model's sibling)."""
+    return name in RUN_FILES or name in RUN_FOLDERS or any(p.fullmatch(name) for p in _RUN_FILE_PATTERNS)
 
 
 def checkpoint_json(phase: str) -> str:
@@ -214,10 +234,11 @@ class RunFolder:
 # ------------------------------------------------------------------------------------------------------ atomic writes
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` (readers never see half files)."""
+    """Yield a temporary path next to ``path`` (``.<name>.<pid>.<random>.tmp``, see :func:`clean_stale_temps`); on
+    success it replaces ``path`` (readers never see half files)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -280,6 +301,226 @@ def _umask() -> int:
     return mask
 
 
+# ------------------------------------------------------------------------------- leftovers of killed processes
+# qpm's own temporary names, each carrying the pid of the process that writes it: atomic_path's
+# ``.<name>.<pid>.<random>.tmp``, staged_files' ``.<name>.<pid>.staged``, and the folders ``qpm-<what>-<pid>-<random>``
+# that quantize makes in the system's temporary folder.
+TEMP_FILE_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[A-Za-z0-9_]{8}\.tmp|staged)")
+TEMP_DIR_RE = re.compile(r"qpm-[a-z0-9]+-(?P<pid>\d+)-[A-Za-z0-9_]+")
+
+
+def temp_dir_prefix(what: str) -> str:
+    """The prefix of a temporary folder of this process (``tempfile.TemporaryDirectory(prefix=...)``) that
+    :func:`clean_stale_temps` recognises once the process is gone: ``qpm-<what>-<pid>-``."""
+    return f"qpm-{what}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or not a pid at all
+        return pid > 0
+    return True
+
+
+def clean_stale_temps(folders: Iterable[str | os.PathLike[str]], *, dirs: bool = False) -> list[Path]:
+    """Remove what killed qpm processes left in ``folders``: files with one of qpm's own temporary names (and, with
+    ``dirs``, qpm's temporary folders) whose process no longer runs on this machine. Nothing else is touched: a
+    name that does not match, or whose process is alive, stays. Returns what was removed."""
+    import shutil
+
+    removed: list[Path] = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # missing or unreadable: nothing of ours to clean
+            continue
+        for entry in entries:
+            m = TEMP_DIR_RE.fullmatch(entry.name) if dirs else None
+            if m is None:
+                m = TEMP_FILE_RE.fullmatch(entry.name)
+                if m is None or not entry.is_file(follow_symlinks=False):
+                    continue
+            elif not entry.is_dir(follow_symlinks=False):
+                continue
+            if _alive(int(m.group("pid"))):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                continue
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ run-folder lock
+class RunLock:
+    """An exclusive lock on a run folder (``<folder>/.qpm.lock``, ``fcntl.flock``): one writer at a time. The holder
+    records its pid, command, host and start time in the file; a second process gets an :class:`ArtifactError`
+    naming the holder, at once (no waiting). The kernel releases the lock when the holder exits, even after kill -9.
+    The lock file is removed on release, and so is a folder created for the lock that is still empty then."""
+
+    def __init__(self, folder: str | os.PathLike[str], command: str) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self.command = command
+        self._fh: Any = None
+        self._created = False
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                fh.close()
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ArtifactError(f"{self.folder} is in use by {self._holder()}; wait for it to finish (or stop "
+                                    f"it) and rerun, or use another folder") from None
+            try:  # the file may have been removed and re-created by the previous holder: lock the current one
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "command": self.command, "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def _holder(self) -> str:
+        try:
+            doc = json.loads(read_regular_bytes(self.path, limit=1 << 16) or b"{}")
+        except (OSError, ValueError, ArtifactError):
+            doc = {}
+        if not isinstance(doc, dict) or not doc.get("pid"):
+            return "another qpm process"
+        return (f"another qpm process (pid {doc.get('pid')}, `{doc.get('command', '?')}` on host "
+                f"{doc.get('host', '?')}, since {doc.get('since', '?')})")
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        if self._fh is None:
+            return
+        try:  # no trace: the lock file goes (a process that opened it meanwhile sees that and retries)
+            self.path.unlink()
+            if self._created and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # nothing was written: leave no empty folder behind
+        except OSError:
+            pass
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+        self._fh.close()
+        self._fh = None
+
+
+def run_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
+    """``with run_lock(run, "qpm train"):`` -- see :class:`RunLock`."""
+    return RunLock(folder, command)
+
+
+# ------------------------------------------------------------------------------------------ folders of the user
+def is_qpm_entry(name: str) -> bool:
+    """Whether a folder entry is qpm's own bookkeeping (the lock, a temporary file), not content."""
+    return name == LOCK or TEMP_FILE_RE.fullmatch(name) is not None
+
+
+def user_entries(folder: str | os.PathLike[str]) -> list[str]:
+    """The names in ``folder`` other than qpm's own bookkeeping (sorted); ``[]`` when it is missing or empty."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if not is_qpm_entry(e.name))
+    except FileNotFoundError:
+        return []
+
+
+def check_output_folder(folder: str | os.PathLike[str], flag: str, *, owned: bool, force: bool = False) -> None:
+    """Refuse to write into a folder that holds the user's files: ``folder`` may be missing, empty, or ``owned``
+    (the caller recognised it as its own kind of qpm folder: a run, a demo); anything else is a
+    :class:`ConfigError` naming a few of its files, unless ``force``."""
+    if force or owned:
+        return
+    names = user_entries(folder)
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ConfigError(f"{flag} {folder} is not empty and is not a qpm folder (it holds {shown}); qpm would "
+                          f"write its files among yours: choose a new or empty folder, or pass --force")
+
+
+def owned_names(folder: str | os.PathLike[str], manifest: str, fmt: str) -> set[str] | None:
+    """The files an earlier qpm command wrote into a folder that may also hold the user's files: the names listed
+    by the manifest ``<folder>/<manifest>`` it keeps there (its ``files``; for manifests of older versions, every
+    path it names inside the folder), plus the manifest itself. ``set()`` when there is no manifest; ``None`` when a
+    file of that name exists but is not a qpm manifest (format ``fmt`` or older), i.e. it is the user's."""
+    folder = Path(folder)
+    path = folder / manifest
+    try:
+        raw = read_regular_bytes(path, limit=256 << 20)
+        doc = None if raw is None else json.loads(raw)
+    except (ArtifactError, OSError, ValueError, RecursionError):
+        return None
+    if raw is None:
+        return set()
+    older = isinstance(doc, dict) and "format" not in doc and {"out_dir", "images"} <= set(doc)  # qpm explain <= 0.1
+    if not older and not (isinstance(doc, dict) and doc.get("format") == fmt):
+        return None
+    names = {manifest}
+    if isinstance(doc.get("files"), list):
+        names.update(n for n in doc["files"] if isinstance(n, str) and "/" not in n)
+        return names
+    stack: list[Any] = [doc]
+    root = os.path.realpath(folder)
+    while stack:  # an older manifest: the absolute paths it lists inside the folder
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and os.path.isabs(item) and os.path.dirname(item) == root:
+            names.add(os.path.basename(item))
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ reading files
+def read_regular_bytes(path: str | os.PathLike[str], *, limit: int | None = None) -> bytes | None:
+    """The bytes of ``path`` when it is a regular file, ``None`` when it does not exist. A named pipe, device or
+    folder there is an :class:`ArtifactError` (opened without blocking, so a FIFO can never hang a reader)."""
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ArtifactError(f"{p} is a folder, not a file") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{p} is not a regular file (a pipe, socket or device); qpm reads only files")
+        if limit is not None and st.st_size > limit:
+            raise ArtifactError(f"{p} is {st.st_size} bytes, more than the {limit} a qpm file of its kind holds")
+        with os.fdopen(fd, "rb", closefd=True) as fh:
+            fd = -1
+            return fh.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -312,13 +553,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file of a run (regular files only: a pipe never hangs the reader); a missing, unreadable or malformed
+    file is an :class:`ArtifactError` naming it."""
     p = Path(path)
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{p} is missing") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{p} is not readable JSON: {exc}") from exc
+        raw = read_regular_bytes(p)
+        if raw is None:
+            raise ArtifactError(f"{p} is missing")
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8; RecursionError: nesting
+        raise ArtifactError(f"{p} is not readable JSON: {str(exc) or type(exc).__name__}") from exc
 
 
 def atomic_write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],

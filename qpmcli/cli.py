@@ -6,6 +6,7 @@ library so that ``qpm --help`` stays fast (no torch).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -64,8 +65,10 @@ for _name in COMMAND_MODULES:
 def run(argv: Sequence[str] | None = None) -> int:
     """Run ``qpm ARGV`` in this process and return its exit code; the one owner of the error -> exit-code mapping.
 
-    User errors (:class:`QpmError`) are one line on stderr and their ``exit_code`` (2); Ctrl-C says what was kept and
-    gives 130; Click's usage errors keep Click's codes. Anything else is a bug and propagates with its traceback.
+    User errors (:class:`QpmError`) are one line on stderr and their ``exit_code`` (2); so are the errors of the
+    machine rather than of qpm (:data:`ENVIRONMENT_ERRNOS`: a full disk, a read-only or forbidden folder, a name
+    beyond the system's limit); Ctrl-C says what was kept and gives 130; Click's usage errors keep Click's codes.
+    Anything else is a bug and propagates with its traceback.
     ``argv`` defaults to ``sys.argv[1:]``. Tests call this directly (no new interpreter, no second torch import).
     """
     try:
@@ -73,6 +76,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     except QpmError as exc:
         typer.secho("Error: " + " ".join(str(exc).split()), err=True, fg="red")  # one line, whatever it wraps
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        typer.secho("Error: " + " ".join(_os_error_line(exc).split()), err=True, fg="red")
+        return 2
     except KeyboardInterrupt:
         return _interrupted()
     except SystemExit as exc:  # Click/Typer end every command with SystemExit
@@ -80,6 +88,24 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _interrupted()
         return _exit_code(exc.code)
     return 0
+
+
+# OSError numbers that describe the machine, not a bug of qpm: reported as one line, exit 2 (never a traceback).
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                                errno.ELOOP, errno.EMFILE, errno.ENFILE})
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<what went wrong>: <path>`` plus the fix for the common cases."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    what = exc.strerror or str(exc)
+    hint = {errno.ENOSPC: "free space or choose another folder (cache_dir, --run-dir, --out)",
+            errno.EDQUOT: "free space or choose another folder",
+            errno.ENAMETOOLONG: "use a shorter path",
+            errno.ELOOP: "a symbolic link points to itself; fix or remove it"}.get(exc.errno, "")
+    if len(where) > 300:
+        where = where[:140] + " ... " + where[-140:]
+    return f"{what}: {where}" + (f"; {hint}" if hint else "") if where else what + (f"; {hint}" if hint else "")
 
 
 def main() -> None:
