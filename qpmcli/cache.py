@@ -187,9 +187,15 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
+def cache_digest(fields: dict[str, Any]) -> str:
+    """The cache's fingerprint: ``sha256`` of its key fields (:func:`cache_key_fields`), 16 hex digits. A run records
+    the fingerprints of its caches (``config.json`` ``cache_keys``) so that ``qpm evaluate`` can check them."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def cache_path(cache_dir: str | Path, fields: dict[str, Any]) -> Path:
-    """``<cache_dir>/<dataset>-<split>-<backbone>-<sha256(fields)[:16]>``."""
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    """``<cache_dir>/<dataset>-<split>-<backbone>-<cache_digest(fields)>``."""
+    digest = cache_digest(fields)
     ds = fields["dataset"].get("name", "dataset") if isinstance(fields["dataset"], dict) else "dataset"
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{ds}-{fields['split']}-{fields['backbone']}")
     return Path(cache_dir).expanduser() / f"{label}-{digest}"
@@ -213,7 +219,11 @@ class CacheLock:
         while True:
             try:
                 fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
+                if self._current():
+                    return self
+                self._fh.close()  # the holder removed the file when it let go: lock the file that is there now
+                self._fh = open(self.path, "a+")
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
@@ -226,8 +236,17 @@ class CacheLock:
                 told = True
             time.sleep(0.2)
 
+    def _current(self) -> bool:
+        try:
+            return os.fstat(self._fh.fileno()).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
     def __exit__(self, *exc: Any) -> None:
         if self._fh is not None:
+            built = self.path.with_suffix("")
+            if not built.exists() and not built.with_name(built.name + ".partial").exists():
+                self.path.unlink(missing_ok=True)  # nothing was made (the build failed up front): no stray lock file
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
             self._fh.close()
             self._fh = None
@@ -252,8 +271,13 @@ class _Images:
         from qpmcli.backbone import preprocess_image
 
         h, w = self.config["size"]
+        from qpmcli.images import MIN_TRAIN_SIDE, too_small
+
         try:
             sample = self.dataset[index]
+            size = getattr(sample.image, "size", None)
+            if size is not None and min(size) < MIN_TRAIN_SIDE:  # 1xN, Nx1: refused before any training
+                raise too_small(_sample_path(self.dataset, index), *size)
             x = preprocess_image(sample.image, self.config)
             label = int(sample.label)
             if self.masks and sample.mask is not None:
@@ -370,8 +394,13 @@ def build_cache(
         mine = list(range(dist.rank * per, min(len(chunks), (dist.rank + 1) * per)))
         done_dir = partial / "done"
         todo = [c for c in mine if not _chunk_done(done_dir, c, chunks[c])]
-        _extract_chunks(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
-                        progress and dist.rank == 0, sum(chunks[c][1] - chunks[c][0] for c in mine), split)
+        try:
+            _extract_chunks(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
+                            progress and dist.rank == 0, sum(chunks[c][1] - chunks[c][0] for c in mine), split)
+        except (ImageError, CacheError):
+            if dist.world == 1 and not any(done_dir.iterdir()):  # nothing finished: leave no partial cache behind
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
         dist.barrier()
         if dist.rank == 0:
             _finalise(partial, final, fields, chunks, dataset, backbone, split)
@@ -420,24 +449,98 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
         return started
     if partial.exists():
         shutil.rmtree(partial)  # no build.json: it died while being created; nothing to keep
-    partial.mkdir(parents=True)
-    (partial / "done").mkdir()
-    np.lib.format.open_memmap(partial / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, t, d)).flush()
-    np.lib.format.open_memmap(partial / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
+    arrays = [("tokens.npy", np.float16, (n, t, d)), ("labels.npy", np.int64, (n,))]
     if has_masks:
-        np.lib.format.open_memmap(partial / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, *grid)).flush()
-    atomic_write_text(marker, json.dumps({**intent, "chunk": chunk}, sort_keys=True))
+        arrays.append(("masks.npy", np.bool_, (n, *grid)))
+    check_free_space(partial.parent, sum(int(np.prod(shape)) * np.dtype(dt).itemsize for _, dt, shape in arrays),
+                     "the token cache")
+    try:
+        partial.mkdir(parents=True)
+        (partial / "done").mkdir()
+        for name, dtype, shape in arrays:
+            np.lib.format.open_memmap(partial / name, mode="w+", dtype=dtype, shape=shape).flush()
+            reserve(partial / name)
+        atomic_write_text(marker, json.dumps({**intent, "chunk": chunk}, sort_keys=True))
+    except OSError as exc:  # the disk filled up while the arrays were reserved: leave nothing half made
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"no space left for the token cache in {partial.parent} ({exc.strerror}); free space or "
+                             f"set cache_dir (QPM_CACHE_DIR) to a larger disk; nothing was written") from None
+        raise
     return chunk
+
+
+SPACE_MARGIN = 16 << 20  # bytes kept free beyond a cache's arrays (its manifest, markers, the file system's own)
+
+
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """:class:`CacheError` unless ``folder`` (or the nearest existing parent) has ``need`` bytes (plus a margin)
+    free: found before any file is created, instead of a process killed by SIGBUS when a mapped page finds no
+    space."""
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # no statistics for this file system: reserve() still catches a full disk
+    if free < need + SPACE_MARGIN:
+        raise CacheError(f"not enough free space for {what} in {folder}: it needs {_size(need + SPACE_MARGIN)}, "
+                         f"{_size(free)} are free; free space or set cache_dir (QPM_CACHE_DIR) to a larger disk")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now (``posix_fallocate``), so that writing through a memory map can never
+    hit a full disk (which kills the process with SIGBUS, no message); a full disk is an ``OSError`` (ENOSPC) here.
+    Already allocated ranges cost nothing; where the call is missing (macOS) the free-space check has to do."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: writes will tell
+                    raise
+    finally:
+        os.close(fd)
 
 
 def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,
                     skip_bad: bool, grid, has_masks: bool, progress: bool, total: int, split: str) -> None:
+    """Extract the chunks ``todo`` into the partial cache (its arrays reserved on disk first)."""
+    if not todo:
+        return
+    try:
+        for name in ("tokens.npy", "labels.npy", "masks.npy"):  # a partial cache of an older qpm may be sparse
+            if (partial / name).is_file():
+                reserve(partial / name)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"no space left to continue the token cache {partial} ({exc.strerror}); free space and "
+                             f"rerun (finished chunks are kept)") from None
+        raise
+    try:
+        _extract_into(backbone, dataset, partial, chunks, todo, bs, num_workers, skip_bad, grid, has_masks,
+                      progress, total, split)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"no space left while writing the token cache {partial} ({exc.strerror}); free space "
+                             f"and rerun (finished chunks are kept)") from None
+        raise
 
+
+def _extract_into(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,
+                  skip_bad: bool, grid, has_masks: bool, progress: bool, total: int, split: str) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    if not todo:
-        return
     tokens = np.load(partial / "tokens.npy", mmap_mode="r+")
     labels = np.load(partial / "labels.npy", mmap_mode="r+")
     masks = np.load(partial / "masks.npy", mmap_mode="r+") if has_masks else None
@@ -587,6 +690,7 @@ def _compact(partial: Path, keep: np.ndarray) -> None:
         src = np.load(src_path, mmap_mode="r")
         with atomic_path(src_path) as tmp:
             dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=(keep.size, *src.shape[1:]))
+            reserve(tmp)
             for s in range(0, keep.size, 1024):
                 dst[s:s + 1024] = src[keep[s:s + 1024]]
             dst.flush()
