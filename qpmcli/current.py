@@ -34,12 +34,15 @@ def pointer_path(settings: Any) -> Path:
 
 def read_pointer(settings: Any) -> dict[str, Any] | None:
     """The pointer's content, or ``None`` when no run was recorded (a damaged pointer is an error naming it)."""
+    from qpmcli.artifact import read_regular_bytes
+
     path = pointer_path(settings)
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = read_regular_bytes(path, limit=1 << 20)  # a named pipe there is refused, never waited on
+        if raw is None:
+            return None
+        doc = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError, ArtifactError) as exc:
         raise ArtifactError(f"the current-run pointer {path} is unreadable ({exc}); delete it and "
                             f"{NO_RUN_HINT}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("run"), str):

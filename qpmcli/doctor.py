@@ -21,6 +21,7 @@ from typing import Any
 
 DEFAULT_BACKBONE = "dinov2-vitb14-reg"  # qpm train's defaults
 DEFAULT_DATASET = "cub200"
+MIN_FREE_GIB = 1.0  # below this the cache folder cannot hold a token cache of any real dataset
 
 
 def _check(name: str, ok: bool | None, detail: str, needed: bool = False, **extra: Any) -> dict[str, Any]:
@@ -247,8 +248,12 @@ def check_cache_dir(settings: Any) -> dict[str, Any]:
             writable = False
     free = shutil.disk_usage(probe).free / 2**30
     where = "" if probe == path else f" (created on first use under {probe})"
-    return _check("cache dir", writable, f"{path}{where}: {'writable' if writable else 'NOT writable'}, "
-                                         f"{free:.1f} GiB free", needed=True, path=str(path), free_gib=round(free, 1))
+    roomy = free >= MIN_FREE_GIB
+    room = "" if roomy else (f" (less than {MIN_FREE_GIB:g} GiB: token caches will not fit; CUB-200 with ViT-B/14 "
+                             f"takes about 5 GiB; free space or set cache_dir)")
+    return _check("cache dir", writable and roomy, f"{path}{where}: {'writable' if writable else 'NOT writable'}, "
+                                                   f"{free:.1f} GiB free{room}", needed=True, path=str(path),
+                  free_gib=round(free, 3))
 
 
 def run_doctor(settings: Any, backbone: str = DEFAULT_BACKBONE, dataset: str = DEFAULT_DATASET,

@@ -40,12 +40,22 @@ class Registry:
             hook = getattr(pm.hook, _HOOKS[kind])
             for impl in hook.get_hookimpls():
                 package, plugin_name = owners.get(id(impl.plugin), ("<unknown>", pm.get_name(impl.plugin) or "?"))
+                where = f"plugin {plugin_name!r} from package {package!r}"
                 try:
-                    specs = impl.function() or []
-                except Exception as exc:  # a broken third-party plugin must name itself
-                    raise PluginError(f"plugin {plugin_name!r} from package {package!r} failed in "
-                                      f"{_HOOKS[kind]}(): {exc}") from exc
+                    with _plugin_output_to_stderr():
+                        specs = impl.function()
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # a broken third-party plugin must name itself (sys.exit included)
+                    raise PluginError(f"{where} failed in {_HOOKS[kind]}(): {_describe(exc)}") from exc
+                specs = [] if specs is None else specs
+                if not isinstance(specs, list | tuple):
+                    raise PluginError(f"{where}: {_HOOKS[kind]}() must return a list of {kind} specs, not a "
+                                      f"{type(specs).__name__}")
                 for spec in specs:
+                    if not isinstance(getattr(spec, "name", None), str) or not spec.name:
+                        raise PluginError(f"{where}: {_HOOKS[kind]}() returned {type(spec).__name__!s} without a "
+                                          f"name; each entry must be a {kind} spec (see qpmcli.contracts)")
                     existing = self._entries[kind].get(spec.name)
                     if existing is not None:
                         raise PluginError(
@@ -84,14 +94,54 @@ def _plugin_owners(pm: pluggy.PluginManager) -> dict[int, tuple[str, str]]:
 
 
 def make_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """The plugin manager with every ``qpm`` entry point loaded. A plugin that fails to import (or calls
+    ``sys.exit``) is a :class:`PluginError` naming its entry point and package; what plugins print while loading
+    goes to stderr, so ``--json`` output stays parseable."""
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     if load_entrypoints:
         try:
-            pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
-        except Exception as exc:
-            raise PluginError(f"a qpm plugin failed to load: {exc}") from exc
+            with _plugin_output_to_stderr():
+                pm.load_setuptools_entrypoints(hookspecs.PROJECT_NAME)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            raise _load_failure(pm, exc) from exc
     return pm
+
+
+def _load_failure(pm: pluggy.PluginManager, exc: BaseException) -> PluginError:
+    """Which entry point failed: the first one of the group that is not registered and does not load on its own."""
+    import importlib.metadata as md
+
+    for dist in md.distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.PROJECT_NAME or pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            try:
+                with _plugin_output_to_stderr():
+                    ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as again:
+                package = dist.metadata["Name"] or "?"
+                return PluginError(f"the qpm plugin {ep.name!r} ({ep.value}) of package {package!r} failed to load: "
+                                   f"{_describe(again)}; fix or uninstall it (pip uninstall {package})")
+    return PluginError(f"a qpm plugin failed to load: {_describe(exc)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _plugin_output_to_stderr():
+    """Plugin code runs with ``sys.stdout`` pointing at stderr: a print in a plugin never mixes into our output."""
+    import contextlib
+    import sys
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 @functools.cache

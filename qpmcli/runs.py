@@ -7,6 +7,7 @@ accuracy and SID@5, created time, the exported .onnx (if any) and whether it is 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from qpmcli.artifact import (
     RunFolder,
     read_json,
 )
-from qpmcli.errors import QpmError
+from qpmcli.errors import ArtifactError, QpmError
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
@@ -32,14 +33,39 @@ def find_runs(folders: list[Path]) -> list[Path]:
     seen: set[Path] = set()
     for folder in folders:
         folder = folder.expanduser()
-        cands = [folder] if (folder / CONFIG).is_file() else (
-            sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else [])
+        try:
+            cands = [folder] if (folder / CONFIG).is_file() else (
+                sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else [])
+        except OSError:  # unreadable folder: nothing to list there
+            continue
         for cand in cands:
-            key = cand.resolve()
-            if key not in seen and (cand / CONFIG).is_file():
+            key = _resolved(cand)
+            if key is not None and key not in seen and (cand / CONFIG).is_file():
                 seen.add(key)
                 found.append(cand)
     return found
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or ``None`` for a symlink loop or an unreadable path."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python 3.11)
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """A metric read from a run file: a finite number, or ``None`` (a run file may hold anything)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name beyond the system's limit, a loop
+        return False
 
 
 def _stages(head: str) -> list[tuple[str, str]]:
@@ -52,8 +78,10 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
     """One run's row, from its JSON files; a damaged file gives status ``unreadable: ...``."""
     row: dict[str, Any] = {"name": run.name, "path": str(run), "dataset": None, "backbone": None, "selector": None,
                            "head": None, "status": None, "accuracy": None, "sid5": None, "created": None,
-                           "onnx": None, "current": current is not None and run.resolve() == current}
+                           "onnx": None, "current": current is not None and _resolved(run) == current}
     try:
+        if not RunFolder(run).is_run:  # the current run's folder may be anything
+            raise ArtifactError("no config.json: not a qpm run folder")
         record = RunFolder(run).record()
         head = record.head
         row.update(dataset=record.dataset, backbone=record.backbone, head=head,
@@ -75,13 +103,15 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
                 status = f"stale ({reason})"
         row["status"] = status
         if isinstance(final, dict):
-            row["accuracy"] = final.get("Accuracy")
-            row["sid5"] = final.get("SID@5")
+            row["accuracy"] = _number(final.get("Accuracy"))
+            row["sid5"] = _number(final.get("SID@5"))
     except QpmError as exc:  # a damaged run file: its row says so, the other runs are still listed
         row["status"] = f"unreadable: {str(exc).splitlines()[0]}"
-    onnx = [Path(current_onnx)] if row["current"] and current_onnx else []
+    except OSError as exc:  # a file that vanished or cannot be read meanwhile
+        row["status"] = f"unreadable: {exc.strerror or exc}"
+    onnx = [Path(current_onnx)] if row["current"] and isinstance(current_onnx, str) and current_onnx else []
     onnx.append(run / ONNX_MODEL)
-    row["onnx"] = next((str(p) for p in onnx if p.is_file()), None)
+    row["onnx"] = next((str(p) for p in onnx if _is_file(p)), None)
     return row
 
 
@@ -93,10 +123,10 @@ def list_runs(settings: Any, folders: list[str | os.PathLike[str]] | None = None
         pointer = read_pointer(settings)
     except Exception:  # a damaged pointer must not hide the runs
         pointer = None
-    current = Path(pointer["run"]).resolve() if pointer else None
+    current = _resolved(Path(pointer["run"])) if pointer else None
     roots = [Path(settings.runs_dir)] + [Path(f) for f in folders or []]
     runs = find_runs(roots)
-    if current is not None and current.is_dir() and current not in {r.resolve() for r in runs}:
+    if current is not None and current.is_dir() and current not in {_resolved(r) for r in runs}:
         runs.append(current)  # the current run is always listed, wherever it lives
     rows = [run_info(r, current, pointer.get("onnx") if pointer else None) for r in runs]
     return {"runs": rows, "current": None if current is None else str(current),

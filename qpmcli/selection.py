@@ -435,8 +435,15 @@ def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_feature
             raise SelectionError(f"--bound applies to selectors with a certified bound (qpm), not {selector!r}")
         sel_obj.bound = bound
     start = time.perf_counter()
-    sel = sel_obj.select(problem, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
-                         workers=workers, previous=previous, progress=progress)
+    try:
+        sel = sel_obj.select(problem, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
+                             workers=workers, previous=previous, progress=progress)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("gurobipy"):
+            raise
+        # Gurobi's own errors describe the machine (licence file, licence limits, token server), not a bug
+        raise SelectionError(f"selector {selector!r}: Gurobi refused to run ({exc}); check the licence "
+                             f"(GRB_LICENSE_FILE, `gurobi_cl --license`) or use --selector qpm") from None
     if not sel.seconds:
         sel.seconds = time.perf_counter() - start
     sel.params.setdefault("selector", selector)
@@ -499,6 +506,7 @@ def load_selection(path: str | Path) -> Selection:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
+        _check_selection_format(data, path)
         return Selection(
             features=np.asarray(data["features"], dtype=np.int64),
             weight=np.asarray(data["weight"], dtype=np.float64),
@@ -512,6 +520,22 @@ def load_selection(path: str | Path) -> Selection:
         raise SelectionError(f"selection file {path} not found") from exc
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise SelectionError(f"{path} is not a qpm selection JSON: {exc}") from exc
+
+
+def _check_selection_format(data: Any, path: Path) -> None:
+    """``format`` is ``qpm-selection/<version>``; a newer version than :data:`SELECTION_FORMAT`'s is refused."""
+    if not isinstance(data, dict):
+        raise SelectionError(f"{path} is not a qpm selection JSON (a JSON {type(data).__name__})")
+    fmt = data.get("format", SELECTION_FORMAT)
+    name, _, version = str(fmt).partition("/")
+    supported = int(SELECTION_FORMAT.rpartition("/")[2])
+    if name != SELECTION_FORMAT.partition("/")[0] or not version.isdigit():
+        raise SelectionError(f"{path} is not a qpm selection JSON (format {fmt!r})")
+    if int(version) > supported:
+        from qpmcli.version import qpm_version
+
+        raise SelectionError(f"{path} has format version {int(version)}, but this qpm ({qpm_version()}) reads format "
+                             f"version {supported} and older; upgrade qpm (pip install -U qpm) to read it")
 
 
 def selection_summary(sel: Selection) -> dict[str, Any]:

@@ -37,6 +37,18 @@ def config_files() -> list[Path]:
     return [user_config_file(), Path.cwd() / "qpm.toml"]
 
 
+def _explicit_config() -> Path | None:
+    """``QPM_CONFIG``'s file, which must exist (a typo there must not silently fall back to the defaults)."""
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    if not explicit:
+        return None
+    path = Path(explicit).expanduser()
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise ConfigError(f"QPM_CONFIG={explicit}: the config file {what}; fix the path or unset QPM_CONFIG")
+    return path
+
+
 class QpmSettings(BaseSettings):
     """Where qpm finds data, weights and caches, and how it runs."""
 
@@ -102,12 +114,25 @@ class QpmSettings(BaseSettings):
         return torch_device(self.device)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few lines; a bigger one is not a qpm config
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    from qpmcli.artifact import read_regular_bytes
+    from qpmcli.errors import ArtifactError
+
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        raw = read_regular_bytes(path, limit=MAX_CONFIG_BYTES)
+        return tomllib.loads((raw or b"").decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are "
+                          f"UTF-8") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config file {path} nests tables or arrays too deeply to be a qpm config") from exc
+    except ArtifactError as exc:
+        raise ConfigError(f"config file {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
 
@@ -123,6 +148,7 @@ def resolve_settings(**cli: Any) -> tuple[QpmSettings, dict[str, str]]:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     sources: dict[str, str] = {name: "default" for name in QpmSettings.model_fields}
+    _explicit_config()
     for path in config_files():
         if path.is_file():
             data = _read_toml(path)

@@ -30,18 +30,20 @@ def runs(
     out = console()
     if not data["runs"]:
         out.print(f"no runs under {', '.join(data['searched'])}; train one with `qpm train` or run `qpm demo`",
-                  highlight=False)
+                  highlight=False, markup=False)
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="qpm runs (* = current run)", title_justify="left")
     for col in ("", "name", "dataset", "backbone", "selector", "status", "acc", "SID@5", "created", "onnx", "path"):
         table.add_column(col, justify="right" if col in ("acc", "SID@5") else "left")
     pct = lambda v: "-" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
-    for r in data["runs"]:
-        table.add_row("*" if r["current"] else "", r["name"], r["dataset"] or "?", r["backbone"] or "?",
-                      r["selector"] or r["head"] or "?", r["status"], pct(r["accuracy"]), pct(r["sid5"]),
-                      r["created"] or "-", "yes" if r["onnx"] else "no", r["path"])
+    for r in data["runs"]:  # Text: names from run files are shown as written, never read as rich markup
+        table.add_row(*(Text(str(v)) for v in (
+            "*" if r["current"] else "", r["name"], r["dataset"] or "?", r["backbone"] or "?",
+            r["selector"] or r["head"] or "?", r["status"], pct(r["accuracy"]), pct(r["sid5"]), r["created"] or "-",
+            "yes" if r["onnx"] else "no", r["path"])))
     out.print(table)
 
 
