@@ -89,17 +89,18 @@ def check_image(path: str | Path, full: bool = False) -> str | None:
     """
     from PIL import Image, UnidentifiedImageError
 
-    from qpmcli.images import bomb_message, open_image, pixel_limit, too_large
+    from qpmcli.images import bomb_message, open_image, pixel_limit, too_large, too_small
 
     if full:
         try:
-            open_image(path)
+            im = open_image(path)
         except ImageError as exc:
             return str(exc).replace("\n", " ")
-        return None
+        err = too_small(path, *im.size)
+        return None if err is None else str(err)
     try:
         with pixel_limit(), Image.open(path) as im:
-            err = too_large(path, im.width, im.height)
+            err = too_large(path, im.width, im.height) or too_small(path, im.width, im.height)
             if err is not None:
                 return str(err)
             im.verify()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -157,14 +158,17 @@ def dataset_attributes(dataset: str, settings: Any, *, data_root: str | None = N
     return class_attrs, image_attrs, notes
 
 
-def open_run_caches(run_dir: str | os.PathLike[str]) -> tuple[TokenCache, TokenCache]:
-    """The train and test token caches a run was trained on (``config.json``), opened; a missing or unusable cache is
-    one line that says how to rebuild it."""
+def open_run_caches(run_dir: str | os.PathLike[str], info: dict[str, Any] | None = None,
+                    ) -> tuple[TokenCache, TokenCache]:
+    """The train and test token caches a run was trained on (``config.json``), opened and checked against the run
+    (:func:`_check_run_cache`; ``info``: the model's JSON, for its backbone, weights digest and grid); a missing,
+    unusable or foreign cache is one line that says how to rebuild it."""
     from qpmcli.artifact import RunFolder
     from qpmcli.cache import TokenCache
 
-    run = RunFolder(run_dir).path
-    paths = RunFolder(run).cache_paths()
+    folder = RunFolder(run_dir)
+    run, config = folder.path, folder.config()
+    paths = folder.cache_paths()
     out = []
     for split in ("train", "test"):
         p = paths.get(split)
@@ -172,11 +176,43 @@ def open_run_caches(run_dir: str | os.PathLike[str]) -> tuple[TokenCache, TokenC
             raise ArtifactError(f"{run / 'config.json'} names no {split} token cache; rerun `qpm train --resume "
                                 f"--run-dir {run}`")
         try:
-            out.append(TokenCache.open(p))
+            cache = TokenCache.open(p)
         except CacheError as exc:
             raise ArtifactError(f"the run's {split} token cache is unusable ({exc}); rebuild it with `qpm train "
                                 f"--resume --run-dir {run}`") from exc
+        _check_run_cache(cache, split, run, config, info or {})
+        out.append(cache)
     return out[0], out[1]
+
+
+def _check_run_cache(cache: TokenCache, split: str, run: Path, config: dict[str, Any], info: dict[str, Any]) -> None:
+    """The cache that ``config.json`` names for ``split`` must be that split of the run's dataset, extracted by the
+    run's backbone (name and weights digest) at its grid, and -- for runs that recorded them -- have the fingerprint
+    the run was trained on: a swapped or foreign cache would silently rewrite metrics.json with wrong numbers."""
+    from qpmcli.cache import cache_digest
+
+    key = cache.manifest.get("key_fields")
+    key = key if isinstance(key, dict) else {}
+    dataset = key.get("dataset") if isinstance(key.get("dataset"), dict) else {}
+    request = config.get("request") if isinstance(config.get("request"), dict) else {}
+    problems = []
+    found_split = key.get("split", cache.manifest.get("split"))
+    if found_split != split or dataset.get("split", split) != split:
+        problems.append(f"it holds the {found_split or dataset.get('split')} split")
+    for what, want, got in (("backbone", info.get("backbone"), key.get("backbone")),
+                            ("backbone weights digest", info.get("weights_digest"), key.get("weights_digest")),
+                            ("dataset", request.get("dataset"), dataset.get("name"))):
+        if want is not None and got != want:
+            problems.append(f"its {what} is {got!r}, the run's is {want!r}")
+    if info.get("grid") is not None and list(cache.grid) != list(info["grid"]):
+        problems.append(f"its token grid is {list(cache.grid)}, the model's is {list(info['grid'])}")
+    recorded = (config.get("cache_keys") or {}).get(split) if isinstance(config.get("cache_keys"), dict) else None
+    if not problems and recorded is not None and cache_digest(key) != recorded:
+        problems.append(f"its fingerprint {cache_digest(key)} is not the {recorded} the run was trained on")
+    if problems:
+        raise ArtifactError(f"{run / 'config.json'} names {cache.path} as the {split} token cache, but it does not "
+                            f"belong to this run ({'; '.join(problems)}); fix config.json or rebuild the caches with "
+                            f"`qpm train --resume --run-dir {run}`")
 
 
 def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all", *, stage: str = "final",
@@ -197,27 +233,32 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
 
         settings, _ = resolve_settings()
     device = device or settings.torch_device()
-    model, info = artifact.load_model(run, stage=stage, device=device)
-    record = artifact.RunFolder(run).record()
-    train_cache, test_cache = open_run_caches(run)
-    class_attrs = image_attrs = None
-    notes: list[str] = []
-    if {"Structural-Grounding", "Alignment"} & set(keys) and record.dataset:
-        class_attrs, image_attrs, notes = dataset_attributes(
-            record.dataset, settings, data_root=record.data_root, dataset_options=record.dataset_options,
-            train_cache=train_cache, n_classes=model.n_classes)
-    if test_cache.masks is None and any(k.startswith("SegOverlap-") or k == "Plausibility" for k in keys):
-        notes.append("the test cache has no object masks: segmentation overlap is not applicable")
-    if "SID@5" in keys and int(((model.head_weight() != 0).sum(dim=1) >= 5).sum()) == 0:
-        notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the reference)")
-    values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
-                            image_attributes=image_attrs, which=keys, seed=record.seed or 0,
-                            device=device, batch_size=batch_size, progress=progress)
-    if save:
-        path = run / artifact.METRICS
-        doc = artifact.read_json(path) if path.is_file() else {}
-        doc[stage] = {**(doc.get(stage) or {}), **values}
-        artifact.atomic_write_json(path, doc)
-    return {"run": str(run), "stage": stage, "metrics": values, "device": device,
-            "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache), "n_test": len(test_cache),
-            "notes": notes}
+    # one writer per run folder: not while a `qpm train` of this run rewrites its model and metrics.json
+    with artifact.run_lock(run, "qpm evaluate") if save else nullcontext():
+        model, info = artifact.load_model(run, stage=stage, device=device)
+        record = artifact.RunFolder(run).record()
+        train_cache, test_cache = open_run_caches(run, info)
+        class_attrs = image_attrs = None
+        notes: list[str] = []
+        if {"Structural-Grounding", "Alignment"} & set(keys) and record.dataset:
+            class_attrs, image_attrs, notes = dataset_attributes(
+                record.dataset, settings, data_root=record.data_root, dataset_options=record.dataset_options,
+                train_cache=train_cache, n_classes=model.n_classes)
+        if test_cache.masks is None and any(k.startswith("SegOverlap-") or k == "Plausibility" for k in keys):
+            notes.append("the test cache has no object masks: segmentation overlap is not applicable")
+        if "SID@5" in keys and int(((model.head_weight() != 0).sum(dim=1) >= 5).sum()) == 0:
+            notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the "
+                         "reference)")
+        values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
+                                image_attributes=image_attrs, which=keys, seed=record.seed or 0,
+                                device=device, batch_size=batch_size, progress=progress)
+        if save:
+            path = run / artifact.METRICS
+            doc = artifact.read_json(path) if path.is_file() else {}
+            if not isinstance(doc, dict):
+                raise ArtifactError(f"{path} is not a qpm metrics file (a JSON object); move it away and rerun")
+            doc[stage] = {**(doc.get(stage) or {}), **values}
+            artifact.atomic_write_json(path, doc)
+        return {"run": str(run), "stage": stage, "metrics": values, "device": device,
+                "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache),
+                "n_test": len(test_cache), "notes": notes}

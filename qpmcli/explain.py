@@ -109,10 +109,11 @@ def resolve_class(query: str | int, class_names: list[str]) -> int:
     if q.lower() in lower:
         return lower.index(q.lower())
     if re.fullmatch(r"-?\d+", q):
-        i = int(q)
-        if 0 <= i < len(class_names):
+        i = int(q) if len(q) <= 18 else None  # thousands of digits: out of range (and beyond int()'s own limit)
+        if i is not None and 0 <= i < len(class_names):
             return i
-        raise ConfigError(f"class index {i} is out of range 0..{len(class_names) - 1}")
+        shown = q if len(q) <= 24 else f"{q[:12]}...({len(q)} digits)"
+        raise ConfigError(f"class index {shown} is out of range 0..{len(class_names) - 1}")
     hits = [i for i, c in enumerate(lower) if q.lower() in c]
     if len(hits) == 1:
         return hits[0]
@@ -722,7 +723,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     - ``html_report``: ``<out>/report.html`` with everything embedded.
     Writes ``<out>/explanations.json`` and returns the same summary.
     """
-    from qpmcli.artifact import atomic_write_json
+    from qpmcli.artifact import atomic_write_json, clean_stale_temps
     from qpmcli.images import list_images, open_image
     from qpmcli.predict import load_classifier
     from qpmcli.prototypes import load_prototypes
@@ -731,7 +732,13 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     if not paths and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     out = Path(out_dir).expanduser().resolve()  # explanations.json lists absolute paths: valid from anywhere
-    out.mkdir(parents=True, exist_ok=True)
+    owned = _owned(out)
+    if owned is None:
+        raise ConfigError(f"--out {out} holds an {EXPLANATIONS_JSON} that qpm did not write; choose another --out")
+    skipped: list[dict[str, str]] = []
+    paths = _not_our_figures(paths, skipped)
+    if not paths and not class_name:
+        raise ConfigError(f"nothing to explain: {len(skipped)} image(s) given are figures that qpm explain wrote")
     clf = load_classifier(model, device=device, weights=weights, settings=settings)
     md = clf.metadata
     w, ids, names = md.weight, md.features, md.class_names
@@ -739,9 +746,33 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     cmp_idx = resolve_class(compare, names) if compare else None
     if cmp_idx is not None and cmp_idx == cls_idx:
         raise ConfigError(f"--compare {names[cmp_idx]!r} is the explained class itself; compare with another class")
-    summary: dict[str, Any] = {"model": str(model), "backbone": md.backbone, "out_dir": str(out),
-                               "class_names": len(names), "images": [], "global": None, "kind": clf.kind,
-                               "provider": clf.provider, "precision": clf.precision}
+    # what will be written, checked before anything is: never over a file of the user's (one qpm did not write)
+    theirs = lambda name: (out / name).exists() and name not in owned  # noqa: E731
+    global_name = f"class_{slug(names[cls_idx])}_prototypes.png" if cls_idx is not None else None
+    for name in [n for n in (global_name, "report.html" if html_report else None) if n]:
+        if theirs(name):
+            raise ConfigError(f"--out {out}: {name} exists and qpm did not write it; choose another --out")
+    stems: dict[Path, str] = {}
+    used: set[str] = set()
+    for p in paths:
+        stem = _unique_stem(p, used)
+        planned = [f"{stem}_explain.png"] + ([f"{stem}_vs_{slug(names[cmp_idx], 32)}.png"] if cmp_idx is not None
+                                              else [])
+        clash = next((n for n in planned if theirs(n)), None)
+        if clash:
+            skipped.append({"image": str(p), "reason": f"its figure would replace {out / clash}, which qpm did not "
+                                                       f"write (choose another --out)"})
+        else:
+            stems[p] = stem
+    paths = [p for p in paths if p in stems]
+    if not paths and not class_name:
+        raise ConfigError(f"nothing to explain: {skipped[0]['image']} was skipped: {skipped[0]['reason']}"
+                          + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps([out])
+    summary: dict[str, Any] = {"format": EXPLANATIONS_FORMAT, "model": str(model), "backbone": md.backbone,
+                               "out_dir": str(out), "class_names": len(names), "images": [], "skipped": skipped,
+                               "global": None, "kind": clf.kind, "provider": clf.provider, "precision": clf.precision}
     if cls_idx is not None:
         if int((w[cls_idx] != 0).sum()) > 10:
             raise ConfigError("--class (global explanation) needs a QPM model with a feature selection; this model's "
@@ -750,10 +781,9 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
             protos = parse_prototypes(md.prototypes)
         else:
             protos = load_prototypes(model)
-        fig = render_global(cls_idx, md, protos, out / f"class_{slug(names[cls_idx])}_prototypes.png")
+        fig = render_global(cls_idx, md, protos, out / global_name)
         summary["global"] = {"class": names[cls_idx], "class_index": cls_idx, "figure": str(fig),
                              "features": [ids[k] for k in class_columns(w, cls_idx, 10)]}
-    used: set[str] = set()
     from qpmcli.progress import progress_bar
 
     with progress_bar(enabled=progress and bool(paths)) as bar:
@@ -774,7 +804,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
             for j, (p, img) in enumerate(zip(good, pil, strict=True)):
                 logits, maps, feats = res["logits"][j], res["maps"][j], res["features"][j]
                 expl = explain_output(logits, maps, feats, md, image=str(p), class_index=cls_idx, top_k=top_k)
-                stem = _unique_stem(p, used)
+                stem = stems[p]
                 expl.figure = str(render_local(img, expl, maps, md, out / f"{stem}_explain.png"))
                 item = expl.to_dict()
                 if cmp_idx is not None and cmp_idx == expl.class_index:  # predicted class == --compare
@@ -801,8 +831,44 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     if html_report:
         summary["html"] = str(render_html(summary, out / "report.html",
                                           title=f"qpm explain \u2014 {Path(str(model)).name}"))
-    atomic_write_json(out / "explanations.json", summary)
+    written = {Path(f).name for f in _figures(summary)}
+    summary["files"] = sorted(n for n in owned | written if n != EXPLANATIONS_JSON and (out / n).is_file())
+    atomic_write_json(out / EXPLANATIONS_JSON, summary)
     return summary
+
+
+EXPLANATIONS_JSON = "explanations.json"  # the summary of qpm explain, which also lists every file it wrote there
+EXPLANATIONS_FORMAT = "qpm-explanations"
+
+
+def _owned(folder: Path) -> set[str] | None:
+    from qpmcli.artifact import owned_names
+
+    return owned_names(folder, EXPLANATIONS_JSON, EXPLANATIONS_FORMAT)
+
+
+def _not_our_figures(paths: list[Path], skipped: list[dict[str, str]]) -> list[Path]:
+    """``paths`` without the files that qpm explain wrote (listed in their folder's explanations.json): a figure of
+    qpm's is never explained again, e.g. by ``qpm explain imgs -o imgs`` run twice."""
+    owned: dict[Path, set[str]] = {}
+    keep = []
+    for p in paths:
+        folder = p.parent.resolve()
+        if folder not in owned:
+            owned[folder] = _owned(folder) or set()
+        if p.name in owned[folder]:
+            skipped.append({"image": str(p), "reason": "a figure that qpm explain wrote"})
+        else:
+            keep.append(p)
+    return keep
+
+
+def _figures(summary: dict[str, Any]) -> list[str]:
+    """Every file an explain summary names (figures, contrastive figures, the global figure, the report)."""
+    out = [i["figure"] for i in summary["images"] if i.get("figure")]
+    out += [i["compare"]["figure"] for i in summary["images"] if (i.get("compare") or {}).get("figure")]
+    out += [f for f in ((summary.get("global") or {}).get("figure"), summary.get("html")) if f]
+    return out
 
 
 __all__ = [

@@ -137,6 +137,14 @@ def export_onnx(
     model, info = load_model(run, "final", device="cpu")
     meta = metadata_from_run(model, info)
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
+    import tempfile
+
+    from qpmcli.artifact import clean_stale_temps
+
+    # what an earlier, killed export left: its staged files and quantization folders (only qpm's own temporary
+    # names, only of processes that are gone)
+    clean_stale_temps([out_path.parent, run])
+    clean_stale_temps([tempfile.gettempdir()], dirs=True)
     prototypes = embedded_prototypes(run, log=say)  # checked (paths inside the run) before the backbone is built
     backbone = load_run_backbone(info, weights=weights, settings=settings, device="cpu")
 

@@ -106,6 +106,18 @@ def too_large(path: object, width: int, height: int) -> ImageError | None:
     return None
 
 
+MIN_TRAIN_SIDE = 8  # pixels: a training image thinner than this (1xN, Nx1) holds no pattern to learn or to show
+
+
+def too_small(path: object, width: int, height: int) -> ImageError | None:
+    """Our error for a training image under :data:`MIN_TRAIN_SIDE` pixels on a side, or ``None``. (Prediction takes
+    any size: the image is resized to the model's input.)"""
+    if min(width, height) < MIN_TRAIN_SIDE:
+        return ImageError(f"image {path} is {width}x{height} pixels; training images need at least {MIN_TRAIN_SIDE} "
+                          f"pixels on each side (remove or replace it)")
+    return None
+
+
 def bomb_message(path: object, exc: Exception) -> str:
     """PIL's decompression-bomb refusal in our words."""
     import re

@@ -297,6 +297,7 @@ def decode_onnx_metadata(props: Mapping[str, str], source: str | os.PathLike[str
         raise ArtifactError(f"{source} has malformed qpm metadata: {exc}") from exc
     if doc.get("format") != ONNX_FORMAT:
         raise ArtifactError(f"{source} has no qpm metadata; export it with `qpm export RUN --onnx`")
+    check_format_version(doc, FORMAT_VERSION, source, default=1)
     validate_onnx_document(doc, source)
     prototypes = None
     if PROTOTYPES_KEY in props:
@@ -345,8 +346,15 @@ def parse_prototypes(raw: Any) -> dict[int, list[dict[str, Any]]]:
     """An embedded document (JSON text or already parsed) as ``{feature_id (int): [entry, ...]}``."""
     try:
         doc = json.loads(raw) if isinstance(raw, str | bytes) else raw
-        return {int(fid): [dict(e) for e in entries] for fid, entries in doc.items()}
-    except (ValueError, TypeError, AttributeError) as exc:
+        out = {}
+        for fid, entries in doc.items():
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise ValueError(f"feature {fid!s:.20}: expected a list of objects")
+            if len(str(fid)) > 18:  # a feature id is a small index; int() of thousands of digits is refused anyway
+                raise ValueError(f"feature id {str(fid)[:20]}... is not an index")
+            out[int(fid)] = [dict(e) for e in entries]
+        return out
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ArtifactError(f"the model's '{PROTOTYPES_KEY}' metadata is malformed: {exc}") from exc
 
 
@@ -494,6 +502,22 @@ def _schemas() -> dict[str, Any]:
     return {"model": ModelDocument, "onnx": OnnxDocument}
 
 
+def check_format_version(doc: Mapping[str, Any], supported: int, source: str | os.PathLike[str], *,
+                         key: str = "format_version", default: int | None = None) -> int:
+    """The document's format version, refused (:class:`ArtifactError`, one line naming both versions) when it is
+    newer than ``supported`` -- a newer qpm wrote it, and reading it as version ``supported`` could silently misread
+    it -- or not a positive integer. ``default``: the version of documents written before the field existed."""
+    from qpmcli.version import qpm_version
+
+    version = doc.get(key, default)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{source}: {key} must be a positive integer, not {version!r}")
+    if version > supported:
+        raise ArtifactError(f"{source} has format version {version}, but this qpm ({qpm_version()}) reads format "
+                            f"version {supported} and older; upgrade qpm (pip install -U qpm) to read it")
+    return version
+
+
 def validate_model_document(doc: Any, source: str | os.PathLike[str]) -> dict[str, Any]:
     """Check a run's ``model.json``/``dense.json`` once, at load: types, shapes and cross-field agreement (class
     names vs classes, grid, image size, selected features). Returns ``doc``; every problem found is listed in one
@@ -503,6 +527,9 @@ def validate_model_document(doc: Any, source: str | os.PathLike[str]) -> dict[st
     if not isinstance(doc, dict):
         raise ArtifactError(f"{source} must hold a JSON object (a qpm model description), not a JSON "
                             f"{type(doc).__name__}")
+    from qpmcli.artifact import FORMAT_VERSION as MODEL_FORMAT_VERSION
+
+    check_format_version(doc, MODEL_FORMAT_VERSION, source)  # before the schema: a newer file may differ anywhere
     try:
         _schemas()["model"].model_validate(doc)
     except ValidationError as exc:

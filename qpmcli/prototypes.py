@@ -28,6 +28,7 @@ from qpmcli.modelfile import (
     PROTOTYPES_FORMAT_VERSION,
     PROTOTYPES_JSON,
     PROTOTYPES_KEY,
+    check_format_version,
     confined,
     embed_prototypes,
     parse_prototypes,
@@ -48,7 +49,8 @@ def crop_box(r: int, c: int, grid: tuple[int, int], size: tuple[int, int], conte
     cx, cy = (c + 0.5) / gw * width, (r + 0.5) / gh * height
     x0 = min(max(cx - side_x / 2, 0.0), width - side_x)
     y0 = min(max(cy - side_y / 2, 0.0), height - side_y)
-    return (round(x0), round(y0), round(x0 + side_x), round(y0 + side_y))
+    left, top = min(round(x0), width - 1), min(round(y0), height - 1)
+    return (left, top, max(round(x0 + side_x), left + 1), max(round(y0 + side_y), top + 1))  # never an empty box
 
 
 def build_prototypes(model: Any, train_cache: Any, dataset: Any, run_dir: str | os.PathLike[str],
@@ -181,6 +183,9 @@ def read_prototypes_folder(folder: str | os.PathLike[str]) -> dict[int, list[dic
         raise ArtifactError(f"{doc_path} is missing: the run has no prototypes; build them with "
                             f"qpmcli.prototypes.build_prototypes(model, train_cache, dataset, '{Path(folder).parent}')")
     doc = read_json(doc_path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("features", {}), dict):
+        raise ArtifactError(f"{doc_path} is not a qpm prototypes document; rebuild the prototypes")
+    check_format_version(doc, PROTOTYPES_FORMAT_VERSION, doc_path, default=1)
     out: dict[int, list[dict[str, Any]]] = {}
     for fid, entries in doc.get("features", {}).items():
         items = []

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpmcli.artifact import temp_dir_prefix
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -308,7 +309,7 @@ def quantize_static_int8(src: Path, dst: Path, calibration: np.ndarray) -> dict[
     if not nodes:
         raise ArtifactError("the graph has no weight-bearing MatMul/Gemm/Conv nodes to quantize")
     reader = _as_calibration_reader(ImageCalibrationReader(calibration, model.graph.input[0].name))
-    with tempfile.TemporaryDirectory(prefix="qpm-calib-") as tmp:  # ORT writes its augmented model here
+    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("calib")) as tmp:  # ORT writes its augmented model here
         cwd = os.getcwd()
         try:
             os.chdir(tmp)
@@ -475,7 +476,7 @@ def build_int8(
     report: dict[str, Any] = {"file": str(dst), "source": str(src), "min_agreement": min_agreement,
                               "verify_set": verify_source}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qpm-int8-") as tmp_dir:
+    with tempfile.TemporaryDirectory(prefix=temp_dir_prefix("int8")) as tmp_dir:
         tmp = Path(tmp_dir)
         staged = tmp / "optimized.onnx"
         heads = _attention_heads(meta)

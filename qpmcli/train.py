@@ -17,6 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -304,7 +305,7 @@ def extract(ctx: TrainContext) -> None:
     """Build (resumably) or open the train/test token caches; write ``config.json``; hold the tokens for training.
 
     Collective under ``torchrun``: every rank extracts a disjoint share of each cache."""
-    from qpmcli.cache import ensure_cache
+    from qpmcli.cache import cache_digest, ensure_cache
 
     req, dist = ctx.req, ctx.dist
     if ctx.backbone is None:
@@ -346,6 +347,7 @@ def extract(ctx: TrainContext) -> None:
         artifact.atomic_write_json(ctx.run / artifact.CONFIG, {
             "request": req.to_dict(), "settings": ctx.settings.model_dump(mode="json"), "device": ctx.device,
             "world_size": dist.world, "caches": {"train": str(train_cache.path), "test": str(test_cache.path)},
+            "cache_keys": {split: cache_digest(c.manifest.get("key_fields") or {}) for split, c in ctx.caches.items()},
             "versions": artifact.library_versions()})
     dist.barrier()
     ctx.run_log = _RunLog(ctx.run)
@@ -550,13 +552,19 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         check_out_dir(run_dir, "--run-dir")
     dist = init_distributed()
     run = Path(run_dir) if run_dir is not None else default_run_dir(settings, req)
-    _check_run_dir(run, req, resume)
-    ctx = TrainContext(req=req, settings=settings, run=run, dist=dist, device=local_device(settings.torch_device()),
-                       resume=resume, progress=progress, say=log or (lambda _msg: None), backbone=backbone_obj)
-    if resume and ctx.metrics_path.is_file():
-        ctx.metrics = artifact.read_json(ctx.metrics_path)
-    for stage in stages(req):
-        stage(ctx)
+    # one writer per run folder: a second `qpm train` (or --resume) of it stops here, naming the first
+    lock = artifact.run_lock(run, "qpm train" + (" --resume" if resume else "")) if dist.is_main else nullcontext()
+    with lock:
+        _check_run_dir(run, req, resume)
+        if dist.is_main:  # what a killed training left (qpm's own temporary names of processes that are gone)
+            artifact.clean_stale_temps([run, run / artifact.CHECKPOINTS])
+        ctx = TrainContext(req=req, settings=settings, run=run, dist=dist,
+                           device=local_device(settings.torch_device()), resume=resume, progress=progress,
+                           say=log or (lambda _msg: None), backbone=backbone_obj)
+        if resume and ctx.metrics_path.is_file():
+            ctx.metrics = artifact.read_json(ctx.metrics_path)
+        for stage in stages(req):
+            stage(ctx)
     ctx.summary.update(metrics=ctx.metrics, timings=ctx.timings)
     return ctx.summary
 

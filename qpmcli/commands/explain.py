@@ -45,6 +45,9 @@ def explain(
     summary = run_explain(images or [], str(target.path), out_dir=out, compare=compare, class_name=class_name,
                           html_report=html, device=device, top_k=top_k, progress=not quiet and not json_out,
                           weights=weights, settings=settings)
+    if not quiet:
+        for item in summary.get("skipped", []):
+            say(f"skipped {item['image']}: {item['reason']}")
     if json_out:
         print_json(summary)
         return

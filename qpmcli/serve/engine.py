@@ -302,7 +302,7 @@ class ServedModel:
         self.uses = self.weight != 0
         self.sparse = bool(self.uses.sum(axis=1).max(initial=0) <= 10) if self.weight.size else False
         self.column_of = {fid: k for k, fid in enumerate(self.feature_ids)}
-        self.prototypes = _prototypes(m.prototypes)
+        self.prototypes = _prototypes(m.prototypes, path)
         extra = dict(m.extra or {})
         self.metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
         self.selection = extra.get("selection_result") or _run_selection(path)
@@ -485,18 +485,32 @@ def _per_class(uses: Any) -> int | None:
     return counts.pop() if len(counts) == 1 else None
 
 
-def _prototypes(doc: Any) -> dict[int, list[dict[str, Any]]]:
-    """The metadata's prototypes document as ``{feature_id: [entries]}``; a malformed one serves no prototypes (the
-    pages say so) rather than stopping predictions."""
-    from qpmcli.errors import QpmError
+def _prototypes(doc: Any, source: Path) -> dict[int, list[dict[str, Any]]]:
+    """The metadata's prototypes document as ``{feature_id: [entries]}``, checked once at load: every entry a JSON
+    object whose ``activation`` is a finite number, ``class`` a name or index and ``png_b64`` text (what the pages
+    and the API read from it). A tampered document is an :class:`ArtifactError` (the server refuses to start, one
+    line) instead of a 500 on every request that shows a prototype."""
+    import math
+
     from qpmcli.modelfile import parse_prototypes
 
     if not doc:
         return {}
     try:
-        return parse_prototypes(doc)
-    except QpmError:
-        return {}
+        protos = parse_prototypes(doc)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{source}: {exc}; re-export the run") from None
+    for fid, entries in protos.items():
+        for rank, e in enumerate(entries):
+            act, cls, png = e.get("activation", 0.0), e.get("class", ""), e.get("png_b64")
+            problem = ("activation is not a finite number" if isinstance(act, bool) or not isinstance(act, int | float)
+                       or not math.isfinite(act) else
+                       "class is not a name" if not isinstance(cls, str | int) or isinstance(cls, bool) else
+                       "png_b64 is not text" if png is not None and not isinstance(png, str) else None)
+            if problem:
+                raise ArtifactError(f"{source}: prototype {rank} of feature {fid} in the qpm_prototypes metadata is "
+                                    f"malformed ({problem}); re-export the run")
+    return protos
 
 
 def _run_selection(path: Path) -> dict[str, Any] | None:
