@@ -51,6 +51,39 @@ def check_out_file(path: str | os.PathLike[str] | None, flag: str) -> Path | Non
     return p
 
 
+def check_not_run_file(path: str | os.PathLike[str] | None, flag: str, *, allow: Iterable[str] = ()) -> None:
+    """An output file must not be one of a run's own files (``model.json``, ``config.json``, ...; the list is
+    :data:`qpmcli.artifact.RUN_FILES`) inside a run folder: writing there would silently replace the run's model,
+    settings or metrics. ``allow``: run-file names the caller replaces on purpose (behind its own flag)."""
+    if path is None:
+        return
+    from qpmcli.artifact import CONFIG, is_run_file
+
+    p = Path(path).expanduser()
+    if p.name in set(allow) or not is_run_file(p.name):
+        return
+    if (p.parent / CONFIG).is_file() or p.name == CONFIG:
+        raise ConfigError(f"{flag} {p} is one of the run's own files; qpm never replaces it from here: choose "
+                          f"another file name")
+
+
+MAX_WORKERS = 1024  # solver threads: CP-SAT starts one per worker
+MAX_SOLVER_SEED = 2**31 - 1  # CP-SAT's random_seed is a 32-bit integer
+
+
+def check_workers(value: int, flag: str = "--workers") -> int:
+    if not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{flag} must be between 1 and {MAX_WORKERS} (solver threads), got {value}")
+    return value
+
+
+def check_solver_seed(value: int, flag: str = "--seed") -> int:
+    if not 0 <= value <= MAX_SOLVER_SEED:
+        raise ConfigError(f"{flag} must be between 0 and {MAX_SOLVER_SEED} for the selector (CP-SAT's seed range), "
+                          f"got {value}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- selector & metrics
 def check_time_limit(value: float, flag: str = "--time-limit") -> float:
     if not math.isfinite(value) or value <= 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qpmcli.artifact import MODEL_JSON, ONNX_MODEL
-from qpmcli.errors import ArtifactError
+from qpmcli.errors import ArtifactError, ConfigError
 
 POINTER = "current-run.json"
 FORMAT = "qpm-current-run"
@@ -70,6 +70,38 @@ def record_export(settings: Any, run: str | os.PathLike[str], onnx: str | os.Pat
         return False
     set_current(settings, doc["run"], onnx=onnx, by=doc.get("set_by") or "")
     return True
+
+
+def check_recordable(settings: Any) -> None:
+    """Before a long job that will record its run: the pointer's folder must be creatable and writable (record
+    keeping that can fail goes first, not after hours of training). :class:`ConfigError` names the way out."""
+    from qpmcli.checks import check_out_file
+
+    path = pointer_path(settings)
+    try:
+        check_out_file(path, "state_dir (the current-run pointer)")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; set state_dir (QPM_STATE_DIR) to a writable folder or pass --no-current") from None
+
+
+def try_set_current(settings: Any, run: str | os.PathLike[str], **kwargs: Any) -> str | None:
+    """:func:`set_current` after a job succeeded: a failure is returned as a warning line (the job's results stand),
+    ``None`` when the run was recorded."""
+    try:
+        set_current(settings, run, **kwargs)
+    except (ArtifactError, OSError) as exc:
+        return f"warning: {run} was not recorded as the current run ({exc}); pass it explicitly (--model)"
+    return None
+
+
+def try_record_export(settings: Any, run: str | os.PathLike[str], onnx: str | os.PathLike[str]
+                      ) -> tuple[bool, str | None]:
+    """:func:`record_export` after an export succeeded: ``(recorded, warning or None)``; a damaged pointer or an
+    unwritable state folder never turns a finished export into a failure."""
+    try:
+        return record_export(settings, run, onnx), None
+    except (ArtifactError, OSError) as exc:
+        return False, f"warning: the export is written, but the current-run pointer was not updated ({exc})"
 
 
 def current_run(settings: Any) -> Path | None:

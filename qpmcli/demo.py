@@ -61,18 +61,50 @@ def results_rows(metrics_qpm: dict[str, Any], metrics_probe: dict[str, Any]) -> 
     return rows
 
 
+DEMO_JSON = "demo.json"  # the demo's summary; written first (status "started"), so a rerun knows the folder
+DEMO_FORMAT = "qpm-demo"
+
+
+def is_demo_folder(folder: str | os.PathLike[str]) -> bool:
+    """Whether ``folder`` holds a demo's ``demo.json`` (one started or finished by ``qpm demo``)."""
+    from qpmcli.artifact import read_json
+    from qpmcli.errors import ArtifactError
+
+    path = Path(folder) / DEMO_JSON
+    if not path.is_file():
+        return False
+    try:
+        doc = read_json(path)
+    except ArtifactError:
+        return False
+    return isinstance(doc, dict) and (doc.get("format") == DEMO_FORMAT or {"out_dir", "runs"} <= set(doc))
+
+
+def check_demo_folder(out_dir: str | os.PathLike[str], force: bool = False) -> None:
+    """``--out`` must be new, empty or a demo's folder: the demo writes example.png, model.onnx, runs/, ... there
+    and never among the user's own files (unless ``force``)."""
+    from qpmcli.artifact import check_output_folder
+
+    out = Path(out_dir).expanduser()
+    check_output_folder(out, "--out", owned=is_demo_folder(out), force=force)
+
+
 def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = False, device: str | None = None,
              time_limit: float = 20.0, progress: bool = True, log: Callable[[str], None] | None = None,
-             ) -> dict[str, Any]:
-    """Run the demo into ``out_dir``; returns a JSON-able summary (paths, metrics table, timings)."""
+             force: bool = False) -> dict[str, Any]:
+    """Run the demo into ``out_dir`` (new, empty, or a demo's folder unless ``force``); returns a JSON-able summary
+    (paths, metrics table, timings)."""
     from qpmcli.artifact import atomic_write_json
     from qpmcli.backbone import load_backbone
     from qpmcli.settings import resolve_settings
     from qpmcli.train import train_run
 
     say = log or (lambda _m: None)
+    check_demo_folder(out_dir, force)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not is_demo_folder(out):
+        atomic_write_json(out / DEMO_JSON, {"format": DEMO_FORMAT, "status": "started", "out_dir": str(out)})
     settings, _ = resolve_settings(cache_dir=str(out / "cache"), runs_dir=str(out / "runs"), device=device or "cpu")
     timings: dict[str, float] = {}
     reqs = demo_requests(quick=quick, seed=0, time_limit=time_limit)
@@ -113,13 +145,14 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
     timings["explain"] = time.perf_counter() - t0
 
     summary = {
+        "format": DEMO_FORMAT, "status": "finished",
         "out_dir": str(out), "runs": {"qpm": str(qpm_run), "linear_probe": str(probe_run)},
         "onnx": str(onnx_path), "export": export, "explanations": explanation,
         "table": results_rows(qpm.get("metrics", {}), probe.get("metrics", {})),
         "selection": qpm.get("selection"), "timings": timings,
         "serve": f"qpm serve {shlex.quote(str(onnx_path))}",  # the model explorer in the browser
     }
-    atomic_write_json(out / "demo.json", summary)
+    atomic_write_json(out / DEMO_JSON, summary)
     return summary
 
 

@@ -386,13 +386,20 @@ class SelectRequest:
     def checked(self, n_classes: int | None = None, n_total: int | None = None) -> SelectRequest:
         """Every check that needs no solving (one line, exit 2 each): the selector's name, the sizes (against the
         problem's class and feature counts when given), the time limit, workers, bound and threshold rule."""
-        from qpmcli.checks import check_choice, check_positive, check_selection_sizes, check_time_limit
+        from qpmcli.checks import (
+            check_choice,
+            check_selection_sizes,
+            check_solver_seed,
+            check_time_limit,
+            check_workers,
+        )
         from qpmcli.registry import get_registry
 
         get_registry().get("selector", self.selector)
         check_selection_sizes(self.n_features, self.per_class, n_classes, n_total)
         check_time_limit(self.time_limit)
-        check_positive(self.workers, "--workers")
+        check_workers(self.workers)
+        check_solver_seed(self.seed)
         if self.bound is not None:
             check_choice(self.bound, BOUNDS, "--bound")
         check_choice(self.threshold_rule, THRESHOLD_RULES, "--threshold-rule")

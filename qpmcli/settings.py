@@ -88,6 +88,13 @@ class QpmSettings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        if not 0 <= value < 2**63:  # torch's generators take 64-bit seeds; a negative one has no meaning
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, not {value}")
+        return value
+
     @field_validator("num_workers")
     @classmethod
     def _workers(cls, value: int) -> int:

@@ -110,7 +110,13 @@ class TrainRequest:
         sizes, the phases' schedules, the time limit, metric names and, given ``settings``, C <= binomial(K, k) with
         the class count read from the dataset's lists (a dataset that cannot be opened yet is reported by the run
         itself, after the weights check). Returns the request."""
-        from qpmcli.checks import check_choice, check_positive, check_selection_sizes, check_time_limit
+        from qpmcli.checks import (
+            check_choice,
+            check_positive,
+            check_selection_sizes,
+            check_time_limit,
+            check_workers,
+        )
         from qpmcli.metrics import checked_metric_names
         from qpmcli.model import ACTIVATIONS, MAX_FEATURES, POOLINGS
         from qpmcli.registry import get_registry
@@ -131,7 +137,7 @@ class TrainRequest:
             check_selection_sizes(self.n_selected, self.per_class,
                                   n_total=self.n_features if self.n_layers > 0 else None)
         check_time_limit(self.time_limit)
-        check_positive(self.workers, "--workers")
+        check_workers(self.workers)
         for name, ph in (("dense", self.dense), ("finetune", self.finetune)):
             check_positive(ph.epochs, f"--{name}-epochs")
             check_positive(ph.batch_size, "--batch-size")
@@ -540,10 +546,10 @@ def stages(req: TrainRequest) -> list[Stage]:
 # -------------------------------------------------------------------------------------------------- the pipeline
 def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[str] | None = None,
               resume: bool = False, progress: bool = True, backbone_obj: Any = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, force: bool = False) -> dict[str, Any]:
     """``qpm train``: the :func:`stages` for ``req`` in one run directory. Finished stages are skipped with
-    ``resume``; an interrupted phase continues from its checkpoint. Returns a JSON-able summary (paths, metrics,
-    selection facts, timings).
+    ``resume``; an interrupted phase continues from its checkpoint. A folder that holds other files than a run's is
+    refused unless ``force``. Returns a JSON-able summary (paths, metrics, selection facts, timings).
     """
     req.checked(settings)
     if run_dir is not None:
@@ -552,6 +558,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
         check_out_dir(run_dir, "--run-dir")
     dist = init_distributed()
     run = Path(run_dir) if run_dir is not None else default_run_dir(settings, req)
+    artifact.check_output_folder(run, "--run-dir", owned=(run / artifact.CONFIG).is_file(), force=force)
     # one writer per run folder: a second `qpm train` (or --resume) of it stops here, naming the first
     lock = artifact.run_lock(run, "qpm train" + (" --resume" if resume else "")) if dist.is_main else nullcontext()
     with lock:

@@ -15,6 +15,7 @@ def demo(
     time_limit: float = typer.Option(20.0, "--time-limit", help="CP-SAT selection time limit in seconds."),
     current: bool = typer.Option(True, "--current/--no-current",
                                  help="Make the demo's QPM run the current run (for export/explain/predict)."),
+    force: bool = typer.Option(False, "--force", help="Write the demo into a folder that holds other files."),
     device: str = Device,
     quiet: bool = Quiet,
     json_out: bool = JsonFlag,
@@ -27,18 +28,23 @@ def demo(
     checks.check_time_limit(time_limit)
     checks.check_out_dir(out, "--out")
     settings = settings_from_flags(device=device, device_check="torch")
-    from qpmcli.demo import TABLE_COLUMNS, run_demo
+    from qpmcli.current import check_recordable, try_set_current
+    from qpmcli.demo import TABLE_COLUMNS, check_demo_folder, run_demo
 
+    check_demo_folder(out, force)  # never among the user's files
+    if current:
+        check_recordable(settings)  # record keeping that can fail goes first
     out_console = console(stderr=json_out)
     start = time.perf_counter()
     summary = run_demo(out, quick=quick, device=settings.device, time_limit=time_limit,
-                       progress=not (quiet or json_out),
+                       progress=not (quiet or json_out), force=force,
                        log=(lambda m: None) if quiet else (lambda m: out_console.print(m)))
     if current:
-        from qpmcli.current import set_current
-
-        set_current(settings, summary["runs"]["qpm"], onnx=summary["onnx"], by="demo")
-        summary["current"] = summary["runs"]["qpm"]
+        warning = try_set_current(settings, summary["runs"]["qpm"], onnx=summary["onnx"], by="demo")
+        if warning:
+            out_console.print(warning, markup=False, highlight=False)
+        else:
+            summary["current"] = summary["runs"]["qpm"]
     summary["seconds"] = time.perf_counter() - start
     if json_out:
         print_json(summary)
@@ -67,7 +73,7 @@ def demo(
     out_console.print(f"explanation figures: {', '.join(str(f) for f in figures if f)}")
     out_console.print(f"runs: {summary['runs']['qpm']} and {summary['runs']['linear_probe']}")
     out_console.print(f"finished in {summary['seconds']:.0f} s; everything is under {summary['out_dir']}")
-    if current:
+    if summary.get("current"):
         out_console.print(f"current run: {summary['runs']['qpm']}; next: qpm export --onnx, qpm explain IMAGE, "
                           f"qpm predict IMAGE")
     if summary.get("serve"):

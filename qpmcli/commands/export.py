@@ -39,7 +39,7 @@ def export(
 ) -> None:
     """Export a trained run as ONNX: image -> logits, feature maps [B,K,h,w], features [B,K], with metadata."""
     from qpmcli.commands._common import say, settings_from_flags
-    from qpmcli.current import record_export, resolve_model
+    from qpmcli.current import resolve_model, try_record_export
     from qpmcli.errors import ConfigError
 
     if not onnx:
@@ -59,8 +59,10 @@ def export(
                          device=req.device, int8=req.int8,
                          log=None if (json_out or quiet) else (lambda m: err.print(m)))
     full = report.get("files", {}).get("full")
-    if full:
-        report["current"] = record_export(settings, target.path, full)
+    if full:  # record keeping after the export: a damaged pointer is a warning, never a failed export
+        report["current"], warning = try_record_export(settings, target.path, full)
+        if warning:
+            say(warning)
     if json_out:
         print_json(report)
         return

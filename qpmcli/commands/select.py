@@ -65,6 +65,8 @@ def select_cmd(
     if replacing and not force:
         raise SelectionError(f"{own} is the run's own selection (its finetuned model was trained on it); pass --force "
                              f"to replace it, or choose another --out")
+    is_own = own is not None and out.resolve() == own.resolve()
+    checks.check_not_run_file(out, "--out", allow=(SELECTION,) if is_own else ())  # model.json, config.json, ...
     from qpmcli.selection import load_problem_npz, problem_from_run, save_selection, select, selection_summary
 
     prob = (problem_from_run(run, threshold_rule=req.threshold_rule) if run is not None

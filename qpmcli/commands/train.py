@@ -49,6 +49,7 @@ def train(
                                 autocompletion=opts.complete_metrics),
     current: bool = typer.Option(True, "--current/--no-current",
                                  help="Record the run as the current run (used by export/explain/predict)."),
+    force: bool = typer.Option(False, "--force", help="Write the run into a folder that holds other files."),
     device: str = Device,
     quiet: bool = Quiet,
     json_out: bool = JsonFlag,
@@ -71,23 +72,27 @@ def train(
         n_selected=features, per_class=per_class, time_limit=time_limit, n_layers=layers, hidden_size=hidden_size,
         n_features=dense_features, pooling=pooling, seed=settings.seed, metrics=metrics,
     ).checked(settings)  # every check before any work
-    err = console(stderr=True)
-    summary = train_run(req, settings, run_dir=run_dir, resume=resume, progress=not quiet and not json_out,
-                        log=None if (json_out or quiet) else (lambda m: err.print(m)))
+    from qpmcli.current import check_recordable, try_set_current
     from qpmcli.distributed import dist_info
 
+    if current and dist_info().is_main:
+        check_recordable(settings)  # record keeping that can fail goes first
+    err = console(stderr=True)
+    summary = train_run(req, settings, run_dir=run_dir, resume=resume, force=force,
+                        progress=not quiet and not json_out,
+                        log=None if (json_out or quiet) else (lambda m: err.print(m)))
     if not dist_info().is_main:
         return
     if current:
-        from qpmcli.current import set_current
-
-        set_current(settings, summary["run_dir"], by="train")
-        summary["current"] = True
+        warning = try_set_current(settings, summary["run_dir"], by="train")
+        summary["current"] = warning is None
+        if warning:
+            say(warning)
     if json_out:
         print_json(summary)
     else:
         _print_summary(summary)
-    if current:
+    if summary.get("current"):
         say(f"current run: {summary['run_dir']} (next: qpm export --onnx, qpm explain IMAGE)")
 
 
