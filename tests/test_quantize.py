@@ -231,6 +231,29 @@ def test_calibrate_builds_static_qdq_and_says_which_it_kept(tmp_path):
     assert doc["method"] == q["method"] and doc["calibration"] == cal["decision"]
 
 
+def test_int8_verify_images_and_calibrate_folders_through_the_cli(tmp_path):
+    """`--verify-images DIR` and `--calibrate DIR` (both crashed with an ImportError of a removed helper): the int8
+    model is compared with fp32 on the folder's images and calibrated on the other folder's."""
+    from PIL import Image
+
+    run = make_run(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    for folder, n in (("check", 6), ("calib", 5)):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / folder / "sub" /
+                                                                                     f"{i}.png")
+    (tmp_path / "check" / "notes.txt").write_text("not an image: left out of the folder's images\n")
+    res = run_qpm(["export", str(run), "--onnx", "--no-adapter", "--int8", "--verify-images", str(tmp_path / "check"),
+                   "--calibrate", str(tmp_path / "calib"), "--calibrate-n", "4", "--min-agreement", "0", "--json",
+                   "-q"], env=cli_env(tmp_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    q = json.loads(res.stdout)["int8"]
+    assert q["verify_set"] == "6 images from --verify-images" and q["verify"]["n"] == 6
+    assert q["calibration"]["set"] == "4 images from --calibrate"
+    assert (run / "model.int8.onnx").is_file()
+
+
 def test_quantize_module_imports_no_torch():
     import subprocess
 

@@ -240,6 +240,42 @@ def test_explain_api(client, served_model):
                        data={"heatmaps": "none"}).json().get("heatmaps") is None
 
 
+def test_ids_of_thousands_of_digits_are_4xx_not_500(client, served_model):
+    """A 5,000-digit class or feature id (beyond int()'s own digit limit) is an unknown id: 4xx, never a 500."""
+    huge = "9" * 5000
+    data = served_model["images"][0].read_bytes()
+    for field in ("class", "compare"):
+        r = client.post("/api/explain", files={"file": ("x.png", data, "image/png")}, data={field: huge})
+        assert r.status_code == 422 and "out of range" in r.json()["detail"], (field, r.status_code, r.text[:300])
+    for url in (f"/api/classes/{huge}", f"/api/features/{huge}", f"/api/prototypes/{huge}/0.png",
+                f"/api/prototypes/2/{huge}.png", f"/class/{huge}", f"/feature/{huge}"):
+        r = client.get(url)
+        assert 400 <= r.status_code < 500, (url, r.status_code)
+    assert client.get("/api/health").json()["status"] == "ok"
+
+
+def test_tampered_prototype_metadata_is_refused_at_load(served_model, tmp_path):
+    """Prototype entries whose activation is not a number made every /api/explain a 500: the server now refuses the
+    model at start, with one line naming the entry."""
+    import onnx
+
+    proto = onnx.load(str(served_model["onnx"]))
+    for entry in proto.metadata_props:
+        if entry.key == "qpm_prototypes":
+            doc = json.loads(entry.value)
+            first = next(iter(doc))
+            doc[first][0]["activation"] = "very high"
+            entry.value = json.dumps(doc)
+    onnx.save(proto, str(tmp_path / "tampered.onnx"))
+    proc = subprocess.run([sys.executable, "-m", "qpmcli.cli", "serve", str(tmp_path / "tampered.onnx"), "--port",
+                           "0", "--device", "cpu"], capture_output=True, text=True, timeout=120,
+                          env=server_env(tmp_path))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"prototype 0 of feature {first} in the qpm_prototypes metadata is malformed (activation is not a finite " \
+           f"number)" in lines[0]
+
+
 def _truncated_png(path: Path) -> bytes:
     data = path.read_bytes()
     return data[: len(data) // 2]
