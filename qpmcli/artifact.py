@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ArtifactError, ConfigError, QpmError
+from qpmcli.modelfile import MODEL_FORMAT_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -47,7 +48,7 @@ LOG_CSV = "log.csv"
 DENSE_FEATURES = "dense_features.npz"
 CHECKPOINTS = "checkpoints"
 PROTOTYPES = "prototypes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = MODEL_FORMAT_VERSION  # of model.json / dense.json (the reader refuses newer ones)
 
 STAGE_FILES = {"dense": (DENSE, DENSE_JSON), "final": (MODEL, MODEL_JSON)}
 ONNX_MODEL = "model.onnx"  # qpm export's default output inside the run

@@ -48,6 +48,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------- constants
 ONNX_FORMAT = "qpm-onnx"  # value of the ``qpm.format`` metadata entry of every exported graph
 FORMAT_VERSION = 1  # value of ``qpm.format_version``; bump when a reader of version N could misread a new file
+MODEL_FORMAT_VERSION = 1  # ``format_version`` of a run's model.json/dense.json (artifact.save_model writes it)
 META_PREFIX = "qpm."  # metadata_props keys: "qpm.<field>" -> JSON text (fields of ClassifierMetadata.to_json())
 PROTOTYPES_KEY = "qpm_prototypes"  # metadata_props key of the embedded prototypes document (JSON text)
 SIGMA_MIN = 1e-6  # METHOD.md §3.3 / B4: the sparse head's sigma clamp, max(sigma, SIGMA_MIN)
@@ -527,8 +528,6 @@ def validate_model_document(doc: Any, source: str | os.PathLike[str]) -> dict[st
     if not isinstance(doc, dict):
         raise ArtifactError(f"{source} must hold a JSON object (a qpm model description), not a JSON "
                             f"{type(doc).__name__}")
-    from qpmcli.artifact import FORMAT_VERSION as MODEL_FORMAT_VERSION
-
     check_format_version(doc, MODEL_FORMAT_VERSION, source)  # before the schema: a newer file may differ anywhere
     try:
         _schemas()["model"].model_validate(doc)

@@ -181,6 +181,7 @@ def test_shapes_rejects_bad_options():
 # ------------------------------------------------------------------------------------------------ the front door
 def test_load_dataset_validates_name_split_and_root(tmp_path, monkeypatch):
     monkeypatch.delenv("QPM_DATA_ROOT", raising=False)
+    (tmp_path / "none.toml").write_text("")  # an empty config file: no user or local settings
     monkeypatch.setenv("QPM_CONFIG", str(tmp_path / "none.toml"))
     with pytest.raises(PluginError, match="unknown dataset 'cub2011'.*cub200"):
         load_dataset("cub2011")
@@ -200,6 +201,7 @@ def test_data_root_setting_is_the_default_root(tmp_path, monkeypatch):
 
             Image.new("RGB", (8, 8), (k * 40, 0, 0)).save(tmp_path / "imgs" / name / f"{k}.png")
     monkeypatch.setenv("QPM_DATA_ROOT", str(tmp_path / "imgs"))
+    (tmp_path / "none.toml").write_text("")
     monkeypatch.setenv("QPM_CONFIG", str(tmp_path / "none.toml"))
     ds = load_dataset("imagefolder", split="train")
     assert ds.classes == ["a", "b"] and len(ds) == 4  # 1 of 3 per class held out
