@@ -304,9 +304,10 @@ def _umask() -> int:
 
 # ------------------------------------------------------------------------------- leftovers of killed processes
 # qpm's own temporary names, each carrying the pid of the process that writes it: atomic_path's
-# ``.<name>.<pid>.<random>.tmp``, staged_files' ``.<name>.<pid>.staged``, and the folders ``qpm-<what>-<pid>-<random>``
+# ``.<name>.<pid>.<random>.tmp`` (and an exporter's ``.tmp.data`` beside it), staged_files' ``.<name>.<pid>.staged``,
+# and the folders ``qpm-<what>-<pid>-<random>``
 # that quantize makes in the system's temporary folder.
-TEMP_FILE_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[A-Za-z0-9_]{8}\.tmp|staged)")
+TEMP_FILE_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[A-Za-z0-9_]{8}\.tmp(?:\.data)?|staged)")
 TEMP_DIR_RE = re.compile(r"qpm-[a-z0-9]+-(?P<pid>\d+)-[A-Za-z0-9_]+")
 
 
@@ -624,7 +625,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for line in p.read_text(encoding="utf-8").splitlines():
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn or damaged line
             continue
     return out
 

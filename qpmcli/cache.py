@@ -77,7 +77,7 @@ class TokenCache:
             raise CacheError(f"{path} is not a finished token cache (no manifest.json); rerun qpm extract")
         try:
             manifest = json.loads(mf.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise CacheError(f"token cache {path} has an unreadable manifest.json ({exc}); delete it and rerun "
                              f"qpm extract") from exc
         if not isinstance(manifest, dict):
@@ -425,7 +425,7 @@ def _chunk_done(done_dir: Path, c: int, rows: tuple[int, int]) -> bool:
     try:
         rec = json.loads(f.read_text())
         ok = (rec.get("chunk"), rec.get("start"), rec.get("stop")) == (c, rows[0], rows[1]) and "tokens" in rec
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         ok = False
     if not ok:
         f.unlink(missing_ok=True)
@@ -442,7 +442,7 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
         try:
             old = json.loads(marker.read_text())
             started = int(old.pop("chunk"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
             old, started = None, 0
         if old != _jsonable(intent) or started < 1:
             raise CacheError(f"unfinished cache {partial} was started with other settings; delete it and rerun")

@@ -51,6 +51,16 @@ TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}  # fp32: max abs logit diff; fp16: rela
 FP16_PROBABILITY = 1e-2  # fp16: max |softmax difference|
 OUTPUT_NAMES = ["logits", "maps", "features"]
 DEFAULT_OPSET = 17
+MIN_OPSET = 7
+
+
+def max_opset() -> int:
+    """The newest opset torch's ONNX exporter writes (a higher --opset used to crash inside the exporter)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # pragma: no cover - torch moved it: the TorchScript exporter's own limit
+        return 20
+    return int(ONNX_MAX_OPSET)
 N_CHECK = 16
 
 
@@ -79,7 +89,8 @@ class ExportRequest:
         check_out_file(self.out, "--out")
         if self.out is not None and Path(self.out).suffix.lower() != ".onnx":
             raise ConfigError(f"--out {self.out}: the file name must end in .onnx")
-        check_positive(self.opset, "--opset", 7)
+        if not MIN_OPSET <= self.opset <= max_opset():
+            raise ConfigError(f"--opset {self.opset}: the ONNX exporter writes opsets {MIN_OPSET} to {max_opset()}")
         check_positive(self.n_check, "the number of check images")
         check_device(self.device, tensorrt=True)
         if self.int8 is not None:
@@ -271,24 +282,28 @@ def _export(module: Any, example: Any, input_name: str, path: Path, meta: Classi
     dyn = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
-            try:
-                torch.onnx.export(module, (example,), str(tmp), dynamo=False, input_names=[input_name],
-                                  output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=opset,
-                                  do_constant_folding=True)
-            except Exception as legacy_exc:  # the TorchScript exporter cannot trace it: try the dynamo exporter
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
                 try:
-                    torch.onnx.export(module, (example,), str(tmp), dynamo=True, input_names=[input_name],
-                                      output_names=OUTPUT_NAMES, dynamic_shapes=({0: torch.export.Dim("batch")},),
-                                      opset_version=max(opset, 18))
-                except Exception as exc:
-                    raise ArtifactError(f"ONNX export of the {graph} graph failed: {legacy_exc}; dynamo exporter: "
-                                        f"{str(exc).splitlines()[0][:300]}") from exc
-        proto = onnx.load(str(tmp))
-        set_metadata(proto, meta, graph, prototypes)
-        proto.producer_name = "qpm"
-        onnx.save(proto, str(tmp))
+                    torch.onnx.export(module, (example,), str(tmp), dynamo=False, input_names=[input_name],
+                                      output_names=OUTPUT_NAMES, dynamic_axes=dyn, opset_version=opset,
+                                      do_constant_folding=True)
+                except Exception as legacy_exc:  # the TorchScript exporter cannot trace it: the dynamo exporter
+                    try:  # (weights inside the file: no external .data file next to a temporary name)
+                        torch.onnx.export(module, (example,), str(tmp), dynamo=True, input_names=[input_name],
+                                          output_names=OUTPUT_NAMES, external_data=False,
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                          opset_version=max(opset, 18))
+                    except Exception as exc:
+                        raise ArtifactError(f"ONNX export of the {graph} graph failed: {legacy_exc}; dynamo "
+                                            f"exporter: {str(exc).splitlines()[0][:300]}") from exc
+            proto = onnx.load(str(tmp))
+            set_metadata(proto, meta, graph, prototypes)
+            proto.producer_name = "qpm"
+            onnx.save(proto, str(tmp))
+        finally:
+            Path(f"{tmp}.data").unlink(missing_ok=True)  # what an exporter may have written beside the file
 
 
 def set_metadata(proto: Any, meta: ClassifierMetadata, graph: str, prototypes: dict[str, Any] | None) -> None:

@@ -34,6 +34,8 @@ ACTIVATIONS = {
     "leaky_relu": nn.LeakyReLU,
 }
 MAX_FEATURES = 16384  # n_f above this does not fit a token-wise MLP on [B, T, n_f] activations in practice
+MAX_HIDDEN = 16384  # hidden width: a hidden x hidden layer of this size already holds 1 GiB of float32 weights
+MAX_LAYERS = 64  # adapter depth (the paper uses 4)
 
 
 class ModelOutput(NamedTuple):

@@ -294,8 +294,8 @@ def decode_onnx_metadata(props: Mapping[str, str], source: str | os.PathLike[str
     """
     try:
         doc = {k[len(META_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(META_PREFIX)}
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{source} has malformed qpm metadata: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # bad JSON, or nested beyond reason
+        raise ArtifactError(f"{source} has malformed qpm metadata: {str(exc) or type(exc).__name__}") from exc
     if doc.get("format") != ONNX_FORMAT:
         raise ArtifactError(f"{source} has no qpm metadata; export it with `qpm export RUN --onnx`")
     check_format_version(doc, FORMAT_VERSION, source, default=1)
@@ -304,7 +304,7 @@ def decode_onnx_metadata(props: Mapping[str, str], source: str | os.PathLike[str
     if PROTOTYPES_KEY in props:
         try:
             prototypes = json.loads(props[PROTOTYPES_KEY])
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ArtifactError(f"{source} has malformed prototypes metadata: {exc}") from exc
     meta = ClassifierMetadata.from_json(doc, prototypes=prototypes)
     meta.extra.setdefault("precision", doc.get("precision", "fp32"))

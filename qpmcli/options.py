@@ -184,7 +184,7 @@ def _convert(raw: str, typ: str) -> Any:
     if typ == "json":
         try:
             return json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # not JSON (or nested beyond reason): the text itself
             return raw
     return raw  # str
 

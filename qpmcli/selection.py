@@ -525,8 +525,8 @@ def load_selection(path: str | Path) -> Selection:
         )
     except FileNotFoundError as exc:
         raise SelectionError(f"selection file {path} not found") from exc
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise SelectionError(f"{path} is not a qpm selection JSON: {exc}") from exc
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise SelectionError(f"{path} is not a qpm selection JSON: {str(exc) or type(exc).__name__}") from exc
 
 
 def _check_selection_format(data: Any, path: Path) -> None:

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from qpmcli.errors import ConfigError
 
 ENV_PREFIX = "QPM_"
+MAX_NUM_WORKERS = 256  # DataLoader worker processes
 DEFAULT_SEED = 383534468  # the reference implementation's default seed (METHOD.md §5.1)
 
 
@@ -98,8 +99,8 @@ class QpmSettings(BaseSettings):
     @field_validator("num_workers")
     @classmethod
     def _workers(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("num_workers must be >= 0")
+        if not 0 <= value <= MAX_NUM_WORKERS:  # each one is a process: 100000 of them is a fork bomb, not a setting
+            raise ValueError(f"num_workers must be between 0 and {MAX_NUM_WORKERS}")
         return value
 
     @classmethod

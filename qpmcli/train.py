@@ -118,7 +118,7 @@ class TrainRequest:
             check_workers,
         )
         from qpmcli.metrics import checked_metric_names
-        from qpmcli.model import ACTIVATIONS, MAX_FEATURES, POOLINGS
+        from qpmcli.model import ACTIVATIONS, MAX_FEATURES, MAX_HIDDEN, MAX_LAYERS, POOLINGS
         from qpmcli.registry import get_registry
 
         reg = get_registry()
@@ -130,6 +130,9 @@ class TrainRequest:
         check_choice(self.activation, tuple(ACTIVATIONS), "--activation")
         check_positive(self.n_layers, "--layers", 0)
         check_positive(self.hidden_size, "--hidden-size")
+        if self.n_layers > MAX_LAYERS or self.hidden_size > MAX_HIDDEN:  # found now, not as a failed allocation
+            raise ConfigError(f"--layers {self.n_layers} / --hidden-size {self.hidden_size}: the adapter allows at "
+                              f"most {MAX_LAYERS} layers of at most {MAX_HIDDEN} units")
         if self.n_layers > 0 and not 1 <= self.n_features <= MAX_FEATURES:
             raise ConfigError(f"--dense-features {self.n_features} cannot be trained (allowed 1..{MAX_FEATURES})")
         if self.head == "qpm":
@@ -584,7 +587,11 @@ def _check_run_dir(run: Path, req: TrainRequest, resume: bool) -> None:
     if not resume:
         raise ArtifactError(f"run directory {run} already holds a run; pass --resume to continue it or choose "
                             f"another --run-dir")
-    old = artifact.read_json(cfg_path).get("request", {})
+    cfg = artifact.read_json(cfg_path)
+    old = cfg.get("request") if isinstance(cfg, dict) else None
+    if not isinstance(old, dict):
+        raise ArtifactError(f"{cfg_path} holds no training request (a JSON object under 'request'): the run folder "
+                            f"is damaged; use another --run-dir")
     request_doc = req.to_dict()
     diffs = [k for k in request_doc if k not in ("time_limit", "workers", "metrics")
              and _norm(old.get(k)) != _norm(request_doc[k])]

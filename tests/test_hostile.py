@@ -336,6 +336,8 @@ def _cache_case(damage: str):
             tokens.write_bytes(bytes(raw[: len(raw) // 2]))
         elif damage == "manifest":
             (folder / "manifest.json").write_text("[1, 2")
+        elif damage == "manifest-nesting":
+            (folder / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
         elif damage == "pickle":
             import pickle
 
@@ -516,6 +518,12 @@ def _long_path(d: Path, w: Path) -> list[str]:
     return ["explain", str(w / "good.png"), "-m", str(w / "run" / "model.onnx"), "-o", str(deep), "--device", "cpu"]
 
 
+def _resume_request_not_an_object(d: Path, w: Path) -> list[str]:
+    (d / "r").mkdir()
+    (d / "r" / "config.json").write_text(json.dumps({"request": [1, 2]}))
+    return ["train", "-b", "efficientnet-lite0", "-d", "shapes", "--run-dir", str(d / "r"), "--resume"]
+
+
 def _state_dir_is_a_file(d: Path, w: Path) -> list[str]:
     (d / "state").write_text("not a folder\n")
     return ["train", "-b", "efficientnet-lite0", "-d", "shapes", "--run-dir", str(d / "r")]
@@ -679,6 +687,23 @@ CASES = [
     # issue 28: paths beyond the system's limits
     Case("train-run-dir-name-too-long", _long_name, r"(?i)name too long.*use a shorter path"),
     Case("explain-out-path-too-long", _long_path, r"(?i)name too long.*use a shorter path"),
+    # found while testing issue 28 (no issue names them)
+    Case("export-opset-beyond-the-exporter", _args("export", "{w}/run", "--onnx", "--opset", "1000", "--out",
+                                                   "{d}/m.onnx"), r"--opset 1000: the ONNX exporter writes opsets 7"),
+    Case("serve-max-upload-infinite", _args("serve", "{w}/run/model.onnx", "--max-upload-mb", "1e308", "--port", "0"),
+         r"--max-upload-mb must be a positive number"),
+    Case("serve-batch-window-nan", _args("serve", "{w}/run/model.onnx", "--batch-window-ms", "nan", "--port", "0"),
+         r"--batch-window-ms must be between 0 and"),
+    Case("train-hidden-size-beyond-memory", _args("train", "-b", "efficientnet-lite0", "-d", "shapes",
+                                                  "--hidden-size", "2000000000", "--run-dir", "{d}/r"),
+         r"--hidden-size 2000000000: the adapter allows at most"),
+    Case("train-resume-request-not-an-object", _resume_request_not_an_object, r"holds no training request"),
+    Case("extract-num-workers-beyond-processes", _args("extract", "-b", "efficientnet-lite0", "-d", "shapes",
+                                                       "--num-workers", "100000", "--cache-dir", "{d}/c"),
+         r"num_workers must be between 0 and 256"),
+    Case("onnx-metadata-nested-too-deeply", _onnx_case(_prop("class_names", "[" * 100_000 + "]" * 100_000, raw=True)),
+         r"m\.onnx has malformed qpm metadata"),
+    Case("cache-manifest-nested-too-deeply", _cache_case("manifest-nesting"), r"manifest\.json"),
     # issue 28: qpm runs copes with damaged runs (exit 0, a row that says what is wrong)
     Case("runs-pointer-to-a-folder-without-config", _runs_case("pointer-no-config"),
          r"no config\.json: not a qpm run folder", code=0),

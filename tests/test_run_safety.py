@@ -237,6 +237,20 @@ def test_after_kill_9_of_a_training_the_resume_cleans_its_temporary_files(qpm, t
     assert (run / "model.json").is_file()
 
 
+@pytest.mark.slow  # the dynamo exporter takes a while
+def test_an_export_through_the_dynamo_exporter_leaves_no_external_data_file(qpm, tmp_path):
+    """Opsets beyond the TorchScript exporter's (21+) go through the dynamo exporter, which wrote the weights to an
+    external ``<temporary name>.data`` file: the export then crashed reading it back and left 15 MB behind."""
+    import onnx
+
+    run = make_tiny_run(tmp_path / "run")
+    before = {p.name for p in run.iterdir()}
+    res = qpm(["export", str(run), "--onnx", "--no-adapter", "--opset", "21", "-q"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p.name for p in run.iterdir()} == before | {"model.onnx"}
+    assert max(o.version for o in onnx.load(str(run / "model.onnx")).opset_import if o.domain in ("", "ai.onnx")) >= 21
+
+
 # ------------------------------------------------------------------------------------------ the order of effects
 def test_a_damaged_current_run_pointer_is_a_warning_after_a_finished_export(qpm, tmp_path):
     """The export is written and verified; recording it in a damaged pointer fails: exit 0, the files in place, one

@@ -7,6 +7,9 @@ import typer
 from qpmcli import checks
 from qpmcli import options as opts
 
+MAX_UPLOAD_MB = 4096.0  # an upload beyond this is not an image to classify
+MAX_WINDOW_MS = 10_000.0  # micro-batching waits at most this long for company
+
 
 def serve(
     model: str = typer.Argument(None, help="Exported .onnx file or run directory (its exported model.onnx); "
@@ -28,6 +31,14 @@ def serve(
 
     device = check_device(device or settings.device, tensorrt=True)
     checks.check_positive(max_batch, "--max-batch")
+    import math
+
+    from qpmcli.errors import ConfigError
+
+    if not (math.isfinite(max_upload_mb) and 0 < max_upload_mb <= MAX_UPLOAD_MB):
+        raise ConfigError(f"--max-upload-mb must be a positive number up to {MAX_UPLOAD_MB:g}, not {max_upload_mb}")
+    if not (math.isfinite(batch_window_ms) and 0 <= batch_window_ms <= MAX_WINDOW_MS):
+        raise ConfigError(f"--batch-window-ms must be between 0 and {MAX_WINDOW_MS:g}, not {batch_window_ms}")
     run_serve(model, host=host, port=port, device=device, max_upload_mb=max_upload_mb, max_batch=max_batch,
               batch_window_ms=batch_window_ms, settings=settings)
 
