@@ -87,7 +87,7 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
         row.update(dataset=record.dataset, backbone=record.backbone, head=head,
                    selector=record.selector if head == "qpm" else None)
         row["created"] = time.strftime("%Y-%m-%d %H:%M", time.localtime((run / CONFIG).stat().st_mtime))
-        metrics = read_json(run / METRICS) if (run / METRICS).is_file() else {}
+        metrics = read_json(run / METRICS) if (run / METRICS).exists() else {}  # a pipe there: an error, no wait
         final = metrics.get("final") if isinstance(metrics, dict) else None
         status = "complete"
         for stage, filename in _stages(head):

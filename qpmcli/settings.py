@@ -126,12 +126,13 @@ MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few lines; a bigger one is no
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    from qpmcli.artifact import read_regular_bytes
-    from qpmcli.errors import ArtifactError
-
+    """A config file (only regular files are read: the callers skip or refuse anything else, so a pipe never
+    blocks); every problem is one :class:`ConfigError` naming the file."""
     try:
-        raw = read_regular_bytes(path, limit=MAX_CONFIG_BYTES)
-        return tomllib.loads((raw or b"").decode("utf-8"))
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {size} bytes; a qpm config is a few lines of TOML")
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
@@ -139,8 +140,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"UTF-8") from exc
     except RecursionError as exc:
         raise ConfigError(f"config file {path} nests tables or arrays too deeply to be a qpm config") from exc
-    except ArtifactError as exc:
-        raise ConfigError(f"config file {exc}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
 

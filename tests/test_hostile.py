@@ -713,7 +713,7 @@ CASES = [
     Case("runs-wrong-value-types", _runs_case("wrong-types"), r"typed-run", code=0),
     Case("runs-rich-markup-in-names", _runs_case("markup"), r"\[bold red\]x .*\[/\] .*\[link=x\]y", code=0,
          env={"COLUMNS": "400"}),
-    Case("runs-metrics-nested-too-deeply", _runs_case("deep-json"), r"metrics\.json unreadable", code=0),
+    Case("runs-metrics-nested-too-deeply", _runs_case("deep-json"), r"metrics\.json is not readable JSON", code=0),
 
 ]
 
