@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from qpmcli.artifact import atomic_path, atomic_write_text
+from qpmcli.artifact import atomic_path, atomic_write_text, clean_stale_temps
 from qpmcli.errors import CacheError, ImageError
 
 FORMAT_VERSION = 2  # 2: per-chunk records (row ranges + SHA-256) in the manifest
@@ -383,6 +383,7 @@ def build_cache(
                 state = "done"
             else:  # an unfinished build keeps the chunking it started with
                 chunk = _prepare_partial(partial, fields, n, t, d, grid, has_masks, chunk)
+                clean_stale_temps([partial, partial / "done"])  # half-written markers of a killed build
         state, chunk = dist.broadcast((state, chunk))
         chunks = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
         if state == "done":

@@ -253,6 +253,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
                                 image_attributes=image_attrs, which=keys, seed=record.seed or 0,
                                 device=device, batch_size=batch_size, progress=progress)
         if save:
+            artifact.clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)
             path = run / artifact.METRICS
             doc = artifact.read_json(path) if path.is_file() else {}
             if not isinstance(doc, dict):

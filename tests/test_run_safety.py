@@ -190,6 +190,42 @@ def test_the_next_export_cleans_what_a_killed_export_left(qpm, tmp_path):
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
 
 
+def test_a_resumed_cache_build_drops_the_half_written_files_of_the_killed_one(tmp_path):
+    """A build interrupted after two chunks, with the half-written marker and compaction file a kill leaves: the
+    resumed build finishes and its cache holds none of them."""
+    from qpmcli.backbone import load_backbone
+    from qpmcli.cache import build_cache
+    from qpmcli.data import load_dataset
+
+    backbone = load_backbone("efficientnet-lite0", image_size=32, device="cpu")
+    data = load_dataset("shapes", split="test", n_classes=2, test_per_class=6, image_size=32)
+
+    class StopsAtRow8:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            if i >= 8:
+                raise KeyboardInterrupt
+            return self.inner[i]
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(backbone, StopsAtRow8(data), "test", tmp_path / "c", batch_size=4, chunk_images=4, progress=False)
+    (partial,) = (tmp_path / "c").glob("*.partial")
+    assert len(list((partial / "done").glob("*.json"))) == 2
+    gone = dead_pid()
+    (partial / "done" / f".000002.json.{gone}.ab12cd34.tmp").write_text("{half")
+    (partial / f".tokens.npy.{gone}.ef56gh78.tmp").write_bytes(b"\0" * 128)
+    cache = build_cache(backbone, data, "test", tmp_path / "c", batch_size=4, chunk_images=4, progress=False)
+    assert len(cache) == 12 and not [p.name for p in cache.path.iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.e2e  # SIGKILL needs a process of its own
 def test_after_kill_9_of_an_int8_export_the_next_export_leaves_nothing_behind(tmp_path, isolated_env):
     run = make_tiny_run(tmp_path / "run")
