@@ -12,22 +12,20 @@ metrics and library versions. ``load_model(run_dir)`` rebuilds the :class:`qpmcl
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
 import re
-import socket
-import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ArtifactError, ConfigError, QpmError
+from qpmcli.files import TEMP_FILE_RE, FolderLock, read_regular_bytes
 from qpmcli.modelfile import MODEL_FORMAT_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -226,7 +224,6 @@ class RunFolder:
 
     def mark_stale(self, reason: str, **facts: Any) -> Path:
         """Write ``stale.json``: the finetuned model no longer matches the run (``qpm runs`` shows it)."""
-        import time
 
         return atomic_write_json(self.path / STALE, {"reason": reason, **facts,
                                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -235,7 +232,7 @@ class RunFolder:
 # ------------------------------------------------------------------------------------------------------ atomic writes
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (``.<name>.<pid>.<random>.tmp``, see :func:`clean_stale_temps`); on
+    """Yield a temporary path next to ``path`` (``.<name>.<pid>.<random>.tmp``, see :mod:`qpmcli.files`); on
     success it replaces ``path`` (readers never see half files)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -302,139 +299,11 @@ def _umask() -> int:
     return mask
 
 
-# ------------------------------------------------------------------------------- leftovers of killed processes
-# qpm's own temporary names, each carrying the pid of the process that writes it: atomic_path's
-# ``.<name>.<pid>.<random>.tmp`` (and an exporter's ``.tmp.data`` beside it), staged_files' ``.<name>.<pid>.staged``,
-# and the folders ``qpm-<what>-<pid>-<random>``
-# that quantize makes in the system's temporary folder.
-TEMP_FILE_RE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?:[A-Za-z0-9_]{8}\.tmp(?:\.data)?|staged)")
-TEMP_DIR_RE = re.compile(r"qpm-[a-z0-9]+-(?P<pid>\d+)-[A-Za-z0-9_]+")
-
-
-def temp_dir_prefix(what: str) -> str:
-    """The prefix of a temporary folder of this process (``tempfile.TemporaryDirectory(prefix=...)``) that
-    :func:`clean_stale_temps` recognises once the process is gone: ``qpm-<what>-<pid>-``."""
-    return f"qpm-{what}-{os.getpid()}-"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):  # another user's process, or not a pid at all
-        return pid > 0
-    return True
-
-
-def clean_stale_temps(folders: Iterable[str | os.PathLike[str]], *, dirs: bool = False) -> list[Path]:
-    """Remove what killed qpm processes left in ``folders``: files with one of qpm's own temporary names (and, with
-    ``dirs``, qpm's temporary folders) whose process no longer runs on this machine. Nothing else is touched: a
-    name that does not match, or whose process is alive, stays. Returns what was removed."""
-    import shutil
-
-    removed: list[Path] = []
-    for folder in folders:
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # missing or unreadable: nothing of ours to clean
-            continue
-        for entry in entries:
-            m = TEMP_DIR_RE.fullmatch(entry.name) if dirs else None
-            if m is None:
-                m = TEMP_FILE_RE.fullmatch(entry.name)
-                if m is None or not entry.is_file(follow_symlinks=False):
-                    continue
-            elif not entry.is_dir(follow_symlinks=False):
-                continue
-            if _alive(int(m.group("pid"))):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)
-                else:
-                    os.unlink(entry.path)
-                removed.append(Path(entry.path))
-            except OSError:
-                continue
-    return removed
-
-
 # ------------------------------------------------------------------------------------------------ run-folder lock
-class RunLock:
-    """An exclusive lock on a run folder (``<folder>/.qpm.lock``, ``fcntl.flock``): one writer at a time. The holder
-    records its pid, command, host and start time in the file; a second process gets an :class:`ArtifactError`
-    naming the holder, at once (no waiting). The kernel releases the lock when the holder exits, even after kill -9.
-    The lock file is removed on release, and so is a folder created for the lock that is still empty then."""
-
-    def __init__(self, folder: str | os.PathLike[str], command: str) -> None:
-        self.folder = Path(folder)
-        self.path = self.folder / LOCK
-        self.command = command
-        self._fh: Any = None
-        self._created = False
-
-    def __enter__(self) -> RunLock:
-        import fcntl
-
-        self._created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            fh = open(self.path, "a+", encoding="utf-8")
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                fh.close()
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise ArtifactError(f"{self.folder} is in use by {self._holder()}; wait for it to finish (or stop "
-                                    f"it) and rerun, or use another folder") from None
-            try:  # the file may have been removed and re-created by the previous holder: lock the current one
-                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            fh.close()
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "command": self.command, "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-        fh.flush()
-        self._fh = fh
-        return self
-
-    def _holder(self) -> str:
-        try:
-            doc = json.loads(read_regular_bytes(self.path, limit=1 << 16) or b"{}")
-        except (OSError, ValueError, ArtifactError):
-            doc = {}
-        if not isinstance(doc, dict) or not doc.get("pid"):
-            return "another qpm process"
-        return (f"another qpm process (pid {doc.get('pid')}, `{doc.get('command', '?')}` on host "
-                f"{doc.get('host', '?')}, since {doc.get('since', '?')})")
-
-    def __exit__(self, *exc: Any) -> None:
-        import fcntl
-
-        if self._fh is None:
-            return
-        try:  # no trace: the lock file goes (a process that opened it meanwhile sees that and retries)
-            self.path.unlink()
-            if self._created and not any(self.folder.iterdir()):
-                self.folder.rmdir()  # nothing was written: leave no empty folder behind
-        except OSError:
-            pass
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-        self._fh.close()
-        self._fh = None
-
-
-def run_lock(folder: str | os.PathLike[str], command: str) -> RunLock:
-    """``with run_lock(run, "qpm train"):`` -- see :class:`RunLock`."""
-    return RunLock(folder, command)
+def run_lock(folder: str | os.PathLike[str], command: str) -> FolderLock:
+    """``with run_lock(run, "qpm train"):`` one writer per run folder (``<run>/.qpm.lock``); a second one gets one
+    line naming the holder (:class:`qpmcli.files.FolderLock`)."""
+    return FolderLock(folder, command, LOCK)
 
 
 # ------------------------------------------------------------------------------------------ folders of the user
@@ -496,31 +365,6 @@ def owned_names(folder: str | os.PathLike[str], manifest: str, fmt: str) -> set[
         elif isinstance(item, str) and os.path.isabs(item) and os.path.dirname(item) == root:
             names.add(os.path.basename(item))
     return names
-
-
-# ------------------------------------------------------------------------------------------------ reading files
-def read_regular_bytes(path: str | os.PathLike[str], *, limit: int | None = None) -> bytes | None:
-    """The bytes of ``path`` when it is a regular file, ``None`` when it does not exist. A named pipe, device or
-    folder there is an :class:`ArtifactError` (opened without blocking, so a FIFO can never hang a reader)."""
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError:
-        raise ArtifactError(f"{p} is a folder, not a file") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{p} is not a regular file (a pipe, socket or device); qpm reads only files")
-        if limit is not None and st.st_size > limit:
-            raise ArtifactError(f"{p} is {st.st_size} bytes, more than the {limit} a qpm file of its kind holds")
-        with os.fdopen(fd, "rb", closefd=True) as fh:
-            fd = -1
-            return fh.read()
-    finally:
-        if fd >= 0:
-            os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

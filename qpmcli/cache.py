@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from qpmcli.artifact import atomic_path, atomic_write_text, clean_stale_temps
+from qpmcli.artifact import atomic_path, atomic_write_text
 from qpmcli.errors import CacheError, ImageError
+from qpmcli.files import check_free_space, clean_stale_temps, reserve
 
 FORMAT_VERSION = 2  # 2: per-chunk records (row ranges + SHA-256) in the manifest
 CHUNK_IMAGES = 256  # rows per resumable chunk, whatever the batch size
@@ -454,7 +455,8 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
     if has_masks:
         arrays.append(("masks.npy", np.bool_, (n, *grid)))
     check_free_space(partial.parent, sum(int(np.prod(shape)) * np.dtype(dt).itemsize for _, dt, shape in arrays),
-                     "the token cache")
+                     "the token cache", error=CacheError,
+                     fix="free space or set cache_dir (QPM_CACHE_DIR) to a larger disk")
     try:
         partial.mkdir(parents=True)
         (partial / "done").mkdir()
@@ -469,48 +471,6 @@ def _prepare_partial(partial: Path, fields: dict[str, Any], n: int, t: int, d: i
                              f"set cache_dir (QPM_CACHE_DIR) to a larger disk; nothing was written") from None
         raise
     return chunk
-
-
-SPACE_MARGIN = 16 << 20  # bytes kept free beyond a cache's arrays (its manifest, markers, the file system's own)
-
-
-def check_free_space(folder: Path, need: int, what: str) -> None:
-    """:class:`CacheError` unless ``folder`` (or the nearest existing parent) has ``need`` bytes (plus a margin)
-    free: found before any file is created, instead of a process killed by SIGBUS when a mapped page finds no
-    space."""
-    probe = Path(folder)
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return  # no statistics for this file system: reserve() still catches a full disk
-    if free < need + SPACE_MARGIN:
-        raise CacheError(f"not enough free space for {what} in {folder}: it needs {_size(need + SPACE_MARGIN)}, "
-                         f"{_size(free)} are free; free space or set cache_dir (QPM_CACHE_DIR) to a larger disk")
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def reserve(path: Path) -> None:
-    """Allocate every block of ``path`` now (``posix_fallocate``), so that writing through a memory map can never
-    hit a full disk (which kills the process with SIGBUS, no message); a full disk is an ``OSError`` (ENOSPC) here.
-    Already allocated ranges cost nothing; where the call is missing (macOS) the free-space check has to do."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: writes will tell
-                    raise
-    finally:
-        os.close(fd)
 
 
 def _extract_chunks(backbone, dataset, partial: Path, chunks, todo: list[int], bs: int, num_workers: int,

@@ -34,7 +34,7 @@ def pointer_path(settings: Any) -> Path:
 
 def read_pointer(settings: Any) -> dict[str, Any] | None:
     """The pointer's content, or ``None`` when no run was recorded (a damaged pointer is an error naming it)."""
-    from qpmcli.artifact import read_regular_bytes
+    from qpmcli.files import read_regular_bytes
 
     path = pointer_path(settings)
     try:

@@ -18,6 +18,7 @@ import numpy as np
 
 from qpmcli import metrics as M
 from qpmcli.errors import ArtifactError, CacheError, QpmError
+from qpmcli.files import clean_stale_temps
 from qpmcli.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,7 +254,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
                                 image_attributes=image_attrs, which=keys, seed=record.seed or 0,
                                 device=device, batch_size=batch_size, progress=progress)
         if save:
-            artifact.clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)
+            clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)
             path = run / artifact.METRICS
             doc = artifact.read_json(path) if path.is_file() else {}
             if not isinstance(doc, dict):

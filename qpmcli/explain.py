@@ -723,7 +723,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     - ``html_report``: ``<out>/report.html`` with everything embedded.
     Writes ``<out>/explanations.json`` and returns the same summary.
     """
-    from qpmcli.artifact import atomic_write_json, clean_stale_temps
+    from qpmcli.artifact import atomic_write_json
+    from qpmcli.files import clean_stale_temps
     from qpmcli.images import list_images, open_image
     from qpmcli.predict import load_classifier
     from qpmcli.prototypes import load_prototypes

@@ -150,7 +150,7 @@ def export_onnx(
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
     import tempfile
 
-    from qpmcli.artifact import clean_stale_temps
+    from qpmcli.files import clean_stale_temps
 
     # what an earlier, killed export left: its staged files and quantization folders (only qpm's own temporary
     # names, only of processes that are gone)

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.artifact import temp_dir_prefix
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
+from qpmcli.files import temp_dir_prefix
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from qpmcli import artifact
 from qpmcli.distributed import DistInfo, init_distributed, local_device
 from qpmcli.errors import ArtifactError, ConfigError, DatasetError, QpmError
+from qpmcli.files import clean_stale_temps
 from qpmcli.loop import (
     DENSE_PHASE,
     FINETUNE_PHASE,
@@ -567,7 +568,7 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
     with lock:
         _check_run_dir(run, req, resume)
         if dist.is_main:  # what a killed training left (qpm's own temporary names of processes that are gone)
-            artifact.clean_stale_temps([run, run / artifact.CHECKPOINTS])
+            clean_stale_temps([run, run / artifact.CHECKPOINTS])
         ctx = TrainContext(req=req, settings=settings, run=run, dist=dist,
                            device=local_device(settings.torch_device()), resume=resume, progress=progress,
                            say=log or (lambda _msg: None), backbone=backbone_obj)

@@ -153,7 +153,7 @@ def test_two_trainings_of_one_run_folder_the_second_stops_naming_the_first(qpm, 
 
 # ------------------------------------------------------------------------------ what killed commands leave behind
 def test_clean_stale_temps_removes_only_qpm_names_of_dead_processes(tmp_path):
-    from qpmcli.artifact import clean_stale_temps
+    from qpmcli.files import clean_stale_temps
 
     gone, alive = dead_pid(), os.getpid()
     names = {f".model.onnx.{gone}.staged": False, f"..model.onnx.{gone}.staged.{gone}.abcd_123.tmp": False,

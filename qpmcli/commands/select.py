@@ -73,7 +73,7 @@ def select_cmd(
             else load_problem_npz(problem, threshold_rule=req.threshold_rule))
     req.checked(prob.n_classes, prob.n_features_total)  # the sizes against this problem, before solving
     sel = select(prob, **req.solver_options(), progress=not (json_out or quiet))
-    from qpmcli.artifact import clean_stale_temps
+    from qpmcli.files import clean_stale_temps
 
     clean_stale_temps([Path(out).parent])  # what a killed select left beside its output
     save_selection(sel, out, class_names=prob.class_names)
