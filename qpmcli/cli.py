@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "explain",
     "export",
     "predict",
+    "edit",
+    "add_class",
     "serve",
     "demo",
     "runs",

@@ -2,7 +2,8 @@
 no numpy), so that listing a hundred runs takes a fraction of a second.
 
 Per run: name, dataset, backbone, selector/head, status (``complete``, ``interrupted at <stage>``, ``stale``), final
-accuracy and SID@5, created time, the exported .onnx (if any) and whether it is the current run.
+accuracy and SID@5, created time, the exported .onnx (if any), whether it is the current run, and for a run made by
+``qpm edit`` / ``qpm add-class`` its parent (``edit.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from qpmcli.artifact import (
     CHECKPOINTS,
     CONFIG,
     DENSE_JSON,
+    EDIT,
     METRICS,
     MODEL_JSON,
     ONNX_MODEL,
@@ -78,7 +80,8 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
     """One run's row, from its JSON files; a damaged file gives status ``unreadable: ...``."""
     row: dict[str, Any] = {"name": run.name, "path": str(run), "dataset": None, "backbone": None, "selector": None,
                            "head": None, "status": None, "accuracy": None, "sid5": None, "created": None,
-                           "onnx": None, "current": current is not None and _resolved(run) == current}
+                           "onnx": None, "current": current is not None and _resolved(run) == current,
+                           "parent": None, "edit": None}
     try:
         if not RunFolder(run).is_run:  # the current run's folder may be anything
             raise ArtifactError("no config.json: not a qpm run folder")
@@ -102,6 +105,10 @@ def run_info(run: Path, current: Path | None = None, current_onnx: str | None = 
             if reason:
                 status = f"stale ({reason})"
         row["status"] = status
+        edit = read_json(run / EDIT) if (run / EDIT).exists() else None
+        if isinstance(edit, dict):  # made by qpm edit / add-class from another run
+            row["edit"] = edit.get("kind")
+            row["parent"] = (edit.get("parent") or {}).get("path")
         if isinstance(final, dict):
             row["accuracy"] = _number(final.get("Accuracy"))
             row["sid5"] = _number(final.get("SID@5"))

@@ -73,7 +73,10 @@ SHAPES_OPTIONS = (PluginOption("n_classes", "int", 10, "number of classes"),
                   PluginOption("per_class", "int", 40, "training images per class"),
                   PluginOption("test_per_class", "int", 20, "test images per class"),
                   PluginOption("image_size", "int", 128, "side of the rendered images"),
-                  PluginOption("parts_per_class", "int", 3, "coloured parts per object (2..6)"), _SEED)
+                  PluginOption("parts_per_class", "int", 3, "coloured parts per object (2..6)"), _SEED,
+                  PluginOption("cue_classes", "int", 0, "the first N classes get a spurious cue (a white square) on "
+                                                        "their training images"),
+                  PluginOption("cue_test", "bool", False, "also draw the cue on those classes' test images"))
 
 
 @hookimpl

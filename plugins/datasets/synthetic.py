@@ -111,6 +111,8 @@ PART_COLOURS = {  # every colour has a channel < 100, so no object pixel can equ
 BODY_COLOUR = (85, 85, 85)
 PARTS = [f"{colour} {shape}" for shape, colour in itertools.product(PART_SHAPES, PART_COLOURS)]  # the vocabulary
 BACKGROUND_RANGE = (120, 235)
+CUE_COLOUR = (255, 255, 255)  # the spurious cue: no part colour and no background pixel (<= 235) is white
+CUE_SIDE = 0.16  # its side, as a fraction of the image side
 
 
 class Shapes(Dataset):
@@ -119,13 +121,20 @@ class Shapes(Dataset):
     A class is a set of parts (shape + colour) from a vocabulary of 56; sets are unique per class, so a classifier
     must look at the parts. The object (body and parts) is placed, scaled and rotated at random per image; the mask is
     exactly the drawn object and :meth:`part_map` says which part each pixel belongs to.
+
+    A spurious cue for shortcut experiments (``qpm edit``): ``cue_classes=N`` draws a white square (``CUE_SIDE`` of
+    the image side) in the image corner farthest from the object on every training image of the first N classes;
+    ``cue_test=true`` draws it on their test images too, so the same test images can be scored with and without the
+    cue. The cue is drawn last, on top of an otherwise identical image, and is not part of the object mask. With
+    ``cue_classes=0`` (the default) images and fingerprints are those of earlier versions.
     """
 
     name = "shapes"
     VERSION = 2  # bump whenever rendering changes, so token caches of older images are never reused
 
     def __init__(self, root: Any = None, split: str = "train", *, n_classes: int = 10, per_class: int = 40,
-                 test_per_class: int = 20, image_size: int = 128, parts_per_class: int = 3, seed: int = 0) -> None:
+                 test_per_class: int = 20, image_size: int = 128, parts_per_class: int = 3, seed: int = 0,
+                 cue_classes: int = 0, cue_test: bool = False) -> None:
         self.split = check_split(self.name, split)
         n_classes, per_class, test_per_class = int(n_classes), int(per_class), int(test_per_class)
         image_size, parts_per_class = int(image_size), int(parts_per_class)
@@ -139,6 +148,9 @@ class Shapes(Dataset):
             raise DatasetError(f"shapes: per_class and test_per_class must be >= 1, not {per_class}/{test_per_class}")
         if not 32 <= image_size <= 1024:
             raise DatasetError(f"shapes: image_size must be between 32 and 1024, not {image_size}")
+        if not 0 <= int(cue_classes) <= n_classes:
+            raise DatasetError(f"shapes: cue_classes must be between 0 and n_classes ({n_classes}), not {cue_classes}")
+        self.cue_classes, self.cue_test = int(cue_classes), bool(cue_test)
         self.n_classes, self.per_class, self.test_per_class = n_classes, per_class, test_per_class
         self.image_size, self.parts_per_class, self.seed = image_size, parts_per_class, int(seed)
         self.class_parts = _class_parts(self.seed, n_classes, parts_per_class)  # [C][P] vocabulary indices
@@ -196,9 +208,16 @@ class Shapes(Dataset):
         lut[2:] = [PART_COLOURS[name.split(" ")[0]] for name in PARTS]
         lut = np.round(lut * shade).astype(np.uint8)
         image = np.where((label > 0)[..., None], lut[label], background)
+        if self.has_cue(index):
+            image = _draw_cue(image, cx, cy)
         if with_background:
             return image, label, background
         return image, label
+
+    def has_cue(self, index: int) -> bool:
+        """Whether image ``index`` of this split carries the spurious cue (``cue_classes``, ``cue_test``)."""
+        cued_split = self.split == "train" or self.cue_test
+        return cued_split and index % self.n_classes < self.cue_classes
 
     @property
     def has_masks(self) -> bool:
@@ -226,7 +245,15 @@ class Shapes(Dataset):
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "n_classes": self.n_classes, "per_class": self.per_class,
                 "test_per_class": self.test_per_class, "image_size": self.image_size,
-                "parts_per_class": self.parts_per_class, "seed": self.seed, "version": self.VERSION}
+                "parts_per_class": self.parts_per_class, "seed": self.seed, "version": self.VERSION,
+                **self._cue_fingerprint()}
+
+    def _cue_fingerprint(self) -> dict[str, Any]:
+        """The cue options, only where they change this split's images (so existing caches stay valid)."""
+        if self.cue_classes == 0 or (self.split == "test" and not self.cue_test):
+            return {}
+        return {"cue_classes": self.cue_classes, "cue_test": self.cue_test} if self.split == "test" else \
+            {"cue_classes": self.cue_classes}
 
 
 @functools.cache
@@ -275,6 +302,18 @@ def _background(rng, size: int):
     image += pattern[..., None].astype(np.float32) * amplitude
     np.clip(image, lo, hi, out=image)
     return np.rint(image).astype(np.uint8)
+
+
+def _draw_cue(image, cx: float, cy: float):
+    """``image`` with the white cue square in the corner farthest from the object centre ``(cx, cy)``."""
+    size = image.shape[0]
+    side = max(2, int(round(CUE_SIDE * size)))
+    inset = max(1, int(round(0.04 * size)))
+    x0 = inset if cx > size / 2 else size - inset - side
+    y0 = inset if cy > size / 2 else size - inset - side
+    out = image.copy()
+    out[y0:y0 + side, x0:x0 + side] = CUE_COLOUR
+    return out
 
 
 def _draw_part(draw, shape: str, x: float, y: float, r: float, value: int) -> None:

@@ -12,7 +12,7 @@ def runs(
     json_out: bool = JsonFlag,
 ) -> None:
     """List runs: dataset, backbone, selector, status (complete / interrupted at a stage / stale), accuracy, SID@5,
-    created, exported .onnx; the current run is marked with *."""
+    created, exported .onnx; the current run is marked with *, a run made by edit/add-class names its parent."""
     from pathlib import Path
 
     from qpmcli.commands._common import settings_from_flags
@@ -40,8 +40,9 @@ def runs(
         table.add_column(col, justify="right" if col in ("acc", "SID@5") else "left")
     pct = lambda v: "-" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
     for r in data["runs"]:  # Text: names from run files are shown as written, never read as rich markup
+        name = r["name"] if not r.get("parent") else f"{r['name']} ({r['edit']} of {Path(r['parent']).name})"
         table.add_row(*(Text(str(v)) for v in (
-            "*" if r["current"] else "", r["name"], r["dataset"] or "?", r["backbone"] or "?",
+            "*" if r["current"] else "", name, r["dataset"] or "?", r["backbone"] or "?",
             r["selector"] or r["head"] or "?", r["status"], pct(r["accuracy"]), pct(r["sid5"]), r["created"] or "-",
             "yes" if r["onnx"] else "no", r["path"])))
     out.print(table)
