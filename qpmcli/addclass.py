@@ -141,7 +141,7 @@ def fit_bias(pos: np.ndarray, neg: np.ndarray, neg_labels: np.ndarray) -> tuple[
     pts = np.unique(np.concatenate([pos, neg]))
     cands = np.concatenate([[pts[0] - 1.0], (pts[:-1] + pts[1:]) / 2, [pts[-1] + 1.0]])
     gaps = np.concatenate([[0.0], np.diff(pts), [0.0]])
-    recall_new = 1.0 - np.searchsorted(np.sort(pos), cands, side="left") / len(pos)  # won: d < b
+    recall_new = np.searchsorted(np.sort(pos), cands, side="left") / len(pos)  # the new class wins where d < b
     classes = np.unique(labels)
     kept = np.zeros(len(cands))
     for c in classes:  # old-class recall: images with d < b are lost to the new class
@@ -280,8 +280,8 @@ def _write(req: AddClassRequest, head: ParentHead, meta: Any, child: Any, W: np.
         check_out,
         child_info,
         edit_record,
-        file_sha256,
         staged_run,
+        weights_digest,
     )
     from qpmcli.edit import write_selection
 
@@ -299,6 +299,6 @@ def _write(req: AddClassRequest, head: ParentHead, meta: Any, child: Any, W: np.
         prototypes = "copied" if carry_prototypes(head.run, stage) else "none"
         notes = [n for n in [carry_feature_names(head.run, stage)] if n]
         doc = edit_record("add-class", head.run, parent_digest, **record, prototypes=prototypes, carried=carried,
-                          notes=notes, weights_digest=file_sha256(stage / artifact.MODEL))
+                          notes=notes, weights_digest=weights_digest(stage / artifact.MODEL))
         artifact.atomic_write_json(stage / artifact.EDIT, doc)
     return {**doc, "run": str(out)}

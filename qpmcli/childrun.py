@@ -154,6 +154,20 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the tensors of a safetensors file (names sorted, each name, dtype, shape and bytes): equal for equal
+    weights, whatever order the file's metadata was serialised in (safetensors writes it in hash-map order)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    digest = hashlib.sha256()
+    for name, arr in sorted(load_file(str(path)).items()):
+        arr = np.ascontiguousarray(arr)
+        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
 def model_digest(run: str | os.PathLike[str]) -> dict[str, str]:
     """SHA-256 of a run's model files (``model.safetensors``, ``model.json``) and of the two together (``digest``)."""
     run = Path(run)

@@ -249,58 +249,85 @@ def run_objective(head: ParentHead) -> Objective:
     return Objective(coef=coef, P=P, threshold=float(tau), threshold_rule=rule)
 
 
-def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = True,
-           ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Complete the rows of ``plan.affected`` (in class order, each given all other rows) with the feature that
-    maximises the objective restricted to that row, under the distinct-rows rule; returns ``(weight, features,
-    choices)``.
+REFILL_NODES = 200_000  # search budget of refill(); far above what conflicts between replacements need
 
-    Candidates: the features in use by some class (gain ``coef[g, c]``); a feature whose column no class uses any
-    more, other than a dropped one (gain minus its penalty with the features in use); and, with
-    ``allow_unselected``, every unselected dense feature, which then takes over the lowest free column (a dropped
-    feature's column first), so the model never uses more than K features. Ties go to a feature already in use, then
-    to the lowest id. Dropped features never come back.
+
+def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = True,
+           ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], bool]:
+    """Complete the rows of ``plan.affected`` with one replacement each so that the objective is maximal, every
+    other row fixed, under the distinct-rows rule; returns ``(weight, features, choices, exact)``.
+
+    Candidates for a class: the features in use by some class (gain ``coef[g, c]``); a feature whose column no class
+    uses any more, other than a dropped one (gain minus its penalty with the features in use); and, with
+    ``allow_unselected``, every unselected dense feature (the same gain), which then takes over the lowest free
+    column (a dropped feature's column first; classes may share it), so the model never uses more than K features.
+    Dropped features never come back.
+
+    The joint choice is exact: a depth-first branch and bound over the affected classes (in class order, candidates
+    by decreasing gain, ties to a feature already in use, then the lowest id); a branch is cut when its gain plus
+    each remaining class's largest coefficient cannot beat the best complete choice. ``exact`` is false only if
+    :data:`REFILL_NODES` nodes did not finish the search (the best choice found is used).
     """
     import numpy as np
 
-    W, feats = plan.weight.copy(), plan.features.copy()
     dropped = set(plan.dropped)
     n_f = objective.coef.shape[0]
-    choices = []
-    for c in plan.affected:
+    affected = list(plan.affected)
+
+    def candidates(W: np.ndarray, feats: np.ndarray, c: int) -> list[tuple[float, int, int, int]]:
         used = W.any(0)
         in_use = feats[used]
         others = {bytes(r) for i, r in enumerate(W) if i != c}
-        free = [j for j in np.flatnonzero(~used)]
-        free.sort(key=lambda j: (int(feats[j]) not in dropped, j))  # a dropped feature's column first
-        cands: list[tuple[float, int, int, int]] = []  # (value, kind, feature, column); kind 0 = in use
-        for j in np.flatnonzero(used & ~W[c]):
-            cands.append((float(objective.coef[feats[j], c]), 0, int(feats[j]), int(j)))
+        free = sorted(np.flatnonzero(~used).tolist(), key=lambda j: (int(feats[j]) not in dropped, j))
+        cands = [(float(objective.coef[feats[j], c]), 0, int(feats[j]), int(j)) for j in np.flatnonzero(used & ~W[c])]
         for j in free:
-            if int(feats[j]) not in dropped:
-                g = int(feats[j])
+            g = int(feats[j])
+            if g not in dropped:
                 cands.append((float(objective.coef[g, c] - objective.P[g, in_use].sum()), 1, g, int(j)))
         if allow_unselected and free:
             outside = np.setdiff1d(np.arange(n_f), np.concatenate([feats, np.asarray(sorted(dropped), np.int64)]))
-            if outside.size:
-                vals = objective.coef[outside, c] - objective.P[np.ix_(outside, in_use)].sum(1)
-                best = int(np.lexsort((outside, -vals))[0])  # the best unselected one (lowest id on ties)
-                cands.append((float(vals[best]), 2, int(outside[best]), int(free[0])))
-        cands.sort(key=lambda t: (-t[0], t[1] > 0, t[2]))
-        for value, kind, g, j in cands:
+            vals = objective.coef[outside, c] - objective.P[np.ix_(outside, in_use)].sum(1)
+            cands += [(float(v), 2, int(g), int(free[0])) for v, g in zip(vals, outside, strict=True)]
+        valid = []
+        for cand in cands:
             row = W[c].copy()
-            row[j] = True
+            row[cand[3]] = True
             if bytes(row) not in others:
-                W[c] = row
-                before = int(feats[j])
-                feats[j] = g
-                choices.append({"class": c, "feature": g, "column": j, "value": value,
-                                "source": ("selected", "unused column", "unselected")[kind],
-                                **({"replaces_column_of": before} if before != g else {})})
-                break
-        else:  # pragma: no cover - needs more classes than k-subsets of the features in use
-            raise SelectionError(f"no replacement keeps class {c}'s feature set distinct from every other class")
-    return W, feats, choices
+                valid.append(cand)
+        return sorted(valid, key=lambda t: (-t[0], t[1] > 0, t[2]))
+
+    # A bound on what each class can still gain: its best coefficient over the features it may get (penalties >= 0).
+    pool = np.setdiff1d(np.arange(n_f) if allow_unselected else plan.features, np.asarray(sorted(dropped), np.int64))
+    gain_bound = [float(objective.coef[pool, c].max()) for c in affected]
+    rest = [sum(gain_bound[i + 1:]) for i in range(len(affected))]
+    best: dict[str, Any] = {"value": -math.inf, "state": None}
+    nodes = 0
+
+    def search(i: int, W: np.ndarray, feats: np.ndarray, total: float, chosen: list) -> None:
+        nonlocal nodes
+        nodes += 1
+        if i == len(affected):
+            if total > best["value"] + 1e-9:
+                best.update(value=total, state=(W, feats, chosen))
+            return
+        c = affected[i]
+        for value, kind, g, j in candidates(W, feats, c):
+            if total + value + rest[i] <= best["value"] + 1e-9 or nodes > REFILL_NODES:
+                break  # candidates come by decreasing gain: no later one can do better
+            W2, f2 = W.copy(), feats.copy()
+            W2[c, j] = True
+            f2[j] = g
+            choice = {"class": c, "feature": g, "column": j, "value": value,
+                      "source": ("selected", "unused column", "unselected")[kind],
+                      **({"replaces_column_of": int(feats[j])} if int(feats[j]) != g else {})}
+            search(i + 1, W2, f2, total + value, [*chosen, choice])
+
+    search(0, plan.weight.copy(), plan.features.copy(), 0.0, [])
+    if best["state"] is None:
+        raise SelectionError("no choice of replacements keeps every class's feature set distinct; choose them with "
+                             "--set")
+    W, feats, chosen = best["state"]
+    return W, feats, chosen, nodes <= REFILL_NODES
 
 
 # ------------------------------------------------------------------------------------------------------- the job
@@ -325,7 +352,9 @@ def run_edit(req: EditRequest, settings: Any, *, progress: bool = True,
     weight, features, choices, objective = plan.weight, plan.features, [], None
     if plan.affected and req.refill:
         objective = run_objective(head)
-        weight, features, choices = refill(plan, objective, allow_unselected=req.refill_from == "all")
+        weight, features, choices, exact = refill(plan, objective, allow_unselected=req.refill_from == "all")
+        if not exact:
+            say("note: the refill search hit its node budget; the best replacements found are used")
     device = torch_device(req.device)
     model, info = artifact.load_model(head.run, device=device)
     new_columns = [int(j) for j in np.flatnonzero(features != head.features)]
@@ -492,8 +521,8 @@ def _write_child(req: EditRequest, head: ParentHead, info: dict[str, Any], child
         check_out,
         child_info,
         edit_record,
-        file_sha256,
         staged_run,
+        weights_digest,
     )
 
     out = check_out(req.out, head.run, force=req.force)
@@ -518,7 +547,7 @@ def _write_child(req: EditRequest, head: ParentHead, info: dict[str, Any], child
             if note:
                 notes.append(note)
         doc = edit_record("edit", head.run, parent_digest, **record, prototypes=prototypes, carried=carried,
-                          notes=notes, weights_digest=file_sha256(stage / artifact.MODEL))
+                          notes=notes, weights_digest=weights_digest(stage / artifact.MODEL))
         artifact.atomic_write_json(stage / artifact.EDIT, doc)
     return {**doc, "run": str(out)}
 

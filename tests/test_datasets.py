@@ -137,6 +137,38 @@ def test_shapes_fingerprint_changes_with_every_image_option():
     assert load_dataset("shapes", split="test").fingerprint() != base
 
 
+def test_shapes_cue_marks_only_the_cued_classes_and_keeps_existing_caches_valid():
+    from qpm_plugins.datasets.synthetic import CUE_COLOUR
+
+    plain = {split: load_dataset("shapes", split=split, n_classes=6, per_class=2, test_per_class=2)
+             for split in ("train", "test")}
+    opts = dict(n_classes=6, per_class=2, test_per_class=2, cue_classes=2)
+    cued = load_dataset("shapes", split="train", **opts)
+    clean_test = load_dataset("shapes", split="test", **opts)
+    cued_test = load_dataset("shapes", split="test", **opts, cue_test=True)
+    # an option that is not set changes no fingerprint; the cue changes only the splits it draws on
+    assert load_dataset("shapes", split="train", n_classes=6, per_class=2, test_per_class=2, cue_classes=0,
+                        cue_test=True).fingerprint() == plain["train"].fingerprint()
+    assert clean_test.fingerprint() == plain["test"].fingerprint()
+    assert cued.fingerprint() != plain["train"].fingerprint() != cued_test.fingerprint()
+    for i in range(12):
+        a, b = np.asarray(plain["train"][i].image), np.asarray(cued[i].image)
+        changed = (a != b).any(-1)
+        assert changed.any() == (i % 6 < 2), i
+        if changed.any():  # a white square behind the object: only background pixels change
+            assert (b[changed] == CUE_COLOUR).all() and not (plain["train"][i].mask & changed).any()
+            ys, xs = np.nonzero(changed)
+            assert changed.sum() > 0.8 * (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+            assert (cued[i].mask == plain["train"][i].mask).all()
+        assert np.array_equal(np.asarray(clean_test[i].image), np.asarray(plain["test"][i].image))
+        assert cued_test.has_cue(i) == (i % 6 < 2)
+    twins = load_dataset("shapes", split="train", **opts, cue_twins=True)
+    for i in range(2):  # class i is class 2 + i with one part recoloured
+        a, b = set(twins.class_parts[i]), set(twins.class_parts[2 + i])
+        assert len(a & b) == 2 and len(set(twins.class_parts)) == 6
+    assert twins.classes[2:] == plain["train"].classes[2:]
+
+
 def test_shapes_and_digits_are_identical_across_processes():
     shapes, digits = load_dataset("shapes", split="train"), load_dataset("digits", split="test")
     here = [_digest(shapes, [0, 7, 399]), _digest(digits, [0, 100, 449])]

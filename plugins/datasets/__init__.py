@@ -76,7 +76,9 @@ SHAPES_OPTIONS = (PluginOption("n_classes", "int", 10, "number of classes"),
                   PluginOption("parts_per_class", "int", 3, "coloured parts per object (2..6)"), _SEED,
                   PluginOption("cue_classes", "int", 0, "the first N classes get a spurious cue (a white square) on "
                                                         "their training images"),
-                  PluginOption("cue_test", "bool", False, "also draw the cue on those classes' test images"))
+                  PluginOption("cue_test", "bool", False, "also draw the cue on those classes' test images"),
+                  PluginOption("cue_twins", "bool", False, "make each cued class a near twin (one part recoloured) "
+                                                           "of an uncued class"))
 
 
 @hookimpl

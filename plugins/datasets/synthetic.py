@@ -123,10 +123,14 @@ class Shapes(Dataset):
     exactly the drawn object and :meth:`part_map` says which part each pixel belongs to.
 
     A spurious cue for shortcut experiments (``qpm edit``): ``cue_classes=N`` draws a white square (``CUE_SIDE`` of
-    the image side) in the image corner farthest from the object on every training image of the first N classes;
+    the image side) in the image corner farthest from the object, behind it, on every training image of the first N
+    classes;
     ``cue_test=true`` draws it on their test images too, so the same test images can be scored with and without the
-    cue. The cue is drawn last, on top of an otherwise identical image, and is not part of the object mask. With
-    ``cue_classes=0`` (the default) images and fingerprints are those of earlier versions.
+    cue. The cue is drawn last, on top of an otherwise identical image, and is not part of the object mask.
+    ``cue_twins=true`` makes cued class i a near twin of class N + i (the same parts but one, which differs only in
+    colour), so that the real evidence is hard and the cue is the easy path: without twins a model on a good backbone
+    tells the parts apart anyway and barely uses the cue. With the defaults (``cue_classes=0``) images, classes and
+    fingerprints are those of earlier versions.
     """
 
     name = "shapes"
@@ -134,7 +138,7 @@ class Shapes(Dataset):
 
     def __init__(self, root: Any = None, split: str = "train", *, n_classes: int = 10, per_class: int = 40,
                  test_per_class: int = 20, image_size: int = 128, parts_per_class: int = 3, seed: int = 0,
-                 cue_classes: int = 0, cue_test: bool = False) -> None:
+                 cue_classes: int = 0, cue_test: bool = False, cue_twins: bool = False) -> None:
         self.split = check_split(self.name, split)
         n_classes, per_class, test_per_class = int(n_classes), int(per_class), int(test_per_class)
         image_size, parts_per_class = int(image_size), int(parts_per_class)
@@ -150,10 +154,15 @@ class Shapes(Dataset):
             raise DatasetError(f"shapes: image_size must be between 32 and 1024, not {image_size}")
         if not 0 <= int(cue_classes) <= n_classes:
             raise DatasetError(f"shapes: cue_classes must be between 0 and n_classes ({n_classes}), not {cue_classes}")
-        self.cue_classes, self.cue_test = int(cue_classes), bool(cue_test)
+        self.cue_classes, self.cue_test, self.cue_twins = int(cue_classes), bool(cue_test), bool(cue_twins)
+        if self.cue_twins and 2 * self.cue_classes > n_classes:
+            raise DatasetError(f"shapes: cue_twins needs n_classes >= 2 * cue_classes ({2 * self.cue_classes}), not "
+                               f"{n_classes}")
         self.n_classes, self.per_class, self.test_per_class = n_classes, per_class, test_per_class
         self.image_size, self.parts_per_class, self.seed = image_size, parts_per_class, int(seed)
         self.class_parts = _class_parts(self.seed, n_classes, parts_per_class)  # [C][P] vocabulary indices
+        if self.cue_twins:
+            self.class_parts = _twin_parts(self.class_parts, self.cue_classes)
         self.classes = [" + ".join(PARTS[p] for p in parts) for parts in self.class_parts]
         self.part_names = list(PARTS)
 
@@ -209,7 +218,7 @@ class Shapes(Dataset):
         lut = np.round(lut * shade).astype(np.uint8)
         image = np.where((label > 0)[..., None], lut[label], background)
         if self.has_cue(index):
-            image = _draw_cue(image, cx, cy)
+            image = _draw_cue(image, label, cx, cy)
         if with_background:
             return image, label, background
         return image, label
@@ -250,10 +259,16 @@ class Shapes(Dataset):
 
     def _cue_fingerprint(self) -> dict[str, Any]:
         """The cue options, only where they change this split's images (so existing caches stay valid)."""
-        if self.cue_classes == 0 or (self.split == "test" and not self.cue_test):
+        if self.cue_classes == 0:
             return {}
-        return {"cue_classes": self.cue_classes, "cue_test": self.cue_test} if self.split == "test" else \
-            {"cue_classes": self.cue_classes}
+        if self.split == "test" and not self.cue_test:
+            return {"cue_twins": True} if self.cue_twins else {}
+        out: dict[str, Any] = {"cue_classes": self.cue_classes}
+        if self.split == "test":
+            out["cue_test"] = self.cue_test
+        if self.cue_twins:
+            out["cue_twins"] = True
+        return out
 
 
 @functools.cache
@@ -269,6 +284,23 @@ def _class_parts(seed: int, n_classes: int, parts_per_class: int) -> tuple[tuple
         if parts not in seen:
             seen.add(parts)
             out.append(parts)
+    return tuple(out)
+
+
+def _twin_parts(parts: tuple[tuple[int, ...], ...], n: int) -> tuple[tuple[int, ...], ...]:
+    """Class i < n gets class n + i's parts with its last part in the next colour that gives an unused set."""
+    out = list(parts)
+    used = set(parts[n:])
+    n_col = len(PART_COLOURS)
+    for i in range(n):
+        base = list(parts[n + i])
+        shape, colour = divmod(base[-1], n_col)
+        for step in range(1, n_col):
+            cand = tuple(sorted(base[:-1] + [shape * n_col + (colour + step) % n_col]))
+            if len(set(cand)) == len(cand) and cand not in used:
+                break
+        out[i] = cand
+        used.add(cand)
     return tuple(out)
 
 
@@ -304,15 +336,17 @@ def _background(rng, size: int):
     return np.rint(image).astype(np.uint8)
 
 
-def _draw_cue(image, cx: float, cy: float):
-    """``image`` with the white cue square in the corner farthest from the object centre ``(cx, cy)``."""
+def _draw_cue(image, label, cx: float, cy: float):
+    """``image`` with the white cue square in the corner farthest from the object centre ``(cx, cy)``, behind the
+    object (only background pixels of ``label`` change, so the object and its mask stay exact)."""
     size = image.shape[0]
     side = max(2, int(round(CUE_SIDE * size)))
     inset = max(1, int(round(0.04 * size)))
     x0 = inset if cx > size / 2 else size - inset - side
     y0 = inset if cy > size / 2 else size - inset - side
     out = image.copy()
-    out[y0:y0 + side, x0:x0 + side] = CUE_COLOUR
+    region = out[y0:y0 + side, x0:x0 + side]
+    region[label[y0:y0 + side, x0:x0 + side] == 0] = CUE_COLOUR
     return out
 
 
