@@ -9,7 +9,7 @@ are bit-identical to the parent's (checked on the test cache, :func:`run_add_cla
    of each selected feature (pooled, from the frozen model) with the new-class indicator over the run's training
    images plus the given images (§6.1's formula). :func:`best_row` finds the best k-subset that is not an existing
    class's row by a best-first enumeration of k-subsets in order of decreasing value (exact; at most C + 1 subsets
-   are visited, instead of the C(K, k) = 2.1 M of K = 50, k = 5).
+   are visited: 10-20 ms at K = 50, k = 5, C = 200, where a numpy enumeration of all C(50, 5) = 2.1 M took 7.4 s).
 2. **Its bias** (a QPM head has none; old classes get 0, which leaves their logits bit-identical): with
    ``d = best old logit - the new class's unbiased logit`` per image, the new class wins an image iff ``b > d``.
    ``b`` is the threshold between consecutive d values of the given images and the old classes' training images

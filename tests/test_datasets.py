@@ -159,6 +159,9 @@ def test_shapes_cue_marks_only_the_cued_classes_and_keeps_existing_caches_valid(
             assert (b[changed] == CUE_COLOUR).all() and not (plain["train"][i].mask & changed).any()
             ys, xs = np.nonzero(changed)
             assert changed.sum() > 0.8 * (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+            assert cued.cue_box(i) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        else:
+            assert cued.cue_box(i) is None
             assert (cued[i].mask == plain["train"][i].mask).all()
         assert np.array_equal(np.asarray(clean_test[i].image), np.asarray(plain["test"][i].image))
         assert cued_test.has_cue(i) == (i % 6 < 2)

@@ -228,6 +228,16 @@ class Shapes(Dataset):
         cued_split = self.split == "train" or self.cue_test
         return cued_split and index % self.n_classes < self.cue_classes
 
+    def cue_box(self, index: int) -> tuple[int, int, int, int] | None:
+        """The cue's pixel box ``(x0, y0, x1, y1)`` (exclusive ends) in image ``index``, or ``None`` without a cue
+        (found as the image's pure white pixels: no part and no background pixel is white)."""
+        import numpy as np
+
+        if not self.has_cue(_check_index(index, len(self))):
+            return None
+        ys, xs = np.nonzero((self.render(index)[0] == CUE_COLOUR).all(-1))
+        return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
     @property
     def has_masks(self) -> bool:
         return True
