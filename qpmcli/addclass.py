@@ -13,9 +13,9 @@ are bit-identical to the parent's (checked on the test cache, :func:`run_add_cla
 2. **Its bias** (a QPM head has none; old classes get 0, which leaves their logits bit-identical): with
    ``d = best old logit - the new class's unbiased logit`` per image, the new class wins an image iff ``b > d``.
    ``b`` is the threshold between consecutive d values of the given images and the old classes' training images
-   with the best balanced accuracy on them (the mean recall over the C + 1 classes: the few given images weigh as
-   much as a whole old class), the widest such gap on ties, ``b`` in its middle: the max-margin threshold when the
-   two separate. ``bias=False`` keeps the pure QPM head (no bias).
+   with the fewest mistakes on them (each image counts once, so old classes are not traded away for a few given
+   images), the widest such gap on ties, ``b`` in its middle: the max-margin threshold when the two separate.
+   ``bias=False`` keeps the pure QPM head (no bias).
 
 The images go through :func:`qpmcli.predict.load_classifier` (the backbone and preprocessing of ``qpm predict``).
 """
@@ -128,31 +128,24 @@ def best_row(values: np.ndarray, weight: np.ndarray, k: int) -> tuple[list[int],
     raise SelectionError(f"every set of {k} of the {K} features is taken by a class")
 
 
-def fit_bias(pos: np.ndarray, neg: np.ndarray, neg_labels: np.ndarray) -> tuple[float, dict[str, Any]]:
+def fit_bias(pos: np.ndarray, neg: np.ndarray) -> tuple[float, dict[str, Any]]:
     """The new class's bias from ``d = best old logit - unbiased new logit`` of the given images (``pos``) and of the
-    old classes' training images (``neg``, their classes ``neg_labels``): among the thresholds between consecutive
-    d values, the one with the best balanced accuracy (mean recall over the old classes and the new one, so the few
-    given images weigh as much as a whole old class), the widest gap on ties, ``b`` in its middle. Returns
+    old classes' training images (``neg``): among the thresholds between consecutive d values, the one with the
+    fewest mistakes on both (each image counts once), the widest gap on ties, ``b`` in its middle. Returns
     ``(b, facts)``."""
     import numpy as np
 
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    labels = np.asarray(neg_labels, np.int64)
     pts = np.unique(np.concatenate([pos, neg]))
     cands = np.concatenate([[pts[0] - 1.0], (pts[:-1] + pts[1:]) / 2, [pts[-1] + 1.0]])
     gaps = np.concatenate([[0.0], np.diff(pts), [0.0]])
-    recall_new = np.searchsorted(np.sort(pos), cands, side="left") / len(pos)  # the new class wins where d < b
-    classes = np.unique(labels)
-    kept = np.zeros(len(cands))
-    for c in classes:  # old-class recall: images with d < b are lost to the new class
-        d = np.sort(neg[labels == c])
-        kept += 1.0 - np.searchsorted(d, cands, side="left") / len(d)
-    balanced = (recall_new + kept) / (len(classes) + 1)
-    best = int(np.lexsort((-gaps, -balanced))[0])
+    won = np.searchsorted(np.sort(pos), cands, side="left")  # given images the new class wins: d < b
+    taken = np.searchsorted(np.sort(neg), cands, side="left")  # old training images it takes: d < b
+    errors = (len(pos) - won) + taken
+    best = int(np.lexsort((-gaps, errors))[0])
     b = float(cands[best])
-    return b, {"bias": b, "margin": float(gaps[best]) / 2, "given_recall": float(recall_new[best]),
-               "train_images_taken": int((neg < b).sum()), "train_images": int(len(neg)),
-               "balanced_accuracy": float(balanced[best])}
+    return b, {"bias": b, "margin": float(gaps[best]) / 2, "given_recall": float(won[best] / len(pos)),
+               "train_images_taken": int(taken[best]), "train_images": int(len(neg))}
 
 
 def grown_model(model: Any, weight: np.ndarray, bias: np.ndarray | None) -> Any:
@@ -213,7 +206,7 @@ def run_add_class(req: AddClassRequest, settings: Any, *, progress: bool = True,
         z = (out["features"].astype(np.float64) - mu) / np.maximum(sigma, SIGMA_MIN)
         return out["logits"].max(1).astype(np.float64) - z[:, row].sum(1)
 
-    b, bias_facts = fit_bias(gap(shots), gap(train), train["labels"]) if req.bias else (None, None)
+    b, bias_facts = fit_bias(gap(shots), gap(train)) if req.bias else (None, None)
     W = np.concatenate([head.weight, row[None]]).astype(np.float32)
     bias = None if b is None else np.concatenate([np.zeros(head.n_classes), [b]]).astype(np.float32)
     child = grown_model(model, W, bias)

@@ -6,7 +6,8 @@ Operations, applied in this order to the parent's binary class-feature matrix W:
 2. ``--swap CLASS OLD NEW``: the class uses the selected feature NEW instead of OLD;
 3. ``--drop-feature F``: no class uses F any more; each class that did gets the replacement that maximises the
    selection objective (METHOD.md §6.5) restricted to its row, the other rows fixed, under the distinct-rows rule
-   (:func:`refill`), unless ``--no-refill`` (those classes then keep k-1 features).
+   and never a feature redundant with F (:func:`refill`), unless ``--no-refill`` (those classes then keep k-1
+   features).
 
 Every constraint (k features per class, distinct class rows, ids in range and selected, class names) is checked by
 :meth:`EditRequest.checked` before any work. The model keeps its column layout: a dropped feature's column stays,
@@ -82,9 +83,9 @@ class EditPlan:
 class EditRequest:
     """``qpm edit RUN -o NEW_RUN``: the operations (see the module docstring), ``refill``/``refill_from`` (``all``: a
     replacement may come from the unselected dense features into the freed column; ``selected``: only features the
-    model already has), ``refit`` epochs, ``verify``, the child's ``metrics`` (names as ``qpm evaluate``; ``none``:
-    none), the ``seed`` of the refit (default: the parent's), ``force`` (replace a non-run output folder) and the
-    ``device``."""
+    model already has), ``allow_redundant`` (a replacement may be redundant with a dropped feature), ``refit``
+    epochs, ``verify``, the child's ``metrics`` (names as ``qpm evaluate``; ``none``: none), the ``seed`` of the refit
+    (default: the parent's), ``force`` (replace a non-run output folder) and the ``device``."""
 
     run: str
     out: str | None = None
@@ -93,6 +94,7 @@ class EditRequest:
     drop: tuple[str, ...] = ()
     refill: bool = True
     refill_from: str = "all"
+    allow_redundant: bool = False
     refit: int = 0
     verify: bool = False
     metrics: str = "Accuracy"
@@ -252,7 +254,7 @@ def run_objective(head: ParentHead) -> Objective:
 REFILL_NODES = 200_000  # search budget of refill(); far above what conflicts between replacements need
 
 
-def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = True,
+def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = True, allow_redundant: bool = False,
            ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]], bool]:
     """Complete the rows of ``plan.affected`` with one replacement each so that the objective is maximal, every
     other row fixed, under the distinct-rows rule; returns ``(weight, features, choices, exact)``.
@@ -261,7 +263,8 @@ def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = Tru
     uses any more, other than a dropped one (gain minus its penalty with the features in use); and, with
     ``allow_unselected``, every unselected dense feature (the same gain), which then takes over the lowest free
     column (a dropped feature's column first; classes may share it), so the model never uses more than K features.
-    Dropped features never come back.
+    Dropped features never come back, and unless ``allow_redundant`` neither does a feature redundant with one
+    (a disallowed pair of the selection, R >= tau: the same class information under another id).
 
     The joint choice is exact: a depth-first branch and bound over the affected classes (in class order, candidates
     by decreasing gain, ties to a feature already in use, then the lowest id); a branch is cut when its gain plus
@@ -273,19 +276,24 @@ def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = Tru
     dropped = set(plan.dropped)
     n_f = objective.coef.shape[0]
     affected = list(plan.affected)
+    banned = set(dropped)
+    if not allow_redundant and dropped:
+        banned |= {int(g) for g in np.flatnonzero((objective.P[:, sorted(dropped)] > 0).any(1))}
+    banned_ids = np.asarray(sorted(banned), np.int64)
 
     def candidates(W: np.ndarray, feats: np.ndarray, c: int) -> list[tuple[float, int, int, int]]:
         used = W.any(0)
         in_use = feats[used]
         others = {bytes(r) for i, r in enumerate(W) if i != c}
         free = sorted(np.flatnonzero(~used).tolist(), key=lambda j: (int(feats[j]) not in dropped, j))
-        cands = [(float(objective.coef[feats[j], c]), 0, int(feats[j]), int(j)) for j in np.flatnonzero(used & ~W[c])]
+        cands = [(float(objective.coef[feats[j], c]), 0, int(feats[j]), int(j)) for j in np.flatnonzero(used & ~W[c])
+                 if int(feats[j]) not in banned]
         for j in free:
             g = int(feats[j])
-            if g not in dropped:
+            if g not in banned:
                 cands.append((float(objective.coef[g, c] - objective.P[g, in_use].sum()), 1, g, int(j)))
         if allow_unselected and free:
-            outside = np.setdiff1d(np.arange(n_f), np.concatenate([feats, np.asarray(sorted(dropped), np.int64)]))
+            outside = np.setdiff1d(np.arange(n_f), np.concatenate([feats, banned_ids]))
             vals = objective.coef[outside, c] - objective.P[np.ix_(outside, in_use)].sum(1)
             cands += [(float(v), 2, int(g), int(free[0])) for v, g in zip(vals, outside, strict=True)]
         valid = []
@@ -297,7 +305,7 @@ def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = Tru
         return sorted(valid, key=lambda t: (-t[0], t[1] > 0, t[2]))
 
     # A bound on what each class can still gain: its best coefficient over the features it may get (penalties >= 0).
-    pool = np.setdiff1d(np.arange(n_f) if allow_unselected else plan.features, np.asarray(sorted(dropped), np.int64))
+    pool = np.setdiff1d(np.arange(n_f) if allow_unselected else plan.features, banned_ids)
     gain_bound = [float(objective.coef[pool, c].max()) for c in affected]
     rest = [sum(gain_bound[i + 1:]) for i in range(len(affected))]
     best: dict[str, Any] = {"value": -math.inf, "state": None}
@@ -324,8 +332,8 @@ def refill(plan: EditPlan, objective: Objective, *, allow_unselected: bool = Tru
 
     search(0, plan.weight.copy(), plan.features.copy(), 0.0, [])
     if best["state"] is None:
-        raise SelectionError("no choice of replacements keeps every class's feature set distinct; choose them with "
-                             "--set")
+        raise SelectionError("no choice of replacements keeps every class's feature set distinct (features "
+                             "redundant with a dropped one excluded); choose them with --set or pass --allow-redundant")
     W, feats, chosen = best["state"]
     return W, feats, chosen, nodes <= REFILL_NODES
 
@@ -352,7 +360,8 @@ def run_edit(req: EditRequest, settings: Any, *, progress: bool = True,
     weight, features, choices, objective = plan.weight, plan.features, [], None
     if plan.affected and req.refill:
         objective = run_objective(head)
-        weight, features, choices, exact = refill(plan, objective, allow_unselected=req.refill_from == "all")
+        weight, features, choices, exact = refill(plan, objective, allow_unselected=req.refill_from == "all",
+                                                  allow_redundant=req.allow_redundant)
         if not exact:
             say("note: the refill search hit its node budget; the best replacements found are used")
     device = torch_device(req.device)
@@ -386,7 +395,8 @@ def run_edit(req: EditRequest, settings: Any, *, progress: bool = True,
     verify = verify_report(model, child, caches[1], head, diff, refit is not None, device) if req.verify else None
     summary = _write_child(req, head, info, child, model, weight, features, caches, {
         "operations": {"set": list(req.sets), "swap": [list(s) for s in req.swaps],
-                       "drop_feature": plan.dropped, "refill": req.refill, "refill_from": req.refill_from},
+                       "drop_feature": plan.dropped, "refill": req.refill, "refill_from": req.refill_from,
+                       "allow_redundant": req.allow_redundant},
         "diff": diff, "refill": choices,
         "columns": [{"column": j, "before": int(head.features[j]), "after": int(features[j])} for j in new_columns],
         "unused_features": [int(f) for f in features[~weight.any(0)]],

@@ -112,7 +112,7 @@ def test_refill_is_the_joint_optimum_of_the_objective_on_both_paths():
         obj = objective(10, 4, seed=seed, penalty=0.3)
         for allow in (False, True):
             plan = EditPlan(weight=plan_W, features=features, dropped=[2], affected=[0, 1], per_class=3)
-            W1, f1, choices, exact = refill(plan, obj, allow_unselected=allow)
+            W1, f1, choices, exact = refill(plan, obj, allow_unselected=allow, allow_redundant=True)
             assert exact and (W1.sum(1) == 3).all() and len({bytes(r) for r in W1}) == 4
             assert 2 not in {int(f1[j]) for j in np.flatnonzero(W1.any(0))}
             assert obj.value(f1, W1) == pytest.approx(brute_force_refill(plan, obj, allow))
@@ -120,9 +120,25 @@ def test_refill_is_the_joint_optimum_of_the_objective_on_both_paths():
                 assert set(f1) <= set(features)  # only the model's own features
     # an unselected feature that beats every selected one takes the dropped feature's column
     obj.coef[9, 0] = 100.0
-    W2, f2, ch, _ = refill(EditPlan(plan_W, features, [2], [0, 1], 3), obj, allow_unselected=True)
+    W2, f2, ch, _ = refill(EditPlan(plan_W, features, [2], [0, 1], 3), obj, allow_unselected=True,
+                           allow_redundant=True)
     assert ch[0] == {**ch[0], "feature": 9, "column": 1, "source": "unselected", "replaces_column_of": 2}
     assert f2[1] == 9 and W2[0, 1]
+
+
+def test_refill_excludes_features_redundant_with_a_dropped_one():
+    features = np.array([0, 2, 4, 6, 8])
+    W = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [1, 0, 0, 1, 1]], bool)
+    plan_W = W.copy()
+    plan_W[:, 1] = False  # drop feature 2
+    obj = objective(10, 4)
+    obj.coef[9, :] = 100.0  # the objective's favourite everywhere ...
+    obj.P[9, 2] = obj.P[2, 9] = 0.5  # ... is a disallowed pair with the dropped feature: the same information
+    plan = EditPlan(plan_W, features, [2], [0, 1], 3)
+    _, f1, ch, _ = refill(plan, obj)
+    assert 9 not in f1 and all(c["feature"] != 9 for c in ch)
+    _, f2, ch, _ = refill(plan, obj, allow_redundant=True)
+    assert 9 in f2 and ch[0]["feature"] == 9
 
 
 def test_refill_finds_the_completion_a_greedy_choice_would_block():
@@ -403,9 +419,9 @@ def test_best_row_is_the_exact_best_free_subset():
 def test_fit_bias_puts_the_threshold_in_the_middle_of_the_gap():
     pos = np.array([-3.0, -2.5, -2.0])
     neg = np.array([1.0, 2.0, 3.0, 4.0])
-    b, facts = fit_bias(pos, neg, np.array([0, 0, 1, 1]))
+    b, facts = fit_bias(pos, neg)
     assert b == pytest.approx(-0.5) and facts["given_recall"] == 1.0 and facts["train_images_taken"] == 0
     assert facts["margin"] == pytest.approx(1.5)
-    # overlapping: one given image among one old class's images is not worth half of that class
-    b, facts = fit_bias(np.array([0.0, 5.0]), np.array([4.0, 4.5, 6.0, 7.0]), np.array([0, 0, 1, 1]))
-    assert facts["balanced_accuracy"] == pytest.approx((0.5 + 1 + 1) / 3) and 0.0 < b < 4.0
+    # overlapping: a given image is not won at the price of two old images, but one for one goes to the wider gap
+    b, facts = fit_bias(np.array([0.0, 5.0]), np.array([4.0, 4.5, 6.0, 7.0]))
+    assert 0.0 < b < 4.0 and facts["given_recall"] == 0.5 and facts["train_images_taken"] == 0

@@ -57,6 +57,9 @@ def edit(
     refill_from: str = typer.Option("all", "--refill-from",
                                     help="all: a replacement may be any dense feature (an unselected one takes the "
                                          "dropped feature's column); selected: only features the model has."),
+    allow_redundant: bool = typer.Option(False, "--allow-redundant",
+                                         help="Let a replacement be redundant with a dropped feature (R >= tau, the "
+                                              "selection's redundancy test); by default such features are excluded."),
     refit: int = typer.Option(0, "--refit", metavar="EPOCHS",
                               help="Finetune the adapter this many epochs on the cached tokens, W fixed."),
     verify: bool = typer.Option(False, "--verify", help="Compare with the parent on the test cache: accuracy per "
@@ -79,8 +82,9 @@ def edit(
     settings = settings_from_flags(device=device, device_check="torch")
     target = resolve_model(settings, run, run_only=True)
     req = EditRequest(run=str(target.path), out=out, sets=tuple(set_row or ()), swaps=split_swaps(swap),
-                      drop=tuple(drop_feature or ()), refill=refill, refill_from=refill_from, refit=refit,
-                      verify=verify, metrics=metrics, seed=seed, force=force, device=settings.device).checked()
+                      drop=tuple(drop_feature or ()), refill=refill, refill_from=refill_from,
+                      allow_redundant=allow_redundant, refit=refit, verify=verify, metrics=metrics, seed=seed,
+                      force=force, device=settings.device).checked()
     if not quiet and not json_out:
         say(target.line("editing"))
     err = console(stderr=True)
