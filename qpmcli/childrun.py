@@ -47,7 +47,6 @@ EDIT_FORMAT_VERSION = 1
 # model and its pooled features (the selection problem), the training log.
 PARENT_FILES = (CONFIG, DENSE, DENSE_JSON, DENSE_FEATURES, LOG_JSONL, LOG_CSV)
 FEATURE_NAMES = "feature_names.json"  # `qpm name-features`: carried only while the adapter and the features stay
-CONFORMAL = "conformal.json"  # `qpm conformal`: a calibration of the parent's model, never carried
 
 
 # ---------------------------------------------------------------------------------------------- the parent's head
