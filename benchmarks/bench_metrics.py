@@ -52,9 +52,11 @@ def make_problem(n_train: int, n_test: int, tmp: Path, seed: int = 0) -> dict:
     logits = (pooled - pooled.mean(0)) / pooled.std(0) @ weight.T + rng.normal(0, 0.5, (n_test, c))
     class_attr = rng.random((c, a)) * (rng.random((c, a)) < 0.2)
     image_attr = rng.random((n_train, a)) < 0.1
+    known = rng.random((n_train, a)) < 0.85  # CUB: a certainty >= 3 for most labels
     return dict(train_features=train.astype(np.float32), train_labels=y_train, test_logits=logits.astype(np.float32),
                 test_labels=y_test, test_maps=np.load(tmp / "maps.npy", mmap_mode="r"), weight=weight,
-                test_masks=masks, class_attributes=class_attr, image_attributes=image_attr)
+                test_masks=masks, class_attributes=class_attr, image_attributes=image_attr,
+                image_attribute_known=known)
 
 
 # ------------------------------------------------------------------------------------------- per-sample baseline
@@ -133,14 +135,14 @@ def baseline(p: dict, seed: int = 0) -> dict:
     np.fill_diagonal(sa, 0)
     top = np.argsort(-sa.ravel(), kind="stable")[:50]
     out["Structural-Grounding"] = float(sw.ravel()[top].sum() / sa.ravel()[top].sum())
-    att = p["image_attributes"]
-    scale = np.maximum((f - f.min(0)).mean(0), 1e-10)
+    att, known = p["image_attributes"], p["image_attribute_known"]
+    scale = (f - f.min(0)).mean(0)
     best = np.full(f.shape[1], -np.inf)
-    for ai in range(att.shape[1]):
-        present = att[:, ai]
-        if present.all() or not present.any():
-            continue
-        best = np.maximum(best, (f[present].mean(0) - f[~present].mean(0)) / scale)
+    for ai in range(att.shape[1]):  # the reference: known labels only, an empty group's mean is 0
+        with_a, without_a = att[:, ai] & known[:, ai], ~att[:, ai] & known[:, ai]
+        mean_with = f[with_a].mean(0) if with_a.any() else 0.0
+        mean_without = f[without_a].mean(0) if without_a.any() else 0.0
+        best = np.maximum(best, (mean_with - mean_without) / scale)
     out["Alignment"] = float(best.mean())
     out["NFeatures"] = float(len(rel))
     out["PerClass"] = float((w != 0).sum() / c)

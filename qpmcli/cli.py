@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "train",
     "select",
     "evaluate",
+    "name_features",
     "explain",
     "export",
     "predict",

@@ -159,6 +159,36 @@ class Dataset(ABC):
         """A ``[C, A]`` class-attribute matrix (e.g. CUB's continuous attributes) or ``None``."""
         return None
 
+    def path(self, index: int) -> str | None:
+        """A stable identifier of item ``index`` (its file for image files), ideally without decoding the image.
+
+        ``qpm name-features --attributes FILE.csv`` matches the file's ``image`` column against it. The default
+        decodes the item and returns ``Sample.path``; datasets of files override it.
+        """
+        return self[index].path
+
+    # Optional per-image attributes (the alignment metric and ``qpm name-features``). A dataset without them keeps
+    # these defaults and works everywhere else; its users can still pass an attribute table as a CSV file.
+    @property
+    def has_image_attributes(self) -> bool:
+        """True when :meth:`image_attributes` returns per-image attribute labels."""
+        return False
+
+    def image_attributes(self) -> np.ndarray | None:
+        """bool ``[N, A]`` in item order: attribute ``a`` is present in item ``i``. Only entries that
+        :meth:`image_attribute_known` marks as known are read (present or absent); the others may hold anything."""
+        return None
+
+    def image_attribute_known(self) -> np.ndarray | None:
+        """bool ``[N, A]``: the labels the dataset is sure of (CUB: certainty >= 3). An unknown label puts the image
+        in neither the "with" nor the "without" group of an attribute. ``None`` (the default): every label is known."""
+        return None
+
+    def attribute_names(self) -> list[str] | None:
+        """The ``A`` attribute names in column order (CUB: ``has_wing_color::blue``), the words
+        ``qpm name-features`` names features with; ``None`` (the default): "attribute 1", "attribute 2", ..."""
+        return None
+
     def fingerprint(self) -> dict[str, Any]:
         """JSON-able facts that identify this dataset split for cache keys (name, split, size, options)."""
         return {"name": self.name, "split": self.split, "size": len(self), "classes": len(self.classes)}

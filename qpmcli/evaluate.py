@@ -11,13 +11,14 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qpmcli import metrics as M
-from qpmcli.errors import ArtifactError, CacheError, QpmError
+from qpmcli.errors import ArtifactError, CacheError, DatasetError, QpmError
 from qpmcli.files import clean_stale_temps
 from qpmcli.progress import progress_bar
 
@@ -77,14 +78,14 @@ def head_parameters(model: QPMModel) -> dict[str, np.ndarray | None]:
 
 
 def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCache, *,
-                   class_attributes: Any = None, image_attributes: Any = None, which: str | list[str] = "all",
-                   seed: int = 0, device: str = "cpu", batch_size: int = 256, progress: bool = True,
-                   ) -> dict[str, float | None]:
+                   class_attributes: Any = None, image_attributes: Any = None, image_attribute_known: Any = None,
+                   which: str | list[str] = "all", seed: int = 0, device: str = "cpu", batch_size: int = 256,
+                   progress: bool = True) -> dict[str, float | None]:
     """Metrics of ``model`` (dense or sparse) on the caches: one pass over train (pooled features) and one over test.
 
     ``class_attributes`` [C, A] enables Structural-Grounding, ``image_attributes`` [N_train, A] bool (rows in the
-    train cache's order) enables Alignment; segmentation overlap needs the test cache's masks. Absent inputs give
-    ``None`` for those metrics.
+    train cache's order; ``image_attribute_known`` the labels the dataset is sure of, None = all) enables Alignment;
+    segmentation overlap needs the test cache's masks. Absent inputs give ``None`` for those metrics.
     """
     keys = M.checked_metric_names(which)
     model = model.to(device).eval()
@@ -101,10 +102,8 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
     train_features = np.zeros((0, weight.shape[1]), np.float32)
     with progress_bar(enabled=progress) as bar:
         if needs_train:
-            train_features = np.empty((len(train_cache), weight.shape[1]), np.float32)
-            for s, e, o in iter_outputs(model, train_cache, batch_size=batch_size, device=device, progress=bar,
-                                        description="train features"):
-                train_features[s:e] = o.features.float().cpu().numpy()
+            train_features = collect_train_features(model, train_cache, device=device, batch_size=batch_size,
+                                                    progress=bar)
         for s, e, o in iter_outputs(model, test_cache, batch_size=batch_size, device=device, progress=bar,
                                     description="test outputs"):
             logits = o.logits.float().cpu().numpy()
@@ -117,18 +116,34 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
                             f"{len(train_cache)}; pass them in the cache's row order")
     return M.finish_metrics(keys, train_features=train_features, train_labels=train_cache.labels,
                             test_logits=test_logits, test_labels=test_cache.labels, weight=weight,
-                            class_attributes=class_attributes, image_attributes=image_attributes, seed=seed,
-                            scorer=scorer)
+                            class_attributes=class_attributes, image_attributes=image_attributes,
+                            image_attribute_known=image_attribute_known, seed=seed, scorer=scorer)
+
+
+@dataclass
+class ImageAttributes:
+    """Per-image attribute labels of the train images, rows in the train cache's order.
+
+    ``present [N, A]`` bool; ``known [N, A]`` bool, the labels the source is sure of (CUB: certainty >= 3; an
+    unknown label counts neither as present nor as absent); ``names [A]``; ``source`` says where they come from.
+    """
+
+    present: np.ndarray
+    known: np.ndarray
+    names: list[str]
+    source: str = ""
 
 
 def dataset_attributes(dataset: str, settings: Any, *, data_root: str | None = None,
                        dataset_options: dict[str, Any] | None = None, train_cache: TokenCache | None = None,
-                       n_classes: int | None = None) -> tuple[np.ndarray | None, np.ndarray | None, list[str]]:
-    """``(class_attributes [C, A], image_attributes [N_train, A], notes)`` of a dataset, where it has them.
+                       n_classes: int | None = None) -> tuple[np.ndarray | None, ImageAttributes | None, list[str]]:
+    """``(class_attributes [C, A], image attributes of the train split, notes)`` of a dataset, where it has them.
 
-    Image attributes are reordered to the train cache's rows (``cache.indices``). Attributes whose class count does
-    not match the model are dropped (METHOD.md §13 C6: never score one dataset's model with another's attributes).
-    A dataset that cannot be opened any more (moved data) yields ``None`` and a note instead of an error.
+    Image attributes (:class:`ImageAttributes`: present, known mask, names; the dataset's optional
+    ``image_attributes()``, ``image_attribute_known()`` and ``attribute_names()``) are reordered to the train cache's
+    rows (``cache.indices``). Attributes whose class count does not match the model are dropped (METHOD.md §13 C6:
+    never score one dataset's model with another's attributes). A dataset that cannot be opened any more (moved
+    data) yields ``None`` and a note instead of an error.
     """
     notes: list[str] = []
     try:
@@ -146,17 +161,48 @@ def dataset_attributes(dataset: str, settings: Any, *, data_root: str | None = N
     image_attrs = None
     if getattr(ds, "has_image_attributes", False):
         try:
-            image_attrs = np.asarray(ds.image_attributes(), dtype=bool)
+            image_attrs = _image_attributes_of(ds, dataset)
         except QpmError as exc:
             notes.append(f"image attributes not readable: {exc}")
         if image_attrs is not None and train_cache is not None:
             idx = np.asarray(train_cache.indices, dtype=np.int64)
-            if idx.size and int(idx.max()) >= image_attrs.shape[0]:
+            if idx.size and int(idx.max()) >= image_attrs.present.shape[0]:
                 notes.append("image attributes do not cover the train cache; ignored")
                 image_attrs = None
             else:
-                image_attrs = image_attrs[idx]
+                image_attrs = ImageAttributes(image_attrs.present[idx], image_attrs.known[idx], image_attrs.names,
+                                              image_attrs.source)
     return class_attrs, image_attrs, notes
+
+
+def _image_attributes_of(ds: Any, dataset: str) -> ImageAttributes:
+    """A dataset's image attributes in its own item order; the known mask and names are optional methods."""
+    present = np.asarray(ds.image_attributes(), dtype=bool)
+    if present.ndim != 2 or present.shape[0] != len(ds):
+        raise DatasetError(f"dataset {dataset}: image_attributes() must be [{len(ds)}, A], got {present.shape}")
+    known_fn, names_fn = getattr(ds, "image_attribute_known", None), getattr(ds, "attribute_names", None)
+    known = known_fn() if callable(known_fn) else None
+    known = np.ones_like(present) if known is None else np.asarray(known, dtype=bool)
+    if known.shape != present.shape:
+        raise DatasetError(f"dataset {dataset}: image_attribute_known() must be {list(present.shape)}, got "
+                            f"{list(known.shape)}")
+    names = names_fn() if callable(names_fn) else None
+    names = [str(n) for n in names] if names is not None else [f"attribute {a + 1}" for a in range(present.shape[1])]
+    if len(names) != present.shape[1]:
+        raise DatasetError(f"dataset {dataset}: attribute_names() lists {len(names)} names for "
+                            f"{present.shape[1]} attributes")
+    return ImageAttributes(present, known, names, f"dataset {dataset}")
+
+
+def collect_train_features(model: QPMModel, train_cache: TokenCache, *, device: str = "cpu", batch_size: int = 256,
+                   progress: Any = None) -> np.ndarray:
+    """Pooled, un-standardised features ``[N, K]`` (float32) of the train cache's images under ``model`` (what the
+    train-feature metrics and ``qpm name-features`` read); ``progress`` is an open progress bar or None."""
+    out = np.empty((len(train_cache), model.head_weight().shape[1]), np.float32)
+    for s, e, o in iter_outputs(model, train_cache, batch_size=batch_size, device=device, progress=progress,
+                                description="train features"):
+        out[s:e] = o.features.float().cpu().numpy()
+    return out
 
 
 def open_run_caches(run_dir: str | os.PathLike[str], info: dict[str, Any] | None = None,
@@ -251,7 +297,9 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
             notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the "
                          "reference)")
         values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
-                                image_attributes=image_attrs, which=keys, seed=record.seed or 0,
+                                image_attributes=None if image_attrs is None else image_attrs.present,
+                                image_attribute_known=None if image_attrs is None else image_attrs.known,
+                                which=keys, seed=record.seed or 0,
                                 device=device, batch_size=batch_size, progress=progress)
         if save:
             clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)

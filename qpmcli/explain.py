@@ -136,6 +136,8 @@ class FeatureEvidence:
     contribution: float  # W[c, k] * zscore (or W * f_k without standardisation)
     peak: float  # the map's maximum
     peak_at: list[int]  # [row, col] of the maximum on the token grid
+    name: str | None = None  # its best name (`qpm name-features`), None without one
+    label: str = ""  # how every surface prints it: "f12 red circle" or "f12" (ClassifierMetadata.feature_label)
 
 
 @dataclass
@@ -167,7 +169,7 @@ def metadata_dict(meta: Any) -> dict[str, Any]:
     if isinstance(meta, dict):
         return dict(meta)
     keys = ("class_names", "features", "weight", "mu", "sigma", "bias", "backbone", "weights_digest", "grid",
-            "image_size", "preprocess", "prototypes")
+            "image_size", "preprocess", "prototypes", "feature_names")
     return {k: getattr(meta, k) for k in keys if hasattr(meta, k)}
 
 
@@ -210,7 +212,8 @@ def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
         evidence.append(FeatureEvidence(feature=ids[k], column=k, weight=float(w[c, k]), activation=float(f[k]),
                                         zscore=None if z is None else float(z[k]),
                                         contribution=float(contrib_all[k]), peak=float(m.max()),
-                                        peak_at=[int(r), int(q)]))
+                                        peak_at=[int(r), int(q)], name=meta.feature_name(ids[k]),
+                                        label=meta.feature_label(ids[k])))
     evidence.sort(key=lambda e: -e.contribution)
     order = list(np.argsort(-logits, kind="stable")[:top_k])
     if c not in order:  # an explained class outside the top-k still gets its bar
@@ -395,12 +398,15 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
 
     ax = panels["contributions"] = fig.add_subplot(gs[0, 2])
     if feats:
-        ys = np.arange(len(feats))[::-1]
+        ys = np.arange(len(feats))[::-1].astype(float)
         vals = [e.contribution for e in feats]
-        ax.barh(ys, vals, color=[feature_colour(e.feature) for e in feats])
-        ax.set_yticks(ys, [f"feature {e.feature}" for e in feats], fontsize=7)
-        ax.axvline(0, color="k", lw=0.8)
         lim = max(1e-6, max(abs(v) for v in vals)) * 1.25
+        ax.barh(ys, vals, height=0.42, color=[feature_colour(e.feature) for e in feats])
+        for y, e in zip(ys, feats, strict=True):  # labels above their bars: names need the panel's width
+            ax.text(-lim, y + 0.24, _short(e.label or f"f{e.feature}", 44), va="bottom", fontsize=7)
+        ax.set_yticks([])
+        ax.set_ylim(-0.5, len(feats) - 0.1)
+        ax.axvline(0, color="k", lw=0.8)
         ax.set_xlim(-lim, lim)
         rest = expl.logit - sum(vals)
         ax.set_xlabel(f"contribution to logit (others + bias {rest:+.2f})", fontsize=7)
@@ -428,8 +434,8 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     ax = panels["composite"] = fig.add_subplot(gs[0, 4])
     if ups:
         ax.imshow(_composite(rgb, ups, [feature_colour(e.feature) for e in feats], vmax))
-        handles = [plt.Line2D([], [], marker="s", ls="", color=feature_colour(e.feature), label=f"{e.feature}")
-                   for e in feats]
+        handles = [plt.Line2D([], [], marker="s", ls="", color=feature_colour(e.feature),
+                              label=_short(e.label or f"f{e.feature}", 24)) for e in feats]
         ax.legend(handles=handles, fontsize=6, loc="upper right", framealpha=0.7, handlelength=1, borderpad=0.3)
     else:
         ax.imshow(rgb)
@@ -460,7 +466,8 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
         _overlay(ax, rgb, u, norm)
         _frame(ax, feature_colour(e.feature))
         z = "" if e.zscore is None else f" (z {e.zscore:+.2f})"
-        ax.set_title(f"feature {e.feature}", fontsize=11, fontweight="bold", color=feature_colour(e.feature))
+        ax.set_title(_short(e.label or f"f{e.feature}", 32), fontsize=11, fontweight="bold",
+                     color=feature_colour(e.feature))
         ax.set_xlabel(f"activation {e.activation:.3f}{z}\ncontribution {e.contribution:+.2f}", fontsize=9)
     if feats:
         cax = fig.add_subplot(gs[1, ncols])
@@ -517,7 +524,7 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     labels = []
     for k in cols:
         tag = "shared" if k in groups["shared"] else ("A" if k in groups["only_a"] else "B")
-        labels.append(f"feature {ids[k]} ({tag})")
+        labels.append(f"{_short(meta.feature_label(ids[k]), 26)} ({tag})")
     ax.set_yticks(ys, labels, fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel(f"> 0 favours {_short(expl_a.class_name, 30)},  < 0 favours {_short(expl_b.class_name, 30)}\n"
@@ -541,7 +548,8 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
             ax = fig.add_subplot(gs[r, i])
             _overlay(ax, rgb, ups[k], norm)
             _frame(ax, feature_colour(ids[k]))
-            ax.set_title(f"feature {ids[k]}", fontsize=11, fontweight="bold", color=feature_colour(ids[k]))
+            ax.set_title(_short(meta.feature_label(ids[k]), 32), fontsize=11, fontweight="bold",
+                         color=feature_colour(ids[k]))
             ax.set_xlabel(f"activation {f_all[k]:.3f}", fontsize=9)
             if i == 0:
                 ax.set_ylabel(_wrap(label, 22, 3), fontsize=10, fontweight="bold")
@@ -606,7 +614,8 @@ def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any
         colour = feature_colour(fid)
         ax = fig.add_subplot(gs[r, 0])
         ax.axis("off")
-        ax.text(0.05, 0.55, f"feature {fid}", color=colour, fontsize=13, fontweight="bold", va="center")
+        ax.text(0.05, 0.62, _wrap(meta.feature_label(fid), 18, 2), color=colour, fontsize=12, fontweight="bold",
+                va="center")
         shared = [names[c] for c in range(w.shape[0]) if c != class_index and w[c, k] != 0]
         ax.text(0.05, 0.22, f"weight {w[class_index, k]:+g}\nalso used by {len(shared)}\nother class(es)", fontsize=8,
                 va="center")
@@ -650,6 +659,11 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
         r, g, b = feature_colour(fid)
         return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
+    labels = summary.get("feature_labels") or {}  # {feature id: ClassifierMetadata.feature_label}, from explain()
+
+    def label(fid: int) -> str:
+        return str(labels.get(str(fid)) or f"f{fid}")
+
     esc = html.escape
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{esc(title)}</title>\n"
              f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
@@ -658,7 +672,7 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
     glob = summary.get("global")
     if glob:
         parts.append(f"<h2>Class {esc(glob['class'])}: global explanation</h2>\n"
-                     f"<p>Features {', '.join(str(f) for f in glob['features'])}, each shown by the training "
+                     f"<p>Features {esc(', '.join(label(f) for f in glob['features']))}, each shown by the training "
                      f"patches that activate it most.</p>\n"
                      f"<img class=\"fig\" src=\"{_data_uri(glob['figure'])}\" alt=\"global explanation of "
                      f"{esc(glob['class'])}\">\n")
@@ -676,7 +690,8 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
         for e in item["features"]:
             z = "" if e["zscore"] is None else f"{e['zscore']:+.3f}"
             parts.append(f"<tr><td class=\"l\"><span class=\"sw\" style=\"background:{colour_hex(e['feature'])}\">"
-                         f"</span>feature {e['feature']}</td><td>{e['activation']:.4f}</td><td>{z}</td>"
+                         f"</span>{esc(e.get('label') or label(e['feature']))}</td><td>{e['activation']:.4f}</td>"
+                         f"<td>{z}</td>"
                          f"<td>{e['weight']:+g}</td><td>{e['contribution']:+.3f}</td></tr>\n")
         parts.append("</table>\n<table><tr><th class=\"l\">runner-ups</th><th>probability</th></tr>\n")
         for t in item["top"]:
@@ -689,10 +704,13 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
         if cmp_ and "skipped" in cmp_:
             parts.append(f"<p class=\"meta\">no contrastive view: {esc(cmp_['skipped'])}</p>\n")
         elif cmp_:
+            def listed(ids: list[int]) -> str:
+                return esc(", ".join(label(f) for f in ids)) or "none"
+
             parts.append(f"<h3>{esc(cmp_['class_a'])} vs {esc(cmp_['class_b'])}</h3>\n<p>shared features: "
-                         f"{', '.join(map(str, cmp_['shared'])) or 'none'}; only {esc(cmp_['class_a'])}: "
-                         f"{', '.join(map(str, cmp_['only_a'])) or 'none'}; only {esc(cmp_['class_b'])}: "
-                         f"{', '.join(map(str, cmp_['only_b'])) or 'none'}</p>\n"
+                         f"{listed(cmp_['shared'])}; only {esc(cmp_['class_a'])}: "
+                         f"{listed(cmp_['only_a'])}; only {esc(cmp_['class_b'])}: "
+                         f"{listed(cmp_['only_b'])}</p>\n"
                          f"<img class=\"fig\" src=\"{_data_uri(cmp_['figure'])}\" alt=\"contrastive explanation\">\n")
     parts.append("</body>\n</html>\n")
     return atomic_write_text(path, "".join(parts))
@@ -773,7 +791,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     clean_stale_temps([out])
     summary: dict[str, Any] = {"format": EXPLANATIONS_FORMAT, "model": str(model), "backbone": md.backbone,
                                "out_dir": str(out), "class_names": len(names), "images": [], "skipped": skipped,
-                               "global": None, "kind": clf.kind, "provider": clf.provider, "precision": clf.precision}
+                               "global": None, "kind": clf.kind, "provider": clf.provider, "precision": clf.precision,
+                               "feature_labels": {str(f): md.feature_label(f) for f in ids}}
     if cls_idx is not None:
         if int((w[cls_idx] != 0).sum()) > 10:
             raise ConfigError("--class (global explanation) needs a QPM model with a feature selection; this model's "

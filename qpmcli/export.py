@@ -146,7 +146,7 @@ def export_onnx(
 
         settings, _ = resolve_settings()
     model, info = load_model(run, "final", device="cpu")
-    meta = metadata_from_run(model, info)
+    meta = metadata_from_run(model, info, run_dir=run)  # with the run's feature names, when it has them
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
     import tempfile
 

@@ -15,7 +15,7 @@ Correlation                 mean_j max_i cos(F_i, F_j) (:func:`correlation`)    
 Structural-Grounding        sum cos(W) / sum cos(attributes) on the top-50 pairs    >= 0 for W >= 0, 1 = matches
                             (:func:`structural_grounding`)
 Alignment                   mean_j max_a (mean F_j | a - mean F_j | not a) / scale   unbounded, higher
-                            (:func:`alignment`)
+                            (:func:`alignment`, :func:`alignment_matrix`)
 Plausibility                = SegOverlap-gradcam_dilated (:func:`plausibility`)     [0, 1], higher
 SegOverlap-<variant>        mass / peak of the maps inside the object mask          [0, 1], higher
                             (:func:`segmentation_overlap`)
@@ -446,29 +446,58 @@ def structural_grounding(weight: Any, class_attributes: Any, top: int = 50) -> f
     return float(s[idx].sum() / den) if den != 0 else float("nan")
 
 
-def alignment(features: Any, image_attributes: Any) -> float:
+def alignment_matrix(features: Any, present: Any, known: Any = None) -> np.ndarray:
+    """``M [K, A]`` (float64): how much more feature j fires on images with attribute a than on images without it,
+    as the reference's alignment metric defines it (METHOD.md §8, ``metrics/cub_Alignment.py``).
+
+    ``M[j, a] = (mean of F_j over the images whose label for a is known and present - mean over those whose label is
+    known and absent) / mean_i(F_ij - min_i F_ij)``. ``features [N, K]``; ``present [N, A]`` bool; ``known [N, A]``
+    bool marks the labels the dataset is sure of (CUB: certainty >= 3); ``None`` = every label is known. An
+    unknown label puts the image in neither group. As in the reference, an empty group's mean is 0 and the
+    normaliser (over all N images) has no epsilon: a constant feature gives a non-finite row.
+
+    This is the one owner of M: :func:`alignment` and ``qpm name-features`` (:mod:`qpmcli.naming`) both use it.
+    """
+    f = _to_numpy(features).astype(np.float64)
+    att = _to_numpy(present).astype(bool)
+    if f.ndim != 2:
+        raise ValueError(f"features must be [N, K], got {f.shape}")
+    if att.ndim != 2 or att.shape[0] != f.shape[0]:
+        raise ValueError(f"image attributes must be [N={f.shape[0]}, A], got {att.shape}")
+    if known is None:
+        pos, neg = att, ~att
+    else:
+        k = _to_numpy(known).astype(bool)
+        if k.shape != att.shape:
+            raise ValueError(f"the known mask must have the attributes' shape {att.shape}, got {k.shape}")
+        pos, neg = att & k, ~att & k
+    n_pos, n_neg = pos.sum(axis=0), neg.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_pos = np.where(n_pos > 0, (f.T @ pos.astype(np.float64)) / np.maximum(n_pos, 1), 0.0)
+        mean_neg = np.where(n_neg > 0, (f.T @ neg.astype(np.float64)) / np.maximum(n_neg, 1), 0.0)
+        scale = (f - f.min(axis=0)).mean(axis=0)
+        return (mean_pos - mean_neg) / scale[:, None]
+
+
+def alignment(features: Any, image_attributes: Any, known: Any = None) -> float:
     """CUB attribute alignment (METHOD.md §8): how well each feature matches one human attribute. Higher is better;
     unbounded (a feature that fires exactly on one attribute present in a fraction q of images scores 1/q).
 
-    For feature j and attribute a: (mean F_j over images with a - mean over images without a) /
-    max(mean_i(F_ij - min F_j), 1e-10); the score is mean_j max_a. ``image_attributes`` [N, A] bool is the
-    per-image presence (CUB: certainty >= 3). Attributes present in all or in no image are skipped.
+    ``mean_j max_a M[j, a]`` of :func:`alignment_matrix` (see there for ``known``: CUB's certainty >= 3 mask).
+    Like the reference, whose attribute columns run up to the largest attribute id with a known label, trailing
+    attributes that are never known are left out; a constant feature makes the score non-finite (reported as
+    not applicable by :func:`compute_metrics`).
     """
-    f = _to_numpy(features).astype(np.float64)
     att = _to_numpy(image_attributes).astype(bool)
-    if att.ndim != 2 or att.shape[0] != f.shape[0]:
-        raise ValueError(f"image attributes must be [N={f.shape[0]}, A], got {att.shape}")
-    count = att.sum(axis=0).astype(np.float64)
-    usable = (count > 0) & (count < f.shape[0])
-    if not usable.any():
-        raise ValueError("no attribute is present in some but not all images")
-    a = att[:, usable].astype(np.float64)
-    count = count[usable]
-    with_sum = a.T @ f  # [A, K]
-    mean_with = with_sum / count[:, None]
-    mean_without = (f.sum(axis=0)[None, :] - with_sum) / (f.shape[0] - count)[:, None]
-    scale = np.maximum((f - f.min(axis=0)).mean(axis=0), 1e-10)
-    return float(((mean_with - mean_without) / scale).max(axis=0).mean())
+    if att.ndim != 2 or att.shape[1] == 0:
+        raise ValueError(f"image attributes must be [N, A] with A >= 1, got {att.shape}")
+    k = None if known is None else _to_numpy(known).astype(bool)
+    seen = np.flatnonzero((k if k is not None else np.ones_like(att)).any(axis=0))
+    if not seen.size:
+        raise ValueError("no attribute label is known")
+    width = int(seen[-1]) + 1
+    m = alignment_matrix(features, att[:, :width], None if k is None else k[:, :width])
+    return float(m.max(axis=1).mean())
 
 
 # ====================================================================================================================
@@ -780,7 +809,8 @@ def map_scorer(weight: Any, keys: list[str], *, head_mean: Any = None, head_std:
 
 
 def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any,
-                   weight: Any, class_attributes: Any = None, image_attributes: Any = None, seed: int = 0,
+                   weight: Any, class_attributes: Any = None, image_attributes: Any = None,
+                   image_attribute_known: Any = None, seed: int = 0,
                    scorer: TestMapScorer | None = None) -> dict[str, float | None]:
     """The metrics ``keys`` from train features, test logits and an already fed :class:`TestMapScorer`.
 
@@ -817,7 +847,9 @@ def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, t
             sg = None if class_attributes is None else structural_grounding(w, class_attributes)
             out[key] = sg if sg is None or np.isfinite(sg) else None
         elif key == "Alignment":
-            out[key] = None if image_attributes is None or not rel.size else alignment(f_rel, image_attributes)
+            al = None if image_attributes is None or not rel.size else \
+                alignment(f_rel, image_attributes, image_attribute_known)
+            out[key] = al if al is None or np.isfinite(al) else None
         elif key == "NFeatures":
             out[key] = float(rel.size)
         elif key == "PerClass":
@@ -831,14 +863,16 @@ def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, t
 
 def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any, test_maps: Any,
                     weight: Any, test_masks: Any = None, class_attributes: Any = None, image_attributes: Any = None,
-                    which: str | list[str] = "all", seed: int = 0, head_mean: Any = None, head_std: Any = None,
-                    head_bias: Any = None, device: Any = None) -> dict[str, float | None]:
+                    image_attribute_known: Any = None, which: str | list[str] = "all", seed: int = 0,
+                    head_mean: Any = None, head_std: Any = None, head_bias: Any = None,
+                    device: Any = None) -> dict[str, float | None]:
     """All requested metrics of METHOD.md §8 for one model, as fractions (the paper's tables show x100).
 
     train_features [N, K] pooled, un-standardised, no dropout; train_labels [N]; test_logits [M, C];
     test_labels [M]; test_maps [M, K, h, w] (any array or memmap, e.g. fp16; read in chunks); weight [C, K] the
     head's class-feature matrix; test_masks [M, h, w] bool at patch resolution (see :func:`patch_mask`);
-    class_attributes [C, A]; image_attributes [N, A] bool (train images). head_mean/head_std/head_bias describe the
+    class_attributes [C, A]; image_attributes [N, A] bool (train images) and image_attribute_known [N, A] bool, the
+    labels the dataset is sure of (CUB: certainty >= 3; None = all). head_mean/head_std/head_bias describe the
     full head for the pooling baseline (defaults: none, i.e. logits = maps_pooled @ W.T).
 
     Train-feature metrics use only the relevant features (columns of W with a non-zero entry, §13 C15).
@@ -862,4 +896,5 @@ def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any,
             scorer.update(pred[s:e], y_test[s:e], chunk, None if masks is None else masks[s:e])
     return finish_metrics(keys, train_features=train_features, train_labels=train_labels, test_logits=test_logits,
                           test_labels=test_labels, weight=w, class_attributes=class_attributes,
-                          image_attributes=image_attributes, seed=seed, scorer=scorer)
+                          image_attributes=image_attributes, image_attribute_known=image_attribute_known,
+                          seed=seed, scorer=scorer)

@@ -12,11 +12,13 @@ One module owns the format so that every reader and writer agrees on it:
   :data:`PROTOTYPES_KEY`), and :func:`read_onnx_metadata` to read it from a file;
 - the prototypes document: ``<run>/prototypes/prototypes.json`` (:data:`PROTOTYPES_FORMAT`, written by
   :mod:`qpmcli.prototypes`) and its embedded form ``{"<feature id>": [{"png_b64", "class", "activation",
-  "patch_box"}, ...]}`` (:func:`embed_prototypes`, :func:`parse_prototypes`).
+  "patch_box"}, ...]}`` (:func:`embed_prototypes`, :func:`parse_prototypes`);
+- a run's feature names (:func:`run_feature_names`, the document of :mod:`qpmcli.featurenames`) as
+  :attr:`ClassifierMetadata.feature_names`, printed by :meth:`ClassifierMetadata.feature_label`.
 
-This module imports only :mod:`qpmcli.errors` and :mod:`qpmcli.version` from the package (the bottom of the import
-graph), and neither torch nor numpy nor matplotlib (numpy, onnx and onnxruntime are imported inside
-the functions that need them), so ``qpm predict model.onnx`` and ``qpm serve`` start fast.
+This module imports only :mod:`qpmcli.errors`, :mod:`qpmcli.featurenames` and :mod:`qpmcli.version` from the
+package (the bottom of the import graph), and neither torch nor numpy nor matplotlib (numpy, onnx and onnxruntime
+are imported inside the functions that need them), so ``qpm predict model.onnx`` and ``qpm serve`` start fast.
 
 Writers: :mod:`qpmcli.export` (ONNX files), :mod:`qpmcli.prototypes` (the prototypes folder). Readers:
 :mod:`qpmcli.predict` (``Classifier.metadata``), :mod:`qpmcli.explain` (renders from a :class:`ClassifierMetadata`).
@@ -33,6 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ArtifactError
+from qpmcli.featurenames import (
+    FEATURE_NAMES_JSON,
+    feature_names_of,
+    parse_feature_names,
+    read_feature_names_document,
+    weights_fingerprint,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -41,7 +50,7 @@ __all__ = [
     "EMBEDDED_PROTOTYPE_FIELDS", "FORMAT_VERSION", "MAX_PROTOTYPE_BYTES", "META_PREFIX", "ONNX_FORMAT",
     "PROTOTYPES_FORMAT", "PROTOTYPES_FORMAT_VERSION", "PROTOTYPES_JSON", "PROTOTYPES_KEY", "SIGMA_MIN",
     "ClassifierMetadata", "decode_onnx_metadata", "embed_prototypes", "encode_onnx_metadata", "metadata_from_run",
-    "parse_prototypes", "read_onnx_metadata", "read_onnx_props", "softmax",
+    "parse_prototypes", "read_onnx_metadata", "read_onnx_props", "run_feature_names", "softmax",
     "check_graph", "confined", "validate_model_document", "validate_onnx_document",
 ]
 
@@ -60,6 +69,7 @@ EMBEDDED_PROTOTYPE_FIELDS = ("png_b64", "class", "activation", "patch_box")  # p
 MAX_PROTOTYPE_BYTES = 8 << 20  # larger embedded documents are not written into ONNX metadata
 
 
+
 # ------------------------------------------------------------------------------------------------------ metadata
 @dataclass
 class ClassifierMetadata:
@@ -71,7 +81,10 @@ class ClassifierMetadata:
     (mode, size, mean, std, interpolation, minmax; see :func:`qpmcli.images.preprocess_array`). ``prototypes`` is the
     embedded prototypes document ``{feature_id (str): [{"png_b64", "class", "activation", ...}]}`` or ``None``.
     ``extra`` holds optional facts (dataset, head, model config, metrics, ``precision`` of an ONNX file,
-    ``standardized: False`` for a head without mu/sigma).
+    ``standardized: False`` for a head without mu/sigma). ``feature_names`` (``None`` when the model has none) maps
+    a dense feature id to ``{"names": [best first], "user": bool (names[0] was set by a person), "support",
+    "stability", "alignment": [one value per name, None for a person's name]}`` (``qpm name-features``); every
+    surface prints a feature as :meth:`feature_label`.
 
     The head computes ``logits = W @ ((f - mu) / max(sigma, SIGMA_MIN)) + bias`` on pooled features ``f [B, K]``.
     """
@@ -91,6 +104,7 @@ class ClassifierMetadata:
     embed_dim: int | None = None
     prototypes: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    feature_names: dict[int, dict[str, Any]] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -138,6 +152,18 @@ class ClassifierMetadata:
         sigma = np.maximum(np.asarray(self.sigma, dtype=dt), SIGMA_MIN)
         return np.asarray(self.weight[class_index], dtype=dt) / sigma
 
+    def feature_name(self, feature_id: int) -> str | None:
+        """The best name of dense feature ``feature_id`` (a person's name wins), or ``None`` when it has no stable
+        name (or the model has no names)."""
+        entry = (self.feature_names or {}).get(int(feature_id))
+        return str(entry["names"][0]) if entry and entry.get("names") else None
+
+    def feature_label(self, feature_id: int) -> str:
+        """How every surface (figures, HTML, predict, serve) prints a feature: ``"f12 red circle"``, or ``"f12"``
+        when it has no name."""
+        name = self.feature_name(feature_id)
+        return f"f{int(feature_id)}" if name is None else f"f{int(feature_id)} {name}"
+
     def to_json(self) -> dict[str, Any]:
         """JSON-able form (the ONNX metadata fields and ``--json`` output); ``prototypes`` are not included."""
         return {
@@ -147,6 +173,8 @@ class ClassifierMetadata:
             "backbone": self.backbone, "weights_digest": self.weights_digest, "image_size": list(self.image_size),
             "grid": list(self.grid), "qpm_version": self.qpm_version, "embed_dim": self.embed_dim,
             "extra": self.extra,
+            "feature_names": None if self.feature_names is None else
+            {str(fid): entry for fid, entry in sorted(self.feature_names.items())},
         }
 
     @classmethod
@@ -168,6 +196,8 @@ class ClassifierMetadata:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model metadata is incomplete or malformed: {exc!r}") from exc
         meta.check_shapes()
+        if doc.get("feature_names") is not None:
+            meta.feature_names = parse_feature_names(doc["feature_names"], meta.features, "the model's feature names")
         return meta
 
     def check_shapes(self) -> None:
@@ -203,12 +233,14 @@ class ClassifierMetadata:
         names = head.get("class_names")
         grid = head.get("grid") or (0, 0)
         size = head.get("image_size") or (0, 0)
+        named = head.get("feature_names")
         return cls(class_names=[str(n) for n in (names if names is not None else range(c))], features=ids,
                    weight=w, mu=mu, sigma=sigma, bias=bias,
                    preprocess=dict(head.get("preprocess") or {}), backbone=str(head.get("backbone") or ""),
                    weights_digest=str(head.get("weights_digest") or ""), image_size=(int(size[0]), int(size[1])),
                    grid=(int(grid[0]), int(grid[1])), prototypes=head.get("prototypes"),
-                   extra={} if standardized else {"standardized": False})
+                   extra={} if standardized else {"standardized": False},
+                   feature_names=None if named is None else parse_feature_names(named, ids, "feature_names"))
 
     @classmethod
     def coerce(cls, meta: ClassifierMetadata | Mapping[str, Any]) -> ClassifierMetadata:
@@ -216,11 +248,14 @@ class ClassifierMetadata:
         return meta if isinstance(meta, ClassifierMetadata) else cls.from_head(meta)
 
 
-def metadata_from_run(model: Any, info: Mapping[str, Any]) -> ClassifierMetadata:
+def metadata_from_run(model: Any, info: Mapping[str, Any],
+                      run_dir: str | os.PathLike[str] | None = None) -> ClassifierMetadata:
     """Metadata of a loaded run model (``qpmcli.artifact.load_model`` output), sparse or dense head.
 
     ``model`` is a :class:`qpmcli.model.QPMModel` (only its tensors are read; torch is not imported here), ``info``
     the stage's JSON document (``model.json``). A run without backbone/preprocess facts is an :class:`ArtifactError`.
+    ``run_dir`` (the run folder) adds what the run holds beside the model: its feature names
+    (:func:`run_feature_names`).
     """
     import numpy as np
 
@@ -247,13 +282,16 @@ def metadata_from_run(model: Any, info: Mapping[str, Any]) -> ClassifierMetadata
     extra = {k: info[k] for k in ("dataset", "head", "backbone_options", "metrics", "seed", "selection_result")
              if k in info}  # selection_result: status/objective/bound/gap of the feature selection (qpm serve)
     extra["model"] = info.get("model")
-    return ClassifierMetadata(
+    meta = ClassifierMetadata(
         class_names=[str(c) for c in names], features=features, weight=weight, mu=mu, sigma=sigma,
         bias=None if bias_t is None else arr(bias_t), preprocess=dict(preprocess), backbone=str(info["backbone"]),
         weights_digest=str(info.get("weights_digest")),
         image_size=tuple(int(v) for v in info.get("image_size", preprocess["size"])),
         grid=tuple(int(v) for v in info.get("grid", model.grid)), qpm_version=qpm_version(),
         embed_dim=info.get("embed_dim", getattr(model, "embed_dim", None)), extra=extra)
+    if run_dir is not None:
+        meta.feature_names = run_feature_names(run_dir, info, features)
+    return meta
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -357,6 +395,25 @@ def parse_prototypes(raw: Any) -> dict[int, list[dict[str, Any]]]:
         return out
     except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ArtifactError(f"the model's '{PROTOTYPES_KEY}' metadata is malformed: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ feature names
+def run_feature_names(run_dir: str | os.PathLike[str], info: Mapping[str, Any], features: Sequence[int]
+                      ) -> dict[int, dict[str, Any]] | None:
+    """The feature names of a run's final model from ``<run>/feature_names.json``, or ``None`` when the run has
+    none or they were computed for an earlier model of the run (its weights file changed since: retrained).
+
+    A damaged file is an :class:`ArtifactError` that says how to recover.
+    """
+    path = Path(run_dir) / FEATURE_NAMES_JSON
+    if not path.is_file():
+        return None
+    doc = read_feature_names_document(path)
+    weights = confined(run_dir, info.get("weights_file", "model.safetensors"), "model.json weights_file")
+    if doc["model"].get("weights_sha256") != weights_fingerprint(weights) or \
+            sorted(doc["model"].get("features", [])) != sorted(int(f) for f in features):
+        return None
+    return feature_names_of(doc, features, str(path))
 
 
 # ------------------------------------------------------------------------------------------ paths inside a run

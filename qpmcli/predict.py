@@ -188,7 +188,7 @@ def _load_run(path: Path, device: str, *, weights: str | None, settings: Any) ->
         settings, _ = resolve_settings()
     dev = torch_device(device)
     model, info = load_model(path, "final", device=dev)
-    meta = metadata_from_run(model, info)
+    meta = metadata_from_run(model, info, run_dir=path)
     try:  # the same {feature_id: [...]} document an exported file embeds
         meta.prototypes = embedded_prototypes(path)
     except QpmError:
@@ -245,7 +245,9 @@ def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: 
     """One image's result: top-k classes with probabilities and the features that drove the top class.
 
     Features are those with a nonzero weight for the top class (all 5 for QPM), ordered by contribution
-    ``W[c, j] * (f_j - mu_j) / sigma_j`` (largest first); ``feature`` is the index into the dense adapter's features.
+    ``W[c, j] * (f_j - mu_j) / sigma_j`` (largest first); ``feature`` is the index into the dense adapter's features,
+    ``name`` its best name (``qpm name-features``; ``None`` without one) and ``label`` how it is printed
+    (:meth:`~qpmcli.modelfile.ClassifierMetadata.feature_label`).
     """
     import numpy as np
 
@@ -258,8 +260,10 @@ def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: 
     return {
         "top_k": [{"class": meta.class_names[i], "index": int(i), "probability": float(probs[i]),
                    "logit": float(logits[i])} for i in order],
-        "features": [{"feature": int(meta.features[j]), "position": int(j), "weight": float(meta.weight[top, j]),
-                      "activation": float(features[j]), "contribution": float(contrib[j])} for j in cand],
+        "features": [{"feature": int(meta.features[j]), "name": meta.feature_name(meta.features[j]),
+                      "label": meta.feature_label(meta.features[j]), "position": int(j),
+                      "weight": float(meta.weight[top, j]), "activation": float(features[j]),
+                      "contribution": float(contrib[j])} for j in cand],
     }
 
 
@@ -269,7 +273,7 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
     """Classify images/folders; unreadable images are reported per file and do not stop the batch.
 
     Returns ``{"model", "kind", "provider", "precision", "num_images", "num_failed", "predictions": [{"path",
-    "top_k": [{class, index, probability, logit}], "features": [{feature, position, weight, activation,
+    "top_k": [{class, index, probability, logit}], "features": [{feature, name, label, position, weight, activation,
     contribution}]} or {"path", "error"}]}`` in input order.
     """
     if top_k < 1:

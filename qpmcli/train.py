@@ -225,7 +225,9 @@ def _evaluate(model: QPMModel, train_cache: Any, test_cache: Any, req: TrainRequ
         class_attrs, image_attrs, _ = dataset_attributes(req.dataset, settings, data_root=req.data_root,
                                                          dataset_options=req.dataset_options,
                                                          train_cache=train_cache, n_classes=model.n_classes)
-    return evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs, image_attributes=image_attrs,
+    return evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
+                          image_attributes=None if image_attrs is None else image_attrs.present,
+                          image_attribute_known=None if image_attrs is None else image_attrs.known,
                           which=keys, seed=req.seed, device=device, progress=False)
 
 

@@ -76,10 +76,12 @@ def test_shared_options_exist_where_they_apply():
     def opts(name):
         return {o for p in cmds[name].params for o in p.opts + p.secondary_opts}
 
-    progress = ["extract", "train", "select", "evaluate", "explain", "export", "predict", "demo", "edit", "add-class"]
+    progress = ["extract", "train", "select", "evaluate", "name-features", "explain", "export", "predict", "demo",
+                "edit", "add-class"]
     for name in progress:
         assert {"--quiet", "-q"} <= opts(name), name
-    for name in ["extract", "train", "evaluate", "explain", "export", "predict", "demo", "edit", "add-class"]:
+    for name in ["extract", "train", "evaluate", "name-features", "explain", "export", "predict", "demo", "edit",
+                 "add-class"]:
         assert "--device" in opts(name), name
     for name in ["extract", "train", "explain", "export", "predict"]:  # every command that builds a backbone
         assert {"--weights", "--weights-dir"} <= opts(name), name
@@ -87,10 +89,10 @@ def test_shared_options_exist_where_they_apply():
         assert {"--dataset", "-d", "--dataset-option"} <= opts(name), name
     for name in ["explain", "predict"]:
         assert {"--model", "-m"} <= opts(name), name
-    for name in ["plugins", "config", "data check", "extract", "train", "select", "evaluate", "explain", "export",
-                 "predict", "demo", "runs", "doctor", "edit", "add-class"]:
+    for name in ["plugins", "config", "data check", "extract", "train", "select", "evaluate", "name-features",
+                 "explain", "export", "predict", "demo", "runs", "doctor", "edit", "add-class"]:
         assert "--json" in opts(name), name
-    assert {"--seed"} <= opts("train") & opts("select") & opts("edit")
+    assert {"--seed"} <= opts("train") & opts("select") & opts("edit") & opts("name-features")
     assert {"--out", "-o", "--force"} <= opts("edit") & opts("add-class")
     # boolean pairs where both directions make sense
     assert {"--verify", "--no-verify", "--fp16", "--no-fp16", "--adapter", "--no-adapter"} <= opts("export")
@@ -106,8 +108,8 @@ def test_help_of_every_command_stays_torch_free(isolated_env):
     import subprocess
 
     code = ("import sys\nfrom qpmcli.cli import app\nimport typer\n"
-            "for c in ['train','extract','select','evaluate','explain','export','predict','demo','runs','doctor',\n"
-            "          'edit','add-class']:\n"
+            "for c in ['train','extract','select','evaluate','name-features','explain','export','predict','demo',\n"
+            "          'runs','doctor','edit','add-class']:\n"
             "    try:\n        app([c, '--help'], prog_name='qpm')\n    except SystemExit:\n        pass\n"
             "print('HEAVY=' + ','.join(m for m in ('torch','numpy','onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=isolated_env, capture_output=True, text=True, timeout=120)

@@ -283,7 +283,7 @@ def test_cli_folder_with_html_compare_and_class(made_run, tmp_path):
     assert len(s["images"]) == 2 and all(i["class_name"] == classes[0] for i in s["images"])
     assert all(i["compare"]["only_b"] == [7] for i in s["images"])
     printed = " ".join(r.stdout.split())  # rich wraps long lines
-    assert "test_0.png" in printed and "report:" in printed and "only B [7]" in printed
+    assert "test_0.png" in printed and "report:" in printed and "only B f7 ->" in printed
     with Image.open(out / "test_1_explain.png") as im:
         assert im.size == (1600, 720)
     text = Path(s["html"]).read_text(encoding="utf-8")

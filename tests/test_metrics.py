@@ -143,10 +143,12 @@ def test_structural_grounding_rejects_attributes_of_another_class_count():
 
 
 # ----------------------------------------------------------------------------------------------------- alignment
-def test_alignment_hand_value_and_skips_constant_attributes():
+def test_alignment_hand_value_with_an_attribute_everywhere():
     f = np.array([[1.0], [1.0], [0.0], [0.0]])
-    att = np.array([[1, 1, 0], [1, 1, 0], [0, 1, 1], [0, 1, 0]], bool)  # attr 1 is everywhere -> skipped
-    # attr 0: (1 - 0) / mean(f - min f) = 1 / 0.5 = 2;  attr 2: (0 - 2/3) / 0.5
+    att = np.array([[1, 1, 0], [1, 1, 0], [0, 1, 1], [0, 1, 0]], bool)
+    # attr 0: (1 - 0) / mean(f - min f) = 1 / 0.5 = 2;  attr 1 (everywhere: no "without" group, its mean is 0 as in
+    # the reference): 0.5 / 0.5 = 1;  attr 2: (0 - 2/3) / 0.5
+    np.testing.assert_allclose(M.alignment_matrix(f, att), [[2.0, 1.0, -4 / 3]])
     assert M.alignment(f, att) == pytest.approx(2.0)
 
 

@@ -184,7 +184,8 @@ def test_cli_predict_from_onnx_file_alone(qpm, models, tmp_path):
     assert out["num_failed"] == 1 and "cannot read image" in out["predictions"][2]["error"]
     a = out["predictions"][0]
     assert len(a["top_k"]) == 3 and len(a["features"]) == 3
-    assert set(a["features"][0]) == {"feature", "position", "weight", "activation", "contribution"}
+    assert set(a["features"][0]) == {"feature", "name", "label", "position", "weight", "activation", "contribution"}
+    assert a["features"][0]["name"] is None and a["features"][0]["label"] == f"f{a['features'][0]['feature']}"
     res = qpm(["predict", "c.jpg", "--model", "model.onnx"], cwd=clean)
     assert res.returncode == 2 and "none of the 1 images could be read" in res.stderr
     assert "Traceback" not in res.stderr

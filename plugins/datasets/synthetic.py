@@ -81,7 +81,10 @@ class Digits(Dataset):
         grey = Image.fromarray(np.round(self._images[j] * (255.0 / 16.0)).astype(np.uint8), "L")
         grey = grey.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         mask = np.asarray(grey) >= 64
-        return Sample(image=grey.convert("RGB"), label=int(self._labels[j]), mask=mask, path=f"sklearn-digits:{j}")
+        return Sample(image=grey.convert("RGB"), label=int(self._labels[j]), mask=mask, path=self.path(index))
+
+    def path(self, index: int) -> str:
+        return f"sklearn-digits:{int(self._indices[_check_index(index, len(self))])}"
 
     @property
     def has_masks(self) -> bool:
@@ -178,7 +181,7 @@ class Shapes(Dataset):
         index = _check_index(index, len(self))
         image, parts = self.render(index)
         return Sample(image=Image.fromarray(image, "RGB"), label=index % self.n_classes, mask=parts > 0,
-                      path=f"shapes:{self.split}:{index}")
+                      path=self.path(index))
 
     def part_map(self, index: int):
         """uint8 ``[H, W]``: 0 background, 1 body, ``2 + v`` where vocabulary part ``v`` (``part_names``) is."""
@@ -260,6 +263,13 @@ class Shapes(Dataset):
         import numpy as np
 
         return self.class_attributes()[np.asarray(self.labels())] > 0
+
+    def attribute_names(self) -> list[str]:
+        """The 56 part names (``part_names``): "red circle", ..."""
+        return list(self.part_names)
+
+    def path(self, index: int) -> str:
+        return f"shapes:{self.split}:{_check_index(index, len(self))}"
 
     def fingerprint(self) -> dict[str, Any]:
         return {**super().fingerprint(), "n_classes": self.n_classes, "per_class": self.per_class,

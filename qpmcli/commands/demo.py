@@ -67,6 +67,9 @@ def demo(
         out_console.print(f"selection ({sel.get('solver')}): {sel.get('status')}, "
                           f"objective {sel.get('objective'):.2f}, bound {sel.get('bound') or float('nan'):.2f}, gap "
                           f"{'n/a' if gap is None else f'{100 * gap:.1f}%'}, {sel.get('seconds', 0):.1f} s")
+    if summary.get("feature_names"):
+        out_console.print(f"features named by the parts they fire on: {summary['named']} "
+                          f"(qpm name-features; {summary['feature_names']})", highlight=False)
     exp = summary["export"]
     out_console.print(f"ONNX model: {summary['onnx']} (verified: {exp.get('verified', exp.get('verify'))})")
     figures = [img.get("figure") or img.get("png") for img in summary["explanations"].get("images", [])]

@@ -54,15 +54,19 @@ def explain(
     from rich.markup import escape
 
     con = console()
+    labels = summary.get("feature_labels") or {}
+
+    def listed(ids: list[int]) -> str:  # the model's feature labels ("f12 red circle")
+        return escape(", ".join(str(labels.get(str(f), f)) for f in ids)) or "none"
+
     glob = summary.get("global")
     if glob:
-        con.print(f"class [bold]{escape(glob['class'])}[/]: features {', '.join(map(str, glob['features']))} -> "
-                  f"{glob['figure']}")
+        con.print(f"class [bold]{escape(glob['class'])}[/]: features {listed(glob['features'])} -> {glob['figure']}")
     for item in summary["images"]:
         if "error" in item:
             con.print(f"{escape(item['image'])}: [red]skipped[/] ({escape(item['error'])})")
             continue
-        feats = ", ".join(f"{e['feature']} ({e['contribution']:+.2f})" for e in item["features"])
+        feats = escape(", ".join(f"{e['label']} ({e['contribution']:+.2f})" for e in item["features"]))
         con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  "
                   f"features {feats}")
         con.print(f"  -> {item['figure']}")
@@ -70,8 +74,8 @@ def explain(
         if c and "skipped" in c:
             con.print(f"  no contrastive view: {escape(c['skipped'])}")
         elif c:
-            con.print(f"  vs {escape(c['class_b'])}: shared {c['shared']}, only A {c['only_a']}, only B {c['only_b']} "
-                      f"-> {c['figure']}")
+            con.print(f"  vs {escape(c['class_b'])}: shared {listed(c['shared'])}; only A {listed(c['only_a'])}; "
+                      f"only B {listed(c['only_b'])} -> {c['figure']}")
     if summary.get("html"):
         con.print(f"report: {summary['html']}")
     if summary.get("provider"):

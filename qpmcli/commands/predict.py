@@ -46,6 +46,8 @@ def predict(
 
 
 def _print_result(result: dict) -> None:
+    from rich.markup import escape
+
     out = console()
     err = console(stderr=True)
     for p in result["predictions"]:
@@ -54,7 +56,7 @@ def _print_result(result: dict) -> None:
             continue
         top = p["top_k"][0]
         others = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top_k"][1:])
-        feats = ", ".join(f"f{f['feature']} {f['contribution']:+.2f}" for f in p["features"])
+        feats = escape(", ".join(f"{f['label']} {f['contribution']:+.2f}" for f in p["features"]))
         out.print(f"{p['path']}: [bold]{top['class']}[/bold] {top['probability']:.3f}"
                   + (f"  (then {others})" if others else "") + f"\n    features: {feats}", highlight=False)
     out.print(f"{result['num_images'] - result['num_failed']} of {result['num_images']} images classified with "
