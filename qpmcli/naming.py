@@ -526,7 +526,7 @@ def _compute(req: NameRequest, settings: Any, run: Path, old: dict[str, Any] | N
                     "alignment": [], "note": "no attribute labels to name it from"}
                    for k, fid in enumerate(meta.features)]
         return _document(entries, meta=meta, weights_sha256=digest, source=None, table=None, req=req, user=user)
-    train_cache, _ = open_run_caches(run, config)
+    train_cache, _ = open_run_caches(run, info)
     table = _attributes(req, settings, request, train_cache, meta)
     say(f"naming {meta.n_features} features from {table.source} ({table.present.shape[0]} train images x "
         f"{table.present.shape[1]} attributes, {table.known.mean():.0%} of the labels known)")
