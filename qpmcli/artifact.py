@@ -3,7 +3,7 @@
 A run directory (docs/design.md "Artifacts")::
 
     config.json  dense.safetensors dense.json  selection.json  model.safetensors model.json  metrics.json
-    log.jsonl log.csv  dense_features.npz  checkpoints/  feature_names.json
+    log.jsonl log.csv  dense_features.npz  checkpoints/  feature_names.json  conformal.json
     edit.json (runs made by qpm edit / add-class)
 
 ``model.json`` / ``dense.json`` carry everything needed to predict and explain without the data: the model config
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from qpmcli.errors import ArtifactError, ConfigError, QpmError
 from qpmcli.featurenames import FEATURE_NAMES_JSON
 from qpmcli.files import TEMP_FILE_RE, FolderLock, read_regular_bytes
-from qpmcli.modelfile import MODEL_FORMAT_VERSION
+from qpmcli.modelfile import CONFORMAL_JSON, MODEL_FORMAT_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -56,12 +56,13 @@ STALE = "stale.json"  # written by `qpm select --force` when it replaces a finet
 PROTOTYPES_PARTIAL = ".prototypes.partial"  # prototypes/ while it is being written
 FEATURE_NAMES = FEATURE_NAMES_JSON  # `qpm name-features` (qpmcli/naming.py); its format: qpmcli.featurenames
 EDIT = "edit.json"  # a run made from another by `qpm edit` / `qpm add-class` (qpmcli/childrun.py): parent, diff
+CONFORMAL = CONFORMAL_JSON  # `qpm conformal`'s calibrations (format owned by qpmcli.modelfile)
 LOCK = ".qpm.lock"  # the run-folder lock (:func:`run_lock`): who holds it (pid, command, host, since)
 
 # The files of a run folder (the one list: ``qpm select -o`` refuses them, writers that must not replace a run's own
 # files check it). Commands that add a run file append its name here.
 RUN_FILES: tuple[str, ...] = (CONFIG, DENSE, DENSE_JSON, SELECTION, MODEL, MODEL_JSON, METRICS, LOG_JSONL, LOG_CSV,
-                              DENSE_FEATURES, STALE, ONNX_MODEL, EDIT, FEATURE_NAMES)
+                              DENSE_FEATURES, STALE, ONNX_MODEL, EDIT, FEATURE_NAMES, CONFORMAL)
 RUN_FOLDERS: tuple[str, ...] = (CHECKPOINTS, PROTOTYPES)
 _RUN_FILE_PATTERNS = (re.compile(r"selection-\d+\.json"),  # earlier Q-SENN iterations (iteration_files)
                       re.compile(r"model(\.fp16)?(\.adapter|\.int8)?\.onnx"))  # qpm export's siblings of model.onnx

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "select",
     "evaluate",
     "name_features",
+    "conformal",
     "explain",
     "export",
     "predict",

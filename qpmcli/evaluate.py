@@ -80,12 +80,14 @@ def head_parameters(model: QPMModel) -> dict[str, np.ndarray | None]:
 def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCache, *,
                    class_attributes: Any = None, image_attributes: Any = None, image_attribute_known: Any = None,
                    which: str | list[str] = "all", seed: int = 0, device: str = "cpu", batch_size: int = 256,
-                   progress: bool = True) -> dict[str, float | None]:
+                   progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, float | None]:
     """Metrics of ``model`` (dense or sparse) on the caches: one pass over train (pooled features) and one over test.
 
     ``class_attributes`` [C, A] enables Structural-Grounding, ``image_attributes`` [N_train, A] bool (rows in the
     train cache's order; ``image_attribute_known`` the labels the dataset is sure of, None = all) enables Alignment;
-    segmentation overlap needs the test cache's masks. Absent inputs give ``None`` for those metrics.
+    segmentation overlap needs the test cache's masks; the prediction-set metrics (Coverage, Set-Size,
+    Set-Coherence: :func:`qpmcli.conformal.evaluate_sets`) need a ``calibration`` entry of ``qpm conformal``.
+    Absent inputs give ``None`` for those metrics.
     """
     keys = M.checked_metric_names(which)
     model = model.to(device).eval()
@@ -99,6 +101,7 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
     test_masks = test_cache.masks if scorer is not None and scorer.seg_keys else None
     n_test = len(test_cache)
     test_logits = np.empty((n_test, model.n_classes), np.float32)
+    test_features = np.empty((n_test, weight.shape[1]), np.float32)
     train_features = np.zeros((0, weight.shape[1]), np.float32)
     with progress_bar(enabled=progress) as bar:
         if needs_train:
@@ -108,16 +111,36 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
                                     description="test outputs"):
             logits = o.logits.float().cpu().numpy()
             test_logits[s:e] = logits
+            test_features[s:e] = o.features.float().cpu().numpy()
             if scorer is not None:
                 scorer.update(M.predictions(logits), test_cache.labels[s:e], o.maps,
                               None if test_masks is None else test_masks[s:e])
     if image_attributes is not None and needs_train and len(image_attributes) != len(train_cache):
         raise ArtifactError(f"image attributes have {len(image_attributes)} rows, the train cache "
                             f"{len(train_cache)}; pass them in the cache's row order")
-    return M.finish_metrics(keys, train_features=train_features, train_labels=train_cache.labels,
-                            test_logits=test_logits, test_labels=test_cache.labels, weight=weight,
-                            class_attributes=class_attributes, image_attributes=image_attributes,
-                            image_attribute_known=image_attribute_known, seed=seed, scorer=scorer)
+    values = M.finish_metrics(keys, train_features=train_features, train_labels=train_cache.labels,
+                              test_logits=test_logits, test_labels=test_cache.labels, weight=weight,
+                              class_attributes=class_attributes, image_attributes=image_attributes,
+                              image_attribute_known=image_attribute_known, seed=seed, scorer=scorer)
+    if calibration is not None and set(M.SET_KEYS) & set(keys):
+        values.update({k: v for k, v in set_metrics(calibration, head, test_logits, test_features,
+                                                    test_cache.labels).items() if k in keys})
+    return values
+
+
+def set_metrics(calibration: dict[str, Any], head: dict[str, Any], logits: np.ndarray, features: np.ndarray,
+                labels: Any) -> dict[str, float | None]:
+    """Coverage, Set-Size and Set-Coherence of the sets of a calibration entry on labelled outputs (``head``:
+    :func:`head_parameters`)."""
+    from qpmcli.conformal import TREE_MAX_FEATURES, class_features, evaluate_sets
+    from qpmcli.modelfile import ClassifierMetadata
+
+    meta = ClassifierMetadata.from_head({"weight": head["weight"], "mu": head["head_mean"],
+                                         "sigma": head["head_std"]})
+    sparse = class_features(meta.weight)[0].shape[1] <= TREE_MAX_FEATURES
+    res = evaluate_sets(calibration, logits, labels, values=meta.standardize(features, np.float64) if sparse else None,
+                        weight=meta.weight if sparse else None)
+    return {"Coverage": res["coverage"], "Set-Size": res["set_size"], "Set-Coherence": res["set_coherence"]}
 
 
 @dataclass
@@ -264,15 +287,22 @@ def _check_run_cache(cache: TokenCache, split: str, run: Path, config: dict[str,
 
 def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all", *, stage: str = "final",
                  device: str | None = None, batch_size: int = 256, progress: bool = True, settings: Any = None,
-                 save: bool = True) -> dict[str, Any]:
+                 save: bool = True, coverage: float | None = None, set_score: str | None = None) -> dict[str, Any]:
     """``qpm evaluate``: load a run's model (``stage`` final or dense) and caches, compute the metrics and merge them
     into the run's ``metrics.json`` under ``stage``. Returns ``{"run", "stage", "metrics", "device", "seconds",
-    "n_train", "n_test", "notes"}``."""
+    "n_train", "n_test", "notes", "calibration"}``.
+
+    The prediction-set metrics use the run's calibration at ``coverage`` (and ``set_score``), by default the one
+    calibrated last; ``all`` includes them when the final model has a calibration."""
     from qpmcli import artifact
+    from qpmcli.conformal import check_coverage, select_calibration
+    from qpmcli.modelfile import metadata_from_run
 
     t0 = time.perf_counter()
     run = Path(run_dir)
     keys = M.checked_metric_names(which)
+    if coverage is not None:
+        check_coverage(coverage)
     if not run.is_dir():
         raise ArtifactError(f"run directory {run} does not exist; train one with `qpm train --run-dir {run}`")
     if settings is None:
@@ -283,6 +313,18 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
     # one writer per run folder: not while a `qpm train` of this run rewrites its model and metrics.json
     with artifact.run_lock(run, "qpm evaluate") if save else nullcontext():
         model, info = artifact.load_model(run, stage=stage, device=device)
+        calibration = None
+        if stage == "final" and (coverage is not None or (run / artifact.CONFORMAL).is_file()):
+            calibrations = None  # the run's calibrations, checked against its model
+            if (run / artifact.CONFORMAL).is_file():
+                calibrations = metadata_from_run(model, info, run_dir=run).conformal
+            entries = (calibrations or {}).get("calibrations") or []
+            if coverage is not None:
+                calibration = select_calibration(calibrations, coverage, set_score, model=str(run))
+            elif entries:
+                calibration = entries[-1]
+            if calibration is not None and isinstance(which, str) and which.strip().lower() == "all":
+                keys += list(M.SET_KEYS)
         record = artifact.RunFolder(run).record()
         train_cache, test_cache = open_run_caches(run, info)
         class_attrs = image_attrs = None
@@ -296,11 +338,14 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
         if "SID@5" in keys and int(((model.head_weight() != 0).sum(dim=1) >= 5).sum()) == 0:
             notes.append("no class has 5 features, so no image is eligible for SID@5 (reported as 0, as the "
                          "reference)")
+        if set(M.SET_KEYS) & set(keys) and calibration is None:
+            notes.append(f"no calibration{' of the final model' if stage != 'final' else ''}: prediction-set "
+                         f"metrics need `qpm conformal {run}` first")
         values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
                                 image_attributes=None if image_attrs is None else image_attrs.present,
                                 image_attribute_known=None if image_attrs is None else image_attrs.known,
-                                which=keys, seed=record.seed or 0,
-                                device=device, batch_size=batch_size, progress=progress)
+                                which=keys, seed=record.seed or 0, device=device, batch_size=batch_size,
+                                progress=progress, calibration=calibration)
         if save:
             clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)
             path = run / artifact.METRICS
@@ -309,6 +354,10 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
                 raise ArtifactError(f"{path} is not a qpm metrics file (a JSON object); move it away and rerun")
             doc[stage] = {**(doc.get(stage) or {}), **values}
             artifact.atomic_write_json(path, doc)
-        return {"run": str(run), "stage": stage, "metrics": values, "device": device,
-                "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache),
-                "n_test": len(test_cache), "notes": notes}
+        summary = {"run": str(run), "stage": stage, "metrics": values, "device": device,
+                   "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache),
+                   "n_test": len(test_cache), "notes": notes}
+        if calibration is not None:
+            summary["calibration"] = {k: calibration.get(k) for k in ("alpha", "coverage", "score", "per_class",
+                                                                       "level")}
+        return summary

@@ -700,6 +700,11 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
         if item.get("figure"):
             parts.append(f"<img class=\"fig\" src=\"{_data_uri(item['figure'])}\" alt=\"local explanation of "
                          f"{esc(Path(item['image']).name)}\">\n")
+        if item.get("set"):
+            ps = item["set"]
+            parts.append(f"<h3>{100 * ps['coverage']:g}% prediction set ({esc(ps['score'])}): "
+                         f"{esc(', '.join(ps['set'])) or 'empty'}</h3>\n<img class=\"fig\" "
+                         f"src=\"{_data_uri(ps['figure'])}\" alt=\"prediction set\">\n")
         cmp_ = item.get("compare")
         if cmp_ and "skipped" in cmp_:
             parts.append(f"<p class=\"meta\">no contrastive view: {esc(cmp_['skipped'])}</p>\n")
@@ -731,22 +736,28 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
             out_dir: str | os.PathLike[str] = "explanations", compare: str | None = None,
             class_name: str | None = None, html_report: bool = False, device: str = "auto", top_k: int = 5,
             batch_size: int = 8, progress: bool = False, weights: str | None = None,
-            settings: Any = None) -> dict[str, Any]:
+            settings: Any = None, coverage: float | None = None, set_score: str | None = None) -> dict[str, Any]:
     """``qpm explain``: figures for ``images`` (files or folders) with the model at ``model`` (run dir or .onnx).
 
     - each image: ``<out>/<stem>_explain.png`` for the predicted class, or for ``class_name`` when given;
     - ``compare``: also ``<out>/<stem>_vs_<class>.png``, the explained class against ``compare``;
     - ``class_name``: also ``<out>/class_<class>_prototypes.png`` (global explanation; needs stored prototypes);
       ``images`` may then be empty;
-    - ``html_report``: ``<out>/report.html`` with everything embedded.
+    - ``html_report``: ``<out>/report.html`` with everything embedded;
+    - ``coverage`` (e.g. 0.9): each image's prediction set (:func:`qpmcli.conformal.prediction_set`, calibrated by
+      ``qpm conformal``) as ``set`` in its entry and ``<out>/<stem>_set.png``, a small tree of the features the
+      members share and where each diverges (:func:`qpmcli.setview.render_set_tree`).
     Writes ``<out>/explanations.json`` and returns the same summary.
     """
     from qpmcli.artifact import atomic_write_json
+    from qpmcli.conformal import check_coverage, prediction_set, select_calibration
     from qpmcli.files import clean_stale_temps
     from qpmcli.images import list_images, open_image
     from qpmcli.predict import load_classifier
     from qpmcli.prototypes import load_prototypes
 
+    if coverage is not None:
+        check_coverage(coverage)
     paths = list_images(images)  # a missing or unreadable image is reported per image
     if not paths and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
@@ -760,6 +771,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
         raise ConfigError(f"nothing to explain: {len(skipped)} image(s) given are figures that qpm explain wrote")
     clf = load_classifier(model, device=device, weights=weights, settings=settings)
     md = clf.metadata
+    calibration = None if coverage is None else select_calibration(md, coverage, set_score, model=str(model),
+                                                                     onnx=clf.kind == "onnx")
     w, ids, names = md.weight, md.features, md.class_names
     cls_idx = resolve_class(class_name, names) if class_name else None
     cmp_idx = resolve_class(compare, names) if compare else None
@@ -776,7 +789,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
     for p in paths:
         stem = _unique_stem(p, used)
         planned = [f"{stem}_explain.png"] + ([f"{stem}_vs_{slug(names[cmp_idx], 32)}.png"] if cmp_idx is not None
-                                              else [])
+                                              else []) + ([f"{stem}_set.png"] if calibration is not None else [])
         clash = next((n for n in planned if theirs(n)), None)
         if clash:
             skipped.append({"image": str(p), "reason": f"its figure would replace {out / clash}, which qpm did not "
@@ -827,6 +840,12 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                 stem = stems[p]
                 expl.figure = str(render_local(img, expl, maps, md, out / f"{stem}_explain.png"))
                 item = expl.to_dict()
+                if calibration is not None:
+                    from qpmcli.setview import render_set_tree
+
+                    item["set"] = prediction_set(calibration, md, logits, feats)
+                    item["set"]["figure"] = str(render_set_tree(item["set"], out / f"{stem}_set.png",
+                                                                colour=feature_colour, title=p.name))
                 if cmp_idx is not None and cmp_idx == expl.class_index:  # predicted class == --compare
                     item["compare"] = {"skipped": f"the image is explained as {names[cmp_idx]} itself"}
                 elif cmp_idx is not None:
@@ -884,9 +903,9 @@ def _not_our_figures(paths: list[Path], skipped: list[dict[str, str]]) -> list[P
 
 
 def _figures(summary: dict[str, Any]) -> list[str]:
-    """Every file an explain summary names (figures, contrastive figures, the global figure, the report)."""
+    """Every file an explain summary names (figures, contrastive and set figures, the global figure, the report)."""
     out = [i["figure"] for i in summary["images"] if i.get("figure")]
-    out += [i["compare"]["figure"] for i in summary["images"] if (i.get("compare") or {}).get("figure")]
+    out += [i[k]["figure"] for i in summary["images"] for k in ("compare", "set") if (i.get(k) or {}).get("figure")]
     out += [f for f in ((summary.get("global") or {}).get("figure"), summary.get("html")) if f]
     return out
 

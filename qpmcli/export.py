@@ -12,7 +12,8 @@ Two graphs are written, both with a dynamic batch axis and the outputs ``logits 
 
 Both carry ``metadata_props`` in the format of :mod:`qpmcli.modelfile` (``qpm.<field>`` -> JSON): format, graph,
 class names, selected features, W, mu, sigma, bias, preprocessing, backbone name and weights digest, image size, grid,
-qpm version; and, when the run has ``prototypes/``, the embedded prototypes document under ``qpm_prototypes``.
+qpm version, the run's calibrations (``conformal.json``, as ``qpm.conformal``); and, when the run has
+``prototypes/``, the embedded prototypes document under ``qpm_prototypes``.
 ``qpmcli.predict.load_classifier`` reads them back, so an ONNX file alone is enough to predict and explain. This
 module only writes; every format detail lives in :mod:`qpmcli.modelfile`. ``--fp16`` adds ``model.fp16.onnx`` (and its
 adapter twin) converted with float32 inputs/outputs kept.
@@ -146,7 +147,7 @@ def export_onnx(
 
         settings, _ = resolve_settings()
     model, info = load_model(run, "final", device="cpu")
-    meta = metadata_from_run(model, info, run_dir=run)  # with the run's feature names, when it has them
+    meta = metadata_from_run(model, info, run_dir=run)  # with the run's feature names and calibrations, if any
     out_path = Path(out).expanduser() if out is not None else run / ONNX_MODEL
     import tempfile
 
@@ -170,6 +171,7 @@ def export_onnx(
                               "image_size": list(meta.image_size), "grid": list(meta.grid),
                               "classes": meta.n_classes, "features": meta.n_features, "files": {},
                               "prototypes_embedded": prototypes is not None,
+                              "calibrations_embedded": len((meta.conformal or {}).get("calibrations") or []),
                               "pruned_to_selection": exported is not model}
     with staged_files() as stage:  # renamed over the final names only when everything is written and verified
         t0 = time.perf_counter()

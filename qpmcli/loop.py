@@ -86,19 +86,26 @@ class TokenData:
     """Tokens ``[N, T, D]`` (fp16 memmap or array) and labels ``[N]``, served as float32 batches on ``device``.
 
     ``hold="auto"`` copies the whole array to the device when it fits (GPU: under 70 % of free memory; CPU: under
-    half the available RAM); otherwise each batch is gathered from the memory map and moved on its own.
+    half the available RAM); otherwise each batch is gathered from the memory map and moved on its own. ``rows``
+    (sorted cache row indices) serves only those rows, in that order: a calibration split held out of training
+    (``qpm train --cal-fraction``) is skipped this way without copying the memory map.
     """
 
-    def __init__(self, tokens: Any, labels: Any, device: str = "cpu", hold: str | bool = "auto") -> None:
+    def __init__(self, tokens: Any, labels: Any, device: str = "cpu", hold: str | bool = "auto",
+                 rows: Any = None) -> None:
         import numpy as np
         import torch
 
         self.device = torch.device(device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        labels = np.asarray(labels)
+        if len(tokens) != len(labels):
+            raise DatasetError(f"tokens ({len(tokens)}) and labels ({len(labels)}) differ in length")
+        if self.rows is not None:
+            labels = labels[self.rows]
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.n = int(self.labels.numel())
-        if len(tokens) != self.n:
-            raise DatasetError(f"tokens ({len(tokens)}) and labels ({self.n}) differ in length")
-        self.shape = tuple(tokens.shape)
+        self.shape = (self.n, *tuple(tokens.shape)[1:])
         nbytes = int(np.prod(self.shape)) * (tokens.element_size() if torch.is_tensor(tokens) else
                                               np.dtype(tokens.dtype).itemsize)
         self.held = self._fits(nbytes) if hold == "auto" else bool(hold)
@@ -126,11 +133,12 @@ class TokenData:
         import torch
 
         if torch.is_tensor(tokens):
-            return tokens.to(self.device)
+            return (tokens if self.rows is None else tokens[torch.from_numpy(self.rows)]).to(self.device)
         out = torch.empty(self.shape, dtype=torch.from_numpy(np.zeros(0, tokens.dtype)).dtype, device=self.device)
         step = max(1, (256 << 20) // max(1, int(np.prod(self.shape[1:])) * tokens.dtype.itemsize))
         for i in range(0, self.n, step):
-            out[i:i + step] = torch.from_numpy(np.array(tokens[i:i + step])).to(self.device)
+            part = tokens[i:i + step] if self.rows is None else tokens[self.rows[i:i + step]]
+            out[i:i + step] = torch.from_numpy(np.array(part)).to(self.device)
         return out
 
     def __len__(self) -> int:
@@ -144,6 +152,8 @@ class TokenData:
             x = self.tokens.index_select(0, idx.to(self.device))
         else:
             ids = idx.cpu().numpy()
+            if self.rows is not None:
+                ids = self.rows[ids]
             order = np.argsort(ids, kind="stable")  # sorted reads are sequential on disk
             chunk = np.asarray(self.tokens[ids[order]])
             inv = np.empty_like(order)

@@ -152,6 +152,16 @@ METRIC_GROUPS: dict[str, tuple[str, ...]] = {
 
 ALL_KEYS: tuple[str, ...] = tuple(k for keys in METRIC_GROUPS.values() for k in keys)
 
+SET_METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "coverage": ("Coverage",),
+    "set_size": ("Set-Size",),
+    "set_coherence": ("Set-Coherence",),
+}
+"""Prediction-set metrics of a calibrated run (``qpm conformal``; not METHOD.md §8): computed by
+:func:`qpmcli.evaluate.evaluate_model` from a calibration, ``None`` here. ``qpm evaluate`` adds them to ``all`` when
+the run has a calibration."""
+SET_KEYS: tuple[str, ...] = tuple(k for keys in SET_METRIC_GROUPS.values() for k in keys)
+
 PRESETS: dict[str, tuple[str, ...]] = {
     "all": tuple(METRIC_GROUPS),
     # the reference's "fast": everything but the expensive SID, Contrastiveness and segmentation overlap
@@ -171,24 +181,25 @@ def resolve_metric_names(which: str | list[str] | tuple[str, ...] = "all") -> li
     Raises ``ValueError`` naming the valid choices for an unknown name.
     """
     items = [w.strip() for w in which.split(",")] if isinstance(which, str) else [str(w).strip() for w in which]
-    by_lower = {k.lower(): k for k in ALL_KEYS}
+    by_lower = {k.lower(): k for k in (*ALL_KEYS, *SET_KEYS)}
+    groups = {**METRIC_GROUPS, **SET_METRIC_GROUPS}
     keys: list[str] = []
     for item in (i for i in items if i):
         low = item.lower()
         low = _ALIASES.get(low, _ALIASES.get(low.replace("-", "").replace("_", ""), low))
         if low in PRESETS:
             new = [k for g in PRESETS[low] for k in METRIC_GROUPS[g]]
-        elif low.replace("-", "_") in METRIC_GROUPS:
-            new = list(METRIC_GROUPS[low.replace("-", "_")])
+        elif low.replace("-", "_") in groups:
+            new = list(groups[low.replace("-", "_")])
         elif low in by_lower:
             new = [by_lower[low]]
         else:
             raise ValueError(f"unknown metric {item!r}; use all, fast, essential, one of "
-                             f"{', '.join(METRIC_GROUPS)} or a key such as {', '.join(ALL_KEYS[:3])}")
+                             f"{', '.join(groups)} or a key such as {', '.join(ALL_KEYS[:3])}")
         keys += [k for k in new if k not in keys]
     if not keys:
         raise ValueError("no metric requested; use all, fast, essential or metric names")
-    return [k for k in ALL_KEYS if k in keys]
+    return [k for k in (*ALL_KEYS, *SET_KEYS) if k in keys]
 
 
 # ====================================================================================================================

@@ -10,6 +10,9 @@ One module owns the format so that every reader and writer agrees on it:
 - :func:`encode_onnx_metadata` / :func:`decode_onnx_metadata`: the ONNX ``metadata_props`` encoding
   (``qpm.<field>`` -> JSON text, format :data:`ONNX_FORMAT` version :data:`FORMAT_VERSION`; the prototypes under
   :data:`PROTOTYPES_KEY`), and :func:`read_onnx_metadata` to read it from a file;
+- the calibration document ``<run>/conformal.json`` (:data:`CONFORMAL_FORMAT`, written by :mod:`qpmcli.conformal`;
+  :func:`read_conformal`, :func:`check_conformal`, :func:`model_fingerprint`), carried as
+  :attr:`ClassifierMetadata.conformal` and hence as ``qpm.conformal`` in ONNX metadata;
 - the prototypes document: ``<run>/prototypes/prototypes.json`` (:data:`PROTOTYPES_FORMAT`, written by
   :mod:`qpmcli.prototypes`) and its embedded form ``{"<feature id>": [{"png_b64", "class", "activation",
   "patch_box"}, ...]}`` (:func:`embed_prototypes`, :func:`parse_prototypes`);
@@ -47,10 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = [
+    "CONFORMAL_FORMAT", "CONFORMAL_FORMAT_VERSION", "CONFORMAL_JSON", "CONFORMAL_SCORES",
     "EMBEDDED_PROTOTYPE_FIELDS", "FORMAT_VERSION", "MAX_PROTOTYPE_BYTES", "META_PREFIX", "ONNX_FORMAT",
     "PROTOTYPES_FORMAT", "PROTOTYPES_FORMAT_VERSION", "PROTOTYPES_JSON", "PROTOTYPES_KEY", "SIGMA_MIN",
     "ClassifierMetadata", "decode_onnx_metadata", "embed_prototypes", "encode_onnx_metadata", "metadata_from_run",
-    "parse_prototypes", "read_onnx_metadata", "read_onnx_props", "run_feature_names", "softmax",
+    "check_conformal", "model_fingerprint", "parse_prototypes", "read_conformal", "read_onnx_metadata",
+    "read_onnx_props", "run_feature_names", "softmax",
     "check_graph", "confined", "validate_model_document", "validate_onnx_document",
 ]
 
@@ -68,6 +73,10 @@ PROTOTYPES_FORMAT_VERSION = 1  # its "format_version" entry
 EMBEDDED_PROTOTYPE_FIELDS = ("png_b64", "class", "activation", "patch_box")  # per entry, in an embedded document
 MAX_PROTOTYPE_BYTES = 8 << 20  # larger embedded documents are not written into ONNX metadata
 
+CONFORMAL_JSON = "conformal.json"  # a run's calibrations (``qpm conformal``); artifact.CONFORMAL
+CONFORMAL_FORMAT = "qpm-conformal"  # its "format" entry
+CONFORMAL_FORMAT_VERSION = 1  # its "format_version" entry
+CONFORMAL_SCORES = ("lac", "aps", "hier")  # the nonconformity scores of qpmcli.conformal
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
@@ -84,7 +93,8 @@ class ClassifierMetadata:
     ``standardized: False`` for a head without mu/sigma). ``feature_names`` (``None`` when the model has none) maps
     a dense feature id to ``{"names": [best first], "user": bool (names[0] was set by a person), "support",
     "stability", "alignment": [one value per name, None for a person's name]}`` (``qpm name-features``); every
-    surface prints a feature as :meth:`feature_label`.
+    surface prints a feature as :meth:`feature_label`. ``conformal`` is the calibration document (the run's
+    ``conformal.json``: :func:`read_conformal`) or ``None`` for a model without a calibration.
 
     The head computes ``logits = W @ ((f - mu) / max(sigma, SIGMA_MIN)) + bias`` on pooled features ``f [B, K]``.
     """
@@ -105,6 +115,7 @@ class ClassifierMetadata:
     prototypes: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     feature_names: dict[int, dict[str, Any]] | None = None
+    conformal: dict[str, Any] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -175,6 +186,7 @@ class ClassifierMetadata:
             "extra": self.extra,
             "feature_names": None if self.feature_names is None else
             {str(fid): entry for fid, entry in sorted(self.feature_names.items())},
+            "conformal": self.conformal,
         }
 
     @classmethod
@@ -192,12 +204,15 @@ class ClassifierMetadata:
                 preprocess=dict(doc["preprocess"]), backbone=str(doc["backbone"]),
                 weights_digest=str(doc["weights_digest"]), image_size=tuple(int(v) for v in doc["image_size"]),
                 grid=tuple(int(v) for v in doc["grid"]), qpm_version=str(doc.get("qpm_version", "")),
-                embed_dim=doc.get("embed_dim"), prototypes=prototypes, extra=dict(doc.get("extra") or {}))
+                embed_dim=doc.get("embed_dim"), prototypes=prototypes, extra=dict(doc.get("extra") or {}),
+                conformal=doc.get("conformal"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"model metadata is incomplete or malformed: {exc!r}") from exc
         meta.check_shapes()
         if doc.get("feature_names") is not None:
             meta.feature_names = parse_feature_names(doc["feature_names"], meta.features, "the model's feature names")
+        if meta.conformal is not None:
+            check_conformal(meta.conformal, meta, "the model's 'qpm.conformal' metadata")
         return meta
 
     def check_shapes(self) -> None:
@@ -255,7 +270,9 @@ def metadata_from_run(model: Any, info: Mapping[str, Any],
     ``model`` is a :class:`qpmcli.model.QPMModel` (only its tensors are read; torch is not imported here), ``info``
     the stage's JSON document (``model.json``). A run without backbone/preprocess facts is an :class:`ArtifactError`.
     ``run_dir`` (the run folder) adds what the run holds beside the model: its feature names
-    (:func:`run_feature_names`).
+    (:func:`run_feature_names`) and its calibrations (``conformal.json``, when present:
+    :attr:`~ClassifierMetadata.conformal`; one that is malformed or belongs to another model is an
+    :class:`ArtifactError`).
     """
     import numpy as np
 
@@ -291,6 +308,8 @@ def metadata_from_run(model: Any, info: Mapping[str, Any],
         embed_dim=info.get("embed_dim", getattr(model, "embed_dim", None)), extra=extra)
     if run_dir is not None:
         meta.feature_names = run_feature_names(run_dir, info, features)
+        if (Path(run_dir) / CONFORMAL_JSON).is_file():
+            meta.conformal = read_conformal(Path(run_dir) / CONFORMAL_JSON, meta)
     return meta
 
 
@@ -629,3 +648,89 @@ def check_graph(meta: ClassifierMetadata, graph: str, inputs: Sequence[Sequence[
     if problems:
         raise ArtifactError(f"{source}: its graph does not match its qpm metadata ({'; '.join(problems)}); the "
                             f"metadata belongs to another model")
+
+
+# ------------------------------------------------------------------------------------------ calibration document
+def model_fingerprint(meta: ClassifierMetadata) -> str:
+    """A short SHA-256 of what decides a calibration's scores: class names, selected features and the head (``W``,
+    ``mu``, ``sigma``, ``bias`` as float32 bytes). A run and every ONNX file exported from it give the same value, so
+    a calibration document names the model it belongs to."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(json.dumps([list(meta.class_names), [int(i) for i in meta.features]]).encode("utf-8"))
+    for arr in (meta.weight, meta.mu, meta.sigma, meta.bias):
+        h.update(b"none" if arr is None else np.ascontiguousarray(arr, dtype=np.float32).tobytes())
+    return h.hexdigest()[:24]
+
+
+@functools.cache
+def _conformal_schema() -> Any:
+    """The pydantic model of a calibration document (built on first use)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+    class Open(BaseModel):
+        model_config = ConfigDict(extra="allow", strict=False)
+
+    class Entry(Open):
+        alpha: float = Field(gt=0.0, lt=1.0)
+        score: Literal[CONFORMAL_SCORES]  # type: ignore[valid-type]
+        per_class: bool = False
+        level: NonNegativeInt | None = None
+        n: NonNegativeInt
+        threshold: float | None = None
+        thresholds: list[float | None] | None = None
+
+    class Model(Open):
+        fingerprint: str
+        classes: PositiveInt
+
+    class Document(Open):
+        format: Literal["qpm-conformal"]
+        format_version: PositiveInt
+        model: Model
+        calibrations: list[Entry]
+
+    return Document
+
+
+def check_conformal(doc: Any, meta: ClassifierMetadata, source: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a calibration document against the model it is used with: its schema, that it names this model
+    (:func:`model_fingerprint`), and that per-class thresholds and hierarchy levels fit the head. Returns ``doc``;
+    every problem is one :class:`ArtifactError` line."""
+    from pydantic import ValidationError
+
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{source} must hold a JSON object (a qpm calibration), not a JSON {type(doc).__name__}")
+    try:
+        parsed = _conformal_schema().model_validate(doc)
+    except ValidationError as exc:
+        raise ArtifactError(f"{source} is not a valid qpm calibration: {_problems(exc)}") from exc
+    if parsed.format_version > CONFORMAL_FORMAT_VERSION:
+        raise ArtifactError(f"{source} has calibration format version {parsed.format_version}; this qpm reads "
+                            f"{CONFORMAL_FORMAT_VERSION}: upgrade qpm")
+    own = model_fingerprint(meta)
+    if parsed.model.fingerprint != own or parsed.model.classes != meta.n_classes:
+        raise ArtifactError(f"{source} belongs to another model (fingerprint {parsed.model.fingerprint}, this model's "
+                            f"is {own}); delete it and calibrate this model with `qpm conformal`")
+    per_class_features = int((meta.weight != 0).sum(axis=1).max()) if meta.weight.size else 0
+    for i, entry in enumerate(parsed.calibrations):
+        if entry.per_class and (entry.thresholds is None or len(entry.thresholds) != meta.n_classes):
+            raise ArtifactError(f"{source}: calibration {i} is per class but does not list {meta.n_classes} "
+                                f"thresholds")
+        if entry.score == "hier" and (entry.level is None or entry.level > per_class_features):
+            raise ArtifactError(f"{source}: calibration {i} (hier) needs a level between 0 and {per_class_features}")
+    return doc
+
+
+def read_conformal(path: str | os.PathLike[str], meta: ClassifierMetadata) -> dict[str, Any]:
+    """A run's ``conformal.json``, checked against ``meta`` (:func:`check_conformal`)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{p} is not readable JSON: {exc}") from exc
+    return check_conformal(doc, meta, p)

@@ -112,6 +112,16 @@ def data_root_opt() -> Any:
     return typer.Option(None, "--data-root", help="Dataset root folder (overrides QPM_DATA_ROOT / config).")
 
 
+def coverage_opt() -> Any:
+    return typer.Option(None, "--coverage", help="Also give each image its prediction set at this coverage, e.g. "
+                                                 "0.9 (needs `qpm conformal RUN --alpha 0.1` first).")
+
+
+def set_score_opt() -> Any:
+    return typer.Option(None, "--set-score", help="With --coverage: the calibration's score, lac, aps or hier "
+                                                  "(default: the last one calibrated at that coverage).")
+
+
 def dataset_option_opt() -> Any:
     return typer.Option(None, "--dataset-option", "-O",
                         help="Dataset option KEY=VALUE, repeatable (typed; see `qpm plugins --json`), e.g. crop=bbox.")
@@ -239,3 +249,16 @@ def _example(declared: dict[str, Any] | None) -> str:
         o = next(iter(declared.values()))
         return f"{o.name}={o.choices[0] if o.choices else o.default}"
     return "key=value"
+
+
+def check_set_options(coverage: float | None, set_score: str | None) -> None:
+    """``--coverage`` in (0, 1) and ``--set-score`` one of the conformal scores, only together."""
+    from qpmcli.checks import check_choice
+    from qpmcli.conformal import SCORES, check_coverage
+
+    if coverage is not None:
+        check_coverage(coverage)
+    if set_score is not None:
+        if coverage is None:
+            raise ConfigError("--set-score needs --coverage (e.g. --coverage 0.9)")
+        check_choice(set_score, SCORES, "--set-score")

@@ -269,22 +269,31 @@ def describe_prediction(meta: ClassifierMetadata, logits: np.ndarray, features: 
 
 def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[str] | Classifier, *,
             top_k: int = 5, batch_size: int = 16, device: str = "auto", weights: str | None = None,
-            settings: Any = None, progress: bool = False) -> dict[str, Any]:
+            settings: Any = None, progress: bool = False, coverage: float | None = None,
+            set_score: str | None = None) -> dict[str, Any]:
     """Classify images/folders; unreadable images are reported per file and do not stop the batch.
 
     Returns ``{"model", "kind", "provider", "precision", "num_images", "num_failed", "predictions": [{"path",
     "top_k": [{class, index, probability, logit}], "features": [{feature, name, label, position, weight, activation,
-    contribution}]} or {"path", "error"}]}`` in input order.
+    contribution}]} or {"path", "error"}]}`` in input order. With ``coverage`` (e.g. 0.9) every prediction also has
+    ``set`` (class names, best first) and ``set_detail`` (:func:`qpmcli.conformal.prediction_set`), and the result
+    ``calibration`` (the entry used: ``qpm conformal``'s, with alpha = 1 - coverage and ``set_score`` if given).
     """
+    from qpmcli.conformal import check_coverage, prediction_set, select_calibration
+
     if top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     if batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if coverage is not None:
+        check_coverage(coverage)
     paths = list_images(inputs)  # a missing file is reported per image, like a corrupt one
     if not paths:
         raise ImageError("no images found in the given files/folders")
     clf = model if isinstance(model, Classifier) else load_classifier(model, device, weights=weights,
                                                                       settings=settings)
+    calibration = None if coverage is None else select_calibration(
+        clf.metadata, coverage, set_score, model=str(clf.path), onnx=clf.kind == "onnx")
     from qpmcli.images import open_image
 
     results: list[dict[str, Any] | None] = [None] * len(paths)
@@ -303,6 +312,9 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
         for row, (i, _) in enumerate(pending):
             results[i] = {"path": str(paths[i]), **describe_prediction(
                 clf.metadata, out["logits"][row], out["features"][row], top_k=top_k)}
+            if calibration is not None:
+                detail = prediction_set(calibration, clf.metadata, out["logits"][row], out["features"][row])
+                results[i].update(set=detail["set"], set_detail=detail)
         pending.clear()
 
     with progress_bar(enabled=progress, stderr=True) as bar:
@@ -318,5 +330,9 @@ def predict(inputs: Sequence[str | os.PathLike[str]], model: str | os.PathLike[s
         flush()
     done = [r for r in results if r is not None]
     failed = sum(1 for r in done if "error" in r)
-    return {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "precision": clf.precision,
-            "num_images": len(done), "num_failed": failed, "predictions": done}
+    out = {"model": str(clf.path), "kind": clf.kind, "provider": clf.provider, "precision": clf.precision,
+           "num_images": len(done), "num_failed": failed, "predictions": done}
+    if calibration is not None:
+        out["calibration"] = {k: calibration.get(k) for k in ("alpha", "coverage", "score", "per_class", "level",
+                                                              "n", "threshold", "source", "test")}
+    return out

@@ -80,6 +80,7 @@ class TrainRequest:
     finetune: PhaseOptions = FINETUNE_PHASE
     seed: int = 383534468
     metrics: str = "all"
+    cal_fraction: float = 0.0  # > 0: hold this share of each class's training images out for `qpm conformal`
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -149,6 +150,8 @@ class TrainRequest:
                 raise ConfigError(f"--{name}-lr must be a positive number, got {ph.lr}")
             check_positive(ph.eval_every, "--eval-every", 0)
             check_positive(ph.checkpoint_steps, "--checkpoint-steps", 0)
+        if not (math.isfinite(self.cal_fraction) and 0 <= self.cal_fraction < 1):
+            raise ConfigError(f"--cal-fraction must be at least 0 and below 1, got {self.cal_fraction}")
         checked_metric_names(self.metrics)
         if self.head == "qpm" and settings is not None:
             from qpmcli.data import load_dataset
@@ -342,6 +345,7 @@ def extract(ctx: TrainContext) -> None:
     ctx.class_names = class_names
     _check_classes(train_cache.labels, class_names, "train")
     _check_classes(test_cache.labels, class_names, "test")
+    fit_rows, cal_split = _calibration_split(req, train_cache.labels)
     embed_dim = int(train_cache.tokens.shape[-1])
     if req.head == "qpm":
         from qpmcli.checks import check_selection_sizes
@@ -360,16 +364,32 @@ def extract(ctx: TrainContext) -> None:
             "request": req.to_dict(), "settings": ctx.settings.model_dump(mode="json"), "device": ctx.device,
             "world_size": dist.world, "caches": {"train": str(train_cache.path), "test": str(test_cache.path)},
             "cache_keys": {split: cache_digest(c.manifest.get("key_fields") or {}) for split, c in ctx.caches.items()},
-            "versions": artifact.library_versions()})
+            "versions": artifact.library_versions(), **({"calibration_split": cal_split} if cal_split else {})})
     dist.barrier()
     ctx.run_log = _RunLog(ctx.run)
     if dist.is_main:
         ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ctx.train_data = TokenData(train_cache.tokens, train_cache.labels, ctx.device)
+    ctx.train_data = TokenData(train_cache.tokens, train_cache.labels, ctx.device, rows=fit_rows)
     ctx.test_data = TokenData(test_cache.tokens, test_cache.labels, ctx.device)
     ctx.summary.update({"run_dir": str(ctx.run), "device": ctx.device, "world_size": dist.world,
                         "cache_on_device": ctx.train_data.held, "n_train": len(ctx.train_data),
                         "n_test": len(ctx.test_data), "n_classes": len(class_names)})
+    if cal_split:
+        ctx.summary["n_calibration"] = len(cal_split["rows"])
+
+
+def _calibration_split(req: TrainRequest, labels: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``(rows to fit on, the calibration split record)``: with ``req.cal_fraction`` > 0 a seeded, stratified share
+    of each class's training images is held out of every fitting step (dense, selection inputs, finetune) for
+    ``qpm conformal``; ``(None, None)`` (fit on all) otherwise, as the paper trains."""
+    if req.cal_fraction <= 0:
+        return None, None
+    from qpmcli.conformal import calibration_split
+
+    fit_rows, cal_rows = calibration_split(labels, req.cal_fraction, req.seed)
+    if cal_rows.size == 0:
+        raise DatasetError(f"--cal-fraction {req.cal_fraction} holds out no image (too few per class); raise it")
+    return fit_rows, {"fraction": req.cal_fraction, "seed": req.seed, "rows": [int(r) for r in cal_rows]}
 
 
 def _model_config(ctx: TrainContext) -> dict[str, Any]:
@@ -419,7 +439,7 @@ def dense_features(ctx: TrainContext) -> None:
     feats = collect_token_outputs(ctx.dense_model, ctx.train_data, 256, ctx.req.dense.bf16)["features"]
     if ctx.dist.is_main:
         artifact.atomic_write_npz(ctx.run / artifact.DENSE_FEATURES, features=feats.numpy().astype(np.float32),
-                                  labels=np.asarray(ctx.caches["train"].labels, dtype=np.int64),
+                                  labels=ctx.train_data.labels.numpy().astype(np.int64),
                                   class_names=np.asarray(ctx.class_names))
     ctx.dist.barrier()
     _set_dense_features(ctx, feats)
@@ -596,8 +616,9 @@ def _check_run_dir(run: Path, req: TrainRequest, resume: bool) -> None:
         raise ArtifactError(f"{cfg_path} holds no training request (a JSON object under 'request'): the run folder "
                             f"is damaged; use another --run-dir")
     request_doc = req.to_dict()
+    defaults = TrainRequest().to_dict()  # a run written before an option existed was trained with its default
     diffs = [k for k in request_doc if k not in ("time_limit", "workers", "metrics")
-             and _norm(old.get(k)) != _norm(request_doc[k])]
+             and _norm(old.get(k, defaults[k])) != _norm(request_doc[k])]
     if diffs:
         raise ArtifactError(f"run directory {run} was trained with other options ({', '.join(diffs)} differ); "
                             f"use another --run-dir")

@@ -76,12 +76,12 @@ def test_shared_options_exist_where_they_apply():
     def opts(name):
         return {o for p in cmds[name].params for o in p.opts + p.secondary_opts}
 
-    progress = ["extract", "train", "select", "evaluate", "name-features", "explain", "export", "predict", "demo",
-                "edit", "add-class"]
+    progress = ["extract", "train", "select", "evaluate", "name-features", "conformal", "explain", "export", "predict",
+                "demo", "edit", "add-class"]
     for name in progress:
         assert {"--quiet", "-q"} <= opts(name), name
-    for name in ["extract", "train", "evaluate", "name-features", "explain", "export", "predict", "demo", "edit",
-                 "add-class"]:
+    for name in ["extract", "train", "evaluate", "name-features", "conformal", "explain", "export", "predict", "demo",
+                 "edit", "add-class"]:
         assert "--device" in opts(name), name
     for name in ["extract", "train", "explain", "export", "predict"]:  # every command that builds a backbone
         assert {"--weights", "--weights-dir"} <= opts(name), name
@@ -90,10 +90,12 @@ def test_shared_options_exist_where_they_apply():
     for name in ["explain", "predict"]:
         assert {"--model", "-m"} <= opts(name), name
     for name in ["plugins", "config", "data check", "extract", "train", "select", "evaluate", "name-features",
-                 "explain", "export", "predict", "demo", "runs", "doctor", "edit", "add-class"]:
+                 "conformal", "explain", "export", "predict", "demo", "runs", "doctor", "edit", "add-class"]:
         assert "--json" in opts(name), name
-    assert {"--seed"} <= opts("train") & opts("select") & opts("edit") & opts("name-features")
+    assert {"--seed"} <= opts("train") & opts("select") & opts("edit") & opts("name-features") & opts("conformal")
     assert {"--out", "-o", "--force"} <= opts("edit") & opts("add-class")
+    for name in ["predict", "explain", "evaluate"]:
+        assert {"--coverage", "--set-score"} <= opts(name), name
     # boolean pairs where both directions make sense
     assert {"--verify", "--no-verify", "--fp16", "--no-fp16", "--adapter", "--no-adapter"} <= opts("export")
     assert {"--resume", "--no-resume", "--bf16", "--no-bf16", "--bn-recompute", "--no-bn-recompute"} <= opts("train")
@@ -108,8 +110,8 @@ def test_help_of_every_command_stays_torch_free(isolated_env):
     import subprocess
 
     code = ("import sys\nfrom qpmcli.cli import app\nimport typer\n"
-            "for c in ['train','extract','select','evaluate','name-features','explain','export','predict','demo',\n"
-            "          'runs','doctor','edit','add-class']:\n"
+            "for c in ['train','extract','select','evaluate','name-features','conformal','explain','export',\n"
+            "          'predict','demo','runs','doctor','edit','add-class']:\n"
             "    try:\n        app([c, '--help'], prog_name='qpm')\n    except SystemExit:\n        pass\n"
             "print('HEAVY=' + ','.join(m for m in ('torch','numpy','onnxruntime') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], env=isolated_env, capture_output=True, text=True, timeout=120)
@@ -162,6 +164,12 @@ TRAIN = ["train", "-b", "dinov2-vits14", "--weights", "random", "-d", "shapes", 
     (["predict", "img.jpg"], ["no current run", "qpm train", "qpm demo", "--model"]),
     (["export", "--onnx"], ["no current run", "qpm train", "qpm demo"]),
     (["evaluate"], ["no current run"]),
+    (["conformal"], ["no current run"]),
+    # prediction sets: alpha, score and coverage before any run is opened
+    (["conformal", "nowhere", "--alpha", "1.5"], ["--alpha", "between 0 and 1"]),
+    (["conformal", "nowhere", "--score", "best"], ["--score 'best'", "lac, aps, hier"]),
+    (["predict", "x.jpg", "--coverage", "90"], ["--coverage", "between 0 and 1"]),
+    (["explain", "x.jpg", "--set-score", "lac"], ["--set-score needs --coverage"]),
 ])
 def test_user_errors_are_one_line_exit_2_and_list_valid_values(qpm, tmp_path, args, needles):
     before = _files(tmp_path)

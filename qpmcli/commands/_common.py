@@ -58,3 +58,25 @@ def console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, soft_wrap=True)  # never hard-wrap paths users copy; tables still fit the width
+
+
+def set_line(detail: dict, most: int = 5) -> str:
+    """One image's set as one line: its members (the first ``most``), the ranked features they share, and the
+    feature where each member's ranking leaves them."""
+    from qpmcli.conformal import set_feature_label
+
+    head = f"{100 * detail['coverage']:g}% set ({detail['score']}): "
+    if not detail["set"]:
+        return head + "empty (even the top class is less sure than the calibrated level allows)"
+    members = detail["members"][:most]
+    more = f", +{detail['size'] - len(members)} more" if detail["size"] > len(members) else ""
+    names = ", ".join(m["class"] for m in members) + more
+    shared = detail.get("shared_features")
+    if shared is None or detail["size"] < 2:
+        return head + names
+    if not shared:
+        return head + names + "; no shared leading feature"
+    parts = [f"{m['class']} at {set_feature_label(detail, m['diverges_at'])}" if m["diverges_at"] is not None
+             else m["class"] for m in members]
+    return (head + names + f"; all rank {', '.join(set_feature_label(detail, f) for f in shared)} first, then part: "
+            + ", ".join(parts) + more)

@@ -70,9 +70,15 @@ def demo(
     if summary.get("feature_names"):
         out_console.print(f"features named by the parts they fire on: {summary['named']} "
                           f"(qpm name-features; {summary['feature_names']})", highlight=False)
+    sets = summary.get("conformal") or []
+    if sets:
+        cols = "; ".join(f"{c['score']}{'' if c['level'] is None else ' (L=' + str(c['level']) + ')'} "
+                         f"{c['coverage']:.3f} / {c['set_size']:.2f}" for c in sets)
+        out_console.print(f"90 % prediction sets, held-out calibration: test coverage / mean set size: {cols}")
     exp = summary["export"]
     out_console.print(f"ONNX model: {summary['onnx']} (verified: {exp.get('verified', exp.get('verify'))})")
-    figures = [img.get("figure") or img.get("png") for img in summary["explanations"].get("images", [])]
+    figures = [f for img in summary["explanations"].get("images", [])
+               for f in (img.get("figure") or img.get("png"), (img.get("set") or {}).get("figure"))]
     out_console.print(f"explanation figures: {', '.join(str(f) for f in figures if f)}")
     out_console.print(f"runs: {summary['runs']['qpm']} and {summary['runs']['linear_probe']}")
     out_console.print(f"finished in {summary['seconds']:.0f} s; everything is under {summary['out_dir']}")

@@ -9,7 +9,7 @@ from qpmcli import options as opts
 from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
 
 # How the paper shows each metric: fractions become percentages, counts stay counts.
-_COUNTS = ("NFeatures", "PerClass", "Pooling-Ratio", "Alignment")
+_COUNTS = ("NFeatures", "PerClass", "Pooling-Ratio", "Alignment", "Set-Size")
 
 
 def evaluate(
@@ -19,6 +19,10 @@ def evaluate(
                                 "e.g. Accuracy,SID@5,Plausibility.", autocompletion=opts.complete_metrics),
     stage: str = typer.Option("final", "--stage", help="final (the QPM model) or dense (the dense model)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per forward pass."),
+    coverage: float = typer.Option(None, "--coverage", help="The calibration (of `qpm conformal`) whose prediction "
+                                   "sets Coverage, Set-Size and Set-Coherence measure, e.g. 0.9 (default: the "
+                                   "last one calibrated)."),
+    set_score: str = opts.set_score_opt(),
     device: str = Device,
     quiet: bool = Quiet,
     json_out: bool = JsonFlag,
@@ -32,6 +36,7 @@ def evaluate(
     from qpmcli.metrics import checked_metric_names
 
     checked_metric_names(metrics)
+    opts.check_set_options(coverage, set_score)
     settings = settings_from_flags(device=device, device_check="torch")
     target = resolve_model(settings, run, run_only=True)
     if not quiet:  # -q: nothing on stderr but errors
@@ -39,7 +44,7 @@ def evaluate(
     from qpmcli.evaluate import evaluate_run
 
     result = evaluate_run(str(target.path), metrics, stage=stage, batch_size=batch_size,
-                          progress=not (quiet or json_out), settings=settings)
+                          progress=not (quiet or json_out), settings=settings, coverage=coverage, set_score=set_score)
     if json_out:
         print_json(result)
         return
@@ -61,6 +66,11 @@ def evaluate(
     out.print(table)
     for note in result["notes"]:
         out.print(f"note: {note}")
+    cal = result.get("calibration")
+    if cal:
+        out.print(f"prediction sets: coverage {cal['coverage']:g}, score {cal['score']}"
+                  + (f", level {cal['level']}" if cal.get("level") is not None else "")
+                  + (", per class" if cal.get("per_class") else ""), highlight=False)
     out.print(f"saved to {result['run']}/metrics.json ({result['seconds']:.1f} s)")
 
 

@@ -7,7 +7,7 @@ import typer
 
 from qpmcli import checks
 from qpmcli import options as opts
-from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json
+from qpmcli.commands._common import JsonFlag, Quiet, Weights, WeightsDir, console, print_json, set_line
 
 
 def explain(
@@ -23,10 +23,13 @@ def explain(
     device: str = opts.device_opt(tensorrt=True),
     weights: str = Weights,
     weights_dir: str = WeightsDir,
+    coverage: float = opts.coverage_opt(),
+    set_score: str = opts.set_score_opt(),
     quiet: bool = Quiet,
     json_out: bool = JsonFlag,
 ) -> None:
-    """Explain predictions: the class's 5 features, where they fire, and what they contribute to the logit."""
+    """Explain predictions: the class's 5 features, where they fire, and what they contribute to the logit. With
+    --coverage, also the image's prediction set as a small tree (calibrated by `qpm conformal`)."""
     from qpmcli.commands._common import ort_device, say, settings_from_flags
     from qpmcli.current import resolve_model
     from qpmcli.errors import ConfigError
@@ -35,6 +38,7 @@ def explain(
     device = ort_device(device, settings)
     checks.check_positive(top_k, "--top-k")
     checks.check_out_dir(out, "--out")
+    opts.check_set_options(coverage, set_score)
     if not images and not class_name:
         raise ConfigError("give at least one image (or --class NAME for a global explanation)")
     target = resolve_model(settings, model)
@@ -44,7 +48,7 @@ def explain(
 
     summary = run_explain(images or [], str(target.path), out_dir=out, compare=compare, class_name=class_name,
                           html_report=html, device=device, top_k=top_k, progress=not quiet and not json_out,
-                          weights=weights, settings=settings)
+                          weights=weights, settings=settings, coverage=coverage, set_score=set_score)
     if not quiet:
         for item in summary.get("skipped", []):
             say(f"skipped {item['image']}: {item['reason']}")
@@ -70,6 +74,8 @@ def explain(
         con.print(f"{escape(item['image'])}: [bold]{escape(item['class_name'])}[/] p={item['probability']:.3f}  "
                   f"features {feats}")
         con.print(f"  -> {item['figure']}")
+        if item.get("set"):
+            con.print(f"  {escape(set_line(item['set']))} -> {item['set']['figure']}", highlight=False)
         c = item.get("compare")
         if c and "skipped" in c:
             con.print(f"  no contrastive view: {escape(c['skipped'])}")

@@ -47,6 +47,10 @@ def train(
     checkpoint_steps: int = typer.Option(0, "--checkpoint-steps", help="Also checkpoint every N steps."),
     metrics: str = typer.Option("all", "--metrics", help="Metrics to compute: all, fast or NAME,...",
                                 autocompletion=opts.complete_metrics),
+    cal_fraction: float = typer.Option(0.0, "--cal-fraction",
+                                       help="Hold this share of each class's training images out of training, for "
+                                            "`qpm conformal`'s guaranteed prediction sets (0 = train on all, as "
+                                            "the paper)."),
     current: bool = typer.Option(True, "--current/--no-current",
                                  help="Record the run as the current run (used by export/explain/predict)."),
     force: bool = typer.Option(False, "--force", help="Write the run into a folder that holds other files."),
@@ -71,6 +75,7 @@ def train(
         backbone_options=opts.parse_plugin_options("backbone", backbone, backbone_option),
         n_selected=features, per_class=per_class, time_limit=time_limit, n_layers=layers, hidden_size=hidden_size,
         n_features=dense_features, pooling=pooling, seed=settings.seed, metrics=metrics,
+        cal_fraction=cal_fraction,
     ).checked(settings)  # every check before any work
     from qpmcli.current import check_recordable, try_set_current
     from qpmcli.distributed import dist_info
