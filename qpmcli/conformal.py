@@ -1,4 +1,4 @@
-"""Prediction sets with a guarantee: split conformal prediction on a run's cached outputs (``qpm conformal``).
+"""Prediction sets with a guarantee: the method of split conformal prediction (``qpm conformal``).
 
 A QPM model explains one class with its 5 features. When classes are close, a *set* says how uncertain the answer is
 and why: "one of these 3 classes; they share features 12, 40 and 7 and part at 33, 18 and 5". Split conformal
@@ -28,31 +28,29 @@ Scores (:func:`class_scores`, on logits ``[N, C]`` and, for ``hier``, the standa
 - ``per_class`` (Mondrian): one threshold per class from that class's calibration images; coverage then holds for
   every class.
 
-The guarantee needs calibration images the model was not fitted on: :func:`run_conformal` uses the split that
-``qpm train --cal-fraction`` held out of training (recorded in ``config.json``), and otherwise carves one from the
-training images and records that the guarantee does not hold for it. Model outputs come from the run's token caches
-(:func:`qpmcli.loop.collect_token_outputs`), never from a backbone forward.
+The guarantee needs calibration images the model was not fitted on: ``qpm train --cal-fraction`` holds a split out
+of training (:func:`held_out_split`, recorded in ``config.json``); the job (:func:`qpmcli.calibrate.run_conformal`,
+on the run's cached outputs) uses it, and otherwise carves one from the training images (:func:`calibration_split`)
+and records that the guarantee does not hold for it.
 
 :func:`prediction_set` is the one function that turns a calibration entry and one image's model outputs into its
-set (with, for a sparse head, the shared features and where each member diverges); predict, explain, evaluate and
-``qpm serve`` all call it. The document format (``conformal.json``, ``qpm.conformal`` in ONNX metadata) and its
-checks belong to :mod:`qpmcli.modelfile`. This module imports neither torch nor matplotlib at import time.
+set (with, for a sparse head, the shared features and where each member diverges); predict and explain call it, and
+:func:`evaluate_sets` applies the same membership rule to a whole split (calibration, ``qpm evaluate``). The document
+format (``conformal.json``, ``qpm.conformal`` in ONNX metadata) and its checks belong to :mod:`qpmcli.modelfile`. This
+module works on arrays (no run files, no model) and imports neither torch nor matplotlib.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from qpmcli.errors import ArtifactError, ConfigError
+from qpmcli.errors import ArtifactError, ConfigError, DatasetError
 from qpmcli.modelfile import (
     CONFORMAL_FORMAT,
     CONFORMAL_FORMAT_VERSION,
@@ -61,12 +59,7 @@ from qpmcli.modelfile import (
     model_fingerprint,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from qpmcli.cache import TokenCache
-
 SCORES = CONFORMAL_SCORES
-DEFAULT_ALPHA = 0.1
-DEFAULT_CAL_FRACTION = 0.2  # of the training images, when the run holds out no calibration split
 OUTSIDE = 2.0  # added to a hier score outside the node: every node member scores below every outsider
 TREE_MAX_FEATURES = 10  # heads with more features per class (dense heads) get no feature tree
 _CHUNK = 2048  # images per block when ranking features ([block, C, k] arrays)
@@ -438,6 +431,19 @@ def select_calibration(meta: ClassifierMetadata | Mapping[str, Any] | None, cove
                       f"{f' with score {score}' if score else ''} (it has: {have}); {todo}")
 
 
+def add_calibration(meta: ClassifierMetadata, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's calibration document with ``entry`` added last (replacing one with the same alpha, score and
+    per-class choice)."""
+    doc = dict(meta.conformal or {})
+    key = (_fraction(entry["alpha"]), entry["score"], bool(entry.get("per_class")))
+    kept = [e for e in doc.get("calibrations") or []
+            if (_fraction(e["alpha"]), e["score"], bool(e.get("per_class"))) != key]
+    return {"format": CONFORMAL_FORMAT, "format_version": CONFORMAL_FORMAT_VERSION,
+            "model": {"fingerprint": model_fingerprint(meta), "classes": meta.n_classes,
+                      "features": [int(f) for f in meta.features]},
+            "calibrations": [*kept, dict(entry)]}
+
+
 def check_coverage(coverage: float, flag: str = "--coverage") -> float:
     if not (isinstance(coverage, int | float) and math.isfinite(coverage) and 0 < coverage < 1):
         raise ConfigError(f"{flag} must be a number between 0 and 1 (exclusive), e.g. 0.9, not {coverage}")
@@ -468,172 +474,29 @@ def calibration_split(labels: Any, fraction: float, seed: int) -> tuple[np.ndarr
     return fit_rows, cal_rows
 
 
-# ------------------------------------------------------------------------------------------------------ the job
-@dataclass
-class ConformalRequest:
-    """Everything ``qpm conformal`` needs. ``score``: one score or several, comma-separated (``"lac,aps,hier"``:
-    one pass over the caches, one entry each, calibrated in that order). ``cal_fraction`` ``None``: the run's held-out
-    calibration split when it has one, else :data:`DEFAULT_CAL_FRACTION` of the training images (seen in training: no
-    guarantee)."""
-
-    run: str = ""
-    alpha: float = DEFAULT_ALPHA
-    score: str = "lac"
-    per_class: bool = False
-    cal_fraction: float | None = None
-    seed: int = 0
-    batch_size: int = 256
-    device: str | None = None
-
-    def checked(self, *, run: bool = True) -> ConformalRequest:
-        """Every check that needs no data (one line, exit 2 each; ``run=False``: all but the run directory's);
-        returns the request."""
-        check_alpha(self.alpha)
-        bad = [s for s in self.scores if s not in SCORES] or ([] if self.scores else [self.score])
-        if bad:
-            raise ConfigError(f"--score {bad[0]!r} is not one of {', '.join(SCORES)} (or several, comma-separated)")
-        if self.cal_fraction is not None and not (math.isfinite(self.cal_fraction) and 0 < self.cal_fraction < 1):
-            raise ConfigError(f"--cal-fraction must be between 0 and 1 (exclusive), not {self.cal_fraction}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be 0 or more, not {self.seed}")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if run and (not self.run or not Path(self.run).is_dir()):
-            raise ArtifactError(f"run directory {self.run or '(none)'} does not exist; train one with `qpm train`")
-        return self
-
-    @property
-    def scores(self) -> list[str]:
-        """The scores to calibrate, in order, each once."""
-        return list(dict.fromkeys(s.strip() for s in str(self.score).split(",") if s.strip()))
-
-    def with_run(self, run: str, **changes: Any) -> ConformalRequest:
-        """The same request for ``run`` (and ``changes``)."""
-        return replace(self, run=run, **changes)
-
-
-def run_conformal(req: ConformalRequest, settings: Any = None, *, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``qpm conformal``: calibrate the run's final model, measure the sets on its test split at once, and add the
-    entries (one per score) to ``RUN/conformal.json`` (an entry with the same alpha, score and per-class choice is
-    replaced; the file is written atomically, with no clock in it, so the same request gives the same bytes).
-    Returns a summary: ``calibration`` (the last entry), ``results`` (every entry of this request), the file."""
-    from qpmcli import artifact
-    from qpmcli.modelfile import metadata_from_run
-    from qpmcli.progress import progress_bar
-
-    t0 = time.perf_counter()
-    req.checked()
-    say = log or (lambda _m: None)
-    run = Path(req.run)
-    folder = artifact.RunFolder(run)
-    train_cache, test_cache = _run_caches(folder)
-    held = folder.config().get("calibration_split")
-    if held and req.cal_fraction is not None:
-        raise ConfigError(f"{run} holds out a calibration split at training ({held.get('fraction')} of the training "
-                          f"images); --cal-fraction applies only to runs without one")
-    if settings is None:
-        from qpmcli.settings import resolve_settings
-
-        settings, _ = resolve_settings()
-    device = req.device or settings.torch_device()
-    model, info = artifact.load_model(run, "final", device=device)
-    meta = metadata_from_run(model, info, run_dir=run)  # an existing conformal.json of another model stops here
-    sparse = class_features(meta.weight)[0].shape[1] <= TREE_MAX_FEATURES
-    if "hier" in req.scores and not sparse:
-        raise ConfigError("the hier score ranks each class's few features; this model's head is dense (every class "
-                          "uses every feature): use --score lac or aps")
-    labels = np.asarray(train_cache.labels, dtype=np.int64)
-    if held:
-        cal_rows = _held_rows(held, len(train_cache), run)
-        source = {"split": "held-out", "held_out": True, "fraction": held.get("fraction"),
-                  "seed": held.get("seed"), "n": int(cal_rows.size)}
-    else:
-        fraction = DEFAULT_CAL_FRACTION if req.cal_fraction is None else req.cal_fraction
-        cal_rows = calibration_split(labels, fraction, req.seed)[1]
-        source = {"split": "train", "held_out": False, "fraction": fraction, "seed": req.seed,
-                  "n": int(cal_rows.size), "note": "these images were seen in training (the run holds out no "
-                  "calibration split), so the coverage guarantee does not hold; the test coverage beside it is the "
-                  "honest number. Train with `qpm train --cal-fraction 0.2` for a guarantee."}
+def held_out_split(labels: Any, fraction: float, seed: int) -> tuple[np.ndarray | None, dict[str, Any] | None]:
+    """``(rows to fit on, the record)`` of the calibration split ``qpm train --cal-fraction`` holds out of every
+    fitting step; the record (``fraction``, ``seed``, ``rows``) goes into ``config.json`` as ``calibration_split``
+    and :func:`held_out_rows` reads it back. ``fraction`` 0: ``(None, None)``, fit on all (as the paper trains). A
+    split that holds out no image is a :class:`DatasetError`."""
+    if fraction <= 0:
+        return None, None
+    fit_rows, cal_rows = calibration_split(labels, fraction, seed)
     if cal_rows.size == 0:
-        raise ArtifactError(f"the calibration split of {run} is empty; use a larger --cal-fraction")
-    say(f"calibrating on {cal_rows.size} {'held-out' if held else 'training'} images, testing on "
-        f"{len(test_cache)} test images")
-    with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("model outputs", total=2)
-        cal = _outputs(model, train_cache, cal_rows, device, req.batch_size)
-        bar.advance(task)
-        test = _outputs(model, test_cache, None, device, req.batch_size)
-        bar.advance(task)
-    weight = meta.weight if sparse else None
-    cal_values = meta.standardize(cal["features"], np.float64) if sparse else None
-    test_values = meta.standardize(test["features"], np.float64) if sparse else None
-    results = []
-    for score in req.scores:
-        entry = calibrate(score, cal["logits"], cal["labels"], req.alpha, values=cal_values, weight=weight,
-                          per_class=req.per_class, seed=req.seed)
-        entry["seed"] = req.seed
-        entry["source"] = source
-        entry["test"] = evaluate_sets(entry, test["logits"], test["labels"], values=test_values, weight=weight)
-        meta.conformal = add_calibration(meta, entry)
-        results.append(entry)
-    path = run / artifact.CONFORMAL
-    artifact.atomic_write_json(path, meta.conformal)
-    return {"run": str(run), "file": str(path), "calibration": results[-1], "results": results,
-            "class_names": meta.class_names, "calibrations": len(meta.conformal["calibrations"]),
-            "seconds": round(time.perf_counter() - t0, 3)}
+        raise DatasetError(f"--cal-fraction {fraction} holds out no image (too few per class); raise it")
+    return fit_rows, {"fraction": fraction, "seed": seed, "rows": [int(r) for r in cal_rows]}
 
 
-def add_calibration(meta: ClassifierMetadata, entry: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's calibration document with ``entry`` added last (replacing one with the same alpha, score and
-    per-class choice)."""
-    doc = dict(meta.conformal or {})
-    key = (_fraction(entry["alpha"]), entry["score"], bool(entry.get("per_class")))
-    kept = [e for e in doc.get("calibrations") or []
-            if (_fraction(e["alpha"]), e["score"], bool(e.get("per_class"))) != key]
-    return {"format": CONFORMAL_FORMAT, "format_version": CONFORMAL_FORMAT_VERSION,
-            "model": {"fingerprint": model_fingerprint(meta), "classes": meta.n_classes,
-                      "features": [int(f) for f in meta.features]},
-            "calibrations": [*kept, dict(entry)]}
-
-
-def _run_caches(folder: Any) -> tuple[TokenCache, TokenCache]:
-    """The run's train and test caches; a run without a test split is an error (nothing to measure coverage on)."""
-    from qpmcli.cache import TokenCache
-    from qpmcli.errors import CacheError
-
-    run, paths = folder.path, folder.cache_paths()
-    out = []
-    for split in ("train", "test"):
-        if not paths.get(split):
-            what = "test split to measure coverage on" if split == "test" else "training cache to calibrate on"
-            raise ArtifactError(f"{run} has no {what} (config.json names no {split} token cache)")
-        try:
-            out.append(TokenCache.open(paths[split]))
-        except CacheError as exc:
-            raise ArtifactError(f"the run's {split} token cache is unusable ({exc}); rebuild it with `qpm train "
-                                f"--resume --run-dir {run}`") from exc
-    return out[0], out[1]
-
-
-def _held_rows(held: Mapping[str, Any], n: int, run: Path) -> np.ndarray:
+def held_out_rows(record: Mapping[str, Any], n: int, source: str) -> np.ndarray:
+    """The sorted calibration rows of a ``calibration_split`` record, checked against the ``n``-image train cache
+    (``source`` names the file in the one-line :class:`ArtifactError`)."""
     try:
-        rows = np.asarray(held["rows"], dtype=np.int64)
+        rows = np.asarray(record["rows"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{run}/config.json has a malformed calibration_split: {exc!r}") from exc
+        raise ArtifactError(f"{source} has a malformed calibration_split: {exc!r}") from exc
     if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n)) or np.unique(rows).size != rows.size:
-        raise ArtifactError(f"{run}/config.json's calibration_split rows do not fit the {n}-image train cache")
+        raise ArtifactError(f"{source}'s calibration_split rows do not fit the {n}-image train cache")
     return np.sort(rows)
-
-
-def _outputs(model: Any, cache: TokenCache, rows: np.ndarray | None, device: str, batch_size: int
-             ) -> dict[str, np.ndarray]:
-    """Logits, pooled features and labels of (some rows of) a cache, by the training loop's eval pass."""
-    from qpmcli.loop import TokenData, collect_token_outputs
-
-    data = TokenData(cache.tokens, cache.labels, device, hold=False, rows=rows)
-    out = collect_token_outputs(model, data, batch_size)
-    return {k: v.numpy() for k, v in out.items()}
 
 
 # -------------------------------------------------------------------------------------------- synthetic outputs
@@ -653,9 +516,9 @@ def synthetic_outputs(n: int, n_classes: int = 20, n_features: int = 50, per_cla
 
 
 __all__ = [
-    "DEFAULT_ALPHA", "DEFAULT_CAL_FRACTION", "OUTSIDE", "SCORES", "ConformalRequest", "add_calibration",
-    "calibrate", "calibrate_scores", "calibration_split", "check_alpha", "check_coverage", "class_features",
-    "class_scores", "conformal_rank", "coverage_of", "evaluate_sets", "exact_threshold", "feature_rankings",
-    "level_scores", "limits", "margins", "minimum_calibration", "prediction_set", "probabilities", "run_conformal",
-    "select_calibration", "set_feature_label", "set_members", "shared_prefix", "synthetic_outputs",
+    "OUTSIDE", "SCORES", "add_calibration", "calibrate", "calibrate_scores", "calibration_split", "check_alpha",
+    "check_coverage", "class_features", "class_scores", "conformal_rank", "coverage_of", "evaluate_sets",
+    "exact_threshold", "feature_rankings", "held_out_rows", "held_out_split", "level_scores", "limits", "margins",
+    "minimum_calibration", "prediction_set", "probabilities", "select_calibration", "set_feature_label", "set_members",
+    "shared_prefix", "synthetic_outputs",
 ]

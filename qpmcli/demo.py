@@ -145,7 +145,7 @@ def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = Fals
 
     t0 = time.perf_counter()
     say(f"[4/6] calibrating {100 * (1 - ALPHA):g} % prediction sets on the held-out images (lac, aps, hier)")
-    from qpmcli.conformal import ConformalRequest, run_conformal
+    from qpmcli.calibrate import ConformalRequest, run_conformal
 
     res = run_conformal(ConformalRequest(run=str(qpm_run), alpha=ALPHA, score="lac,aps,hier", seed=0), settings,
                         progress=False)  # hier last: predict/explain --coverage 0.9 use the last one calibrated

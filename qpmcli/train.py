@@ -345,7 +345,9 @@ def extract(ctx: TrainContext) -> None:
     ctx.class_names = class_names
     _check_classes(train_cache.labels, class_names, "train")
     _check_classes(test_cache.labels, class_names, "test")
-    fit_rows, cal_split = _calibration_split(req, train_cache.labels)
+    from qpmcli.conformal import held_out_split
+
+    fit_rows, cal_split = held_out_split(train_cache.labels, req.cal_fraction, req.seed)  # (None, None) at 0
     embed_dim = int(train_cache.tokens.shape[-1])
     if req.head == "qpm":
         from qpmcli.checks import check_selection_sizes
@@ -376,20 +378,6 @@ def extract(ctx: TrainContext) -> None:
                         "n_test": len(ctx.test_data), "n_classes": len(class_names)})
     if cal_split:
         ctx.summary["n_calibration"] = len(cal_split["rows"])
-
-
-def _calibration_split(req: TrainRequest, labels: Any) -> tuple[Any, dict[str, Any] | None]:
-    """``(rows to fit on, the calibration split record)``: with ``req.cal_fraction`` > 0 a seeded, stratified share
-    of each class's training images is held out of every fitting step (dense, selection inputs, finetune) for
-    ``qpm conformal``; ``(None, None)`` (fit on all) otherwise, as the paper trains."""
-    if req.cal_fraction <= 0:
-        return None, None
-    from qpmcli.conformal import calibration_split
-
-    fit_rows, cal_rows = calibration_split(labels, req.cal_fraction, req.seed)
-    if cal_rows.size == 0:
-        raise DatasetError(f"--cal-fraction {req.cal_fraction} holds out no image (too few per class); raise it")
-    return fit_rows, {"fraction": req.cal_fraction, "seed": req.seed, "rows": [int(r) for r in cal_rows]}
 
 
 def _model_config(ctx: TrainContext) -> dict[str, Any]:

@@ -171,6 +171,27 @@ def test_one_images_set_lists_members_best_first_with_shared_features_and_diverg
     assert everything["size"] == 4 and everything["shared_features"] == []
 
 
+def test_a_sets_features_are_printed_by_the_models_labels(tmp_path):
+    """Feature ids in a set (its line, its tree) go through ``ClassifierMetadata.feature_label``: a named feature
+    shows its name (``qpm name-features``), the others their id."""
+    from qpmcli.commands._common import set_line
+    from qpmcli.explain import feature_colour
+    from qpmcli.setview import render_set_tree
+
+    weight = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 0, 1]], np.float32)
+    meta = ClassifierMetadata.from_head({"weight": weight, "features": [10, 11, 12, 13, 14, 15],
+                                         "class_names": ["gull a", "tern", "gull b", "crow"]})
+    meta.feature_names = {12: {"names": ["white head"], "user": True}}
+    values = np.array([1.0, 0.5, 3.0, -1.0, 0.2, 0.4])
+    entry = {"alpha": 0.1, "coverage": 0.9, "score": "hier", "per_class": False, "level": 2, "threshold": 0.9}
+    got = C.prediction_set(entry, meta, weight.astype(float) @ values, values)
+    assert got["feature_labels"] == {"10": "f10", "11": "f11", "12": "f12 white head", "15": "f15"}
+    assert C.set_feature_label(got, 12) == "f12 white head" and C.set_feature_label(got, 99) == "f99"
+    line = set_line(got)
+    assert "all rank f12 white head, f10 first" in line and "gull a at f11" in line and "gull b at f15" in line
+    assert render_set_tree(got, tmp_path / "named.png", colour=feature_colour, title="named").stat().st_size > 0
+
+
 @pytest.mark.parametrize("score", C.SCORES)
 def test_one_images_set_equals_its_row_of_the_vectorised_sets(pool, score):
     """``prediction_set`` (predict, explain, serve) and ``set_members`` / ``evaluate_sets`` (calibration, evaluate)

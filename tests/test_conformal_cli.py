@@ -223,7 +223,18 @@ def test_a_run_without_a_test_split_is_refused_before_any_work(trained_run, qpm,
     config = json.loads((run / "config.json").read_text())
     del config["caches"]["test"]
     (run / "config.json").write_text(json.dumps(config))
-    _one_error_line(_conformal(qpm, run, "-q"), "no test split")
+    _one_error_line(_conformal(qpm, run, "-q"), "no test token cache")  # evaluate.open_run_caches says so
+    assert not (run / "conformal.json").exists()
+
+
+def test_swapped_caches_are_refused_like_evaluate_refuses_them(trained_run, qpm, tmp_path):
+    """Calibrating on the test split (caches swapped in config.json) would report a false coverage: the caches are
+    checked against the run (evaluate.open_run_caches) before any output is computed."""
+    run = copy_run(trained_run["run"], tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config["caches"] = {"train": config["caches"]["test"], "test": config["caches"]["train"]}
+    (run / "config.json").write_text(json.dumps(config))
+    _one_error_line(_conformal(qpm, run, "-q"), "does not belong to this run")
     assert not (run / "conformal.json").exists()
 
 

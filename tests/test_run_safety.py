@@ -113,8 +113,9 @@ def test_a_full_disk_during_a_cache_build_is_one_line_and_leaves_no_partial_cach
 
 # ---------------------------------------------------------------------------------------------- run-folder lock
 def test_a_second_writer_of_a_run_folder_gets_one_line_naming_the_holder(qpm, tmp_path):
-    """While one process holds a run folder, `qpm train --resume` and `qpm evaluate` of it stop at once with one
-    line naming the holder (pid, command, host); nothing in the folder changes; the lock file goes with the holder."""
+    """While one process holds a run folder, `qpm train --resume`, `qpm evaluate` and `qpm conformal` of it stop at
+    once with one line naming the holder (pid, command, host); nothing in the folder changes; the lock file goes with
+    the holder."""
     import socket
 
     from qpmcli.artifact import LOCK, run_lock
@@ -123,7 +124,8 @@ def test_a_second_writer_of_a_run_folder_gets_one_line_naming_the_holder(qpm, tm
     before = digest_tree(run)
     with run_lock(run, "qpm train --resume"):
         assert (run / LOCK).is_file()
-        for args in (["train", *TINY, "--resume", "--run-dir", str(run)], ["evaluate", str(run), "-q"]):
+        for args in (["train", *TINY, "--resume", "--run-dir", str(run)], ["evaluate", str(run), "-q"],
+                     ["conformal", str(run), "-q"]):
             line = one_error_line(qpm(args))
             assert f"{run} is in use by another qpm process (pid {os.getpid()}, `qpm train --resume` on host " \
                    f"{socket.gethostname()}" in line, line

@@ -29,8 +29,8 @@ def conformal(
 ) -> None:
     """Calibrate prediction sets on the run's cached outputs and measure them on its test split at once; the
     calibration goes into RUN/conformal.json (and from there into `qpm export`, predict, explain and serve)."""
+    from qpmcli.calibrate import ConformalRequest, run_conformal
     from qpmcli.commands._common import say, settings_from_flags
-    from qpmcli.conformal import ConformalRequest, run_conformal
     from qpmcli.current import resolve_model
 
     req = ConformalRequest(alpha=alpha, score=score, per_class=per_class, cal_fraction=cal_fraction,
