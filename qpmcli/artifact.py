@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qpmcli.calibfile import CONFORMAL_JSON
 from qpmcli.errors import ArtifactError, ConfigError, QpmError
 from qpmcli.featurenames import FEATURE_NAMES_JSON
 from qpmcli.files import TEMP_FILE_RE, FolderLock, read_regular_bytes
-from qpmcli.modelfile import CONFORMAL_JSON, MODEL_FORMAT_VERSION
+from qpmcli.modelfile import MODEL_FORMAT_VERSION
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -56,7 +57,7 @@ STALE = "stale.json"  # written by `qpm select --force` when it replaces a finet
 PROTOTYPES_PARTIAL = ".prototypes.partial"  # prototypes/ while it is being written
 FEATURE_NAMES = FEATURE_NAMES_JSON  # `qpm name-features` (qpmcli/naming.py); its format: qpmcli.featurenames
 EDIT = "edit.json"  # a run made from another by `qpm edit` / `qpm add-class` (qpmcli/childrun.py): parent, diff
-CONFORMAL = CONFORMAL_JSON  # `qpm conformal`'s calibrations (format owned by qpmcli.modelfile)
+CONFORMAL = CONFORMAL_JSON  # `qpm conformal`'s calibrations (format owned by qpmcli.calibfile)
 LOCK = ".qpm.lock"  # the run-folder lock (:func:`run_lock`): who holds it (pid, command, host, since)
 
 # The files of a run folder (the one list: ``qpm select -o`` refuses them, writers that must not replace a run's own

@@ -50,14 +50,9 @@ from typing import Any
 
 import numpy as np
 
+from qpmcli.calibfile import CONFORMAL_FORMAT, CONFORMAL_FORMAT_VERSION, CONFORMAL_SCORES, model_fingerprint
 from qpmcli.errors import ArtifactError, ConfigError, DatasetError
-from qpmcli.modelfile import (
-    CONFORMAL_FORMAT,
-    CONFORMAL_FORMAT_VERSION,
-    CONFORMAL_SCORES,
-    ClassifierMetadata,
-    model_fingerprint,
-)
+from qpmcli.modelfile import ClassifierMetadata
 
 SCORES = CONFORMAL_SCORES
 OUTSIDE = 2.0  # added to a hier score outside the node: every node member scores below every outsider

@@ -1,6 +1,11 @@
-"""Our exception types. Every user mistake raises a `QpmError`; the CLI prints its message as one line and exits 2."""
+"""Our exception types. Every user mistake raises a `QpmError`; the CLI prints its message as one line and exits 2.
+
+:func:`validation_problems` turns a pydantic ``ValidationError`` (the schemas of our documents) into that one line.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class QpmError(Exception):
@@ -39,3 +44,13 @@ class SelectionError(QpmError):
 
 class ArtifactError(QpmError):
     """A run directory or model artifact that is missing, incomplete or of the wrong kind."""
+
+
+def validation_problems(exc: Any) -> str:
+    """A pydantic ValidationError as ``field: problem; field: problem`` (one line)."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        out.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(out)

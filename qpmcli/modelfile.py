@@ -10,18 +10,18 @@ One module owns the format so that every reader and writer agrees on it:
 - :func:`encode_onnx_metadata` / :func:`decode_onnx_metadata`: the ONNX ``metadata_props`` encoding
   (``qpm.<field>`` -> JSON text, format :data:`ONNX_FORMAT` version :data:`FORMAT_VERSION`; the prototypes under
   :data:`PROTOTYPES_KEY`), and :func:`read_onnx_metadata` to read it from a file;
-- the calibration document ``<run>/conformal.json`` (:data:`CONFORMAL_FORMAT`, written by :mod:`qpmcli.conformal`;
-  :func:`read_conformal`, :func:`check_conformal`, :func:`model_fingerprint`), carried as
-  :attr:`ClassifierMetadata.conformal` and hence as ``qpm.conformal`` in ONNX metadata;
+- a run's calibrations (``<run>/conformal.json``, the document of :mod:`qpmcli.calibfile`, checked against the
+  model) as :attr:`ClassifierMetadata.conformal`, and hence as ``qpm.conformal`` in ONNX metadata;
 - the prototypes document: ``<run>/prototypes/prototypes.json`` (:data:`PROTOTYPES_FORMAT`, written by
   :mod:`qpmcli.prototypes`) and its embedded form ``{"<feature id>": [{"png_b64", "class", "activation",
   "patch_box"}, ...]}`` (:func:`embed_prototypes`, :func:`parse_prototypes`);
 - a run's feature names (:func:`run_feature_names`, the document of :mod:`qpmcli.featurenames`) as
   :attr:`ClassifierMetadata.feature_names`, printed by :meth:`ClassifierMetadata.feature_label`.
 
-This module imports only :mod:`qpmcli.errors`, :mod:`qpmcli.featurenames` and :mod:`qpmcli.version` from the
-package (the bottom of the import graph), and neither torch nor numpy nor matplotlib (numpy, onnx and onnxruntime
-are imported inside the functions that need them), so ``qpm predict model.onnx`` and ``qpm serve`` start fast.
+This module imports only :mod:`qpmcli.errors`, :mod:`qpmcli.featurenames`, :mod:`qpmcli.calibfile` and
+:mod:`qpmcli.version` from the package (the bottom of the import graph), and neither torch nor numpy nor matplotlib
+(numpy, onnx and onnxruntime are imported inside the functions that need them), so ``qpm predict model.onnx`` and
+``qpm serve`` start fast.
 
 Writers: :mod:`qpmcli.export` (ONNX files), :mod:`qpmcli.prototypes` (the prototypes folder). Readers:
 :mod:`qpmcli.predict` (``Classifier.metadata``), :mod:`qpmcli.explain` (renders from a :class:`ClassifierMetadata`).
@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qpmcli.errors import ArtifactError
+from qpmcli.calibfile import CONFORMAL_JSON, check_conformal, read_conformal
+from qpmcli.errors import ArtifactError, validation_problems
 from qpmcli.featurenames import (
     FEATURE_NAMES_JSON,
     feature_names_of,
@@ -50,12 +51,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = [
-    "CONFORMAL_FORMAT", "CONFORMAL_FORMAT_VERSION", "CONFORMAL_JSON", "CONFORMAL_SCORES",
     "EMBEDDED_PROTOTYPE_FIELDS", "FORMAT_VERSION", "MAX_PROTOTYPE_BYTES", "META_PREFIX", "ONNX_FORMAT",
     "PROTOTYPES_FORMAT", "PROTOTYPES_FORMAT_VERSION", "PROTOTYPES_JSON", "PROTOTYPES_KEY", "SIGMA_MIN",
     "ClassifierMetadata", "decode_onnx_metadata", "embed_prototypes", "encode_onnx_metadata", "metadata_from_run",
-    "check_conformal", "model_fingerprint", "parse_prototypes", "read_conformal", "read_onnx_metadata",
-    "read_onnx_props", "run_feature_names", "softmax",
+    "parse_prototypes", "read_onnx_metadata", "read_onnx_props", "run_feature_names", "softmax",
     "check_graph", "confined", "validate_model_document", "validate_onnx_document",
 ]
 
@@ -72,11 +71,6 @@ PROTOTYPES_FORMAT = "qpm-prototypes"  # its "format" entry
 PROTOTYPES_FORMAT_VERSION = 1  # its "format_version" entry
 EMBEDDED_PROTOTYPE_FIELDS = ("png_b64", "class", "activation", "patch_box")  # per entry, in an embedded document
 MAX_PROTOTYPE_BYTES = 8 << 20  # larger embedded documents are not written into ONNX metadata
-
-CONFORMAL_JSON = "conformal.json"  # a run's calibrations (``qpm conformal``); artifact.CONFORMAL
-CONFORMAL_FORMAT = "qpm-conformal"  # its "format" entry
-CONFORMAL_FORMAT_VERSION = 1  # its "format_version" entry
-CONFORMAL_SCORES = ("lac", "aps", "hier")  # the nonconformity scores of qpmcli.conformal
 
 
 # ------------------------------------------------------------------------------------------------------ metadata
@@ -454,16 +448,6 @@ def confined(base: str | os.PathLike[str], name: Any, what: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ validation at load
-def _problems(exc: Any) -> str:
-    """A pydantic ValidationError as ``field: problem; field: problem`` (one line)."""
-    out = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        msg = err.get("msg", "invalid").removeprefix("Value error, ")
-        out.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(out)
-
-
 @functools.cache
 def _schemas() -> dict[str, Any]:
     """pydantic models of the run files and the ONNX metadata (built on first use: pydantic stays off the import
@@ -608,7 +592,7 @@ def validate_model_document(doc: Any, source: str | os.PathLike[str]) -> dict[st
     try:
         _schemas()["model"].model_validate(doc)
     except ValidationError as exc:
-        raise ArtifactError(f"{source} is not a valid qpm model description: {_problems(exc)}") from exc
+        raise ArtifactError(f"{source} is not a valid qpm model description: {validation_problems(exc)}") from exc
     return doc
 
 
@@ -619,7 +603,7 @@ def validate_onnx_document(doc: Mapping[str, Any], source: str | os.PathLike[str
     try:
         _schemas()["onnx"].model_validate(dict(doc))
     except ValidationError as exc:
-        raise ArtifactError(f"{source} has invalid qpm metadata: {_problems(exc)}") from exc
+        raise ArtifactError(f"{source} has invalid qpm metadata: {validation_problems(exc)}") from exc
 
 
 def check_graph(meta: ClassifierMetadata, graph: str, inputs: Sequence[Sequence[Any]],
@@ -648,89 +632,3 @@ def check_graph(meta: ClassifierMetadata, graph: str, inputs: Sequence[Sequence[
     if problems:
         raise ArtifactError(f"{source}: its graph does not match its qpm metadata ({'; '.join(problems)}); the "
                             f"metadata belongs to another model")
-
-
-# ------------------------------------------------------------------------------------------ calibration document
-def model_fingerprint(meta: ClassifierMetadata) -> str:
-    """A short SHA-256 of what decides a calibration's scores: class names, selected features and the head (``W``,
-    ``mu``, ``sigma``, ``bias`` as float32 bytes). A run and every ONNX file exported from it give the same value, so
-    a calibration document names the model it belongs to."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256(json.dumps([list(meta.class_names), [int(i) for i in meta.features]]).encode("utf-8"))
-    for arr in (meta.weight, meta.mu, meta.sigma, meta.bias):
-        h.update(b"none" if arr is None else np.ascontiguousarray(arr, dtype=np.float32).tobytes())
-    return h.hexdigest()[:24]
-
-
-@functools.cache
-def _conformal_schema() -> Any:
-    """The pydantic model of a calibration document (built on first use)."""
-    from typing import Literal
-
-    from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
-
-    class Open(BaseModel):
-        model_config = ConfigDict(extra="allow", strict=False)
-
-    class Entry(Open):
-        alpha: float = Field(gt=0.0, lt=1.0)
-        score: Literal[CONFORMAL_SCORES]  # type: ignore[valid-type]
-        per_class: bool = False
-        level: NonNegativeInt | None = None
-        n: NonNegativeInt
-        threshold: float | None = None
-        thresholds: list[float | None] | None = None
-
-    class Model(Open):
-        fingerprint: str
-        classes: PositiveInt
-
-    class Document(Open):
-        format: Literal["qpm-conformal"]
-        format_version: PositiveInt
-        model: Model
-        calibrations: list[Entry]
-
-    return Document
-
-
-def check_conformal(doc: Any, meta: ClassifierMetadata, source: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a calibration document against the model it is used with: its schema, that it names this model
-    (:func:`model_fingerprint`), and that per-class thresholds and hierarchy levels fit the head. Returns ``doc``;
-    every problem is one :class:`ArtifactError` line."""
-    from pydantic import ValidationError
-
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"{source} must hold a JSON object (a qpm calibration), not a JSON {type(doc).__name__}")
-    try:
-        parsed = _conformal_schema().model_validate(doc)
-    except ValidationError as exc:
-        raise ArtifactError(f"{source} is not a valid qpm calibration: {_problems(exc)}") from exc
-    if parsed.format_version > CONFORMAL_FORMAT_VERSION:
-        raise ArtifactError(f"{source} has calibration format version {parsed.format_version}; this qpm reads "
-                            f"{CONFORMAL_FORMAT_VERSION}: upgrade qpm")
-    own = model_fingerprint(meta)
-    if parsed.model.fingerprint != own or parsed.model.classes != meta.n_classes:
-        raise ArtifactError(f"{source} belongs to another model (fingerprint {parsed.model.fingerprint}, this model's "
-                            f"is {own}); delete it and calibrate this model with `qpm conformal`")
-    per_class_features = int((meta.weight != 0).sum(axis=1).max()) if meta.weight.size else 0
-    for i, entry in enumerate(parsed.calibrations):
-        if entry.per_class and (entry.thresholds is None or len(entry.thresholds) != meta.n_classes):
-            raise ArtifactError(f"{source}: calibration {i} is per class but does not list {meta.n_classes} "
-                                f"thresholds")
-        if entry.score == "hier" and (entry.level is None or entry.level > per_class_features):
-            raise ArtifactError(f"{source}: calibration {i} (hier) needs a level between 0 and {per_class_features}")
-    return doc
-
-
-def read_conformal(path: str | os.PathLike[str], meta: ClassifierMetadata) -> dict[str, Any]:
-    """A run's ``conformal.json``, checked against ``meta`` (:func:`check_conformal`)."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{p} is not readable JSON: {exc}") from exc
-    return check_conformal(doc, meta, p)
