@@ -177,7 +177,9 @@ def run_add_class(req: AddClassRequest, settings: Any, *, progress: bool = True,
     the chosen features, the nearest class, old-class accuracy before/after and the logits digests)."""
     import numpy as np
 
+    from qpmcli.artifact import CONFIG, RunFolder
     from qpmcli.childrun import model_digest
+    from qpmcli.conformal import fitting_rows
     from qpmcli.evaluate import collect_outputs, open_run_caches
     from qpmcli.modelfile import SIGMA_MIN
     from qpmcli.predict import load_classifier
@@ -194,6 +196,9 @@ def run_add_class(req: AddClassRequest, settings: Any, *, progress: bool = True,
     say(f"{len(req.paths)} image(s) of {req.name!r} through the frozen backbone and adapter")
     train_cache, test_cache = open_run_caches(head.run)
     train = collect_outputs(model, train_cache, device=device, progress=progress)
+    rows = fitting_rows(RunFolder(head.run).calibration_split(), len(train_cache), str(head.run / CONFIG))
+    if rows is not None:  # the row and the bias never see the calibration split of `train --cal-fraction`
+        train = {k: v[rows] for k, v in train.items()}
     X = np.concatenate([train["features"], shots["features"]]).astype(np.float64)
     y = np.concatenate([np.zeros(len(train["features"]), np.int64), np.ones(len(shots["features"]), np.int64)])
     values = compute_A(X, y, 2)[:, 1]

@@ -176,6 +176,14 @@ class RunFolder:
             raise ArtifactError(f"{self.path / CONFIG}: 'caches' must map split names to folders")
         return {str(k): Path(v) for k, v in caches.items()}
 
+    def calibration_split(self) -> dict[str, Any] | None:
+        """The calibration split ``qpm train --cal-fraction`` held out of training (``config.json``'s
+        ``calibration_split``: fraction, seed, rows; read by :func:`qpmcli.conformal.held_out_rows`), or ``None``."""
+        split = self.config().get("calibration_split") if self.is_run else None
+        if split is not None and not isinstance(split, dict):
+            raise ArtifactError(f"{self.path / CONFIG}: 'calibration_split' must be an object, not {split!r}"[:300])
+        return split or None
+
     def class_names(self) -> list[str] | None:
         """The class names that ``model.json``, ``dense.json`` or ``config.json`` lists (the first that does)."""
         for name in (MODEL_JSON, DENSE_JSON, CONFIG):

@@ -100,9 +100,7 @@ def run_conformal(req: ConformalRequest, settings: Any = None, *, progress: bool
     req.checked()
     say = log or (lambda _m: None)
     run = Path(req.run)
-    held = artifact.RunFolder(run).config().get("calibration_split")
-    if held is not None and not isinstance(held, dict):
-        raise ArtifactError(f"{run / artifact.CONFIG}: calibration_split must be an object, not {held!r}"[:300])
+    held = artifact.RunFolder(run).calibration_split()
     if held and req.cal_fraction is not None:
         raise ConfigError(f"{run} holds out a calibration split at training ({held.get('fraction')} of the training "
                           f"images); --cal-fraction applies only to runs without one")

@@ -494,6 +494,13 @@ def held_out_rows(record: Mapping[str, Any], n: int, source: str) -> np.ndarray:
     return np.sort(rows)
 
 
+def fitting_rows(record: Mapping[str, Any] | None, n: int, source: str) -> np.ndarray | None:
+    """The rows of an ``n``-image train cache that a run may fit on: ``None`` (all) without a calibration split
+    (``record``: :meth:`qpmcli.artifact.RunFolder.calibration_split`), else those outside it. ``qpm edit`` and
+    ``qpm add-class`` fit only on these, so a child run's calibration split stays unseen."""
+    return None if not record else np.setdiff1d(np.arange(n), held_out_rows(record, n, source))
+
+
 # -------------------------------------------------------------------------------------------- synthetic outputs
 def synthetic_outputs(n: int, n_classes: int = 20, n_features: int = 50, per_class: int = 5, *, seed: int = 0,
                       spread: Sequence[float] = (0.6, 2.0)) -> dict[str, np.ndarray]:
@@ -513,7 +520,7 @@ def synthetic_outputs(n: int, n_classes: int = 20, n_features: int = 50, per_cla
 __all__ = [
     "OUTSIDE", "SCORES", "add_calibration", "calibrate", "calibrate_scores", "calibration_split", "check_alpha",
     "check_coverage", "class_features", "class_scores", "conformal_rank", "coverage_of", "evaluate_sets",
-    "exact_threshold", "feature_rankings", "held_out_rows", "held_out_split", "level_scores", "limits", "margins",
-    "minimum_calibration", "prediction_set", "probabilities", "select_calibration", "set_feature_label", "set_members",
-    "shared_prefix", "synthetic_outputs",
+    "exact_threshold", "feature_rankings", "fitting_rows", "held_out_rows", "held_out_split", "level_scores", "limits",
+    "margins", "minimum_calibration", "prediction_set", "probabilities", "select_calibration", "set_feature_label",
+    "set_members", "shared_prefix", "synthetic_outputs",
 ]

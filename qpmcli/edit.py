@@ -368,24 +368,28 @@ def run_edit(req: EditRequest, settings: Any, *, progress: bool = True,
     model, info = artifact.load_model(head.run, device=device)
     new_columns = [int(j) for j in np.flatnonzero(features != head.features)]
     keys = req.metric_keys()
-    caches = None
+    caches = rows = None
     if new_columns or req.refit or req.verify or keys:
+        from qpmcli.conformal import fitting_rows
         from qpmcli.evaluate import open_run_caches
 
         caches = open_run_caches(head.run)
+        # the refit and new features' statistics never see the calibration split of `qpm train --cal-fraction`
+        rows = fitting_rows(artifact.RunFolder(head.run).calibration_split(), len(caches[0]),
+                            str(head.run / artifact.CONFIG))
     mu, sigma = model.sel_mu.detach().clone(), model.sel_sigma.detach().clone()
     if new_columns:  # a feature new to the model is standardised with its statistics under the current adapter
         from qpmcli.loop import TokenData, collect_pooled, feature_stats
 
         say(f"statistics of the new feature(s) {', '.join(str(int(features[j])) for j in new_columns)}")
-        m, s = feature_stats(collect_pooled(model, TokenData(caches[0].tokens, caches[0].labels, device)))
+        m, s = feature_stats(collect_pooled(model, TokenData(caches[0].tokens, caches[0].labels, device, rows=rows)))
         for j in new_columns:
             mu[j], sigma[j] = m[int(features[j])], s[int(features[j])]
     child = copy.deepcopy(model)
     child.set_selection(features, weight.astype(np.float32), mu, sigma, bias=getattr(model, "sel_bias", None),
                         dropout=float(model.selection_info.get("dropout", 0.0)))
     seed = int(req.seed if req.seed is not None else info.get("seed", 0) or 0)
-    refit = _refit(child, caches, head, req.refit, seed, progress, say) if req.refit else None
+    refit = _refit(child, caches, rows, head, req.refit, seed, progress, say) if req.refit else None
     metrics: dict[str, Any] = {}
     if keys:
         from qpmcli.evaluate import evaluate_model
@@ -408,10 +412,11 @@ def run_edit(req: EditRequest, settings: Any, *, progress: bool = True,
     return summary
 
 
-def _refit(child: Any, caches: Any, head: ParentHead, epochs: int, seed: int, progress: bool,
+def _refit(child: Any, caches: Any, rows: Any, head: ParentHead, epochs: int, seed: int, progress: bool,
            say: Callable[[str], None]) -> dict[str, Any]:
-    """Finetune ``child``'s adapter for ``epochs`` on the cached train tokens with W, mu and sigma fixed: the run's
-    finetune options (``config.json``; the paper's otherwise), the phase ``edit-refit`` seeded by ``seed``."""
+    """Finetune ``child``'s adapter for ``epochs`` on the cached train tokens (``rows``: the fitting rows, ``None`` =
+    all) with W, mu and sigma fixed: the run's finetune options (``config.json``; the paper's otherwise), the phase
+    ``edit-refit`` seeded by ``seed``."""
     from dataclasses import replace
 
     from qpmcli.loop import FINETUNE_PHASE, PhaseOptions, TokenData, train_phase
@@ -427,9 +432,9 @@ def _refit(child: Any, caches: Any, head: ParentHead, epochs: int, seed: int, pr
     say(f"refitting the adapter for {epochs} epoch(s) with the class-feature matrix fixed")
     history: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    train_phase(child, TokenData(caches[0].tokens, caches[0].labels, device), opts, phase="edit-refit", seed=seed,
-                test_data=TokenData(caches[1].tokens, caches[1].labels, device), on_epoch=history.append,
-                progress=progress)
+    train_phase(child, TokenData(caches[0].tokens, caches[0].labels, device, rows=rows), opts, phase="edit-refit",
+                seed=seed, test_data=TokenData(caches[1].tokens, caches[1].labels, device),
+                on_epoch=history.append, progress=progress)
     return {"epochs": int(epochs), "seed": seed, "options": opts.to_dict(), "history": history,
             "seconds": round(time.perf_counter() - t0, 3)}
 

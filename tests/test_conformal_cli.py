@@ -208,6 +208,67 @@ def test_train_holds_the_calibration_split_out_and_conformal_uses_it(trained_run
     _one_error_line(_conformal(qpm, run, "--cal-fraction", "0.3", "-q"), "holds out a calibration split")
 
 
+def _perturbed_calibration_copies(trained_run, root: Path) -> tuple[Path, Path]:
+    """Two copies of the run whose config.json holds out the same calibration split (interior rows of the cache's
+    chunks, whose probes stay valid); the second one's train cache differs from the first's only in those rows."""
+    import shutil
+
+    cache = trained_run["train_cache"]
+    edges = {r for rec in cache.manifest["chunks"] for r in (rec["rows"][0], rec["rows"][1] - 1)}
+    rows = [r for r in range(len(cache)) if r % 4 == 1 and r not in edges]
+    runs = []
+    for name in ("a", "b"):
+        run = copy_run(trained_run["run"], root / name)
+        config = json.loads((run / "config.json").read_text())
+        config["calibration_split"] = {"fraction": 0.25, "seed": 0, "rows": rows}
+        if name == "b":
+            shutil.copytree(cache.path, root / "cache-b")
+            tokens = np.load(root / "cache-b" / "tokens.npy", mmap_mode="r+")
+            tokens[rows] = np.random.default_rng(0).normal(size=tokens[rows].shape).astype(tokens.dtype)
+            tokens.flush()
+            del tokens
+            config["caches"]["train"] = str(root / "cache-b")
+        (run / "config.json").write_text(json.dumps(config))
+        runs.append(run)
+    return runs[0], runs[1]
+
+
+@pytest.mark.parametrize("command", [
+    ["edit", "--drop-feature", "FID", "--refill-from", "all", "--refit", "1", "--seed", "3", "--metrics", "none"],
+    ["add-class", "new shape", "IMAGES", "--metrics", "none"]], ids=["edit-refit", "add-class"])
+def test_edit_and_add_class_never_fit_on_the_runs_calibration_split(trained_run, qpm, tmp_path, command):
+    """A child run inherits its parent's config.json and hence its calibration split: `qpm conformal` of the child
+    claims the guarantee, so the refit, a new feature's statistics, the new row and its bias must not see those
+    images. Changing only their tokens leaves the child's weights bit-identical."""
+    from qpmcli import artifact
+    from qpmcli.childrun import read_head
+    from qpmcli.data import load_dataset
+
+    run_a, run_b = _perturbed_calibration_copies(trained_run, tmp_path)
+    head = read_head(run_a)
+    if command[0] == "add-class":
+        images = tmp_path / "new-class"
+        images.mkdir()
+        ds = load_dataset("shapes", split="train", **{**trained_run["request"].dataset_options, "n_classes": 7})
+        for k, i in enumerate([i for i in range(len(ds)) if ds[i].label == 6][:5]):
+            ds[i].image.save(images / f"{k}.png")
+        command = [str(images) if a == "IMAGES" else a for a in command]
+    fid = str(int(head.features[int(np.argmax(head.weight.sum(0)))]))
+    command = [fid if a == "FID" else a for a in command]
+    weights, fitted = [], []
+    for run in (run_a, run_b):
+        at = 3 if command[0] == "add-class" else 1  # where RUN goes: add-class NAME IMAGES RUN, edit RUN
+        args = [*command[:at], str(run), *command[at:]]
+        res = qpm([*args, "-o", str(run.parent / f"{run.name}-child"), "--json", "-q"])
+        assert res.returncode == 0, res.stderr
+        weights.append(artifact.read_safetensors(run.parent / f"{run.name}-child" / artifact.MODEL))
+        summary = json.loads(res.stdout)  # add-class: the row's alignment values (A over the train images) and bias
+        fitted.append([summary.get("features"), summary.get("bias"), summary.get("refill")])
+    a, b = weights
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert fitted[0] == fitted[1] and (command[0] != "add-class" or fitted[0][0])
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("args", [["--alpha", "0"], ["--alpha", "1"], ["--alpha", "1.5"], ["--alpha", "nan"],
                                   ["--alpha", "-0.1"], ["--score", "best"], ["--cal-fraction", "1.2"],
