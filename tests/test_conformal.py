@@ -194,7 +194,7 @@ def test_a_sets_features_are_printed_by_the_models_labels(tmp_path):
 
 @pytest.mark.parametrize("score", C.SCORES)
 def test_one_images_set_equals_its_row_of_the_vectorised_sets(pool, score):
-    """``prediction_set`` (predict, explain, serve) and ``set_members`` / ``evaluate_sets`` (calibration, evaluate)
+    """``prediction_set`` (predict, explain) and ``set_members`` / ``evaluate_sets`` (calibration, evaluate)
     give every image the same set, per class thresholds included."""
     rows = np.arange(N_CAL)
     meta = ClassifierMetadata.from_head({"weight": pool["weight"], "mu": np.zeros(50), "sigma": np.ones(50),

@@ -28,7 +28,7 @@ def conformal(
     json_out: bool = JsonFlag,
 ) -> None:
     """Calibrate prediction sets on the run's cached outputs and measure them on its test split at once; the
-    calibration goes into RUN/conformal.json (and from there into `qpm export`, predict, explain and serve)."""
+    calibration goes into RUN/conformal.json (and from there into `qpm export`, predict and explain)."""
     from qpmcli.calibrate import ConformalRequest, run_conformal
     from qpmcli.commands._common import say, settings_from_flags
     from qpmcli.current import resolve_model
