@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import subprocess
 import sys
@@ -280,3 +281,28 @@ def test_cli_data_check_table_and_errors(qpm, tmp_path):
     assert out.returncode == 2 and "needs a root folder" in out.stderr
     out = qpm(["data", "check", "--dataset", "shapes", "--dataset-option", "bogus=1"])
     assert out.returncode == 2 and "has no option 'bogus'" in out.stderr and "n_classes (int" in out.stderr
+
+
+def test_builtin_factories_stay_functions_after_their_implementations_are_imported():
+    """A factory named like its own submodule (``imagefolder`` importing ``.imagefolder``) is replaced on the package
+    by the submodule on first use; a registry built after that held a module as the factory ("'module' object is not
+    callable", seen when the doctor ran after other commands in one process)."""
+    import importlib
+    import pkgutil
+
+    import qpm_plugins.backbones
+    import qpm_plugins.datasets
+    from qpmcli.registry import get_registry
+
+    for package in (qpm_plugins.datasets, qpm_plugins.backbones):
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    get_registry.cache_clear()
+    try:
+        reg = get_registry()
+        for kind in ("dataset", "backbone"):
+            for entry in reg.entries(kind):
+                factory = entry.spec.factory
+                assert callable(factory) and not inspect.ismodule(factory), (kind, entry.name, factory)
+    finally:
+        get_registry.cache_clear()

@@ -46,7 +46,7 @@ def fgvc_aircraft(root: Any, split: str = "train", **options: Any):
 
 
 def imagefolder(root: Any, split: str = "train", **options: Any):
-    from .imagefolder import ImageFolder
+    from .folder import ImageFolder
 
     return build(ImageFolder, root, split, options)
 
