@@ -292,6 +292,7 @@ def test_builtin_factories_stay_functions_after_their_implementations_are_import
 
     import qpm_plugins.backbones
     import qpm_plugins.datasets
+
     from qpmcli.registry import get_registry
 
     for package in (qpm_plugins.datasets, qpm_plugins.backbones):
