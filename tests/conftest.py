@@ -147,6 +147,26 @@ def copy_run(run: Path, dest: Path) -> Path:
     return dest
 
 
+README_DEMO = "qpm demo --out qpm-demo"  # the README's demo command, run verbatim by the ``readme_demo`` fixture
+
+
+@pytest.fixture(scope="session")
+def readme_demo(tmp_path_factory) -> dict:
+    """The README's ``qpm demo --out qpm-demo``, once per session for every slow test that reads the demo (the README
+    test, the named features and the prediction sets): a real process in a clean home with no data and no network.
+    A dict with ``base`` (its working folder), ``env``, ``result`` (the CompletedProcess), ``root`` (the demo folder)
+    and ``summary`` (demo.json, None when the command failed). Read-only: copy before writing."""
+    import json
+    import shlex
+
+    base = tmp_path_factory.mktemp("readme-demo")
+    env = isolated_environ(base)
+    result = run_qpm(shlex.split(README_DEMO)[1:], env=env, cwd=base, timeout=1800)
+    root = base / "qpm-demo"
+    summary = json.loads((root / "demo.json").read_text()) if result.returncode == 0 else None
+    return {"base": base, "env": env, "result": result, "root": root, "summary": summary}
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> dict:
     """The real pipeline once per session (``builders.train_shapes_run``: shapes, a tiny random-init ViT, topk

@@ -518,7 +518,7 @@ def test_a_dataset_without_attribute_methods_keeps_working():
 # --------------------------------------------------------------------------------------------------- the demo
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_demo_features_are_named_by_their_classes_parts(tmp_path):
+def test_demo_features_are_named_by_their_classes_parts(readme_demo):
     """Issue 27 on the demo's shapes run: how often is a feature's top name one of the parts drawn for a class that
     uses it (chance: about 3 in 56)?
 
@@ -528,9 +528,10 @@ def test_demo_features_are_named_by_their_classes_parts(tmp_path):
     Checked here: well above chance, and no named feature's top name is a part none of its classes has.
     """
     from qpmcli.data import load_dataset
-    from qpmcli.demo import DATASET, demo_requests, run_demo
+    from qpmcli.demo import DATASET, demo_requests
 
-    summary = run_demo(tmp_path / "demo", progress=False)
+    summary = readme_demo["summary"]
+    assert summary is not None, readme_demo["result"].stderr[-3000:]
     doc = json.loads(Path(summary["feature_names"]).read_text())
     train = load_dataset(DATASET, split="train", **demo_requests()["qpm"].dataset_options)
     top = {e["feature"]: e["names"][0] if e["names"] else None for e in doc["features"]}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import invoke, run_qpm
+from conftest import README_DEMO, invoke, run_qpm
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -42,7 +42,7 @@ CARD_COMMANDS = {"qpm export --onnx", "qpm explain img.jpg", "qpm predict img.jp
 
 
 def test_every_readme_command_is_covered_by_a_test():
-    known = CI_COMMANDS | {"qpm demo --out qpm-demo"} | set(_paper_commands()) | CARD_COMMANDS
+    known = CI_COMMANDS | {README_DEMO} | set(_paper_commands()) | CARD_COMMANDS
     assert set(readme_commands()) == known, set(readme_commands()) - known
 
 
@@ -74,13 +74,11 @@ def test_paper_commands_parse_and_explain_what_is_missing(command, isolated_env,
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_readme_demo_command_runs_the_whole_product(isolated_env, tmp_path):
+def test_readme_demo_command_runs_the_whole_product(readme_demo):
     """`qpm demo --out qpm-demo` exactly as the README says, in a clean home with no data and no network."""
-    args = shlex.split("qpm demo --out qpm-demo")
-    out = run_qpm(args[1:], env=isolated_env, cwd=tmp_path, timeout=1800)
+    out, root, isolated_env, tmp_path = (readme_demo[k] for k in ("result", "root", "env", "base"))
     assert out.returncode == 0, out.stderr[-3000:]
-    root = tmp_path / "qpm-demo"
-    summary = json.loads((root / "demo.json").read_text())
+    summary = readme_demo["summary"]
     rows = {row["method"]: row for row in summary["table"]}
     assert set(rows) == {"Linear probe (CLS)", "Dense", "QPM (ours)"}
     assert rows["QPM (ours)"]["Accuracy"] > 50.0  # 10 classes: chance is 10 %
