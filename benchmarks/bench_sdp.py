@@ -1,4 +1,4 @@
-"""SDP bound benchmark: the certified semidefinite bound (plugins/selectors/sdp.py) vs the LP + clique-cut bound.
+"""SDP bound benchmark: the certified semidefinite bound (plugins/selectors/qpm/sdp.py) vs the LP + clique-cut bound.
 
 Both bounds certify the same selection problem (K = 50 features, k = 5 per class, the penalised pairs the ``qpm``
 selector uses). The gap of each is measured against one reference objective, so the ratio of the gaps is the ratio
@@ -48,7 +48,7 @@ def main() -> int:
     from pathlib import Path
 
     from qpm_plugins.selectors import qpm as Q
-    from qpm_plugins.selectors import sdp as D
+    from qpm_plugins.selectors.qpm import sdp as D
 
     from qpmcli.selection import load_problem_npz, problem_from_run, synthetic_problem
 
@@ -82,7 +82,7 @@ def main() -> int:
     def gap(b: float) -> float:
         return 100.0 * (b - ref) / abs(ref)
 
-    M = D.default_candidates(inst)
+    M = Q.default_candidates(inst)
     t0 = time.perf_counter()
     lp = Q.lp_bound(inst, M, cut_rounds=1000, deadline=t0 + lp_limit)
     lp_time = time.perf_counter() - t0
@@ -132,7 +132,7 @@ def small_problems(count: int, json_out: str | None) -> int:
 
     import numpy as np
     from qpm_plugins.selectors import qpm as Q
-    from qpm_plugins.selectors import sdp as D
+    from qpm_plugins.selectors.qpm import sdp as D
 
     from qpmcli.selection import synthetic_problem
 

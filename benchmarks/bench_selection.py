@@ -180,7 +180,7 @@ def run_cub(args) -> dict:
         return out
 
     def ours(limit: float) -> dict:
-        from qpm_plugins.selectors.sdp import bound_sources, bound_stats
+        from qpm_plugins.selectors.qpm import bound_sources, bound_stats
 
         sources = bound_sources(args.bound, inst, None, limit)
         res = Q.solve(inst, time_limit=limit, seed=args.seed, workers=args.workers, progress=False,

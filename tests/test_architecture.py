@@ -1,6 +1,7 @@
 """The package's import structure, read from the source with ``ast`` (nothing is imported):
 
-- the import graph of ``qpmcli/`` (every import, module level or inside a function; imports under
+- the import graph of ``qpmcli/`` and the built-in selectors ``plugins/selectors/`` (installed as
+  ``qpm_plugins.selectors``; every import, module level or inside a function; imports under
   ``if TYPE_CHECKING:`` are not run and are skipped) has no cycle;
 - no module imports a private name (``_name``) of another module, nor a private module of another package;
 - the portable model format and the modules that only read models import neither torch nor matplotlib at module level.
@@ -18,17 +19,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qpmcli"
+# the built-in plugins are installed as the package qpm_plugins (pyproject.toml's package-dir). Only the selectors are
+# checked so far: plugins/datasets/__init__.py and aircraft.py import each other (AIRCRAFT_SOURCE), lazily
+PLUGINS = ROOT / "plugins"
+PLUGIN_PACKAGES = [PLUGINS / "__init__.py", *(PLUGINS / "selectors").rglob("*.py")]
+OURS = ("qpmcli", "qpm_plugins")
 
 
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
+    if parts[0] == "plugins":
+        parts[0] = "qpm_plugins"
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+MODULES = {module_name(p): p for p in sorted([*PACKAGE.rglob("*.py"), *PLUGIN_PACKAGES])}
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -66,7 +74,7 @@ def resolve(module: str, node: ast.ImportFrom) -> str:
 
 
 def edges() -> dict[str, set[str]]:
-    """module -> the qpmcli modules it imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
+    """module -> the modules of MODULES it imports (``from pkg import sub`` counts as importing ``pkg.sub``)."""
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for mod, path in MODULES.items():
         for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
@@ -87,9 +95,10 @@ def test_the_import_graph_is_read_from_the_real_package():
     graph = edges()
     assert len(MODULES) > 20 and "qpmcli.modelfile" in MODULES
     assert "qpmcli.modelfile" in graph["qpmcli.predict"] and "qpmcli.model" in graph["qpmcli.export"]
+    assert "qpm_plugins.selectors.qpm.instance" in graph["qpm_plugins.selectors.qpm.sdp"]
 
 
-def test_qpmcli_has_no_import_cycle():
+def test_qpmcli_and_the_plugins_have_no_import_cycle():
     graph = edges()
     try:
         tuple(graphlib.TopologicalSorter(graph).static_order())
@@ -111,7 +120,7 @@ def test_no_module_imports_a_private_name_of_another():
         for node in runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom):
                 source = resolve(mod, node)
-                if not source.startswith("qpmcli") or source == mod:
+                if not source.startswith(OURS) or source == mod:
                     continue
                 bad += [f"{mod}: from {source} import {a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
@@ -121,7 +130,7 @@ def test_no_module_imports_a_private_name_of_another():
                 if private and not mod.startswith(".".join(source.split(".")[:private[0]]) + "."):
                     bad.append(f"{mod}: from {source} import ...")
             else:
-                bad += [f"{mod}: import {a.name}" for a in node.names if a.name.startswith("qpmcli")
+                bad += [f"{mod}: import {a.name}" for a in node.names if a.name.startswith(OURS)
                         and any(p.startswith("_") and not p.startswith("__") for p in a.name.split("."))]
     assert not bad, "private cross-module imports:\n" + "\n".join(bad)
 

@@ -1,4 +1,4 @@
-"""The certified semidefinite bound (plugins/selectors/sdp.py): the model holds every selection, any dual gives a
+"""The certified semidefinite bound (plugins/selectors/qpm/sdp.py): the model holds every selection, any dual gives a
 valid bound, and the bound from SCS is never below the proven optimum of small problems."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 from qpm_plugins.selectors import qpm as Q
-from qpm_plugins.selectors import sdp as D
+from qpm_plugins.selectors.qpm import bounds as B
+from qpm_plugins.selectors.qpm import sdp as D
 from test_selection import brute_force  # exact optimum (every selection, every distinct assignment)
 
 from qpmcli.selection import synthetic_problem
@@ -210,7 +211,7 @@ def test_concurrent_source_runs_beside_the_caller_and_its_final_bound_is_valid()
 
     inst = random_instance(4, n=10, C=4, K=5, k=2)
     opt = best_without_distinct_sets(inst)
-    src = D.ConcurrentSource(D.SdpBound(inst, eps=1e-7, chunk_seconds=0.2))
+    src = B.ConcurrentSource(D.SdpBound(inst, eps=1e-7, chunk_seconds=0.2))
     assert not src.done and src.bound == math.inf
     t0 = time.perf_counter()
     src.step(t0 + 30)
@@ -227,7 +228,7 @@ def test_the_search_is_the_same_whichever_bound_runs_beside_it():
     inst = Q.make_instance(prob, 10, 3)
     runs = {}
     for name, sources in (("lp", [Q.LpBound(inst, Q.default_candidates(inst))]),
-                          ("sdp", [D.ConcurrentSource(D.SdpBound(inst))])):
+                          ("sdp", [B.ConcurrentSource(D.SdpBound(inst))])):
         runs[name] = Q.solve(inst, time_limit=120, work_limit=2, seed=1, workers=1, progress=False,
                              use_cpsat=False, exact_model=False, bound_sources=sources)
     lp, sdp = runs["lp"], runs["sdp"]
@@ -243,10 +244,10 @@ def test_a_failing_background_bound_leaves_the_selection_running_and_says_why():
         def step(self, deadline):
             raise MemoryError("no room for the PSD block")
 
-    src = D.ConcurrentSource(Broken())
+    src = B.ConcurrentSource(Broken())
     src.step(math.inf)
     assert src.finish() == math.inf and src.error == "MemoryError: no room for the PSD block"
-    stats = D.bound_stats("sdp", [src], {}, 10.0)
+    stats = B.bound_stats("sdp", [src], {}, 10.0)
     assert stats["sdp_error"] == "MemoryError: no room for the PSD block" and stats["bound_from"] == "objective"
 
 
@@ -254,13 +255,13 @@ def test_auto_bound_takes_the_sdp_only_for_large_problems_with_time_for_it():
     big = Q.QpmInstance(coef=np.zeros((512, 200)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
                         bonus=np.zeros(512), K=50, k=5)
     small = random_instance(0)
-    assert D.choose_bound("auto", big, 120.0) == "sdp"
-    assert D.choose_bound("auto", big, 30.0) == "lp"
-    assert D.choose_bound("auto", small, 600.0) == "lp"
-    assert D.choose_bound("sdp", small, 1.0) == "sdp" and D.choose_bound("lp", big, 600.0) == "lp"
+    assert B.choose_bound("auto", big, 120.0) == "sdp"
+    assert B.choose_bound("auto", big, 30.0) == "lp"
+    assert B.choose_bound("auto", small, 600.0) == "lp"
+    assert B.choose_bound("sdp", small, 1.0) == "sdp" and B.choose_bound("lp", big, 600.0) == "lp"
     with pytest.raises(ValueError, match="lp, sdp, auto"):
-        D.choose_bound("best", big, 60.0)
-    assert [s.name for s in D.bound_sources("auto", big, 100, 120.0)] == ["sdp"]
+        B.choose_bound("best", big, 60.0)
+    assert [s.name for s in B.bound_sources("auto", big, 100, 120.0)] == ["sdp"]
 
 
 @pytest.mark.parametrize("bound", ["lp", "sdp"])
@@ -303,8 +304,8 @@ def test_cli_select_bound_flag(qpm, tmp_path):
 def test_explicit_sdp_bound_refuses_problems_too_big_for_its_memory():
     from qpmcli.errors import SelectionError
 
-    huge = Q.QpmInstance(coef=np.zeros((D.SDP_MAX_FEATURES + 1, 2)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
-                         bonus=np.zeros(D.SDP_MAX_FEATURES + 1), K=4, k=2)
+    huge = Q.QpmInstance(coef=np.zeros((B.SDP_MAX_FEATURES + 1, 2)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
+                         bonus=np.zeros(B.SDP_MAX_FEATURES + 1), K=4, k=2)
     with pytest.raises(SelectionError, match="--bound sdp: 2049 features"):
-        D.bound_sources("sdp", huge, 8, 600.0)
-    assert D.choose_bound("auto", huge, 600.0) == "lp"
+        B.bound_sources("sdp", huge, 8, 600.0)
+    assert B.choose_bound("auto", huge, 600.0) == "lp"

@@ -1,0 +1,61 @@
+"""The ``qpm`` selector plugin object: a request's options, the instance, the bound sources and ``solve``."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+from qpm_plugins.selectors.qpm.bounds import bound_sources, bound_stats
+from qpm_plugins.selectors.qpm.instance import make_instance
+from qpm_plugins.selectors.qpm.solve import solve
+
+from qpmcli.contracts import Selection, SelectionProblem
+
+
+class QpmSelector:
+    """QPM: exactly ``per_class`` of ``n_features`` binary features per class, distinct class sets."""
+
+    name = "qpm"
+    iterations = 1
+
+    def __init__(self, deterministic: bool = True, candidates: int | None = None, bound: str = "auto") -> None:
+        self.deterministic = deterministic
+        self.candidates = candidates
+        self.bound = bound  # lp | sdp | auto: the certified bound's source (bounds.choose_bound)
+
+    def select(self, problem: SelectionProblem, *, n_features: int = 50, per_class: int = 5,
+               time_limit: float = 60.0, seed: int = 0, workers: int = 8, previous: Selection | None = None,
+               progress: bool = True) -> Selection:
+        start = time.perf_counter()
+        inst = make_instance(problem, n_features, per_class)
+        prev = None if previous is None else np.asarray(previous.features)
+        remaining = max(time_limit - (time.perf_counter() - start), 0.5)
+        sources = bound_sources(self.bound, inst, self.candidates, remaining)
+        res = solve(inst, time_limit=remaining, seed=seed, workers=workers, previous=prev, M=self.candidates,
+                    deterministic=self.deterministic, progress=progress, bound_sources=sources)
+        return Selection(
+            features=res.S.astype(np.int64), weight=res.W.astype(np.float64), bias=None, trainable_norm=False,
+            objective=res.objective, bound=res.bound, gap=res.gap, status=res.status,
+            seconds=time.perf_counter() - start, solver="ortools-cpsat+local-search",
+            params={"n_features": n_features, "per_class": per_class, "time_limit": time_limit, "seed": seed,
+                    "workers": workers, "deterministic": self.deterministic, **_jsonable(res.stats),
+                    **bound_stats(self.bound, sources, res.stats, res.bound)},
+        )
+
+    def finetune_schedule(self, iteration: int) -> dict[str, Any]:
+        return {}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, val in d.items():
+        if isinstance(val, float | np.floating):
+            val = float(val)
+            out[key] = val if math.isfinite(val) else None
+        elif isinstance(val, np.integer):
+            out[key] = int(val)
+        else:
+            out[key] = val
+    return out
