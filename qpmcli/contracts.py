@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 # ----------------------------------------------------------------------------------------------------- plugin options
 @dataclass(frozen=True)
 class PluginOption:
-    """One option a backbone or dataset plugin accepts (``--backbone-option``/``--dataset-option KEY=VALUE``).
+    """One option a backbone, dataset or selector plugin accepts (``--backbone-option``/``--dataset-option``/
+    ``--selector-option KEY=VALUE``; ``qpm plugins --json`` lists them).
 
     ``type`` says how the CLI parses VALUE: ``int``, ``float``, ``bool``, ``str``, ``size`` (``224``, ``224x448`` or
     ``[224, 448]``) or ``json`` (any JSON value; text that is not JSON stays text). ``choices`` restricts the value.
@@ -275,8 +276,11 @@ class Selector(Protocol):
 
 @dataclass(frozen=True)
 class SelectorSpec:
-    """A named selector. ``factory() -> Selector``."""
+    """A named selector. ``factory(**options) -> Selector``: ``options`` are the ``--selector-option KEY=VALUE``
+    pairs (``qpmcli.selection.select(..., selector_options=...)``), as declared in ``options`` (or the factory's
+    keyword-only parameters); a selector without options has ``factory()``."""
 
     name: str
-    factory: Callable[[], Selector]
+    factory: Callable[..., Selector]
     description: str = ""
+    options: tuple[PluginOption, ...] | None = None  # None: undeclared (keyword-only factory parameters are used)

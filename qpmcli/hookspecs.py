@@ -84,7 +84,9 @@ def qpm_datasets() -> list:
 def qpm_selectors() -> list:
     """Return a list of :class:`qpmcli.contracts.SelectorSpec` this plugin provides.
 
-    Each spec names a feature selector (e.g. ``qpm``) and a factory ``factory() -> Selector``. qpm calls
+    Each spec names a feature selector (e.g. ``qpm``) and a factory ``factory(**options) -> Selector``; ``options``
+    are the user's ``--selector-option KEY=VALUE`` pairs, typed by the spec's declared ``options``
+    (:class:`qpmcli.contracts.PluginOption`; a selector without options takes none). qpm calls
     ``selector.select(problem, *, n_features, per_class, time_limit, seed, workers, previous, progress)`` with a
     :class:`qpmcli.contracts.SelectionProblem` and expects a :class:`qpmcli.contracts.Selection`: ``features`` (the
     sorted indices of ``n_features`` dense features) and ``weight [C, n_features]`` (binary with ``per_class`` ones per

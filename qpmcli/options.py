@@ -127,43 +127,19 @@ def dataset_option_opt() -> Any:
                         help="Dataset option KEY=VALUE, repeatable (typed; see `qpm plugins --json`), e.g. crop=bbox.")
 
 
+def selector_option_opt() -> Any:
+    return typer.Option(None, "--selector-option",
+                        help="Selector option KEY=VALUE, repeatable (typed; see `qpm plugins --json`), e.g. bound=lp.")
+
+
 def backbone_option_opt() -> Any:
     return typer.Option(None, "--backbone-option",
                         help="Backbone option KEY=VALUE, repeatable (typed), e.g. image_size=448.")
 
 
 # ----------------------------------------------------------------------------------------------- KEY=VALUE options
-_RESERVED = {"backbone": {"name", "weights", "preprocess", "settings", "dataset", "amp"},
-             "dataset": {"root", "split"}}
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text",
                "size": "a size (224, 224x448 or [224, 448])", "json": "a JSON value or text"}
-
-
-def declared_options(kind: str, spec: Any) -> dict[str, Any] | None:
-    """``{name: PluginOption}`` of a backbone/dataset spec: its declaration, else the factory's keyword-only
-    parameters (typed by their defaults), else ``None`` (undeclared: any key, JSON-or-text values)."""
-    from qpmcli.contracts import PluginOption
-
-    opts = getattr(spec, "options", None)
-    if opts is not None:
-        return {o.name: o for o in opts}
-    import inspect
-
-    try:
-        params = inspect.signature(spec.factory).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    out = {}
-    for p in params:
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _RESERVED[kind]:
-            continue
-        d = p.default
-        typ = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float"
-               if isinstance(d, float) else "str" if isinstance(d, str) else "json")
-        out[p.name] = PluginOption(p.name, typ, None if d is inspect.Parameter.empty else d)
-    return out
 
 
 def _convert(raw: str, typ: str) -> Any:
@@ -201,15 +177,16 @@ def _convert(raw: str, typ: str) -> Any:
 
 def parse_plugin_options(kind: str, name: str, pairs: Iterable[str] | None, flag: str | None = None
                          ) -> dict[str, Any]:
-    """The one ``KEY=VALUE`` parser: ``--dataset-option``/``--backbone-option`` pairs of plugin ``name`` of ``kind``
-    (``dataset`` or ``backbone``), typed by the plugin's declared options. ``-`` in keys reads as ``_``.
+    """The one ``KEY=VALUE`` parser: ``--dataset-option``/``--backbone-option``/``--selector-option`` pairs of plugin
+    ``name`` of ``kind`` (``dataset``, ``backbone`` or ``selector``), typed by the plugin's declared options. ``-`` in
+    keys reads as ``_``.
 
     An unknown plugin lists the installed ones; an unknown key lists the plugin's options with their types; a value of
     the wrong type names the option and the expected type.
     """
     flag = flag or f"--{kind}-option"
     pairs = list(pairs or [])
-    from qpmcli.registry import get_registry
+    from qpmcli.registry import declared_options, get_registry
 
     spec = get_registry().get(kind, name)
     declared = declared_options(kind, spec)

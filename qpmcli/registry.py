@@ -1,4 +1,5 @@
-"""Plugin discovery: the pluggy manager, loaded from the ``qpm`` entry-point group, and name lookup.
+"""Plugin discovery: the pluggy manager, loaded from the ``qpm`` entry-point group, name lookup, and the options a
+plugin declares (``declared_options``; the CLI parses ``KEY=VALUE`` pairs with them in ``qpmcli.options``).
 
 Built-in plugins (``qpm_plugins.*``) are registered through the very same entry points as third-party packages.
 """
@@ -148,3 +149,35 @@ def _plugin_output_to_stderr():
 def get_registry() -> Registry:
     """The process-wide registry of installed plugins (built once, on first use)."""
     return Registry(make_plugin_manager())
+
+
+# ------------------------------------------------------------------------------------------- declared options
+_RESERVED = {"backbone": {"name", "weights", "preprocess", "settings", "dataset", "amp"},
+             "dataset": {"root", "split"}, "selector": set()}
+
+
+def declared_options(kind: str, spec: Any) -> dict[str, Any] | None:
+    """``{name: PluginOption}`` of a backbone/dataset/selector spec: its declaration, else the factory's keyword-only
+    parameters (typed by their defaults), else ``None`` (undeclared: any key, JSON-or-text values)."""
+    from qpmcli.contracts import PluginOption
+
+    opts = getattr(spec, "options", None)
+    if opts is not None:
+        return {o.name: o for o in opts}
+    import inspect
+
+    try:
+        params = inspect.signature(spec.factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    out = {}
+    for p in params:
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in _RESERVED[kind]:
+            continue
+        d = p.default
+        typ = ("bool" if isinstance(d, bool) else "int" if isinstance(d, int) else "float"
+               if isinstance(d, float) else "str" if isinstance(d, str) else "json")
+        out[p.name] = PluginOption(p.name, typ, None if d is inspect.Parameter.empty else d)
+    return out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -365,14 +365,12 @@ def problem_from_run(run_dir: str | Path, *, threshold_rule: str = "reference") 
 
 
 # -------------------------------------------------------------------------------------------------- selecting
-BOUNDS = ("lp", "sdp", "auto")  # the certified bounds of the qpm selector (docs/method-notes.md)
-
-
 @dataclass(frozen=True)
 class SelectRequest:
-    """A feature selection (``qpm select``, :func:`select`, the selection stage of ``qpm train``): the selector, the
-    sizes (K features, k per class), the time limit, seed and CP-SAT workers, the certified bound (``None``: the
-    selector's own choice) and the redundancy threshold rule used to pose the problem."""
+    """A feature selection (``qpm select``, :func:`select`, the selection stage of ``qpm train``): the selector and
+    its declared options (``selector_options``: e.g. the ``qpm`` selector's ``bound``, ``work_limit``; ``qpm
+    plugins --json`` lists them), the sizes (K features, k per class), the time limit, seed and CP-SAT workers, and
+    the redundancy threshold rule used to pose the problem."""
 
     selector: str = "qpm"
     n_features: int = 50
@@ -380,12 +378,13 @@ class SelectRequest:
     time_limit: float = 60.0
     seed: int = 0
     workers: int = 8
-    bound: str | None = None
+    selector_options: dict[str, Any] = field(default_factory=dict)
     threshold_rule: str = "reference"
 
     def checked(self, n_classes: int | None = None, n_total: int | None = None) -> SelectRequest:
-        """Every check that needs no solving (one line, exit 2 each): the selector's name, the sizes (against the
-        problem's class and feature counts when given), the time limit, workers, bound and threshold rule."""
+        """Every check that needs no solving (one line, exit 2 each): the selector's name and options (keys, choices
+        and the selector's own value checks: :func:`make_selector`), the sizes (against the problem's class and
+        feature counts when given), the time limit, workers, seed and threshold rule."""
         from qpmcli.checks import (
             check_choice,
             check_selection_sizes,
@@ -393,36 +392,58 @@ class SelectRequest:
             check_time_limit,
             check_workers,
         )
-        from qpmcli.registry import get_registry
 
-        get_registry().get("selector", self.selector)
+        make_selector(self.selector, self.selector_options)
         check_selection_sizes(self.n_features, self.per_class, n_classes, n_total)
         check_time_limit(self.time_limit)
         check_workers(self.workers)
         check_solver_seed(self.seed)
-        if self.bound is not None:
-            check_choice(self.bound, BOUNDS, "--bound")
         check_choice(self.threshold_rule, THRESHOLD_RULES, "--threshold-rule")
         return self
 
     def solver_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`select` (everything but the threshold rule, which poses the problem)."""
         return {"selector": self.selector, "n_features": self.n_features, "per_class": self.per_class,
-                "time_limit": self.time_limit, "seed": self.seed, "workers": self.workers, "bound": self.bound}
+                "time_limit": self.time_limit, "seed": self.seed, "workers": self.workers,
+                "selector_options": dict(self.selector_options)}
+
+
+def make_selector(selector: str, options: dict[str, Any] | None = None) -> Any:
+    """The named selector built with its options (``factory(**options)``), checked before any work.
+
+    A key that the selector does not declare (``SelectorSpec.options``, else its factory's keyword-only parameters:
+    ``qpmcli.registry.declared_options``) or a value outside the option's choices is a :class:`SelectionError` naming
+    the selector and its options; the selector checks its values further itself. The CLI
+    parses ``--selector-option KEY=VALUE`` into typed values with ``qpmcli.options.parse_plugin_options`` first.
+    """
+    from qpmcli.registry import declared_options, get_registry
+
+    spec = get_registry().get("selector", selector)
+    options = dict(options or {})
+    by_name = declared_options("selector", spec)
+    if by_name is not None:
+        for key, value in options.items():
+            opt = by_name.get(key)
+            if opt is None:
+                raise SelectionError(f"selector {selector!r} has no option {key!r}; its options: "
+                                     f"{', '.join(by_name) or 'none'}")
+            if opt.choices and value not in opt.choices:
+                raise SelectionError(f"selector {selector!r} option {key!r} must be one of "
+                                     f"{', '.join(map(str, opt.choices))}, got {value!r}")
+    return spec.factory(**options)
 
 
 def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_features: int = 50, per_class: int = 5,
            time_limit: float = 60.0, seed: int = 0, workers: int = 8, previous: Selection | None = None,
-           progress: bool = True, bound: str | None = None) -> Selection:
+           progress: bool = True, selector_options: dict[str, Any] | None = None) -> Selection:
     """Select ``n_features`` features and assign ``per_class`` of them to every class with the named selector.
 
-    ``bound`` (lp, sdp or auto) picks the certified bound of selectors that have one (``qpm``); None: theirs.
+    ``selector_options`` are the selector's declared options (:func:`make_selector`; ``qpm plugins --json`` lists
+    them), e.g. ``{"bound": "sdp"}`` for the ``qpm`` selector's certified bound (``qpm select --bound``).
 
     ``A_or_problem`` is a :class:`SelectionProblem` or the matrix A (then ``R`` is required). The result is checked
     (binary selectors: exactly ``per_class`` per class, distinct class sets) before it is returned.
     """
-    from qpmcli.registry import get_registry
-
     if isinstance(A_or_problem, SelectionProblem):
         problem = A_or_problem
     else:
@@ -432,15 +453,11 @@ def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_feature
         problem = SelectionProblem(A=A, R=np.asarray(R, dtype=np.float64))
     if problem.A.ndim != 2 or problem.R.shape != (problem.A.shape[0],) * 2:
         raise SelectionError(f"A must be [n_f, C] and R [n_f, n_f]; got {problem.A.shape} and {problem.R.shape}")
-    SelectRequest(selector=selector, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
-                  workers=workers, bound=bound, threshold_rule=problem.threshold_rule,
-                  ).checked(problem.n_classes, problem.n_features_total)
-    spec = get_registry().get("selector", selector)
-    sel_obj = spec.factory()
-    if bound is not None:
-        if not hasattr(sel_obj, "bound"):
-            raise SelectionError(f"--bound applies to selectors with a certified bound (qpm), not {selector!r}")
-        sel_obj.bound = bound
+    req = SelectRequest(selector=selector, n_features=n_features, per_class=per_class, time_limit=time_limit,
+                        seed=seed, workers=workers, selector_options=dict(selector_options or {}),
+                        threshold_rule=problem.threshold_rule)
+    req.checked(problem.n_classes, problem.n_features_total)
+    sel_obj = make_selector(selector, req.selector_options)
     start = time.perf_counter()
     try:
         sel = sel_obj.select(problem, n_features=n_features, per_class=per_class, time_limit=time_limit, seed=seed,
@@ -454,6 +471,7 @@ def select(A_or_problem: Any, R: Any = None, *, selector: str = "qpm", n_feature
     if not sel.seconds:
         sel.seconds = time.perf_counter() - start
     sel.params.setdefault("selector", selector)
+    sel.params.setdefault("selector_options", dict(selector_options or {}))
     validate_selection(sel, problem.n_classes, n_features, per_class, binary=not sel.trainable_norm)
     return sel
 

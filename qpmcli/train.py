@@ -66,6 +66,7 @@ class TrainRequest:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     selector: str = "qpm"
+    selector_options: dict[str, Any] = field(default_factory=dict)  # the selector's declared options (bound=...)
     n_selected: int = 50
     per_class: int = 5
     time_limit: float = 60.0
@@ -138,7 +139,9 @@ class TrainRequest:
         if self.n_layers > 0 and not 1 <= self.n_features <= MAX_FEATURES:
             raise ConfigError(f"--dense-features {self.n_features} cannot be trained (allowed 1..{MAX_FEATURES})")
         if self.head == "qpm":
-            reg.get("selector", self.selector)
+            from qpmcli.selection import make_selector
+
+            make_selector(self.selector, self.selector_options)  # name, option keys and values
             check_selection_sizes(self.n_selected, self.per_class,
                                   n_total=self.n_features if self.n_layers > 0 else None)
         check_time_limit(self.time_limit)
@@ -622,13 +625,12 @@ def _select_and_finetune(ctx: TrainContext) -> tuple[QPMModel, Any, dict[str, fl
     import numpy as np
 
     from qpmcli.model import QPMModel
-    from qpmcli.registry import get_registry
-    from qpmcli.selection import build_problem, load_selection, save_selection, select
+    from qpmcli.selection import build_problem, load_selection, make_selector, save_selection, select
 
     req, run, ckpt_dir, dist, device = ctx.req, ctx.run, ctx.ckpt_dir, ctx.dist, ctx.device
     model, mu, sigma, train_data = ctx.dense_model, ctx.mu, ctx.sigma, ctx.train_data
     class_names, resume, progress = ctx.class_names, ctx.resume, ctx.progress
-    selector = get_registry().get("selector", req.selector).factory()
+    selector = make_selector(req.selector, req.selector_options)
     iterations = max(1, int(getattr(selector, "iterations", 1)))
     labels = np.asarray(train_data.labels.numpy(), dtype=np.int64)
     timings = {"select": 0.0, "finetune": 0.0}
@@ -658,7 +660,7 @@ def _select_and_finetune(ctx: TrainContext) -> tuple[QPMModel, Any, dict[str, fl
             problem = build_problem(feats.numpy(), labels, len(class_names), class_names)
             new = select(problem, selector=req.selector, n_features=req.n_selected, per_class=req.per_class,
                          time_limit=req.time_limit, seed=req.seed % 2**31, workers=req.workers, previous=sel,
-                         progress=progress)
+                         progress=progress, selector_options=req.selector_options)
             save_selection(new, sel_path, class_names=class_names)
         dist.barrier()
         sel = load_selection(sel_path)

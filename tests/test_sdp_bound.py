@@ -13,6 +13,7 @@ from qpm_plugins.selectors.qpm import bounds as B
 from qpm_plugins.selectors.qpm import sdp as D
 from test_selection import brute_force  # exact optimum (every selection, every distinct assignment)
 
+from qpmcli.errors import SelectionError
 from qpmcli.selection import synthetic_problem
 
 
@@ -276,8 +277,8 @@ def test_qpm_selector_records_which_bound_it_used_and_the_bound_stays_valid(boun
     assert sel.bound >= brute_force(Q.make_instance(prob, 4, 2)) - 1e-6
     if bound == "sdp":
         assert p["sdp"]["chunks"] >= 1 and p["sdp"]["iterations"] > 0
-    with pytest.raises(ValueError, match="lp, sdp, auto"):
-        QpmSelector(bound="exact").select(prob, n_features=4, per_class=2, time_limit=5, progress=False)
+    with pytest.raises(SelectionError, match="option 'bound' must be one of lp, sdp, auto, got 'exact'"):
+        QpmSelector(bound="exact")  # checked when the selector is made, before any work
 
 
 def test_cli_select_bound_flag(qpm, tmp_path):
@@ -301,9 +302,40 @@ def test_cli_select_bound_flag(qpm, tmp_path):
     assert (tmp_path / "sel.json").read_bytes() == before
 
 
-def test_explicit_sdp_bound_refuses_problems_too_big_for_its_memory():
-    from qpmcli.errors import SelectionError
+def test_the_bound_is_a_declared_selector_option_on_every_path(qpm, tmp_path):
+    import json
 
+    from qpmcli.selection import select
+
+    listed = {s["name"]: s for s in json.loads(qpm(["plugins", "--json"]).stdout)["selectors"]}
+    bound = {o["name"]: o for o in listed["qpm"]["options"]}["bound"]
+    assert bound["default"] == "auto" and bound["choices"] == ["lp", "sdp", "auto"]
+    assert listed["topk"]["options"] == []
+    prob = synthetic_problem(8, 4, seed=0, rank=3, n_samples=200)
+    np.savez(tmp_path / "problem.npz", A=prob.A, R=prob.R)
+    r = qpm(["select", "--problem", "problem.npz", "--features", "4", "--per-class", "2", "--workers", "2",
+             "--selector-option", "bound=lp", "--out", "sel.json", "--json"])
+    assert r.returncode == 0, r.stderr
+    params = json.loads((tmp_path / "sel.json").read_text())["params"]
+    assert params["bound_option"] == "lp" and params["selector_options"] == {"bound": "lp"}
+    before = (tmp_path / "sel.json").read_bytes()
+    for flags, message in ((["--selector-option", "bogus=1"], "selector 'qpm' has no option 'bogus'"),
+                           (["--selector-option", "bound=best"], "option 'bound' must be one of lp, sdp, auto"),
+                           (["--selector-option", "candidates=0"], "option 'candidates' must be a positive integer"),
+                           (["--selector", "topk", "--selector-option", "bound=lp"],
+                            "selector 'topk' has no option 'bound'")):
+        r = qpm(["select", "--problem", "problem.npz", "--features", "4", "--per-class", "2", *flags,
+                 "--out", "sel.json"])
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (tmp_path / "sel.json").read_bytes() == before
+    sel = select(prob, n_features=4, per_class=2, time_limit=20, workers=2, progress=False,
+                 selector_options={"bound": "sdp"})
+    assert sel.params["bound_option"] == "sdp" and sel.params["bound_method"] == "sdp"
+    with pytest.raises(SelectionError, match="selector 'topk' has no option 'bound'; its options: none"):
+        select(prob, selector="topk", n_features=4, per_class=2, selector_options={"bound": "lp"})
+
+
+def test_explicit_sdp_bound_refuses_problems_too_big_for_its_memory():
     huge = Q.QpmInstance(coef=np.zeros((B.SDP_MAX_FEATURES + 1, 2)), pairs=np.zeros((0, 2), int), pair_w=np.zeros(0),
                          bonus=np.zeros(B.SDP_MAX_FEATURES + 1), K=4, k=2)
     with pytest.raises(SelectionError, match="--bound sdp: 2049 features"):

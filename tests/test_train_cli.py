@@ -64,6 +64,8 @@ def test_train_writes_every_run_file_and_a_loadable_model(qpm, tmp_path):
     ({"backbone": "nope"}, "unknown backbone 'nope'; available: "),
     ({"dataset": "nope"}, "unknown dataset 'nope'; available: "),
     ({"selector": "nope"}, "unknown selector 'nope'; available: "),
+    ({"selector_options": {"bound": "lp"}}, "selector 'topk' has no option 'bound'"),
+    ({"selector": "qpm", "selector_options": {"bound": "best"}}, "option 'bound' must be one of lp, sdp, auto"),
     ({"n_selected": 3, "per_class": 4}, "--per-class 4 exceeds --features 3"),
     ({"n_selected": 40}, "--features 40 exceeds the 16 features of the dense model"),
     ({"n_features": 100000}, "--dense-features 100000 cannot be trained"),

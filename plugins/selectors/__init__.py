@@ -1,19 +1,22 @@
 """Built-in qpm selectors: ``qpm`` (CP-SAT + local search), ``gurobi`` (optional), ``topk``, ``sldd``, ``qsenn``.
 
 Registered through the ``qpm`` entry-point group like any third-party selector. The factories import their modules
-lazily so that ``qpm plugins`` stays fast.
+lazily so that ``qpm plugins`` stays fast (the ``qpm`` selector's declared options come from its light
+``qpm.options`` module).
 """
 
 from __future__ import annotations
+
+from qpm_plugins.selectors.qpm.options import OPTIONS as QPM_OPTIONS
 
 from qpmcli.contracts import SelectorSpec
 from qpmcli.hookspecs import hookimpl
 
 
-def _qpm():
-    from qpm_plugins.selectors.qpm import QpmSelector
+def _qpm(**options):
+    from qpm_plugins.selectors.qpm.selector import QpmSelector
 
-    return QpmSelector()
+    return QpmSelector(**options)
 
 
 def _gurobi():
@@ -43,7 +46,8 @@ def _qsenn():
 @hookimpl
 def qpm_selectors() -> list:
     return [
-        SelectorSpec("qpm", _qpm, "QPM: K binary features, k per class, distinct sets; OR-Tools CP-SAT + local search"),
+        SelectorSpec("qpm", _qpm, "QPM: K binary features, k per class, distinct sets; OR-Tools CP-SAT + local search",
+                     options=QPM_OPTIONS),
         SelectorSpec("gurobi", _gurobi, "QPM's MIP on Gurobi (optional extra qpm[gurobi]; needs gurobipy, proven "
                                         "optima within its licence's size)"),
         SelectorSpec("topk", _topk, "greedy baseline: forward-greedy features, each class its top-k (no search)"),

@@ -9,14 +9,13 @@ from qpmcli.commands._common import JsonFlag, console, print_json
 
 def plugins(json_out: bool = JsonFlag) -> None:
     """List installed backbones, datasets and selectors, and which package provides each."""
-    from qpmcli.options import declared_options
-    from qpmcli.registry import KINDS, get_registry
+    from qpmcli.registry import KINDS, declared_options, get_registry
 
     reg = get_registry()
     data = {
         kind + "s": [{"name": e.name, "package": e.package, "plugin": e.plugin,
                       "description": getattr(e.spec, "description", ""),
-                      **({"options": _options(declared_options(kind, e.spec))} if kind != "selector" else {})}
+                      "options": _options(declared_options(kind, e.spec))}
                      for e in reg.entries(kind)]
         for kind in KINDS
     }
@@ -38,7 +37,8 @@ def plugins(json_out: bool = JsonFlag) -> None:
 
 
 def _options(declared: dict | None) -> list[dict] | None:
-    """The plugin's --dataset-option/--backbone-option keys with their types (``None``: undeclared, any key)."""
+    """The plugin's --dataset-option/--backbone-option/--selector-option keys with their types (``None``:
+    undeclared, any key)."""
     if declared is None:
         return None
     return [{"name": o.name, "type": o.type, "default": o.default, "help": o.help, "choices": list(o.choices)}

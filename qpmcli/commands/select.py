@@ -25,7 +25,8 @@ def select_cmd(
     workers: int = typer.Option(8, "--workers", help="CP-SAT worker threads."),
     bound: str = typer.Option(None, "--bound", help="qpm selector's certified bound: lp (LP + clique cuts), sdp "
                                                     "(semidefinite, SCS) or auto (sdp for large problems given "
-                                                    ">= 60 s; the default)."),
+                                                    ">= 60 s; the default). Short for --selector-option bound=..."),
+    selector_option: list[str] = opts.selector_option_opt(),
     threshold_rule: str = typer.Option("reference", "--threshold-rule",
                                        help="Redundancy threshold: reference (the paper's procedure) or greedy-bisect "
                                             "(qpm's earlier rule; see docs/method-notes.md)."),
@@ -39,11 +40,23 @@ def select_cmd(
     """Select K features and assign k of them to every class; writes the selection JSON (never silently the run's
     own selection.json: that needs --force)."""
     from qpmcli.commands._common import say, settings_from_flags
+    from qpmcli.registry import declared_options, get_registry
     from qpmcli.selection import SelectRequest
 
     settings = settings_from_flags(seed=seed, device_check=None)
+    selector_options = opts.parse_plugin_options("selector", selector, selector_option)
+    if bound is not None:  # short for --selector-option bound=...: the selector's declared option `bound`
+        declared = declared_options("selector", get_registry().get("selector", selector)) or {}
+        if "bound" not in declared:
+            raise SelectionError(f"--bound applies to selectors with a certified bound (qpm), not {selector!r}")
+        checks.check_choice(bound, declared["bound"].choices, "--bound")
+        if selector_options.get("bound", bound) != bound:
+            raise SelectionError(f"--bound {bound} and --selector-option bound={selector_options['bound']} differ; "
+                                 f"give one")
+        selector_options["bound"] = bound
     req = SelectRequest(selector=selector, n_features=features, per_class=per_class, time_limit=time_limit,
-                        seed=settings.seed, workers=workers, bound=bound, threshold_rule=threshold_rule).checked()
+                        seed=settings.seed, workers=workers, selector_options=selector_options,
+                        threshold_rule=threshold_rule).checked()
     if run is not None and problem is not None:
         raise SelectionError("give either a run directory or --problem FILE (not both)")
     if run is None and problem is None:

@@ -17,6 +17,7 @@ def train(
     weights: str = Weights,
     weights_dir: str = WeightsDir,
     selector: str = opts.selector_opt("qpm"),
+    selector_option: list[str] = opts.selector_option_opt(),
     features: int = typer.Option(50, "--features", help="Number of selected features."),
     per_class: int = typer.Option(5, "--per-class", help="Features assigned to every class."),
     run_dir: str = typer.Option(None, "--run-dir", help="Run directory (default: <runs_dir>/<dataset>-<backbone>)."),
@@ -73,6 +74,8 @@ def train(
         backbone=backbone, dataset=dataset, data_root=data_root, weights=weights, preprocess=preprocess,
         dataset_options=opts.parse_plugin_options("dataset", dataset, dataset_option),
         backbone_options=opts.parse_plugin_options("backbone", backbone, backbone_option),
+        selector_options=(opts.parse_plugin_options("selector", selector, selector_option) if head == "qpm"
+                          else {}),
         n_selected=features, per_class=per_class, time_limit=time_limit, n_layers=layers, hidden_size=hidden_size,
         n_features=dense_features, pooling=pooling, seed=settings.seed, metrics=metrics,
         cal_fraction=cal_fraction,

@@ -20,7 +20,8 @@ How we solve it (see ``solve``):
    solution it finds is mapped back to S and re-assigned exactly, so only truly feasible solutions are reported.
 The reported gap is (bound - objective) / |objective| with the smallest valid bound.
 
-Modules (each imports only the ones above it; nothing here imports this package's ``__init__``):
+Modules (none imports this package's ``__init__``, which only names the public API and loads a module when one of
+its names is first used, so that reading the declared options at plugin discovery stays light):
 
 - :mod:`.assignment`: the exact distinct-sets assignment for a fixed feature set;
 - :mod:`.instance`: :class:`QpmInstance`, ``make_instance``, the objective, ``assign``, the top-M candidates, the gap;
@@ -28,49 +29,40 @@ Modules (each imports only the ones above it; nothing here imports this package'
 - :mod:`.lp`: the cut-LP bound (``LpBound``); :mod:`.sdp`: the SDP bound (``SdpBound``, SCS);
 - :mod:`.cpsat`: the CP-SAT model in chunks (``CpsatModel``) and CP-SAT alone (``cpsat_solve``);
 - :mod:`.bounds`: the bound sources of a request (``lp|sdp|auto``), timed or in their own thread;
-- :mod:`.solve`: the deterministic anytime schedule (``solve``);
-- :mod:`.selector`: the plugin object (``QpmSelector``) with its declared options.
+- :mod:`.solver`: the deterministic anytime schedule (``solve``);
+- :mod:`.options`: the selector's declared options; :mod:`.selector`: the plugin object (``QpmSelector``).
 """
 
 from __future__ import annotations
 
-from qpm_plugins.selectors.qpm.assignment import exact_assignment
-from qpm_plugins.selectors.qpm.bounds import (
-    BOUND_CHOICES,
-    ConcurrentSource,
-    TimedSource,
-    bound_sources,
-    bound_stats,
-    choose_bound,
-)
-from qpm_plugins.selectors.qpm.cpsat import CpsatModel, CpsatResult, cpsat_solve, exact_model_fits
-from qpm_plugins.selectors.qpm.instance import (
-    OPT_TOL,
-    QpmInstance,
-    assign,
-    candidates,
-    default_candidates,
-    gap_of,
-    make_instance,
-)
-from qpm_plugins.selectors.qpm.lp import LpBound, clique_penalty_floor, lp_bound, packing_cuts
-from qpm_plugins.selectors.qpm.sdp import SdpBound, sdp_bound
-from qpm_plugins.selectors.qpm.search import IlsState, greedy, iterated_local_search, local_search
-from qpm_plugins.selectors.qpm.selector import QpmSelector
-from qpm_plugins.selectors.qpm.solve import (
-    ILS_GROWTH_CAP,
-    ILS_ROUNDS_EXACT,
-    ILS_ROUNDS_LARGE,
-    START_ROUNDS_LARGE,
-    SolveResult,
-    solve,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "BOUND_CHOICES", "ILS_GROWTH_CAP", "ILS_ROUNDS_EXACT", "ILS_ROUNDS_LARGE", "OPT_TOL", "START_ROUNDS_LARGE",
-    "ConcurrentSource", "CpsatModel", "CpsatResult", "IlsState", "LpBound", "QpmInstance", "QpmSelector", "SdpBound",
-    "SolveResult", "TimedSource", "assign", "bound_sources", "bound_stats", "candidates", "choose_bound",
-    "clique_penalty_floor", "cpsat_solve", "default_candidates", "exact_assignment", "exact_model_fits", "gap_of",
-    "greedy", "iterated_local_search", "local_search", "lp_bound", "make_instance", "packing_cuts", "sdp_bound",
-    "solve",
-]
+_MODULES = {  # module -> the public names it owns
+    "assignment": ("exact_assignment",),
+    "bounds": ("ConcurrentSource", "TimedSource", "bound_sources", "bound_stats", "choose_bound"),
+    "cpsat": ("CpsatModel", "CpsatResult", "cpsat_solve", "exact_model_fits"),
+    "instance": ("OPT_TOL", "QpmInstance", "assign", "candidates", "default_candidates", "gap_of", "make_instance"),
+    "lp": ("LpBound", "clique_penalty_floor", "lp_bound", "packing_cuts"),
+    "options": ("BOUND_CHOICES", "OPTIONS"),
+    "sdp": ("SdpBound", "sdp_bound"),
+    "search": ("IlsState", "greedy", "iterated_local_search", "local_search"),
+    "selector": ("QpmSelector",),
+    "solver": ("ILS_GROWTH_CAP", "ILS_ROUNDS_EXACT", "ILS_ROUNDS_LARGE", "START_ROUNDS_LARGE", "SolveResult", "solve"),
+}
+_OWNER = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_OWNER)
+
+
+def __getattr__(name: str) -> Any:
+    """``qpm.solve`` etc.: the owning module is imported on first use (PEP 562)."""
+    module = _OWNER.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_OWNER})

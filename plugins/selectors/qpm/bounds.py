@@ -13,9 +13,9 @@ from typing import Any
 from qpm_plugins.selectors.qpm.cpsat import exact_model_fits
 from qpm_plugins.selectors.qpm.instance import default_candidates
 from qpm_plugins.selectors.qpm.lp import LpBound
+from qpm_plugins.selectors.qpm.options import BOUND_CHOICES
 from qpm_plugins.selectors.qpm.sdp import SdpBound
 
-BOUND_CHOICES = ("lp", "sdp", "auto")
 AUTO_MIN_SECONDS = 60.0  # below this the SDP's setup (about 10 s at n = 512) eats too much of its share
 AUTO_MAX_FEATURES = 1024  # memory: the PSD block and X grow as n^2 (0.5 GB at n = 512)
 
@@ -133,7 +133,7 @@ SDP_MAX_FEATURES = 2048  # explicit --bound sdp beyond this: memory grows as n^2
 
 
 def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_rounds: int = 50) -> list:
-    """The bound sources for :func:`~qpm_plugins.selectors.qpm.solve.solve`: the cut LP or the SDP, as
+    """The bound sources for :func:`~qpm_plugins.selectors.qpm.solver.solve`: the cut LP or the SDP, as
     :func:`choose_bound` picks, timed."""
     M = default_candidates(inst) if M is None else int(M)
     if choose_bound(choice, inst, time_limit) == "sdp":

@@ -1,5 +1,5 @@
 """The search over feature sets: the greedy start, best-improvement swap local search scored by the true
-objective, and the iterated local search (seeded kicks) that :func:`~qpm_plugins.selectors.qpm.solve.solve`
+objective, and the iterated local search (seeded kicks) that :func:`~qpm_plugins.selectors.qpm.solver.solve`
 continues round by round."""
 
 from __future__ import annotations

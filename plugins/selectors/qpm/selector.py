@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 from qpm_plugins.selectors.qpm.bounds import bound_sources, bound_stats
 from qpm_plugins.selectors.qpm.instance import make_instance
-from qpm_plugins.selectors.qpm.solve import solve
+from qpm_plugins.selectors.qpm.options import BOUND_CHOICES
+from qpm_plugins.selectors.qpm.solver import solve
 
 from qpmcli.contracts import Selection, SelectionProblem
+from qpmcli.errors import SelectionError
 
 
 class QpmSelector:
@@ -20,10 +22,17 @@ class QpmSelector:
     name = "qpm"
     iterations = 1
 
-    def __init__(self, deterministic: bool = True, candidates: int | None = None, bound: str = "auto") -> None:
-        self.deterministic = deterministic
-        self.candidates = candidates
+    def __init__(self, *, bound: str = "auto", candidates: int | None = None, deterministic: bool = True) -> None:
+        """The declared options (:data:`~qpm_plugins.selectors.qpm.options.OPTIONS`), checked here, before any work."""
+        if bound not in BOUND_CHOICES:
+            raise SelectionError(f"selector 'qpm' option 'bound' must be one of {', '.join(BOUND_CHOICES)}, "
+                                 f"got {bound!r}")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
+                                       or candidates < 1):
+            raise SelectionError(f"selector 'qpm' option 'candidates' must be a positive integer, got {candidates!r}")
         self.bound = bound  # lp | sdp | auto: the certified bound's source (bounds.choose_bound)
+        self.candidates = candidates
+        self.deterministic = bool(deterministic)
 
     def select(self, problem: SelectionProblem, *, n_features: int = 50, per_class: int = 5,
                time_limit: float = 60.0, seed: int = 0, workers: int = 8, previous: Selection | None = None,
