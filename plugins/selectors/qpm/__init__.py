@@ -48,7 +48,8 @@ _MODULES = {  # module -> the public names it owns
     "sdp": ("SdpBound", "sdp_bound"),
     "search": ("IlsState", "greedy", "iterated_local_search", "local_search"),
     "selector": ("QpmSelector",),
-    "solver": ("ILS_GROWTH_CAP", "ILS_ROUNDS_EXACT", "ILS_ROUNDS_LARGE", "START_ROUNDS_LARGE", "SolveResult", "solve"),
+    "solver": ("CPSAT_RESTRICT_MAX_ENTRIES", "ILS_GROWTH_CAP", "ILS_ROUNDS_EXACT", "ILS_ROUNDS_LARGE", "REF_ENTRIES",
+               "START_ROUNDS_LARGE", "SolveResult", "size_scale", "solve"),
 }
 _OWNER = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_OWNER)

@@ -89,6 +89,7 @@ class ConcurrentSource(_SourceView):
     def __init__(self, source) -> None:
         super().__init__(source)
         self.error: str | None = None
+        self.abandoned = False  # finish() returned while a chunk was still running
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -121,13 +122,21 @@ class ConcurrentSource(_SourceView):
             if hasattr(src, "close"):
                 src.close()
 
-    def finish(self) -> float:
-        """Stop after the chunk in flight, wait for it, and return the final certified bound."""
+    def finish(self, deadline: float | None = None) -> float:
+        """Stop after the chunk in flight and return the final certified bound.
+
+        Waits for the chunk in flight, but with a ``deadline`` at most until ``deadline +`` :data:`FINISH_GRACE`: a
+        chunk that the load stretched past it is left to end on its own (its thread releases the solver's memory
+        when it does) and the bound certified before it is returned; ``abandoned`` then says so."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            timeout = None if deadline is None else max(0.0, deadline + FINISH_GRACE - time.perf_counter())
+            self._thread.join(timeout)
+            self.abandoned = self._thread.is_alive()
         return self.source.bound
 
+
+FINISH_GRACE = 2.0  # seconds past the deadline that finish() waits for a chunk in flight
 
 SDP_MAX_FEATURES = 2048  # explicit --bound sdp beyond this: memory grows as n^2 (about 8 GB at 2048)
 
@@ -165,6 +174,8 @@ def bound_stats(choice: str, sources: list, stats: dict[str, Any], bound: float)
         out[f"{s.name}_seconds"] = round(float(getattr(s, "seconds", 0.0)), 3)
         if getattr(s, "error", None):
             out[f"{s.name}_error"] = s.error
+        if getattr(s, "abandoned", False):
+            out[f"{s.name}_abandoned"] = True  # its last chunk ran past the deadline and was not waited for
         inner = getattr(s, "source", s)
         if isinstance(inner, SdpBound):
             out["sdp"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

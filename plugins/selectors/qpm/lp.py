@@ -50,7 +50,8 @@ class LpBound:
         self.solver = None
         self.packing: list[tuple[tuple[int, ...], list[int], int]] = []  # distinct-set cuts found so far
 
-    def _build(self) -> None:
+    def _build(self, deadline: float = math.inf) -> bool:
+        """The LP model; False (and no model) when the deadline passes while building (seconds at 2048 x 1000)."""
         from ortools.linear_solver import pywraplp
 
         inst, M = self.inst, self.M
@@ -66,6 +67,8 @@ class LpBound:
         order_vals = -np.sort(-inst.coef, axis=0)
         self.xvar: dict[tuple[int, int], Any] = {}
         for c in range(C):
+            if c % 64 == 0 and time.perf_counter() > deadline:
+                return False
             xs = []
             for f in cand[c]:
                 x = solver.NumVar(0.0, 1.0, "")
@@ -82,7 +85,9 @@ class LpBound:
         relevant[np.unique(cand)] = True
         Y: dict[tuple[int, int], Any] = {}
         if self.penalty:
-            for (f, g), w in zip(inst.pairs, inst.pair_w, strict=True):
+            for i, ((f, g), w) in enumerate(zip(inst.pairs, inst.pair_w, strict=True)):
+                if i % 4096 == 0 and time.perf_counter() > deadline:
+                    return False
                 if relevant[f] and relevant[g]:  # other pairs dropped: a relaxation, still an upper bound
                     y = solver.NumVar(0.0, 1.0, "")
                     solver.Add(y >= s[int(f)] + s[int(g)] - 1)
@@ -90,14 +95,15 @@ class LpBound:
                     Y[(int(f), int(g))] = y
         obj.SetMaximization()
         self.solver, self.s, self.obj, self.Y, self.relevant = solver, s, obj, Y, relevant
+        return True
 
     def step(self, deadline: float = math.inf) -> float:
         from ortools.linear_solver import pywraplp
 
         if self.done:
             return self.bound
-        if self.solver is None:
-            self._build()
+        if self.solver is None and not self._build(deadline):
+            return self.bound
         remaining = deadline - time.perf_counter()
         if remaining <= 0.05:
             return self.bound
@@ -123,7 +129,8 @@ class LpBound:
             self.solver.Add(self.solver.Sum([self.xvar[(f, c)] for c in gamma for f in U if (f, c) in self.xvar])
                             <= rhs)
         self.packing.extend(new)
-        added = _add_clique_cuts(self.inst, self.solver, self.s, self.Y, sv, yv, self.relevant) if self.Y else 0
+        added = (_add_clique_cuts(self.inst, self.solver, self.s, self.Y, sv, yv, self.relevant, deadline)
+                 if self.Y else 0)
         if added == 0 and not new:
             self.done = True
         return self.bound
@@ -199,7 +206,8 @@ def clique_penalty_floor(T: list[int], P: np.ndarray, _subsets: tuple[np.ndarray
 _MAX_CLIQUE = 14
 
 
-def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, relevant: np.ndarray) -> int:
+def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, relevant: np.ndarray,
+                     deadline: float = math.inf) -> int:
     """Greedy separation of clique cuts; adds the most violated cut per seed feature, returns how many were added.
 
     Around every feature with s > 0.01 (largest first) a clique of disallowed pairs is grown greedily by s. For each
@@ -217,6 +225,8 @@ def _add_clique_cuts(inst: QpmInstance, solver, s, Y, sv: np.ndarray, yv: dict, 
     seen: set[tuple[int, ...]] = set()
     added = 0
     for f0 in (int(f) for f in np.argsort(-sv, kind="stable") if sv[f] > 0.01 and relevant[f]):
+        if time.perf_counter() > deadline:  # the cuts so far are valid; no LP solve follows before the deadline
+            break
         T = [f0]
         ok = D[f0] & live
         while len(T) < _MAX_CLIQUE and ok.any():

@@ -33,33 +33,72 @@ ILS_GROWTH_CAP = 6  # at most ils_rounds * 2**6 local-search rounds per cycle
 ILS_ROUNDS_EXACT = 8
 ILS_ROUNDS_LARGE = 64
 START_ROUNDS_LARGE = 16  # large problems: iterated-search rounds from each start before the best one goes on
+# The size (features x classes) the large-problem schedule was tuned on (CUB: 512 x 200). Beyond it a round costs
+# more (about 1.7 s at 512 x 1000 against 0.12 s), so the rounds per start and per cycle shrink by REF_ENTRIES / (n C)
+# (:func:`size_scale`): a cycle and the starts then cost about as much time as at CUB size, at every size.
+REF_ENTRIES = 512 * 200
+# CP-SAT's top-M restriction (large problems) up to this many (feature, class) entries. Beyond it a chunk costs 1.6-2.6
+# GB and 18-55 s at 512 x 1000 and returned the hint unchanged in every chunk measured (0.5-4 deterministic seconds,
+# 2 and 8 workers; benchmarks/results/selection.md), as it improved nothing at CUB size.
+CPSAT_RESTRICT_MAX_ENTRIES = 2 ** 17
+
+
+def size_scale(inst: QpmInstance) -> float:
+    """min(1, REF_ENTRIES / (n C)): 1 up to CUB size, where the schedule is the one tuned there."""
+    return min(1.0, REF_ENTRIES / (inst.n * inst.C))
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far (MiB), where the platform reports it.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own memory (``getrusage``'s ru_maxrss
+    also counts what the parent process held when it started this one)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers: int = 8,
           previous: np.ndarray | None = None, M: int | None = None, deterministic: bool = True,
-          progress: bool = True, use_cpsat: bool = True, cut_rounds: int = 50, work_limit: int | None = None,
+          progress: bool = True, use_cpsat: bool | None = None, cut_rounds: int = 50, work_limit: int | None = None,
           bound_sources: list | None = None, ils_rounds: int | None = None, random_starts: int = 2,
           exact_model: bool | None = None, ils_growth: bool = True, start_rounds: int | None = None) -> SolveResult:
     """One deterministic search that runs until the optimum is proven, the time limit or ``work_limit`` cycles.
 
     1. Starts (greedy, the clique, ``previous``, ``random_starts`` seeded random sets), each improved by
        :func:`local_search` and, on problems larger than the exact model, ``start_rounds`` (default
-       :data:`START_ROUNDS_LARGE`) iterated-search rounds of its own; the best one seeds the iterated local search
-       (:class:`IlsState`) that continues. Scores are the true
+       :data:`START_ROUNDS_LARGE` times :func:`size_scale`, at least 1) iterated-search rounds of its own; the best
+       one seeds the iterated local search (:class:`IlsState`) that continues. Scores are the true
        objective of a feature set (its optimal distinct-sets assignment).
     2. Then cycles, each in a fixed order (bound, CP-SAT, search on problems that get the exact model; search,
        bound, CP-SAT on larger ones): ``ils_rounds`` perturbation rounds (default :data:`ILS_ROUNDS_EXACT` on the
-       exact model, :data:`ILS_ROUNDS_LARGE` on larger problems; with ``ils_growth``, the default, times
-       ``2**cycle``, at most 2**:data:`ILS_GROWTH_CAP`, as CP-SAT's chunks double too); one step
+       exact model, :data:`ILS_ROUNDS_LARGE` times :func:`size_scale` (at least 4) on larger problems; with
+       ``ils_growth``, the default, times ``2**cycle``, at most 2**:data:`ILS_GROWTH_CAP`, as CP-SAT's chunks double
+       too); one step
        of every bound source (default: :class:`LpBound`, the cut LP; any object with ``name``, ``bound``, ``done`` and
        ``step(deadline) -> certified upper bound`` can be passed in ``bound_sources``; one with ``finish()`` works
        in its own thread, is only read at each cycle and is finished before the result); one CP-SAT chunk
        (:class:`CpsatModel`: the exact model on small problems, where a chunk that ends OPTIMAL proves the optimum;
-       else the top-M restriction), hinted with the incumbent, of 0.5, 1, 2, ... deterministic seconds (doubling, up
-       to 32 on the exact model, 8 on the restriction). CP-SAT's solutions join the local search's incumbent.
-    Nothing in this schedule depends on the time limit: a limit only stops the search (the round or chunk in
-    flight keeps what it found so far), so for the same seed a longer limit continues the same search and never
-    returns a worse selection (deterministic CP-SAT; exactly so with ``work_limit`` instead of a clock).
+       else the top-M restriction, only up to :data:`CPSAT_RESTRICT_MAX_ENTRIES`; ``use_cpsat`` overrides), hinted
+       with the incumbent, of 0.5, 1, 2, ... deterministic seconds (doubling, up to 32 on the exact model, 8 on the
+       restriction). CP-SAT's solutions join the local search's incumbent.
+    Nothing in this schedule depends on the time limit: a limit only stops the search (the move, round or chunk in
+    flight keeps what it found so far; every step checks the one deadline), so for the same seed a longer limit
+    continues the same search and never returns a worse selection (deterministic CP-SAT; exactly so with
+    ``work_limit`` instead of a clock). A source in its own thread is waited for at most until the deadline plus
+    ``finish``'s grace.
     3. The result is the incumbent's feature set with its exact optimal assignment (:func:`exact_assignment`), the
     smallest certified bound, and status OPTIMAL iff the relative gap is at most :data:`OPT_TOL`.
     """
@@ -73,8 +112,20 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     if M is None:
         M = default_candidates(inst)
     full = exact_model_fits(inst) if exact_model is None else bool(exact_model)
+    scale = size_scale(inst)
     if ils_rounds is None:  # large problems: CP-SAT's restricted chunks are slow and rarely help; search more
-        ils_rounds = ILS_ROUNDS_EXACT if full else ILS_ROUNDS_LARGE
+        ils_rounds = ILS_ROUNDS_EXACT if full else max(4, round(ILS_ROUNDS_LARGE * scale))
+    if use_cpsat is None:
+        use_cpsat = full or inst.n * inst.C <= CPSAT_RESTRICT_MAX_ENTRIES
+    rss: dict[str, float] = {}  # growth of the process's peak resident memory during each step (MiB)
+    rss_last = peak_rss_mib()
+
+    def rss_step(name: str) -> None:
+        nonlocal rss_last
+        peak = peak_rss_mib()
+        if peak is not None and rss_last is not None:
+            rss[name] = rss.get(name, 0.0) + peak - rss_last
+            rss_last = peak
     bar = _Bar(progress, time_limit)
 
     def now() -> float:
@@ -99,9 +150,9 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     stats["greedy_objective"] = inst.selection_value(starts["greedy"])
     best_S, best_v = starts["greedy"], stats["greedy_objective"]
     if start_rounds is None:
-        start_rounds = 0 if full else START_ROUNDS_LARGE
-    for name, S0 in starts.items():  # the greedy start's local search always completes (a floor on the result)
-        S1 = local_search(inst, S0, deadline=math.inf if name == "greedy" else deadline)
+        start_rounds = 0 if full else max(1, round(START_ROUNDS_LARGE * scale))
+    for name, S0 in starts.items():  # a truncated local search still improves on its start (best moves first)
+        S1 = local_search(inst, S0, deadline=deadline)
         if start_rounds and now() < deadline:  # every start gets its own iterated search: diversity
             S1, _ = iterated_local_search(inst, S1, rng, rounds=start_rounds, deadline=deadline)
         v1 = inst.selection_value(S1)
@@ -116,6 +167,7 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
         if ils.best_v > trajectory[-1][1] + 1e-12 or b < trajectory[-1][2] - 1e-12:
             trajectory.append([round(now() - start, 3), ils.best_v, b])
     bar.update(now() - start, ils.best_v, math.inf)
+    rss_step("starts")
 
     # 2. cycles
     bound = math.inf
@@ -184,13 +236,17 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
             t_step = now()
             step()
             spent[names[step]] += now() - t_step
+            rss_step(names[step])
         cycle += 1
         bar.update(now() - start, ils.best_v, bound)
 
-    for src in sources:  # wait for background bound work (at most the chunk in flight) and take its last bound
+    t_finish = now()
+    for src in sources:  # background bound work: the chunk in flight, until the deadline and a grace at most
         if hasattr(src, "finish"):
-            bound = min(bound, src.finish())
+            bound = min(bound, src.finish(deadline))
             stats[f"{src.name}_bound"] = src.bound
+    spent["finish"] = now() - t_finish
+    rss_step("finish")
 
     # 3. the incumbent with its exact assignment
     best_S = np.sort(ils.best)
@@ -202,6 +258,10 @@ def solve(inst: QpmInstance, *, time_limit: float = 60.0, seed: int = 0, workers
     record(bound)
     stats["trajectory"] = [[t, v, b if math.isfinite(b) else None] for t, v, b in trajectory]
     stats["step_seconds"] = {key: round(val, 3) for key, val in spent.items()}
+    stats["peak_rss_growth_mib"] = {key: round(val, 1) for key, val in rss.items()}
+    stats["peak_rss_mib"] = None if rss_last is None else round(rss_last, 1)
+    stats["schedule"] = {"size_scale": round(scale, 4), "start_rounds": start_rounds, "ils_rounds": ils_rounds,
+                         "cpsat": bool(use_cpsat), "exact_model": bool(full)}
     stats.update(cycles=cycle, ils_rounds=ils.rounds, seconds=round(now() - start, 3),
                  time_to_best=round(time_to_best, 3), cpsat_model=None if cp is None else cp.mode,
                  cpsat_chunks=0 if cp is None else cp.chunks, cpsat_status=None if cp is None else cp.status,
