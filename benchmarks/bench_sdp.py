@@ -128,7 +128,6 @@ def small_problems(count: int, json_out: str | None) -> int:
     """Bounds on small random problems (half uneven random penalties, half tiny synthetic ones) against the optimum
     without distinct class sets, found by enumeration (>= the true optimum, so a valid bound must reach it)."""
     import itertools
-    from pathlib import Path
 
     import numpy as np
     from qpm_plugins.selectors import qpm as Q
@@ -162,8 +161,7 @@ def small_problems(count: int, json_out: str | None) -> int:
                "mean_gap_pct": {k: round(float(100 * np.mean((v - opt) / np.abs(opt))), 4)
                                 for k, v in (("sdp", sdp), ("lp", lp), ("lp_cuts", lpc))}}
     print(json.dumps(summary), flush=True)
-    if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2))
+    write_result(json_out, {"benchmark": "sdp-small", **summary}, started=STARTED)
     return 0
 
 
