@@ -593,6 +593,11 @@ def train_run(req: TrainRequest, settings: Any, *, run_dir: str | os.PathLike[st
     return ctx.summary
 
 
+# selector options that, like the time limit and workers, say how long a selection runs, not what the run is: a run
+# resumes with other values (a finished selection is kept; the qpm selector's work limit, e.g. the demo's)
+RESUMABLE_SELECTOR_OPTIONS = ("work_limit",)
+
+
 def _check_run_dir(run: Path, req: TrainRequest, resume: bool) -> None:
     """A directory that holds a run is continued only with ``resume`` and the same options."""
     cfg_path = run / artifact.CONFIG
@@ -608,8 +613,15 @@ def _check_run_dir(run: Path, req: TrainRequest, resume: bool) -> None:
                             f"is damaged; use another --run-dir")
     request_doc = req.to_dict()
     defaults = TrainRequest().to_dict()  # a run written before an option existed was trained with its default
+
+    def value(doc: dict[str, Any], key: str) -> Any:
+        val = doc.get(key, defaults[key])
+        if key == "selector_options" and isinstance(val, dict):  # how long the search runs, like time_limit
+            val = {k: v for k, v in val.items() if k not in RESUMABLE_SELECTOR_OPTIONS}
+        return _norm(val)
+
     diffs = [k for k in request_doc if k not in ("time_limit", "workers", "metrics")
-             and _norm(old.get(k, defaults[k])) != _norm(request_doc[k])]
+             and value(old, k) != value(request_doc, k)]
     if diffs:
         raise ArtifactError(f"run directory {run} was trained with other options ({', '.join(diffs)} differ); "
                             f"use another --run-dir")

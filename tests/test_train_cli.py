@@ -187,3 +187,19 @@ def test_linear_probe_trains_only_a_head_on_the_cls_token(qpm, tmp_path):
     assert [n for n, _ in model.named_parameters()] == ["linear.weight", "linear.bias"]
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert {r["phase"] for r in log} == {"dense"} and "fdl" not in log[0]
+
+
+def test_a_run_resumes_with_another_work_limit_but_not_with_other_selector_options(tmp_path):
+    """The qpm selector's work_limit says how long the selection runs, like --time-limit: a run made before selector
+    options existed (no selector_options in config.json), e.g. an earlier demo, resumes with the demo's work limit;
+    another certified bound is another run."""
+    from qpmcli.errors import ArtifactError
+    from qpmcli.train import TrainRequest, _check_run_dir
+
+    old = TrainRequest(selector="qpm", time_limit=20.0).to_dict()
+    old.pop("selector_options")
+    (tmp_path / "config.json").write_text(json.dumps({"request": old}))
+    _check_run_dir(tmp_path, TrainRequest(selector="qpm", selector_options={"work_limit": 2}, time_limit=300.0),
+                   resume=True)
+    with pytest.raises(ArtifactError, match=r"\(selector_options differ\)"):
+        _check_run_dir(tmp_path, TrainRequest(selector="qpm", selector_options={"bound": "lp"}), resume=True)

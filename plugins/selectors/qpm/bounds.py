@@ -20,8 +20,11 @@ AUTO_MIN_SECONDS = 60.0  # below this the SDP's setup (about 10 s at n = 512) ea
 AUTO_MAX_FEATURES = 1024  # memory: the PSD block and X grow as n^2 (0.5 GB at n = 512)
 
 
-def choose_bound(choice: str, inst, time_limit: float) -> str:
+def choose_bound(choice: str, inst, time_limit: float, *, work_limited: bool = False) -> str:
     """``lp`` or ``sdp`` for a ``bound`` option of ``lp``, ``sdp`` or ``auto``.
+
+    A work-limited search (the selector's ``work_limit``) gets the LP from auto: it is a step of the search's cycle,
+    so its bound is the same on every machine, while the SDP runs in its own thread on the clock.
 
     auto takes the SDP where the LP is loose and the SDP pays off: problems too big for CP-SAT's exact model (whose
     own bound closes small problems), at most :data:`AUTO_MAX_FEATURES` features, a time limit of at least
@@ -33,6 +36,8 @@ def choose_bound(choice: str, inst, time_limit: float) -> str:
         raise ValueError(f"bound must be one of {', '.join(BOUND_CHOICES)}, got {choice!r}")
     if choice != "auto":
         return choice
+    if work_limited:
+        return "lp"
     small = exact_model_fits(inst)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return "sdp" if (not small and inst.n <= AUTO_MAX_FEATURES and time_limit >= AUTO_MIN_SECONDS
@@ -141,11 +146,12 @@ FINISH_GRACE = 2.0  # seconds past the deadline that finish() waits for a chunk 
 SDP_MAX_FEATURES = 2048  # explicit --bound sdp beyond this: memory grows as n^2 (about 8 GB at 2048)
 
 
-def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_rounds: int = 50) -> list:
+def bound_sources(choice: str, inst, M: int | None, time_limit: float, *, cut_rounds: int = 50,
+                  work_limited: bool = False) -> list:
     """The bound sources for :func:`~qpm_plugins.selectors.qpm.solver.solve`: the cut LP or the SDP, as
-    :func:`choose_bound` picks, timed."""
+    :func:`choose_bound` picks (the LP for a work-limited search under auto), timed."""
     M = default_candidates(inst) if M is None else int(M)
-    if choose_bound(choice, inst, time_limit) == "sdp":
+    if choose_bound(choice, inst, time_limit, work_limited=work_limited) == "sdp":
         if inst.n > SDP_MAX_FEATURES:
             from qpmcli.errors import SelectionError
 

@@ -18,4 +18,8 @@ OPTIONS = (
                  "feature up to 64, else max(4k, min(n, 2K)))"),
     PluginOption("deterministic", "bool", True,
                  "CP-SAT in its deterministic mode: the same work gives the same selection"),
+    PluginOption("work_limit", "int", None,
+                 "stop after N cycles of the search (each: local-search rounds, a bound step, a CP-SAT chunk of "
+                 "deterministic time) instead of at the clock: the same selection on every machine, unless the time "
+                 "limit comes first (give a generous one); auto then takes the LP bound (the SDP runs on the clock)"),
 )
