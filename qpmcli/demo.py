@@ -11,7 +11,9 @@ The demo is scaled for 2 CPU cores (smaller adapter, fewer epochs, 20 features x
 setup is ``qpm train`` with its defaults (see the README). Unlike the paper's training, both demo runs hold half of
 each class's training images out of training (``cal_fraction``, docs/method-notes.md): they fit on 40 images per
 class, as the demo always did, and the other 40 calibrate the prediction sets, whose coverage guarantee needs images
-the model has not seen.
+the model has not seen. Its selection stops after a fixed amount of search work (:data:`DEMO_WORK_LIMIT` cycles, the
+``qpm`` selector's ``work_limit``), not at a clock, so a rerun with the same seed gives the same tables however fast or
+loaded the machine is (issue 29); the time limit is only a safety cap.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ BACKBONE = "efficientnet-lite0"
 DATASET = "shapes"
 ALPHA = 0.1  # the demo's prediction sets: 90 % coverage
 CAL_FRACTION = 0.5  # of each class's training images, held out of training for calibration
+# Cycles of the qpm selector's search (its work_limit option) in the demo's selection: 2 reach 570.12 on the full demo's
+# problem (20 of 256 features, 10 classes), above the 569.40 that the earlier 20 s clock limit reached on a 2-core
+# machine (the optimum, proven after 4 cycles, is 574.55); about 20-30 s there (docs/method-notes.md)
+DEMO_WORK_LIMIT = 2
+DEMO_TIME_LIMIT = 300.0  # the selection's safety cap (seconds): the work limit ends it long before on any machine
 TABLE_COLUMNS = [  # (metric key, short column header)
     ("Accuracy", "Acc"),
     ("Plausibility", "Plaus."),
@@ -37,8 +44,9 @@ TABLE_COLUMNS = [  # (metric key, short column header)
 ]
 
 
-def demo_requests(quick: bool = False, seed: int = 0, time_limit: float = 20.0) -> dict[str, Any]:
-    """The demo's two training requests (QPM and linear probe), scaled for a CPU."""
+def demo_requests(quick: bool = False, seed: int = 0, time_limit: float = DEMO_TIME_LIMIT) -> dict[str, Any]:
+    """The demo's two training requests (QPM and linear probe), scaled for a CPU; the QPM run's selection is
+    work-limited (:data:`DEMO_WORK_LIMIT`), ``time_limit`` only caps it."""
     from dataclasses import replace
 
     from qpmcli.train import DENSE_PHASE, FINETUNE_PHASE, LINEAR_PROBE_PHASE, TrainRequest
@@ -48,7 +56,8 @@ def demo_requests(quick: bool = False, seed: int = 0, time_limit: float = 20.0) 
     data_opts = {"per_class": 24, "test_per_class": 8} if quick else {"per_class": 80, "test_per_class": 60}
     common = dict(backbone=BACKBONE, dataset=DATASET, dataset_options=data_opts, seed=seed, workers=8,
                   cal_fraction=CAL_FRACTION)
-    qpm = TrainRequest(head="qpm", selector="qpm", n_selected=20, per_class=5, time_limit=time_limit,
+    qpm = TrainRequest(head="qpm", selector="qpm", selector_options={"work_limit": DEMO_WORK_LIMIT},
+                       n_selected=20, per_class=5, time_limit=time_limit,
                        n_layers=4, hidden_size=1024, n_features=256,
                        dense=replace(DENSE_PHASE, epochs=epochs), finetune=replace(FINETUNE_PHASE, epochs=epochs),
                        **common)
@@ -99,7 +108,7 @@ def check_demo_folder(out_dir: str | os.PathLike[str], force: bool = False) -> N
 
 
 def run_demo(out_dir: str | os.PathLike[str] = "qpm-demo", *, quick: bool = False, device: str | None = None,
-             time_limit: float = 20.0, progress: bool = True, log: Callable[[str], None] | None = None,
+             time_limit: float = DEMO_TIME_LIMIT, progress: bool = True, log: Callable[[str], None] | None = None,
              force: bool = False) -> dict[str, Any]:
     """Run the demo into ``out_dir`` (new, empty, or a demo's folder unless ``force``); returns a JSON-able summary
     (paths, metrics table, timings)."""

@@ -306,3 +306,61 @@ def test_iterated_local_search_is_deterministic_and_never_worse_than_local_searc
     tiny = Q.make_instance(synthetic_problem(8, 4, seed=0, rank=3, n_samples=200), 4, 2)
     S_t, _ = Q.iterated_local_search(tiny, Q.greedy(tiny), np.random.default_rng(0), rounds=8, deadline=math.inf)
     assert len(np.unique(S_t)) == 4
+
+
+# wall-clock measurements in a selection's JSON: everything else is the result of the search
+CLOCK_FIELDS = {"seconds", "setup_seconds", "time_to_best", "step_seconds", "peak_rss_growth_mib", "peak_rss_mib",
+                "lp_seconds", "sdp_seconds"}
+
+
+def _without_clock(doc):
+    if isinstance(doc, dict):
+        return {k: (([row[1:] for row in v]) if k == "trajectory" else _without_clock(v))
+                for k, v in doc.items() if k not in CLOCK_FIELDS}
+    if isinstance(doc, list):
+        return [_without_clock(v) for v in doc]
+    return doc
+
+
+def test_the_demo_selection_is_work_limited_and_gives_identical_json_twice(tmp_path):
+    """Issue 29: the demo's selection stops after DEMO_WORK_LIMIT cycles, not at a clock, so two selections of one
+    problem with the demo's request (selector, options, sizes, seed, workers; different generous time limits) write
+    the same selection JSON, apart from the wall-clock measurements. On this problem a search stopped one cycle
+    earlier writes another JSON (unproven, a higher bound), i.e. a clock would decide what the JSON says."""
+    from dataclasses import replace
+
+    from qpmcli.demo import DEMO_TIME_LIMIT, DEMO_WORK_LIMIT, demo_requests
+
+    req = demo_requests(quick=True)["qpm"]
+    assert req.selector == "qpm" and req.selector_options == {"work_limit": DEMO_WORK_LIMIT}
+    assert req.time_limit == DEMO_TIME_LIMIT >= 60 and (req.n_selected, req.per_class) == (20, 5)
+    prob = synthetic_problem(40, 30, seed=4, n_samples=300)
+
+    def selection_json(req, name):
+        sel = select(prob, selector=req.selector, n_features=req.n_selected, per_class=req.per_class,
+                     time_limit=req.time_limit, seed=req.seed % 2**31, workers=req.workers,
+                     selector_options=req.selector_options, progress=False)
+        save_selection(sel, tmp_path / name)
+        doc = json.loads((tmp_path / name).read_text())
+        doc["params"].pop("time_limit")
+        return doc
+
+    first = selection_json(req, "first.json")
+    again = selection_json(replace(req, time_limit=10 * req.time_limit), "again.json")
+    assert first["params"]["cycles"] == DEMO_WORK_LIMIT and first["params"]["bound_method"] == "lp"
+    assert first["params"]["selector_options"] == {"work_limit": DEMO_WORK_LIMIT}
+    assert _without_clock(first) == _without_clock(again)
+    earlier = selection_json(replace(req, selector_options={"work_limit": DEMO_WORK_LIMIT - 1}), "earlier.json")
+    assert (earlier["status"], first["status"]) == ("FEASIBLE", "OPTIMAL") and earlier["bound"] > first["bound"]
+
+
+def test_work_limit_is_a_checked_qpm_selector_option(qpm, tmp_path):
+    np.savez(tmp_path / "problem.npz", A=np.eye(6)[:, :4] + 0.1, R=np.zeros((6, 6)))
+    for value, message in (("0", "option 'work_limit' must be a positive integer"),
+                           ("two", "--selector-option work_limit")):
+        r = qpm(["select", "--problem", str(tmp_path / "problem.npz"), "--features", "4", "--per-class", "2",
+                 "--selector-option", f"work_limit={value}", "--out", str(tmp_path / "sel.json")])
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "sel.json").exists()
+    with pytest.raises(SelectionError, match="work_limit"):
+        select(synthetic_problem(12, 4, seed=0), n_features=6, per_class=2, selector_options={"work_limit": 1.5})

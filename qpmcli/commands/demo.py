@@ -7,12 +7,16 @@ import typer
 from qpmcli import checks
 from qpmcli import options as opts
 from qpmcli.commands._common import Device, JsonFlag, Quiet, console, print_json
+from qpmcli.demo import DEMO_TIME_LIMIT
 
 
 def demo(
     out: str = opts.out_opt("qpm-demo", "Output folder (re-running continues where it stopped)."),
     quick: bool = typer.Option(False, "--quick/--no-quick", help="A smaller, faster run (smoke test)."),
-    time_limit: float = typer.Option(20.0, "--time-limit", help="CP-SAT selection time limit in seconds."),
+    time_limit: float = typer.Option(DEMO_TIME_LIMIT, "--time-limit",
+                                     help="Safety cap on the selection's seconds: the selection stops after a fixed "
+                                          "amount of search work (the same tables however fast the machine is) long "
+                                          "before."),
     current: bool = typer.Option(True, "--current/--no-current",
                                  help="Make the demo's QPM run the current run (for export/explain/predict)."),
     force: bool = typer.Option(False, "--force", help="Write the demo into a folder that holds other files."),
