@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import typer
 
 from qpmcli.errors import QpmError
+from qpmcli.options import name_placeholders
 
 # Command modules, in the order `qpm --help` lists them.
 COMMAND_MODULES = [
@@ -64,6 +65,7 @@ def _root(
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"qpmcli.commands.{_name}").register(app)
+name_placeholders(app)  # --help says RUN, CLASS, FILE, N ... instead of <str>, <int>
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -24,16 +24,25 @@ from qpmcli.errors import ArtifactError, ConfigError
 
 POINTER = "current-run.json"
 FORMAT = "qpm-current-run"
-NO_RUN_HINT = ("train one with `qpm train --backbone dinov2-vitb14 ...` or run `qpm demo`, or pass --model "
-               "(a run folder or an .onnx file)")
+NO_RUN_HINT = "train one with `qpm train --backbone dinov2-vitb14 ...` or run `qpm demo`"
+
+
+def no_run_hint(given_as: str | None = None) -> str:
+    """How to get past a missing current run: train one, run the demo, or pass the model the way the command takes
+    it (``given_as``: ``RUN``, ``MODEL`` or ``--model``; ``None``: name no argument)."""
+    if given_as is None:
+        return f"{NO_RUN_HINT}, or give the model on the command line"
+    what = "a run folder" if given_as == "RUN" else "a run folder or an .onnx file"
+    return f"{NO_RUN_HINT}, or pass {given_as} ({what})"
 
 
 def pointer_path(settings: Any) -> Path:
     return Path(settings.state_dir) / POINTER
 
 
-def read_pointer(settings: Any) -> dict[str, Any] | None:
-    """The pointer's content, or ``None`` when no run was recorded (a damaged pointer is an error naming it)."""
+def read_pointer(settings: Any, given_as: str | None = None) -> dict[str, Any] | None:
+    """The pointer's content, or ``None`` when no run was recorded (a damaged pointer is an error naming it and, with
+    ``given_as``, the command's argument that names a model instead)."""
     from qpmcli.files import read_regular_bytes
 
     path = pointer_path(settings)
@@ -44,9 +53,9 @@ def read_pointer(settings: Any) -> dict[str, Any] | None:
         doc = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError, RecursionError, ArtifactError) as exc:
         raise ArtifactError(f"the current-run pointer {path} is unreadable ({exc}); delete it and "
-                            f"{NO_RUN_HINT}") from exc
+                            f"{no_run_hint(given_as)}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("run"), str):
-        raise ArtifactError(f"{path} is not a qpm current-run pointer; delete it and {NO_RUN_HINT}")
+        raise ArtifactError(f"{path} is not a qpm current-run pointer; delete it and {no_run_hint(given_as)}")
     return doc
 
 
@@ -90,7 +99,7 @@ def try_set_current(settings: Any, run: str | os.PathLike[str], **kwargs: Any) -
     try:
         set_current(settings, run, **kwargs)
     except (ArtifactError, OSError) as exc:
-        return f"warning: {run} was not recorded as the current run ({exc}); pass it explicitly (--model)"
+        return f"warning: {run} was not recorded as the current run ({exc}); name it on later commands"
     return None
 
 
@@ -136,12 +145,15 @@ class Resolved:
 
 
 def resolve_model(settings: Any, given: str | None = None, *, prefer_onnx: bool = True,
-                  run_only: bool = False) -> Resolved:
+                  run_only: bool = False, given_as: str | None = None) -> Resolved:
     """Resolve the model a command works on: ``given`` (``--model``/RUN), else the ``model`` setting
     (``QPM_MODEL``), else the current run (its exported .onnx when ``prefer_onnx`` and one exists).
 
     ``run_only``: the command needs a run folder (export, evaluate); a pointer to an .onnx file is then an error.
+    ``given_as``: how the command takes the model, named in the hints (default ``RUN`` for ``run_only`` commands,
+    which take a run folder argument, else ``--model``).
     """
+    given_as = given_as or ("RUN" if run_only else "--model")
     if given:
         path = Path(given).expanduser()
         return Resolved(path, path if path.is_dir() else None, "given on the command line")
@@ -150,12 +162,13 @@ def resolve_model(settings: Any, given: str | None = None, *, prefer_onnx: bool 
         if run_only and not path.is_dir():
             raise ArtifactError(f"the model setting (QPM_MODEL) is {path}, not a run folder; pass a run folder")
         return Resolved(path, path if path.is_dir() else None, "from the model setting (QPM_MODEL)")
-    doc = read_pointer(settings)
+    doc = read_pointer(settings, given_as)
     if doc is None:
-        raise ArtifactError(f"no run given and no current run yet: {NO_RUN_HINT}")
+        raise ArtifactError(f"no run given and no current run yet: {no_run_hint(given_as)}")
     run = Path(doc["run"])
     if not run.is_dir():
-        raise ArtifactError(f"the current run {run} no longer exists ({pointer_path(settings)}); {NO_RUN_HINT}")
+        raise ArtifactError(f"the current run {run} no longer exists ({pointer_path(settings)}); "
+                            f"{no_run_hint(given_as)}")
     if prefer_onnx and not run_only:
         onnx = exported_model(run, doc.get("onnx"))
         if onnx is not None:

@@ -239,3 +239,91 @@ def check_set_options(coverage: float | None, set_score: str | None) -> None:
         if coverage is None:
             raise ConfigError("--set-score needs --coverage (e.g. --coverage 0.9)")
         check_choice(set_score, SCORES, "--set-score")
+
+
+# ------------------------------------------------------------------------------------------- --help placeholders
+ARGUMENT_PLACEHOLDERS = {"run": "RUN", "model": "MODEL", "images": "IMAGE", "inputs": "IMAGE_OR_DIR",
+                         "folders": "FOLDER", "name": "NAME"}  # Click adds "..." to the ones that repeat
+OPTION_PLACEHOLDERS = {  # long option -> what --help shows after it
+    "--model": "RUN|FILE.onnx", "--out": "PATH", "--class": "CLASS", "--compare": "CLASS", "--weights": "FILE",
+    "--problem": "FILE", "--weights-dir": "DIR", "--data-root": "DIR", "--cache-dir": "DIR", "--run-dir": "DIR",
+    "--backbone": "NAME", "--dataset": "NAME", "--selector": "NAME", "--dataset-option": "KEY=VALUE",
+    "--backbone-option": "KEY=VALUE", "--metrics": "NAMES", "--check-images": "IMAGE_OR_DIR",
+    "--verify-images": "IMAGE_OR_DIR", "--test-images": "DIR", "--time-limit": "SECONDS", "--port": "PORT",
+    "--dense-lr": "LR", "--finetune-lr": "LR", "--coverage": "FRACTION", "--min-agreement": "FRACTION",
+    "--min-stability": "FRACTION"}
+
+
+def _help_mixin() -> type:
+    """A mixin for Typer's command and group classes with qpm's ``--help``: an argument's placeholder (RUN) only in
+    the name column (Typer adds its type, ``<str>``, beside it) and no placeholder for ``--help`` itself."""
+    from typer.core import TyperArgument
+
+    class NamedArgument(TyperArgument):
+        def display_type_rich(self, ctx: Any) -> str | None:
+            return None
+
+    class QpmHelp:
+        def get_help_option(self, ctx: Any) -> Any:
+            option = super().get_help_option(ctx)  # type: ignore[misc]
+            if option is not None:
+                option.metavar = ""
+            return option
+
+        def get_params(self, ctx: Any) -> Any:
+            params = super().get_params(ctx)  # type: ignore[misc]
+            for p in params:
+                if type(p) is TyperArgument and p.metavar:
+                    p.__class__ = NamedArgument
+                elif getattr(p, "is_flag", False) and p.metavar is None:  # Typer's own flags (completion)
+                    p.metavar = ""
+            return params
+
+    return QpmHelp
+
+
+def name_placeholders(app: typer.Typer) -> None:
+    """Give every argument and option of ``app``'s commands a placeholder that says what to pass (RUN, CLASS, FILE,
+    N, ...) instead of Typer's type names (``<str>``, ``<bool>``): flags get none, an explicit ``metavar`` is kept.
+    Runs once, after the commands are registered (Typer reads the parameter infos when it builds the CLI)."""
+    import inspect
+    import typing
+
+    from typer.core import TyperCommand, TyperGroup
+    from typer.models import ArgumentInfo, OptionInfo
+
+    mixin = _help_mixin()
+    app.info.cls = type("QpmGroup", (mixin, TyperGroup), {})
+    infos = list(app.registered_commands)
+    for group in app.registered_groups:
+        if group.typer_instance:
+            group.typer_instance.info.cls = app.info.cls
+            infos += list(group.typer_instance.registered_commands)
+    for info in infos:
+        if info.callback is None:
+            continue
+        base = info.cls or TyperCommand
+        info.cls = type(base.__name__, (mixin, base), {})
+        hints = typing.get_type_hints(info.callback)
+        for name, param in inspect.signature(info.callback).parameters.items():
+            default = param.default
+            if not isinstance(default, ArgumentInfo | OptionInfo) or default.metavar is not None:
+                continue
+            kind = hints.get(name)
+            listed = typing.get_origin(kind) is list
+            base = typing.get_args(kind)[0] if listed else kind
+            if isinstance(default, ArgumentInfo):
+                default.metavar = ARGUMENT_PLACEHOLDERS.get(name, name.upper())
+                continue
+            long = next((d.split("/")[0] for d in default.param_decls or () if d.startswith("--")),
+                        "--" + name.replace("_", "-"))
+            if base is bool:
+                default.metavar = ""
+            elif long in OPTION_PLACEHOLDERS:
+                default.metavar = OPTION_PLACEHOLDERS[long]
+            elif base is int:
+                default.metavar = "N"
+            elif base is float:
+                default.metavar = {"mb": "MB", "ms": "MS"}.get(long.rsplit("-", 1)[-1], "NUMBER")
+            else:
+                default.metavar = long.rsplit("-", 1)[-1].upper()

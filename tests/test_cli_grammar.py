@@ -299,3 +299,68 @@ def test_option_values_are_typed_in_process():
     for bad in (["test_fraction=nan"], ["test_fraction=x"], ["seed=1.5"]):
         with pytest.raises(ConfigError, match="imagefolder"):
             parse_plugin_options("dataset", "imagefolder", bad)
+
+
+# ------------------------------------------------------------------------------------- hints and --help text
+def _accepted(cmd) -> set[str]:
+    """What a command takes: its options' flags and its arguments' placeholders (RUN, MODEL, ...)."""
+    out = set()
+    for p in cmd.params:
+        out.update(p.opts + p.secondary_opts if p.param_type_name == "option" else [p.metavar or p.name.upper()])
+    return out
+
+
+# argv that reach each command's model lookup (no current run, no QPM_MODEL): the hint must name what it takes
+MODEL_COMMANDS = {"serve": [], "export": ["--onnx"], "evaluate": [], "predict": ["img.jpg"], "explain": ["img.jpg"],
+                  "name-features": [], "edit": ["-o", "new-run", "--drop-feature", "3"],
+                  "add-class": ["newclass", "imgs", "-o", "new-run"], "select": []}
+
+
+def test_every_pass_hint_names_an_option_the_command_accepts(qpm, tmp_path):
+    """The no-current-run hints come from qpmcli.current (resolve_model); every command that calls it is run here
+    until it gives up, and its hint may only name an option or argument of that very command."""
+    import inspect
+    import re
+
+    from qpmcli import cli
+
+    commands = _commands()
+    callers = set()
+    for module in cli.COMMAND_MODULES:
+        source = inspect.getsource(__import__(f"qpmcli.commands.{module}", fromlist=["x"]))
+        if "resolve_model" in source or "resolve_model_path" in source or "qpmcli.serve" in source:
+            callers.add(module.replace("_", "-"))
+    assert callers == set(MODEL_COMMANDS)  # a new caller must be added above
+    (tmp_path / "imgs").mkdir()
+    for name, extra in MODEL_COMMANDS.items():
+        out = qpm([name, *extra], cwd=tmp_path)
+        hints = re.findall(r"\bpass (--[\w-]+|[A-Z][A-Z_]+)\b", out.stderr)
+        assert out.returncode == 2 and "no current run" in out.stderr, (name, out.stderr)
+        assert set(hints) <= _accepted(commands[name]), (name, hints, sorted(_accepted(commands[name])))
+        expected = {"serve": ["MODEL"], "predict": ["--model"], "explain": ["--model"], "select": []}
+        assert hints == expected.get(name, ["RUN"]), (name, out.stderr)  # select: RUN or --problem FILE
+
+
+def test_help_shows_placeholders_instead_of_type_names(qpm):
+    import re
+
+    for name in [*_commands(), ""]:
+        out = qpm([*name.split(), "--help"])
+        assert out.returncode == 0, (name, out.stderr)
+        assert not re.findall(r"<(?:str|bool|int|float|path|list\[\w+\])>", out.stdout), (name, out.stdout)
+    out = qpm(["serve", "--help"]).stdout
+    assert "[MODEL]" in out and "--port" in out and "PORT" in out
+    assert re.search(r"--class\s+CLASS", qpm(["explain", "--help"]).stdout)
+
+
+def test_readme_train_synopsis_lists_every_train_option_the_readme_uses():
+    import re
+
+    from test_readme import README
+
+    text = README.read_text()
+    synopsis = text[text.index("qpm train [-b B]"):text.index("qpm select [RUN")]
+    used = {flag for line in re.findall(r"qpm train [^`\n]*", text) for flag in re.findall(r"--[\w-]+", line)}
+    listed = set(re.findall(r"--[\w-]+", synopsis))
+    short = {"--backbone": "-b B", "--dataset": "-d D"}
+    assert {u for u in used - listed if short.get(u) not in synopsis} == set()

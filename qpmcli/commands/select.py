@@ -64,7 +64,7 @@ def select_cmd(
 
         if settings.model is None and read_pointer(settings) is None:
             raise SelectionError(f"give either a run directory or --problem FILE (there is no current run yet: "
-                                 f"{NO_RUN_HINT.split(', or pass')[0]})")
+                                 f"{NO_RUN_HINT})")
         target = resolve_model(settings, None, run_only=True)
         run = target.path
         if not quiet:  # -q: nothing on stderr but errors

@@ -60,7 +60,7 @@ def resolve_model_path(model: str | os.PathLike[str] | None, settings: Any = Non
         from qpmcli.settings import resolve_settings
 
         settings, _ = resolve_settings()
-    resolved = resolve_model(settings, str(model) if model is not None else None, prefer_onnx=True)
+    resolved = resolve_model(settings, str(model) if model is not None else None, prefer_onnx=True, given_as="MODEL")
     path = resolved.path
     if path.is_dir():
         onnx = path / ONNX_MODEL  # served even when older than the run's model (the overview shows what it serves)
