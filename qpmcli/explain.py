@@ -18,8 +18,10 @@ Every function renders from a :class:`qpmcli.modelfile.ClassifierMetadata` (or a
 ``weight``, turned into one by :meth:`~qpmcli.modelfile.ClassifierMetadata.coerce`); the head arithmetic (z-scores,
 contributions, evidence weights) is the metadata's own, so figures and ``qpm predict`` agree.
 
-Feature ids are the *dense* feature indices (``feature 305``), the same in every figure, and every feature has a
-stable colour (:func:`feature_colour`). Figures are drawn with matplotlib's Agg backend at a fixed pixel size.
+Feature ids are the *dense* feature indices (``feature 305``), the same in every figure. Colours follow one rule
+(:func:`class_colours`, shared with ``qpm serve``): the features of the class in view take the colour-blind-safe
+:data:`PALETTE` in order, so one class's features never share a colour; heatmaps use the perceptual
+:data:`HEAT_CMAP` with a colour bar. Figures are drawn with matplotlib's Agg backend at a fixed pixel size.
 
 :func:`explain` is the library call behind the CLI; it uses :func:`qpmcli.predict.load_classifier`, so it works the
 same from a run directory (PyTorch) and from an ``.onnx`` file (ONNX Runtime).
@@ -47,21 +49,60 @@ if TYPE_CHECKING:  # pragma: no cover
 DPI = 100
 LOCAL_FIGSIZE = (16.0, 7.2)  # -> 1600 x 720 px
 MAX_DISPLAY = 320  # longest side of the input as drawn in figures (px)
-HEAT_CMAP = "turbo"
-EVIDENCE_CMAP = "RdBu_r"
+HEAT_CMAP = "viridis"  # perceptually uniform, readable in grey and under colour-vision deficiencies
+EVIDENCE_CMAP = "RdBu_r"  # diverging (ColorBrewer, colour-blind safe): for maps with both signs
+# Paul Tol's "muted" qualitative palette (designed for colour-blind readers), ordered so that every prefix is as far
+# apart as possible under protan/deutan/tritan simulation (the first 5, one QPM class, stay >= 27 CIELAB units
+# apart), then black: ten colours for the explained class's features and the compared class's own ones.
+PALETTE = ("#332288", "#DDCC77", "#88CCEE", "#882255", "#117733", "#999933", "#CC6677", "#AA4499", "#44AA99",
+           "#000000")
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
-def feature_colour(feature_id: int) -> tuple[float, float, float]:
-    """A stable RGB colour for dense feature ``feature_id`` (the same in every figure and every model): golden-ratio
-    hue steps keep nearby ids apart, and brightness/saturation cycle so that ids with similar hues still differ."""
-    import colorsys
+def feature_colours(feature_ids: list[int]) -> dict[int, str]:
+    """Colours of the features shown together in one view: the i-th distinct id takes ``PALETTE[i]`` (cycling only
+    beyond ten)."""
+    out: dict[int, str] = {}
+    for fid in feature_ids:
+        out.setdefault(int(fid), PALETTE[len(out) % len(PALETTE)])
+    return out
 
-    fid = int(feature_id)
-    hue = (fid * 0.6180339887498949 + 0.11) % 1.0
-    value = (0.92, 0.62, 0.78)[fid % 3]
-    sat = (0.78, 0.95, 0.62)[(fid // 3) % 3]
-    return colorsys.hsv_to_rgb(hue, sat, value)
+
+def class_colours(metadata: ClassifierMetadata | dict[str, Any], class_index: int, other: int | None = None, *,
+                  columns: list[int] | None = None, other_columns: list[int] | None = None) -> dict[int, str]:
+    """The one colour rule of every figure and page: ``{feature id: "#rrggbb"}`` for a class's features in the
+    order of W's columns (a dense head: ``columns``, the ones shown, in their order; default its 10 largest |W|),
+    then the features of class ``other`` that the class does not use. So a class's features are always distinct,
+    and a feature has the same colour in the CLI figure and on the web page of the same view."""
+    import numpy as np
+
+    meta = ClassifierMetadata.coerce(metadata)
+    w, ids = meta.weight, meta.features
+
+    def cols(c: int, given: list[int] | None) -> list[int]:
+        if given is not None:
+            return [int(k) for k in given]
+        nz = np.flatnonzero(w[c] != 0)
+        return [int(k) for k in nz] if len(nz) <= 10 else class_columns(w, c, 10)
+
+    order = cols(class_index, columns) + ([] if other is None else cols(other, other_columns))
+    return feature_colours([ids[k] for k in order])
+
+
+def compare_colours(expl_a: LocalExplanation, expl_b: LocalExplanation) -> dict[int, str]:
+    """The colours of a comparison: class A's features as in A's own view, then B's other features in B's view
+    order (so A's colours do not change when a compared class is chosen)."""
+    colours = {e.feature: e.colour for e in expl_a.features}
+    rank = {c: i for i, c in enumerate(PALETTE)}
+    for e in sorted(expl_b.features, key=lambda e: rank.get(e.colour, len(PALETTE))):
+        colours.setdefault(e.feature, PALETTE[len(colours) % len(PALETTE)])
+    return colours
+
+
+def colour_rgb(colour: str) -> tuple[float, float, float]:
+    """``"#rrggbb"`` as RGB floats in [0, 1] (what matplotlib and numpy blending take)."""
+    h = colour.lstrip("#")
+    return tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -138,6 +179,7 @@ class FeatureEvidence:
     peak_at: list[int]  # [row, col] of the maximum on the token grid
     name: str | None = None  # its best name (`qpm name-features`), None without one
     label: str = ""  # how every surface prints it: "f12 red circle" or "f12" (ClassifierMetadata.feature_label)
+    colour: str = ""  # "#rrggbb" in this view (class_colours)
 
 
 @dataclass
@@ -189,9 +231,10 @@ def class_columns(weight: np.ndarray, class_index: int, max_features: int = 5,
 
 def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
                    metadata: ClassifierMetadata | dict[str, Any], *, image: str = "", class_index: int | None = None,
-                   max_features: int = 5, top_k: int = 5) -> LocalExplanation:
+                   max_features: int = 5, top_k: int = 5, colours: dict[int, str] | None = None) -> LocalExplanation:
     """Turn one image's model output (``logits [C]``, ``maps [K, h, w]``, ``features [K]``) into the evidence of
-    ``class_index`` (default: the predicted class), features ordered by contribution (largest first)."""
+    ``class_index`` (default: the predicted class), features ordered by contribution (largest first). ``colours``:
+    the view's feature colours (default :func:`class_colours` of the class; a comparison passes the pair's)."""
     import numpy as np
 
     meta = ClassifierMetadata.coerce(metadata)
@@ -205,6 +248,9 @@ def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
     z = meta.standardize(f, np.float64) if meta.standardized else None
     contrib_all = meta.contributions(f, c, np.float64)[0]
     cols = class_columns(w, c, max_features, contrib_all)
+    if colours is None:
+        dense = int((w[c] != 0).sum()) > max_features
+        colours = class_colours(meta, c, columns=cols if dense else None)
     evidence = []
     for k in cols:
         m = maps[k]
@@ -213,7 +259,8 @@ def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
                                         zscore=None if z is None else float(z[k]),
                                         contribution=float(contrib_all[k]), peak=float(m.max()),
                                         peak_at=[int(r), int(q)], name=meta.feature_name(ids[k]),
-                                        label=meta.feature_label(ids[k])))
+                                        label=meta.feature_label(ids[k]),
+                                        colour=colours.get(int(ids[k]), PALETTE[-1])))
     evidence.sort(key=lambda e: -e.contribution)
     order = list(np.argsort(-logits, kind="stable")[:top_k])
     if c not in order:  # an explained class outside the top-k still gets its bar
@@ -306,6 +353,21 @@ def _overlay(ax: Any, rgb: np.ndarray, heat: np.ndarray, norm: Any, cmap: str = 
     ax.imshow(rgba)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _colour_title(ax: Any, text: str, colour: str, fontsize: float = 11) -> None:
+    """A panel title on a chip of the feature's colour (dark or light text by the chip's luminance), readable for
+    every palette colour, where coloured text on white is not (sand, sky)."""
+    r, g, b = colour_rgb(colour)
+    ink = "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+    ax.set_title(text, fontsize=fontsize, fontweight="bold", color=ink,
+                 bbox={"facecolor": colour, "edgecolor": "none", "boxstyle": "round,pad=0.25"})
+
+
+def _fit_title(fig: Any, text: str, fontsize: float) -> str:
+    """``text`` wrapped to the figure's width (each line at most as wide as the figure at ``fontsize``)."""
+    chars = max(20, int(fig.get_size_inches()[0] * DPI / (fontsize * 0.68)))
+    return "\n".join(textwrap.fill(line, chars, max_lines=3, placeholder="\u2026") for line in text.split("\n"))
 
 
 def _frame(ax: Any, colour: Any, width: float = 4.0) -> None:
@@ -401,7 +463,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
         ys = np.arange(len(feats))[::-1].astype(float)
         vals = [e.contribution for e in feats]
         lim = max(1e-6, max(abs(v) for v in vals)) * 1.25
-        ax.barh(ys, vals, height=0.42, color=[feature_colour(e.feature) for e in feats])
+        ax.barh(ys, vals, height=0.42, color=[e.colour for e in feats])
         for y, e in zip(ys, feats, strict=True):  # labels above their bars: names need the panel's width
             ax.text(-lim, y + 0.24, _short(e.label or f"f{e.feature}", 44), va="bottom", fontsize=7)
         ax.set_yticks([])
@@ -433,8 +495,8 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
     vmin = min([float(u.min()) for u in ups] + [0.0])
     ax = panels["composite"] = fig.add_subplot(gs[0, 4])
     if ups:
-        ax.imshow(_composite(rgb, ups, [feature_colour(e.feature) for e in feats], vmax))
-        handles = [plt.Line2D([], [], marker="s", ls="", color=feature_colour(e.feature),
+        ax.imshow(_composite(rgb, ups, [colour_rgb(e.colour) for e in feats], vmax))
+        handles = [plt.Line2D([], [], marker="s", ls="", color=e.colour,
                               label=_short(e.label or f"f{e.feature}", 24)) for e in feats]
         ax.legend(handles=handles, fontsize=6, loc="upper right", framealpha=0.7, handlelength=1, borderpad=0.3)
     else:
@@ -458,16 +520,15 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
                     pass  # a damaged prototype leaves its slot empty
                 pax.set_xticks([])
                 pax.set_yticks([])
-                _frame(pax, feature_colour(e.feature), 1.2)
+                _frame(pax, e.colour, 1.2)
                 if j == 0:
                     pax.set_title("its training prototypes", fontsize=7, loc="left")
         else:
             ax = panels[f"feature {e.feature}"] = fig.add_subplot(gs[1, i])
         _overlay(ax, rgb, u, norm)
-        _frame(ax, feature_colour(e.feature))
+        _frame(ax, e.colour)
         z = "" if e.zscore is None else f" (z {e.zscore:+.2f})"
-        ax.set_title(_short(e.label or f"f{e.feature}", 32), fontsize=11, fontweight="bold",
-                     color=feature_colour(e.feature))
+        _colour_title(ax, _short(e.label or f"f{e.feature}", 32), e.colour)
         ax.set_xlabel(f"activation {e.activation:.3f}{z}\ncontribution {e.contribution:+.2f}", fontsize=9)
     if feats:
         cax = fig.add_subplot(gs[1, ncols])
@@ -503,10 +564,15 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     gs = fig.add_gridspec(4, ncols + 1, width_ratios=[1] * ncols + [0.06], left=0.04, right=0.93, top=0.9,
                           bottom=0.03, wspace=0.3, hspace=0.5)
     diff = expl_a.logit - expl_b.logit
-    fig.suptitle(f"{_short(expl_a.class_name, 48)} (p = {expl_a.probability:.3f})  vs  "
-                 f"{_short(expl_b.class_name, 48)} (p = {expl_b.probability:.3f})\n"
-                 f"logit difference {diff:+.2f}; shared features add the same to both classes, the others decide",
-                 fontsize=13, fontweight="bold")
+    colours = {e.feature: e.colour for e in expl_b.features} | {e.feature: e.colour for e in expl_a.features}
+    a, b = expl_a.class_index, expl_b.class_index
+    cancel = all(w[a, k] == w[b, k] for k in groups["shared"])
+    fig.suptitle(_fit_title(fig, f"{_short(expl_a.class_name, 60)} (p = {expl_a.probability:.3f})  vs  "
+                                 f"{_short(expl_b.class_name, 60)} (p = {expl_b.probability:.3f})\n"
+                                 f"logit difference {diff:+.2f}; " +
+                            ("shared features add the same to both classes, the others decide" if cancel else
+                             "each feature moves it by (W_a \u2212 W_b) \u00b7 z (real-valued weights: shared "
+                             "features count too)"), 13), fontsize=13, fontweight="bold")
     head = gs[0, :ncols].subgridspec(1, 2, width_ratios=[1, ncols - 1.6], wspace=0.55)
     ax = fig.add_subplot(head[0, 0])
     ax.imshow(rgb)
@@ -520,7 +586,7 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
     delta = [(w[expl_a.class_index, k] - w[expl_b.class_index, k]) * x[k] for k in cols]
     ax = fig.add_subplot(head[0, 1])
     ys = np.arange(len(cols))[::-1]
-    ax.barh(ys, delta, color=[feature_colour(ids[k]) for k in cols])
+    ax.barh(ys, delta, color=[colours.get(ids[k], PALETTE[-1]) for k in cols])
     labels = []
     for k in cols:
         tag = "shared" if k in groups["shared"] else ("A" if k in groups["only_a"] else "B")
@@ -547,9 +613,8 @@ def render_compare(image: Any, expl_a: LocalExplanation, expl_b: LocalExplanatio
         for i, k in enumerate(members):
             ax = fig.add_subplot(gs[r, i])
             _overlay(ax, rgb, ups[k], norm)
-            _frame(ax, feature_colour(ids[k]))
-            ax.set_title(_short(meta.feature_label(ids[k]), 32), fontsize=11, fontweight="bold",
-                         color=feature_colour(ids[k]))
+            _frame(ax, colours.get(ids[k], PALETTE[-1]))
+            _colour_title(ax, _short(meta.feature_label(ids[k]), 32), colours.get(ids[k], PALETTE[-1]))
             ax.set_xlabel(f"activation {f_all[k]:.3f}", fontsize=9)
             if i == 0:
                 ax.set_ylabel(_wrap(label, 22, 3), fontsize=10, fontweight="bold")
@@ -599,6 +664,7 @@ def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any
     w, ids, names = meta.weight, meta.features, meta.class_names
     cols = class_columns(w, class_index, max_features=10)
     feats = [ids[k] for k in cols]
+    colours = class_colours(meta, class_index, columns=cols)
     missing = [f for f in feats if f not in prototypes]
     if missing:
         raise ArtifactError(f"the model's prototypes lack feature(s) {missing}; rebuild them with "
@@ -609,13 +675,16 @@ def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any
                           top=1 - 0.95 / (0.9 + 1.95 * len(feats)), bottom=0.02, wspace=0.08, hspace=0.5)
     chars = int(fig.get_size_inches()[0] * 8)
     fig.suptitle(f"{_short(names[class_index], chars)}\nits {len(feats)} features, each shown by the training "
-                 f"patches that activate it most", fontsize=11, fontweight="bold")
+                 f"patches that activate it most (box: the patch; peak: the map's value there)", fontsize=11,
+                 fontweight="bold")
     for r, (k, fid) in enumerate(zip(cols, feats, strict=True)):
-        colour = feature_colour(fid)
+        colour = colours[fid]
         ax = fig.add_subplot(gs[r, 0])
         ax.axis("off")
-        ax.text(0.05, 0.62, _wrap(meta.feature_label(fid), 18, 2), color=colour, fontsize=12, fontweight="bold",
-                va="center")
+        r_, g_, b_ = colour_rgb(colour)
+        ax.text(0.05, 0.62, _wrap(meta.feature_label(fid), 18, 2), fontsize=12, fontweight="bold", va="center",
+                color="black" if 0.2126 * r_ + 0.7152 * g_ + 0.0722 * b_ > 0.45 else "white",
+                bbox={"facecolor": colour, "edgecolor": "none", "boxstyle": "round,pad=0.25"})
         shared = [names[c] for c in range(w.shape[0]) if c != class_index and w[c, k] != 0]
         ax.text(0.05, 0.22, f"weight {w[class_index, k]:+g}\nalso used by {len(shared)}\nother class(es)", fontsize=8,
                 va="center")
@@ -624,13 +693,14 @@ def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any
             img = _png_image(proto["png_b64"])
             ax.imshow(img)
             box = proto.get("patch_box")
-            if box:
-                ax.add_patch(mpatches.Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1],
-                                                fill=False, edgecolor=colour, lw=1.8))
+            if box:  # the patch where the map peaks: a dark outline under the feature's colour (visible on any image)
+                for edge, lw in (("black", 3.2), (colour, 1.8)):
+                    ax.add_patch(mpatches.Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1],
+                                                    fill=False, edgecolor=edge, lw=lw))
             ax.set_xticks([])
             ax.set_yticks([])
             _frame(ax, colour, 2.5)
-            ax.set_title(f"{_short(proto.get('class', ''), 22)}\nact {float(proto.get('activation', 0)):.2f}",
+            ax.set_title(f"{_short(proto.get('class', ''), 22)}\npeak {float(proto.get('activation', 0)):.2f}",
                          fontsize=7)
     return _save(fig, path)
 
@@ -655,9 +725,6 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
     """One self-contained HTML report from :func:`explain`'s summary: every figure embedded as a data URI."""
     from qpmcli.artifact import atomic_write_text
 
-    def colour_hex(fid: int) -> str:
-        r, g, b = feature_colour(fid)
-        return f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
 
     labels = summary.get("feature_labels") or {}  # {feature id: ClassifierMetadata.feature_label}, from explain()
 
@@ -689,7 +756,7 @@ def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: st
                      "<th>contribution</th></tr>\n")
         for e in item["features"]:
             z = "" if e["zscore"] is None else f"{e['zscore']:+.3f}"
-            parts.append(f"<tr><td class=\"l\"><span class=\"sw\" style=\"background:{colour_hex(e['feature'])}\">"
+            parts.append(f"<tr><td class=\"l\"><span class=\"sw\" style=\"background:{e.get('colour') or '#000'}\">"
                          f"</span>{esc(e.get('label') or label(e['feature']))}</td><td>{e['activation']:.4f}</td>"
                          f"<td>{z}</td>"
                          f"<td>{e['weight']:+g}</td><td>{e['contribution']:+.3f}</td></tr>\n")
@@ -850,6 +917,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
                     item["compare"] = {"skipped": f"the image is explained as {names[cmp_idx]} itself"}
                 elif cmp_idx is not None:
                     other = explain_output(logits, maps, feats, md, image=str(p), class_index=cmp_idx, top_k=top_k)
+                    other = explain_output(logits, maps, feats, md, image=str(p), class_index=cmp_idx, top_k=top_k,
+                                           colours=compare_colours(expl, other))
                     sparse = max(int((w[expl.class_index] != 0).sum()), int((w[cmp_idx] != 0).sum())) <= 10
                     groups = compare_classes(md, expl.class_index, cmp_idx) if sparse else compare_classes(
                         md, expl.class_index, cmp_idx, [e.column for e in expl.features],
@@ -911,7 +980,7 @@ def _figures(summary: dict[str, Any]) -> list[str]:
 
 
 __all__ = [
-    "FeatureEvidence", "LocalExplanation", "class_columns", "compare_classes", "evidence_map", "explain",
-    "explain_output", "feature_colour", "mask_fraction", "metadata_dict", "render_compare",
-    "render_global", "render_html", "render_local", "resolve_class",
+    "class_colours", "class_columns", "colour_rgb", "compare_classes", "compare_colours", "evidence_map", "explain",
+    "explain_output", "feature_colours", "FeatureEvidence", "LocalExplanation", "mask_fraction", "metadata_dict",
+    "PALETTE", "render_compare", "render_global", "render_html", "render_local", "resolve_class",
 ]

@@ -89,12 +89,48 @@ def test_mask_fraction_and_upsampling():
     assert np.isnan(E.mask_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)))
 
 
-def test_feature_colours_are_stable_and_distinct_for_neighbouring_ids():
-    assert E.feature_colour(305) == E.feature_colour(305)
-    cols = np.array([E.feature_colour(i) for i in range(50)])
-    d = np.linalg.norm(cols[:, None] - cols[None], axis=-1)[~np.eye(50, dtype=bool)]
-    assert d.min() > 0.02 and np.median(d) > 0.3
-    assert all(0 <= v <= 1 for v in cols.ravel())
+# Machado, Oliveira & Fernandes (2009), severity 1.0, on linear RGB: what protan, deutan and tritan viewers see
+CVD = {"protan": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+       "deutan": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+       "tritan": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]]}
+
+
+def _lab(srgb: np.ndarray) -> np.ndarray:
+    lin = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    xyz = lin @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]).T
+    f = np.cbrt(xyz / [0.95047, 1.0, 1.08883])
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], -1)
+
+
+def _seen(srgb: np.ndarray, kind: str) -> np.ndarray:
+    lin = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4) @ np.array(CVD[kind]).T
+    lin = np.clip(lin, 0, 1)
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+
+
+def test_palette_keeps_a_class_apart_for_colour_blind_readers():
+    """The first 5 colours (one QPM class) stay >= 25 CIELAB units apart for normal, protan, deutan and tritan
+    vision, all 10 (a comparison) >= 15 (the golden-ratio hues used before put two features of one demo class
+    8 units apart for normal vision and 0.6 for tritan)."""
+    cols = np.array([E.colour_rgb(c) for c in E.PALETTE])
+    assert len(set(E.PALETTE)) == 10
+    for kind in ("normal", *CVD):
+        lab = _lab(cols if kind == "normal" else _seen(cols, kind))
+        d = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
+        assert d[:5, :5][~np.eye(5, dtype=bool)].min() > 25, kind
+        assert d[~np.eye(10, dtype=bool)].min() > 15, kind
+
+
+def test_class_colours_distinct_per_class_and_kept_in_the_comparison():
+    W, FEATURE_IDS = MADE_W, MADE_FEATURE_IDS
+    meta = {"weight": W, "features": FEATURE_IDS, "class_names": ["a", "b", "c", "d"]}
+    for c in range(W.shape[0]):
+        colours = E.class_colours(meta, c)
+        assert sorted(colours) == sorted(FEATURE_IDS[k] for k in np.flatnonzero(W[c]))
+        assert list(colours.values()) == list(E.PALETTE[:len(colours)])  # distinct, in W's column order
+    pair = E.class_colours(meta, 0, 1)
+    assert {f: pair[f] for f in E.class_colours(meta, 0)} == E.class_colours(meta, 0)  # A keeps its colours
+    assert len(set(pair.values())) == len(pair)
 
 
 def test_resolve_class_by_name_index_and_substring():
