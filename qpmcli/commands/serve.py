@@ -21,6 +21,9 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Micro-batching: most images per ONNX Runtime call."),
     batch_window_ms: float = typer.Option(4.0, "--batch-window-ms",
                                           help="Micro-batching: longest wait for concurrent requests."),
+    test_images: str = typer.Option(None, "--test-images",
+                                    help="Folder of <class>/<image> for the confusion matrix and the mistakes "
+                                         "(default: the run's test split, when MODEL belongs to a run)."),
 ) -> None:
     """Serve a model: explorer pages (classes, features, prototypes), an explain page, and a JSON API (/docs)."""
     from qpmcli.commands._common import settings_from_flags
@@ -40,7 +43,7 @@ def serve(
     if not (math.isfinite(batch_window_ms) and 0 <= batch_window_ms <= MAX_WINDOW_MS):
         raise ConfigError(f"--batch-window-ms must be between 0 and {MAX_WINDOW_MS:g}, not {batch_window_ms}")
     run_serve(model, host=host, port=port, device=device, max_upload_mb=max_upload_mb, max_batch=max_batch,
-              batch_window_ms=batch_window_ms, settings=settings)
+              batch_window_ms=batch_window_ms, settings=settings, test_images=test_images)
 
 
 def register(app: typer.Typer) -> None:

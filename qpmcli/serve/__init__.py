@@ -1,10 +1,13 @@
 """``qpm serve``: the model explorer and inference server (FastAPI + uvicorn, ONNX Runtime, no PyTorch).
 
 Pages: the model overview (metrics, selection, the interactive class x feature grid), a page per class and per
-feature (training prototypes, shared features, similar classes), and the explain page (upload an image: top-k,
-contributions, heatmaps beside prototypes, comparison with any class). API: ``POST /api/predict`` (the JSON of
-``qpm predict --json``), ``POST /api/explain``, ``GET /api/model``, ``/api/classes``, ``/api/features/{id}``; the
-OpenAPI page is ``/docs``. Every asset is served by the server itself.
+feature (training prototypes with their patch boxes, shared features, similar classes, test images with heatmaps),
+the explain page (upload an image: top-k, contributions, heatmaps beside prototypes, comparison with any class),
+search (classes and features by name), the feature-sharing graph, and, on the run's test split or
+``--test-images DIR``, the confusion matrix with per-class accuracy and the misclassified images. API:
+``POST /api/predict`` (the JSON of ``qpm predict --json``), ``POST /api/explain``, ``GET /api/model``,
+``/api/classes``, ``/api/features/{id}``, ``/api/confusion``, ``/api/misclassified``, ``/api/search``,
+``/api/graph``; the OpenAPI page is ``/docs``. Every asset is served by the server itself.
 
 :func:`serve` binds the socket itself (a clear error when the port is taken; port 0 picks a free one) and prints the
 URL it serves on before handing the socket to uvicorn.
@@ -52,7 +55,8 @@ def url_of(sock: socket.socket) -> str:
 
 def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", max_upload_mb: float = 20.0, max_batch: int = 16, batch_window_ms: float = 4.0,
-          log_level: str = "warning", say: Callable[[str], None] | None = None, settings: Any = None) -> None:
+          log_level: str = "warning", say: Callable[[str], None] | None = None, settings: Any = None,
+          test_images: str | os.PathLike[str] | None = None) -> None:
     """Serve MODEL until interrupted (see the module docstring)."""
     import threading
 
@@ -69,7 +73,8 @@ def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1
             from qpmcli.serve.engine import load_served_model
 
             loaded["model"] = load_served_model(model, device=device, max_batch=max_batch,
-                                                window=batch_window_ms / 1e3, settings=settings)
+                                                window=batch_window_ms / 1e3, settings=settings,
+                                                test_images=test_images, say=say)
         except BaseException as exc:  # re-raised below, in the caller's thread
             loaded["error"] = exc
 
@@ -88,6 +93,9 @@ def serve(model: str | os.PathLike[str] | None = None, *, host: str = "127.0.0.1
     app = create_app(served, max_upload=int(max_upload_mb * 2**20))
     url = url_of(sock)
     say(f"qpm serve: {served.path} ({len(served.class_names)} classes, {served.classifier.provider})")
+    tests = served.test_images.describe()
+    say(f"test images: {tests['images']} ({tests['source']}), evaluated on the first visit of /confusion"
+        if tests["available"] else f"no confusion matrix: {tests['reason']}")
     if host not in LOOPBACK:
         say(f"listening on {host}: the server is reachable from other machines")
     say(f"open {url}/ (explorer), {url}/explain, API docs at {url}/docs; Ctrl+C stops")

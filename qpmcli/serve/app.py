@@ -12,24 +12,19 @@ import time
 from importlib import resources
 from typing import Any
 
-from fastapi import File, Form, HTTPException, Request, UploadFile
+from fastapi import File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from qpmcli.errors import QpmError
 from qpmcli.serve.engine import DEFAULT_MAX_UPLOAD, METRIC_COLUMNS, ServedModel, UploadError
+from qpmcli.serve.middleware import ResponseHeaders, UploadLimit
 
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".png": "image/png",
                 ".svg": "image/svg+xml"}
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
-# Pages run only our own scripts (no inline script, no eval); images may be data URIs (heatmaps) or blobs (uploads).
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PER_PAGE = 48  # mistakes per page of /misclassified
 
 
 def _static_files() -> dict[str, tuple[bytes, str]]:
@@ -41,119 +36,6 @@ def _static_files() -> dict[str, tuple[bytes, str]]:
     return out
 
 
-class ResponseHeaders:
-    """Pure ASGI middleware (no extra task or stream per request, unlike ``@app.middleware``): the security headers
-    on every response, the page CSP on our HTML pages, and a ``Server-Timing`` header on every response -- ``total``
-    (request arrival to response start, multipart parsing included) plus what the handler put in
-    ``scope["qpm.timing"]`` (the inference worker's queue, decode and infer milliseconds)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        t0 = time.perf_counter()
-        docs = scope.get("path", "").startswith("/docs")
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                present = {k.lower() for k, _ in headers}
-                for key, value in SECURITY_HEADERS.items():
-                    if key.lower().encode() not in present:
-                        headers.append((key.lower().encode(), value.encode()))
-                ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
-                if ctype.startswith(b"text/html") and not docs:
-                    headers = [(k, v) for k, v in headers if k.lower() != b"content-security-policy"]
-                    headers.append((b"content-security-policy", PAGE_CSP.encode()))
-                parts = [f"{name};dur={ms:.2f}" for name, ms in scope.get("qpm.timing", [])]
-                parts.append(f"total;dur={(time.perf_counter() - t0) * 1e3:.2f}")
-                headers.append((b"server-timing", ", ".join(parts).encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-class UploadLimit:
-    """ASGI middleware: request bodies above ``limit`` bytes get 413 with a JSON message, known from Content-Length
-    before the app runs or as soon as a streamed body passes the limit (the app then sees a disconnect).
-
-    Before answering, the rest of the body is read and dropped (up to :data:`DRAIN_CAP` bytes), because a server
-    that closes a connection with unread data makes the client's TCP stack reset it, and the client never sees the
-    413; a larger body is answered at once and the connection closed.
-    """
-
-    DRAIN_CAP = 64 << 20
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = int(limit)
-
-    def _message(self) -> bytes:
-        import json
-
-        mb = self.limit / 2**20
-        return json.dumps({"detail": f"the upload is larger than the server's limit of {mb:.3g} MB"}).encode()
-
-    async def _reply(self, receive: Any, send: Any, more: bool, read: int) -> None:
-        while more and read <= self.DRAIN_CAP:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away: nobody to answer
-            read += len(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = self._message()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        length = None
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = None
-        if length is not None and length > self.limit:
-            await self._reply(receive, send, more=length <= self.DRAIN_CAP, read=0)
-            return
-        total = 0
-        replied = False
-        started = False
-
-        async def limited_receive() -> dict[str, Any]:
-            nonlocal total, replied
-            if replied:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                total += len(message.get("body", b""))
-                if total > self.limit:
-                    replied = True
-                    if not started:
-                        await self._reply(receive, send, more=message.get("more_body", False), read=total)
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message: dict[str, Any]) -> None:
-            nonlocal started
-            if replied:
-                return
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, limited_receive, guarded_send)
-
-
 def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> Any:
     """The ASGI app serving ``model`` (pages, API, OpenAPI at /docs with its assets served locally)."""
     from fastapi_offline import FastAPIOffline
@@ -162,14 +44,16 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
 
     app = FastAPIOffline(
         title="qpm serve", version=__version__,
-        description=f"Inference and explanations for {model.path.name} ({model.meta.backbone}, "
-                    f"{len(model.class_names)} classes, {len(model.feature_ids)} features) with ONNX Runtime.",
+        description=f"Inference and explanations for {model.title} ({len(model.class_names)} classes, "
+                    f"{len(model.feature_ids)} features, {model.head_kind} head) with ONNX Runtime.",
         static_url="/docs-assets", redoc_url=None)
     templates = Jinja2Templates(directory=str(resources.files("qpmcli.serve").joinpath("templates")))
     templates.env.autoescape = True
+    templates.env.filters["weight"] = lambda w: _weight(w, model.head_kind)
     static = _static_files()
     started = time.time()
     app.state.model = model
+    evaluation = model.evaluation
 
     app.add_middleware(UploadLimit, limit=max_upload)
     app.add_middleware(ResponseHeaders)  # outermost: its total covers the upload limit and the parsing
@@ -179,11 +63,15 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-        base = {"model": model, "model_name": model.path.name, "backbone": model.meta.backbone}
+        base = {"model": model, "head": model.head_kind, "n_features": len(model.feature_ids)}
         return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
 
     def not_found(request: Request, what: str) -> HTMLResponse:
         return page(request, "error.html", status=404, title="Not found", message=what)
+
+    def check_class(index: int) -> None:
+        if not 0 <= index < len(model.class_names):
+            raise HTTPException(404, f"there is no class {index} (the model has {len(model.class_names)})")
 
     # ------------------------------------------------------------------------------------------------ pages
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -191,28 +79,57 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
         summary = model.summary()
         metrics = [(label, summary["metrics"].get(key)) for key, label in METRIC_COLUMNS
                    if key in summary["metrics"]]
-        return page(request, "overview.html", title="Model", summary=summary, metrics=metrics,
+        return page(request, "overview.html", title=model.title, active="model", summary=summary, metrics=metrics,
                     classes=list(enumerate(model.class_names)), uses=model.uses.tolist(),
-                    feature_ids=model.feature_ids)
+                    features=[model.feature_ref(f) for f in model.feature_ids])
 
     @app.get("/class/{index}", response_class=HTMLResponse, include_in_schema=False)
     async def class_page(request: Request, index: int) -> HTMLResponse:
         if not 0 <= index < len(model.class_names):
             return not_found(request, f"there is no class {index} (the model has {len(model.class_names)})")
         info = model.class_info(index)
-        return page(request, "class.html", title=info["class"], info=info)
+        return page(request, "class.html", title=info["class"], active="model", info=info,
+                    examples=_examples(model, index))
 
     @app.get("/feature/{fid}", response_class=HTMLResponse, include_in_schema=False)
     async def feature_page(request: Request, fid: int) -> HTMLResponse:
         if fid not in model.column_of:
             return not_found(request, f"feature {fid} is not one of the model's selected features")
         info = model.feature_info(fid)
-        return page(request, "feature.html", title=f"Feature {fid}", info=info)
+        return page(request, "feature.html", title=info["label"], active="model", info=info)
 
     @app.get("/explain", response_class=HTMLResponse, include_in_schema=False)
     async def explain_page(request: Request) -> HTMLResponse:
-        return page(request, "explain.html", title="Explain an image",
+        return page(request, "explain.html", title="Explain an image", active="explain",
                     class_list=[{"index": i, "class": c} for i, c in enumerate(model.class_names)])
+
+    @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page(request: Request, q: str = "") -> HTMLResponse:
+        return page(request, "search.html", title=f"Search: {q}" if q else "Search", active="search",
+                    result=model.search(q[:200]), q=q[:200])
+
+    @app.get("/graph", response_class=HTMLResponse, include_in_schema=False)
+    async def graph_page(request: Request) -> HTMLResponse:
+        graph = await run_in_threadpool(model.sharing_graph)
+        return page(request, "graph.html", title="Feature sharing", active="graph", graph=graph)
+
+    @app.get("/confusion", response_class=HTMLResponse, include_in_schema=False)
+    async def confusion_page(request: Request) -> HTMLResponse:
+        evaluation.start()
+        done = evaluation.state == "done"
+        return page(request, "confusion.html", title="Confusion matrix", active="confusion",
+                    progress=evaluation.status(), confusion=evaluation.confusion() if done else None)
+
+    @app.get("/misclassified", response_class=HTMLResponse, include_in_schema=False)
+    async def misclassified_page(request: Request, true: int | None = None, pred: int | None = None,
+                                 page_no: int = Query(0, alias="page", ge=0)) -> HTMLResponse:
+        for c in (true, pred):
+            if c is not None and not 0 <= c < len(model.class_names):
+                return not_found(request, f"there is no class {c}")
+        evaluation.start()
+        listing = _mistakes(evaluation, true, pred, page_no) if evaluation.state == "done" else None
+        return page(request, "misclassified.html", title="Misclassified test images", active="mistakes",
+                    progress=evaluation.status(), listing=listing, true_class=true, pred_class=pred)
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static_file(name: str) -> Response:
@@ -262,8 +179,10 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
             top_k: int = Form(5, description="Classes to list."),
             heatmaps: str = Form("png", description="png (data URIs), array (token grid values) or none."),
     ) -> dict[str, Any]:
-        """Explain one image: top-k, each feature's contribution to the explained class, the comparison with
-        another class (shared features cancel in the logit difference), and a heatmap per feature shown."""
+        """Explain one image: top-k, each feature's contribution to the explained class (activation: the feature's
+        mean over the image; peak: its largest value), the comparison with another class (each feature's share of
+        the logit difference; `shared_cancel` says whether shared features cancel), and a heatmap per feature
+        shown, on one scale (`heatmap_scale`)."""
         _check_top_k(top_k)
         if heatmaps not in ("png", "array", "none"):
             raise UploadError(422, "heatmaps must be png, array or none")
@@ -277,26 +196,35 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
 
     @app.get("/api/model", tags=["model"])
     async def api_model() -> dict[str, Any]:
-        """Backbone, dataset, metrics, the selection's status and gap, and the class x feature matrix W."""
+        """Title, backbone, dataset, head kind, metrics, the selection's status and gap, the class x feature matrix W,
+        the feature labels (names from `qpm name-features`) and the test images."""
         return model.summary()
+
+    @app.get("/api/weights.csv", tags=["model"], response_class=Response)
+    async def api_weights_csv() -> Response:
+        """W as CSV: one row per class, one column per feature (its label)."""
+        rows = [["class", *[model.label(f) for f in model.feature_ids]]]
+        rows += [[c, *[f"{w:g}" for w in model.weight[i]]] for i, c in enumerate(model.class_names)]
+        return _csv(rows, "weights.csv")
 
     @app.get("/api/classes", tags=["model"])
     async def api_classes() -> list[dict[str, Any]]:
-        """Every class with the features it uses."""
-        return [{"index": c, "class": name,
-                 "features": [model.feature_ids[k] for k in range(len(model.feature_ids)) if model.uses[c, k]]}
+        """Every class with the features it uses (a dense head: the ones with the largest |weight|)."""
+        return [{"index": c, "class": name, "features": [model.feature_ids[k] for k in model.class_columns(c)]}
                 for c, name in enumerate(model.class_names)]
 
     @app.get("/api/classes/{index}", tags=["model"])
     async def api_class(index: int) -> dict[str, Any]:
-        """A class: its features with their prototypes and the classes sharing them, and its most similar classes."""
-        if not 0 <= index < len(model.class_names):
-            raise HTTPException(404, f"there is no class {index}")
-        return model.class_info(index)
+        """A class: its features with colour, weight, prototypes (patch `box` in the crop's pixels) and the classes
+        sharing them, its most similar classes, and its test images."""
+        check_class(index)
+        return {**model.class_info(index), "examples": _examples(model, index)}
 
     @app.get("/api/features/{fid}", tags=["model"])
     async def api_feature(fid: int) -> dict[str, Any]:
-        """A selected feature by its dense id: the classes using it, statistics and prototypes."""
+        """A selected feature by its dense id: name, the classes using it, statistics and prototypes (each with its
+        patch `box` in the crop's pixels, `peak`, and `source`: the whole training image when the run's data is
+        here)."""
         if fid not in model.column_of:
             raise HTTPException(404, f"feature {fid} is not one of the model's selected features "
                                      f"({', '.join(map(str, model.feature_ids[:8]))}, ...)")
@@ -304,17 +232,154 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
 
     @app.get("/api/prototypes/{fid}/{rank}.png", tags=["model"], response_class=Response)
     async def api_prototype(fid: int, rank: int) -> Response:
-        """A training prototype of a feature (the ``rank``-th most activating patch), as PNG."""
+        """A training prototype of a feature (the ``rank``-th most activating patch with context), as PNG."""
         png = model.prototype_png(fid, rank)
         if png is None:
             raise HTTPException(404, f"feature {fid} has no prototype {rank}")
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
+    @app.get("/api/prototypes/{fid}/{rank}/source.png", tags=["model"], response_class=Response)
+    async def api_prototype_source(fid: int, rank: int) -> Response:
+        """The whole training image of a prototype (when the run's training data can be opened here), as PNG."""
+        png = await run_in_threadpool(model.prototype_source, fid, rank)
+        if png is None:
+            raise HTTPException(404, f"the training image of prototype {rank} of feature {fid} is not available")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/api/search", tags=["model"])
+    async def api_search(q: str = Query(..., max_length=200, description="Part of a class or feature name, or a "
+                                                                          "feature id (12 or f12).")) -> dict:
+        """Classes and features whose name contains the query (any case); features also by id."""
+        return model.search(q)
+
+    @app.get("/api/graph", tags=["model"])
+    async def api_graph() -> dict[str, Any]:
+        """The feature-sharing graph: classes (with a layout), pairs of classes with the features they share, and the
+        classes using each feature (empty for a dense head, where every class uses every feature)."""
+        return await run_in_threadpool(model.sharing_graph)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _evaluated(wait: bool) -> JSONResponse | None:
+        if evaluation.state == "unavailable":
+            raise HTTPException(404, evaluation.tests.reason)
+        evaluation.start()
+        if evaluation.state != "done" and not wait:
+            return JSONResponse(evaluation.status(), status_code=202)
+        return None
+
+    @app.get("/api/confusion", tags=["evaluation"])
+    async def api_confusion(wait: bool = Query(False, description="Wait for the evaluation instead of "
+                                                                   "answering 202 with its progress.")) -> Any:
+        """The confusion matrix on the test images (`matrix[true][predicted]`), `per_class_accuracy`, support and
+        accuracy. Computed once, on the first call (202 with the progress until then, or `wait=true`)."""
+        early = _evaluated(wait)
+        if early is not None:
+            return early
+        await run_in_threadpool(evaluation.wait)
+        if evaluation.state == "failed":
+            raise HTTPException(500, f"the evaluation failed: {evaluation.error}")
+        return evaluation.confusion()
+
+    @app.get("/api/confusion.csv", tags=["evaluation"], response_class=Response)
+    async def api_confusion_csv() -> Response:
+        """The confusion matrix as CSV (rows: true class; columns: predicted class; then support and accuracy)."""
+        early = _evaluated(False)
+        if early is not None:
+            return early
+        cm = evaluation.confusion()
+        rows = [["true \\ predicted", *cm["classes"], "support", "accuracy"]]
+        rows += [[c, *cm["matrix"][i], cm["support"][i], "" if a is None else f"{a:.6g}"]
+                 for i, (c, a) in enumerate(zip(cm["classes"], cm["per_class_accuracy"], strict=True))]
+        return _csv(rows, "confusion.csv")
+
+    @app.get("/api/misclassified", tags=["evaluation"])
+    async def api_misclassified(true: int | None = None, pred: int | None = None,
+                                page: int = Query(0, ge=0), per_page: int = Query(PER_PAGE, ge=1, le=1000),
+                                wait: bool = False) -> Any:
+        """Misclassified test images, the most confident mistakes first (optionally of one `true` and/or `pred`
+        class): each with its true and predicted class and the features that decided between them."""
+        for c in (true, pred):
+            if c is not None:
+                check_class(c)
+        early = _evaluated(wait)
+        if early is not None:
+            return early
+        await run_in_threadpool(evaluation.wait)
+        return _mistakes(evaluation, true, pred, page, per_page)
+
+    @app.get("/api/misclassified.csv", tags=["evaluation"], response_class=Response)
+    async def api_misclassified_csv() -> Response:
+        """Every misclassified test image as CSV: image, true class, predicted class, probabilities."""
+        early = _evaluated(False)
+        if early is not None:
+            return early
+        rows = [["image", "name", "true", "predicted", "p_true", "p_predicted"]]
+        for r in evaluation.mistakes():
+            m = evaluation.mistake(r)
+            rows.append([m["image"], m["name"], m["true"]["class"], m["predicted"]["class"],
+                         f"{m['true']['probability']:.6g}", f"{m['predicted']['probability']:.6g}"])
+        return _csv(rows, "misclassified.csv")
+
+    @app.get("/api/test-images/{index}.png", tags=["evaluation"], response_class=Response)
+    async def api_test_image(index: int, thumb: bool = False) -> Response:
+        """A test image: lossless PNG of the very pixels the evaluation saw (`thumb=true`: a small JPEG)."""
+        tests = model.test_images
+        if not tests.available or not 0 <= index < len(tests):
+            raise HTTPException(404, f"there is no test image {index}")
+        from qpmcli.serve.testset import THUMB_SIDE, png_bytes
+
+        def encode() -> bytes:
+            image = tests.image(index)
+            return png_bytes(image, THUMB_SIDE, "JPEG") if thumb else png_bytes(image)
+
+        try:
+            body = await run_in_threadpool(encode)
+        except (OSError, ValueError, QpmError) as exc:
+            raise HTTPException(404, f"test image {index} cannot be read: {exc}") from None
+        return Response(body, media_type="image/jpeg" if thumb else "image/png",
+                        headers={"Cache-Control": "public, max-age=3600"})
+
     @app.get("/api/health", tags=["server"])
     async def api_health() -> dict[str, Any]:
-        """Liveness, the ONNX Runtime provider, micro-batching counters, and whether PyTorch was ever imported."""
+        """Liveness, the ONNX Runtime provider, micro-batching counters, the evaluation's state, and whether PyTorch
+        was ever imported."""
         return {"status": "ok", "model": str(model.path), "provider": model.classifier.provider,
                 "uptime_s": round(time.time() - started, 3), "batching": model.batcher.stats(),
-                "torch_imported": "torch" in sys.modules}
+                "evaluation": evaluation.status(), "torch_imported": "torch" in sys.modules}
 
     return app
+
+
+def _weight(w: float, head: str) -> str:
+    """A weight as the pages print it: ``+1`` for a binary head, three significant digits otherwise (never a
+    real-valued weight rounded to ``+0``)."""
+    return f"{w:+g}" if head == "binary" else f"{w:+.3g}"
+
+
+def _csv(rows: list[list[Any]], name: str) -> Response:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _examples(model: ServedModel, index: int, n: int = 4) -> list[dict[str, Any]]:
+    """Up to ``n`` test images of a class (spread over its images) for the class page."""
+    tests = model.test_images
+    if not tests.available:
+        return []
+    rows = tests.of_class(index)
+    picked = sorted({rows[int(i * len(rows) / min(n, len(rows)))] for i in range(min(n, len(rows)))}) if rows else []
+    return [{"index": i, "name": tests.name(i), "url": f"/api/test-images/{i}.png",
+             "thumb": f"/api/test-images/{i}.png?thumb=1"} for i in picked]
+
+
+def _mistakes(evaluation: Any, true: int | None, pred: int | None, page: int,
+              per_page: int = PER_PAGE) -> dict[str, Any]:
+    rows = evaluation.mistakes(true, pred)
+    chunk = rows[page * per_page:(page + 1) * per_page]
+    return {"total": len(rows), "page": page, "per_page": per_page, "pages": -(-len(rows) // per_page),
+            "true": true, "pred": pred, "items": [evaluation.mistake(r) for r in chunk]}

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from qpmcli.artifact import ONNX_MODEL, SELECTION, read_json
 from qpmcli.errors import ArtifactError, ConfigError
+from qpmcli.explain import HEAT_CMAP
+from qpmcli.serve.facts import ModelFacts, run_of
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -284,124 +286,58 @@ class MicroBatcher:
 
 
 # --------------------------------------------------------------------------------------------------- model
-class ServedModel:
-    """An exported model opened for serving: ONNX Runtime session + metadata + the explorer's derived facts."""
+class ServedModel(ModelFacts):
+    """An exported model opened for serving: ONNX Runtime session + metadata + the explorer's facts
+    (:class:`~qpmcli.serve.facts.ModelFacts`) + the test images it is evaluated on, when it has any."""
 
     def __init__(self, path: Path, classifier: Any, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 window: float = DEFAULT_WINDOW, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        import numpy as np
-
-        self.path = path
+                 window: float = DEFAULT_WINDOW, max_pixels: int = DEFAULT_MAX_PIXELS, run: Path | None = None,
+                 test_images: Any = None, say: Callable[[str], None] | None = None, settings: Any = None) -> None:
+        super().__init__(path, classifier.metadata, _prototypes(classifier.metadata.prototypes, path), run)
         self.classifier = classifier
-        self.meta = classifier.metadata
         self.max_pixels = int(max_pixels)
-        m = self.meta
-        self.class_names: list[str] = [str(c) for c in m.class_names]
-        self.feature_ids: list[int] = [int(f) for f in m.features]
-        self.weight = np.asarray(m.weight, dtype=np.float32)  # [C, K]
-        self.uses = self.weight != 0
-        self.sparse = bool(self.uses.sum(axis=1).max(initial=0) <= 10) if self.weight.size else False
-        self.column_of = {fid: k for k, fid in enumerate(self.feature_ids)}
-        self.prototypes = _prototypes(m.prototypes, path)
-        extra = dict(m.extra or {})
-        self.metrics = extra.get("metrics") if isinstance(extra.get("metrics"), dict) else {}
-        self.selection = extra.get("selection_result") or _run_selection(path)
-        self.dataset = extra.get("dataset")
-        self.head = extra.get("head")
+        self.selection = (self.meta.extra or {}).get("selection_result") or _run_selection(run or path.parent)
         self.batcher = MicroBatcher(classifier.run_array, max_batch=max_batch, window=window,
                                     prepare_fn=self.prepare)
+        self.settings = settings
+        from qpmcli.serve.testset import Evaluation, Unavailable
+
+        self.test_images = test_images or Unavailable(
+            "no test images: serve a run folder (its test split) or pass --test-images DIR")
+        self.evaluation = Evaluation(self, say=say)
 
     # ---------------------------------------------------------------------------------------------- facts
     def summary(self) -> dict[str, Any]:
         """``GET /api/model``: what the model is, how good it is, how it was selected, and its W (binary for QPM)."""
         sel = self.selection or {}
         return {
-            "model": str(self.path), "kind": self.classifier.kind, "provider": self.classifier.provider,
+            "model": str(self.path), "title": self.title, "run": None if self.run is None else str(self.run),
+            "kind": self.classifier.kind, "provider": self.classifier.provider,
             "backbone": self.meta.backbone, "weights_digest": self.meta.weights_digest, "dataset": self.dataset,
-            "head": self.head, "image_size": list(self.meta.image_size), "grid": list(self.meta.grid),
+            "head": self.head, "head_kind": self.head_kind,
+            "image_size": list(self.meta.image_size), "grid": list(self.meta.grid),
             "precision": (self.meta.extra or {}).get("precision", "fp32"), "qpm_version": self.meta.qpm_version,
             "classes": len(self.class_names), "features": len(self.feature_ids), "feature_ids": self.feature_ids,
-            "per_class": _per_class(self.uses), "sparse": self.sparse,
+            "feature_labels": {str(f): self.label(f) for f in self.feature_ids},
+            "named_features": sum(1 for f in self.feature_ids if self.meta.feature_name(f)),
+            "per_class": _per_class(self.uses) if self.sparse else None, "sparse": self.sparse,
             "metrics": {k: self.metrics.get(k) for k, _ in METRIC_COLUMNS if k in self.metrics} | {
                 k: v for k, v in self.metrics.items() if isinstance(v, int | float) or v is None},
             "selection": {k: sel.get(k) for k in ("status", "objective", "bound", "gap", "solver", "seconds")
                           if k in sel} or None,
             "has_prototypes": bool(self.prototypes),
+            "test_images": self.test_images.describe(),
             "weight": self.weight.tolist(),
         }
 
-    def class_info(self, c: int) -> dict[str, Any]:
-        """A class: its features (weight, prototypes, the other classes that use each) and its nearest classes."""
-        import numpy as np
-
-        cols = [int(k) for k in np.flatnonzero(self.uses[c])]
-        if not self.sparse:  # a dense head: its 10 strongest weights
-            cols = [int(k) for k in np.argsort(-np.abs(self.weight[c]), kind="stable")[:10]]
-        feats = []
-        for k in cols:
-            fid = self.feature_ids[k]
-            others = [int(o) for o in np.flatnonzero(self.uses[:, k]) if o != c]
-            feats.append({"feature": fid, "column": k, "weight": float(self.weight[c, k]),
-                          "shared_with": [{"index": o, "class": self.class_names[o]} for o in others],
-                          "prototypes": self.prototype_refs(fid)})
-        return {"index": c, "class": self.class_names[c], "features": feats, "similar": self.similar(c)}
-
-    def similar(self, c: int, n: int = 10) -> list[dict[str, Any]]:
-        """The classes sharing most features with class ``c`` (ties: by index)."""
-        import numpy as np
-
-        shared = (self.uses & self.uses[c]).sum(axis=1)
-        shared[c] = -1
-        order = np.argsort(-shared, kind="stable")
-        out = []
-        for o in order[:n]:
-            if shared[o] <= 0:
-                break
-            fids = [self.feature_ids[k] for k in np.flatnonzero(self.uses[o] & self.uses[c])]
-            out.append({"index": int(o), "class": self.class_names[o], "shared": int(shared[o]), "features": fids})
-        return out
-
-    def feature_info(self, fid: int) -> dict[str, Any]:
-        """A feature (dense id): the classes that use it, its training statistics and its prototypes."""
-        import numpy as np
-
-        k = self.column_of[fid]
-        users = [int(c) for c in np.flatnonzero(self.uses[:, k])]
-        co = {}
-        for c in users:
-            for j in np.flatnonzero(self.uses[c]):
-                if j != k:
-                    co[int(j)] = co.get(int(j), 0) + 1
-        protos = self.prototypes.get(fid, [])
-        acts = [float(p.get("activation", 0.0)) for p in protos]
-        return {
-            "feature": fid, "column": k,
-            "classes": [{"index": c, "class": self.class_names[c], "weight": float(self.weight[c, k])}
-                        for c in users],
-            "statistics": {"mu": float(self.meta.mu[k]), "sigma": float(self.meta.sigma[k]),
-                           "classes_using": len(users), "share_of_classes": len(users) / max(len(self.class_names), 1),
-                           "prototype_activation_max": max(acts) if acts else None,
-                           "prototype_activation_min": min(acts) if acts else None},
-            "co_occurring": [{"feature": self.feature_ids[j], "classes": n}
-                             for j, n in sorted(co.items(), key=lambda t: (-t[1], t[0]))[:10]],
-            "prototypes": self.prototype_refs(fid),
-        }
-
-    def prototype_refs(self, fid: int) -> list[dict[str, Any]]:
-        return [{"rank": r, "class": str(p.get("class", "")), "activation": float(p.get("activation", 0.0)),
-                 "url": f"/api/prototypes/{fid}/{r}.png"} for r, p in enumerate(self.prototypes.get(fid, []))]
-
-    def prototype_png(self, fid: int, rank: int) -> bytes | None:
-        import base64
-        import binascii
-
-        protos = self.prototypes.get(fid)
-        if not protos or not 0 <= rank < len(protos) or "png_b64" not in protos[rank]:
+    def prototype_source(self, fid: int, rank: int, side: int = 768) -> bytes | None:
+        """The whole training image a prototype was cropped from, as PNG (longest side at most ``side``)."""
+        entry = self._source_entry(fid, rank)
+        if entry is None or self.run is None:
             return None
-        try:
-            return base64.b64decode(protos[rank]["png_b64"], validate=True)
-        except (binascii.Error, ValueError):
-            return None
+        from qpmcli.serve.testset import training_image_png
+
+        return training_image_png(self, entry["index"], side)
 
     def resolve_class(self, query: str | int | None) -> int | None:
         """A class index from an index or a name (exact, case-insensitive, unique substring); ``None`` passes."""
@@ -432,11 +368,12 @@ class ServedModel:
 
     def explain(self, out: dict[str, Any], image_size: tuple[int, int], *, class_index: int | None,
                 compare: int | None, top_k: int, heatmaps: str) -> dict[str, Any]:
-        """The explain page's data: top-k, the explained class's evidence, the compared class's evidence and which
-        features they share, and one heatmap per feature shown (PNG data URIs or arrays on the token grid)."""
+        """The explain page's data: top-k, the explained class's evidence, the compared class's evidence (which
+        features they share, and each feature's share of the logit difference), and one heatmap per feature shown
+        (PNG data URIs or arrays on the token grid) on one shared scale."""
         import numpy as np
 
-        from qpmcli.explain import compare_classes, explain_output
+        from qpmcli.explain import compare_classes, compare_colours, explain_output
 
         md = self.meta
         logits, maps, feats = out["logits"], out["maps"], out["features"]
@@ -445,23 +382,34 @@ class ServedModel:
             order = [int(i) for i in np.argsort(-logits, kind="stable")]
             compare = next(i for i in order if i != expl.class_index) if len(order) > 1 else None
         result: dict[str, Any] = {
-            "model": str(self.path), "predicted": {"index": expl.predicted_index, "class": expl.predicted_name},
+            "model": str(self.path), "head": self.head_kind,
+            "predicted": {"index": expl.predicted_index, "class": expl.predicted_name},
             "top_k": expl.top, "explained": self._evidence(expl), "compare": None, "grid": list(self.meta.grid)}
         cols = [e.column for e in expl.features]
         if compare is not None and compare != expl.class_index:
             other = explain_output(logits, maps, feats, md, class_index=compare, top_k=top_k)
+            other = explain_output(logits, maps, feats, md, class_index=compare, top_k=top_k,
+                                   colours=compare_colours(expl, other))
             if self.sparse:
                 groups = compare_classes(md, expl.class_index, compare)
             else:
                 groups = compare_classes(md, expl.class_index, compare, cols, [e.column for e in other.features])
-            result["compare"] = {**self._evidence(other), "shared": groups["shared_features"],
-                                 "only_explained": groups["only_a_features"],
-                                 "only_compared": groups["only_b_features"],
-                                 "logit_difference": expl.logit - other.logit}
+            a, b = expl.class_index, compare
+            x = md.standardize(np.asarray(feats, dtype=np.float64), np.float64)
+            union = groups["shared"] + groups["only_a"] + groups["only_b"]
+            result["compare"] = {
+                **self._evidence(other), "shared": groups["shared_features"],
+                "only_explained": groups["only_a_features"], "only_compared": groups["only_b_features"],
+                "logit_difference": expl.logit - other.logit,
+                # shared features cancel exactly only where both classes weigh them the same (a binary W)
+                "shared_cancel": bool(all(md.weight[a, k] == md.weight[b, k] for k in groups["shared"])),
+                "difference": [{**self.feature_ref(self.feature_ids[k]), "column": k,
+                                "delta": float((md.weight[a, k] - md.weight[b, k]) * x[k])} for k in union]}
             cols += [e.column for e in other.features if e.column not in cols]
         shown = np.clip(maps[cols], 0.0, None) if cols else np.zeros((0, 1, 1), dtype=np.float32)
         vmax = float(shown.max()) if shown.size else 0.0
-        result["heatmap_scale"] = {"min": 0.0, "max": vmax}
+        result["heatmap_scale"] = {"min": 0.0, "max": vmax, "colormap": HEAT_CMAP, "stops": colormap_stops(),
+                                   "what": "feature map value (one scale for every heatmap of this image)"}
         if heatmaps == "array":
             result["heatmaps"] = {str(self.feature_ids[k]): maps[k].tolist() for k in cols}
         elif heatmaps == "png":
@@ -471,9 +419,10 @@ class ServedModel:
     def _evidence(self, expl: Any) -> dict[str, Any]:
         return {"index": expl.class_index, "class": expl.class_name, "probability": expl.probability,
                 "logit": expl.logit, "bias": expl.bias,
-                "features": [{"feature": e.feature, "column": e.column, "weight": e.weight,
-                              "activation": e.activation, "zscore": e.zscore, "contribution": e.contribution,
-                              "peak": e.peak, "peak_at": e.peak_at, "prototypes": self.prototype_refs(e.feature)}
+                "features": [{"feature": e.feature, "name": e.name, "label": e.label, "colour": e.colour,
+                              "column": e.column, "weight": e.weight, "activation": e.activation,
+                              "zscore": e.zscore, "contribution": e.contribution, "peak": e.peak,
+                              "peak_at": e.peak_at, "prototypes": self.prototype_refs(e.feature)}
                              for e in expl.features]}
 
     def close(self) -> None:
@@ -513,9 +462,9 @@ def _prototypes(doc: Any, source: Path) -> dict[int, list[dict[str, Any]]]:
     return protos
 
 
-def _run_selection(path: Path) -> dict[str, Any] | None:
-    """The selection facts of the run an exported file sits in (``<run>/selection.json``), when it is one."""
-    sel = path.parent / SELECTION
+def _run_selection(folder: Path) -> dict[str, Any] | None:
+    """The selection facts of a run folder (``<run>/selection.json``), when it has one."""
+    sel = folder / SELECTION
     if not sel.is_file():
         return None
     try:
@@ -528,19 +477,27 @@ def _run_selection(path: Path) -> dict[str, Any] | None:
 _LUT: Any = None
 
 
-def _turbo_lut() -> Any:
+def _heat_lut() -> Any:
+    """:data:`qpmcli.explain.HEAT_CMAP` (the CLI figures' colormap) as 256 RGB rows."""
     global _LUT
     if _LUT is None:
         import numpy as np
         from matplotlib import colormaps
 
-        _LUT = (colormaps["turbo"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+        _LUT = (colormaps[HEAT_CMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     return _LUT
 
 
+def colormap_stops(n: int = 9) -> list[str]:
+    """``n`` evenly spaced colours of the heatmaps' colormap (the pages draw the colour bar from them)."""
+    lut = _heat_lut()
+    return ["#" + "".join(f"{int(v):02x}" for v in lut[round(i * 255 / (n - 1))]) for i in range(n)]
+
+
 def heatmap_png(grid_map: Any, vmax: float, image_size: tuple[int, int], side: int = HEATMAP_SIDE) -> str:
-    """A feature map as a transparent PNG data URI at the upload's aspect ratio (longest side ``side``): turbo
-    colours on a shared scale ``[0, vmax]``, opacity growing with the value so that cold areas show the image."""
+    """A feature map as a transparent PNG data URI at the upload's aspect ratio (longest side ``side``):
+    :data:`~qpmcli.explain.HEAT_CMAP` colours on a shared scale ``[0, vmax]``, opacity growing with the value so that
+    cold areas show the image."""
     import base64
 
     import numpy as np
@@ -553,7 +510,7 @@ def heatmap_png(grid_map: Any, vmax: float, image_size: tuple[int, int], side: i
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     v = np.clip(upsample(np.clip(np.asarray(grid_map, dtype=np.float32), 0, None), size) / max(vmax, 1e-12), 0, 1)
     rgba = np.empty((*size, 4), dtype=np.uint8)
-    rgba[..., :3] = _turbo_lut()[(v * 255).astype(np.uint8)]
+    rgba[..., :3] = _heat_lut()[(v * 255).astype(np.uint8)]
     rgba[..., 3] = (40 + 215 * v).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buf, format="PNG", compress_level=3)
@@ -562,12 +519,28 @@ def heatmap_png(grid_map: Any, vmax: float, image_size: tuple[int, int], side: i
 
 def load_served_model(model: str | os.PathLike[str] | None, *, device: str = "auto",
                       max_batch: int = DEFAULT_MAX_BATCH, window: float = DEFAULT_WINDOW,
-                      max_pixels: int = DEFAULT_MAX_PIXELS, settings: Any = None) -> ServedModel:
-    """Open MODEL (an ``.onnx`` file, a run directory with its export, or the current run) for serving."""
+                      max_pixels: int = DEFAULT_MAX_PIXELS, settings: Any = None,
+                      test_images: str | os.PathLike[str] | None = None,
+                      say: Callable[[str], None] | None = None) -> ServedModel:
+    """Open MODEL (an ``.onnx`` file, a run directory with its export, or the current run) for serving, with the
+    test images it is evaluated on: ``test_images`` (a folder of ``<class>/<image>``), else the test split of the
+    run the file belongs to (:func:`~qpmcli.serve.facts.run_of`), when its data can be opened here."""
     from qpmcli.predict import load_classifier
+    from qpmcli.serve.testset import folder_test_images, run_test_images
 
+    if settings is None:
+        from qpmcli.settings import resolve_settings
+
+        settings, _ = resolve_settings()
     path = resolve_model_path(model, settings)
     clf = load_classifier(path, device)
     if getattr(clf, "graph", "full") != "full":
         raise ArtifactError(f"{path} is an adapter-only graph; serve the full graph (model.onnx) instead")
-    return ServedModel(path, clf, max_batch=max_batch, window=window, max_pixels=max_pixels)
+    run = run_of(path, settings)
+    names = [str(c) for c in clf.metadata.class_names]
+    if test_images is not None:
+        tests = folder_test_images(test_images, names)
+    else:
+        tests = run_test_images(run, names, settings) if run is not None else None
+    return ServedModel(path, clf, max_batch=max_batch, window=window, max_pixels=max_pixels, run=run,
+                       test_images=tests, say=say, settings=settings)

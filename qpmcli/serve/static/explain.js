@@ -1,8 +1,8 @@
-// Explain page: upload (or drop) an image, POST it to /api/explain, draw the answer with DOM calls only (textContent,
-// never innerHTML), so class names from folder names can never become markup or script.
+// Explain page: upload (or drop) an image, or open a test image (?test=N), POST it to /api/explain and draw the answer
+// with DOM calls only. Colours, labels and the head kind come from the server (the CLI figures' rule).
 (function () {
   "use strict";
-  var form = document.getElementById("explain-form");
+  var Q = window.qpm, el = Q.el, clear = Q.clear, fmt = Q.fmt, signed = Q.signed, sig = Q.sig;
   var input = document.getElementById("file");
   var drop = document.getElementById("drop");
   var explainSel = document.getElementById("explain-class");
@@ -10,97 +10,71 @@
   var opacity = document.getElementById("opacity");
   var status = document.getElementById("status");
   var result = document.getElementById("result");
-  var file = null;
-  var photoUrl = null;
-  var pending = 0;
+  var file = null, photoUrl = null, pending = 0, last = null;
 
-  function el(tag, attrs, text) {
-    var node = document.createElement(tag);
-    if (attrs) Object.keys(attrs).forEach(function (k) { node.setAttribute(k, attrs[k]); });
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
-  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
-  function fmt(x, digits) { return (x === null || x === undefined) ? "" : Number(x).toFixed(digits); }
-  function signed(x, digits) { return (x >= 0 ? "+" : "") + fmt(x, digits); }
+  function setStatus(text, isError) { status.textContent = text; status.className = isError ? "error" : "note"; }
   function classLink(index, name) { return el("a", {href: "/class/" + Number(index)}, name); }
-  function featureLink(fid) { return el("a", {href: "/feature/" + Number(fid), "class": "feature-link"}, "feature " + fid); }
+  function weightText(w, head) { return head === "binary" ? signed(w, 0) : (w >= 0 ? "+" : "") + sig(w, 3); }
 
-  // the same stable colour per feature id as the static figures (golden-ratio hue steps)
-  function featureColour(fid) {
-    var h = (fid * 0.6180339887498949 + 0.11) % 1.0;
-    var v = [0.92, 0.62, 0.78][fid % 3];
-    var s = [0.78, 0.95, 0.62][Math.floor(fid / 3) % 3];
-    var i = Math.floor(h * 6), f = h * 6 - i, p = v * (1 - s), q = v * (1 - s * f), t = v * (1 - s * (1 - f));
-    var rgb = [[v, t, p], [q, v, p], [p, v, t], [p, q, v], [t, p, v], [v, p, q]][i % 6];
-    return "rgb(" + rgb.map(function (c) { return Math.round(c * 255); }).join(",") + ")";
-  }
-  function swatch(fid) { var s = el("span", {"class": "swatch"}); s.style.background = featureColour(fid); return s; }
-
-  function setStatus(text, isError) {
-    status.textContent = text;
-    status.className = isError ? "error" : "note";
-  }
-
-  function prototypes(list) {
+  function prototypes(f) {
     var box = el("div", {"class": "protos"});
-    if (!list || !list.length) { box.appendChild(el("p", {"class": "note"}, "no prototypes stored")); return box; }
-    list.forEach(function (p) {
-      var fig = el("figure");
-      var img = el("img", {src: p.url, alt: "training prototype"});
-      img.title = p["class"] + " (activation " + fmt(p.activation, 2) + ")";
-      fig.appendChild(img);
-      fig.appendChild(el("figcaption", null, p["class"]));
-      box.appendChild(fig);
-    });
+    if (!f.prototypes || !f.prototypes.length) { box.appendChild(el("p", {"class": "note"}, "no prototypes stored")); return box; }
+    f.prototypes.slice(0, 4).forEach(function (p) { box.appendChild(Q.proto(p, f.colour, f.label)); });
     return box;
   }
 
-  function card(feat, heat, tag, tagClass) {
-    var row = el("section", {"class": "card", "data-feature": String(feat.feature)});
+  function card(f, heat, tag, tagClass, head) {
+    var row = el("section", {"class": "card", "data-feature": String(f.feature)});
+    row.style.borderTopColor = f.colour;
     var info = el("div", {"class": "info"});
-    var title = featureLink(feat.feature);
-    title.insertBefore(swatch(feat.feature), title.firstChild);
-    info.appendChild(title);
+    info.appendChild(Q.chip(f));
     if (tag) info.appendChild(el("span", {"class": "tag " + tagClass}, tag));
-    info.appendChild(el("div", null, "contribution " + signed(feat.contribution, 3)));
-    info.appendChild(el("div", {"class": "note"}, "activation " + fmt(feat.activation, 4) +
-      (feat.zscore === null ? "" : ", z " + signed(feat.zscore, 2)) + ", weight " + signed(feat.weight, 0)));
+    info.appendChild(el("div", null, "contribution " + signed(f.contribution, 3)));
+    info.appendChild(el("div", {"class": "note"}, "activation " + sig(f.activation, 3) + " (mean over patches)" +
+      (f.zscore === null ? "" : ", z " + signed(f.zscore, 2))));
+    info.appendChild(el("div", {"class": "note"}, "peak " + sig(f.peak, 3) + " · weight " + weightText(f.weight, head)));
     row.appendChild(info);
     var stack = el("div", {"class": "stack"});
-    stack.appendChild(el("img", {"class": "photo", src: photoUrl, alt: "uploaded image"}));
-    if (heat) stack.appendChild(el("img", {"class": "heat", src: heat, alt: "heatmap of feature " + feat.feature}));
+    stack.appendChild(el("img", {"class": "photo", src: photoUrl, alt: "the image"}));
+    if (heat) stack.appendChild(el("img", {"class": "heat", src: heat, alt: "where " + f.label + " fires"}));
     row.appendChild(stack);
-    var side = el("div");
-    side.appendChild(el("div", {"class": "note"}, "what feature " + feat.feature + " responds to in training images:"));
-    side.appendChild(prototypes(feat.prototypes));
+    var side = el("div", {"class": "side"});
+    side.appendChild(el("div", {"class": "note"}, "what " + f.label + " responds to in training images:"));
+    side.appendChild(prototypes(f));
     row.appendChild(side);
     return row;
   }
 
+  function bar(value, maxAbs, width) {
+    var b = el("span", {"class": value < 0 ? "bar neg" : "bar"});
+    b.style.width = Math.max(1, Math.round(width * Math.abs(value) / maxAbs)) + "px";
+    return b;
+  }
+
   function render(data) {
+    last = data;
+    var head = data.head;
+    document.getElementById("photo").src = photoUrl;
     var top = document.getElementById("topk");
     clear(top);
-    var head = el("tr");
-    ["class", "probability", ""].forEach(function (h) { head.appendChild(el("th", null, h)); });
-    top.appendChild(head);
+    var hr = el("tr");
+    ["class", "probability", ""].forEach(function (h) { hr.appendChild(el("th", null, h)); });
+    top.appendChild(hr);
     data.top_k.forEach(function (t) {
       var tr = el("tr");
       var td = el("td");
       td.appendChild(classLink(t.index, t["class"]));
       tr.appendChild(td);
       tr.appendChild(el("td", {"class": "num"}, (100 * t.probability).toFixed(1) + " %"));
-      var barCell = el("td");
-      var bar = el("span", {"class": "bar"});
-      bar.style.width = Math.max(1, Math.round(160 * t.probability)) + "px";
-      barCell.appendChild(bar);
-      tr.appendChild(barCell);
+      var cell = el("td");
+      cell.appendChild(bar(t.probability, 1, 120));
+      tr.appendChild(cell);
       top.appendChild(tr);
     });
 
     var ex = data.explained;
-    var why = document.getElementById("why-title");
-    why.textContent = "Why " + ex["class"] + (ex.index === data.predicted.index ? "" : " (predicted: " + data.predicted["class"] + ")");
+    document.getElementById("why-title").textContent = "Why " + ex["class"] +
+      (ex.index === data.predicted.index ? "" : " (predicted: " + data.predicted["class"] + ")");
     var table = document.getElementById("contributions");
     clear(table);
     var h2 = el("tr");
@@ -112,25 +86,26 @@
       total += f.contribution;
       var tr = el("tr");
       var td = el("td");
-      td.appendChild(swatch(f.feature));
-      td.appendChild(el("a", {href: "/feature/" + Number(f.feature)}, String(f.feature)));
+      td.appendChild(Q.chip(f));
       tr.appendChild(td);
-      tr.appendChild(el("td", {"class": "num"}, fmt(f.activation, 4)));
+      tr.appendChild(el("td", {"class": "num"}, sig(f.activation, 3)));
       tr.appendChild(el("td", {"class": "num"}, f.zscore === null ? "" : signed(f.zscore, 2)));
-      tr.appendChild(el("td", {"class": "num"}, signed(f.weight, 0)));
+      tr.appendChild(el("td", {"class": "num"}, weightText(f.weight, head)));
       tr.appendChild(el("td", {"class": "num"}, signed(f.contribution, 3)));
-      var barCell = el("td");
-      var bar = el("span", {"class": f.contribution < 0 ? "bar neg" : "bar"});
-      bar.style.width = Math.max(1, Math.round(100 * Math.abs(f.contribution) / maxAbs)) + "px";
-      barCell.appendChild(bar);
-      tr.appendChild(barCell);
+      var cell = el("td");
+      cell.appendChild(bar(f.contribution, maxAbs, 90));
+      tr.appendChild(cell);
       table.appendChild(tr);
     });
-    document.getElementById("logit-line").textContent = "logit " + fmt(ex.logit, 3) + " = bias " + fmt(ex.bias, 3) +
-      " + sum of contributions " + fmt(total, 3) + (ex.features.length ? "" : " (no features)");
+    var rest = ex.logit - ex.bias - total;
+    document.getElementById("logit-line").textContent = head === "dense" ?
+      "A dense head: every feature counts. logit " + fmt(ex.logit, 3) + " = bias " + fmt(ex.bias, 3) + " + these " +
+        ex.features.length + " (largest |contribution|) " + signed(total, 3) + " + all the others " + signed(rest, 3) + "." :
+      "logit " + fmt(ex.logit, 3) + " = bias " + fmt(ex.bias, 3) + " + sum of contributions " + fmt(total, 3) +
+        (ex.features.length ? "" : " (no features)") + (head === "binary" ? " (each contribution is the feature's z-score)." : ".");
+    Q.colourbar(data.heatmap_scale);
 
-    var cmp = data.compare;
-    var sharedSet = {}, onlySet = {};
+    var cmp = data.compare, sharedSet = {}, onlySet = {};
     if (cmp) {
       cmp.shared.forEach(function (f) { sharedSet[f] = true; });
       cmp.only_explained.forEach(function (f) { onlySet[f] = true; });
@@ -139,28 +114,56 @@
     clear(feats);
     ex.features.forEach(function (f) {
       var tag = null, cls = "";
-      if (cmp && sharedSet[f.feature]) { tag = "shared with " + cmp["class"]; cls = "shared"; }
+      if (cmp && sharedSet[f.feature]) { tag = head === "dense" ? "also shown for " + cmp["class"] : "shared with " + cmp["class"]; cls = "shared"; }
       else if (cmp && onlySet[f.feature]) { tag = "only " + ex["class"]; cls = "only"; }
-      feats.appendChild(card(f, data.heatmaps ? data.heatmaps[String(f.feature)] : null, tag, cls));
+      feats.appendChild(card(f, data.heatmaps ? data.heatmaps[String(f.feature)] : null, tag, cls, head));
     });
 
     var section = document.getElementById("comparison");
     var cfeats = document.getElementById("compare-features");
+    var diff = document.getElementById("difference");
     clear(cfeats);
+    clear(diff);
     if (!cmp) { section.hidden = true; return; }
     section.hidden = false;
-    var title = document.getElementById("compare-title");
-    title.textContent = ex["class"] + " vs " + cmp["class"];
+    document.getElementById("compare-title").textContent = ex["class"] + " vs " + cmp["class"];
+    var labels = {};
+    ex.features.concat(cmp.features).forEach(function (f) { labels[f.feature] = f.label; });
+    function names(ids) { return ids.map(function (i) { return labels[i] || ("f" + i); }).join(", ") || "none"; }
     var summary = document.getElementById("compare-summary");
     clear(summary);
-    summary.appendChild(document.createTextNode(
-      "Logit difference " + signed(cmp.logit_difference, 3) + " (" + cmp["class"] + ": probability " +
-      (100 * cmp.probability).toFixed(1) + " %). Shared features, which cancel in the difference: " +
-      (cmp.shared.join(", ") || "none") + ". Deciding for " + ex["class"] + ": " + (cmp.only_explained.join(", ") || "none") +
-      ". Deciding for " + cmp["class"] + ": " + (cmp.only_compared.join(", ") || "none") + "."));
+    var lead = "Logit difference " + signed(cmp.logit_difference, 3) + " (" + cmp["class"] + ": probability " +
+      (100 * cmp.probability).toFixed(1) + " %). ";
+    if (cmp.shared_cancel && head !== "dense") {
+      lead += "Shared features add the same to both logits and cancel in the difference: " + names(cmp.shared) +
+        ". Deciding for " + ex["class"] + ": " + names(cmp.only_explained) + ". Deciding for " + cmp["class"] + ": " +
+        names(cmp.only_compared) + ".";
+    } else {
+      lead += "Each feature moves the difference by (W[" + ex["class"] + "] − W[" + cmp["class"] + "]) × its " +
+        "standardised activation; with real-valued weights a feature both classes use counts too. Shown for both: " +
+        names(cmp.shared) + ".";
+    }
+    summary.appendChild(document.createTextNode(lead));
+    var dh = el("tr");
+    ["feature", "share of the logit difference", ""].forEach(function (h) { dh.appendChild(el("th", null, h)); });
+    diff.appendChild(dh);
+    var colours = {};
+    ex.features.concat(cmp.features).forEach(function (f) { colours[f.feature] = f.colour; });
+    var dmax = Math.max.apply(null, cmp.difference.map(function (d) { return Math.abs(d.delta); }).concat([1e-9]));
+    cmp.difference.slice().sort(function (a, b) { return b.delta - a.delta; }).forEach(function (d) {
+      var tr = el("tr");
+      var td = el("td");
+      td.appendChild(Q.chip(Object.assign({}, d, {colour: colours[d.feature]})));
+      tr.appendChild(td);
+      tr.appendChild(el("td", {"class": "num"}, signed(d.delta, 3) + (d.delta >= 0 ? " for " + ex["class"] : " for " + cmp["class"])));
+      var cell = el("td");
+      cell.appendChild(bar(d.delta, dmax, 90));
+      tr.appendChild(cell);
+      diff.appendChild(tr);
+    });
     cmp.features.forEach(function (f) {
       if (sharedSet[f.feature]) return;  // drawn above already
-      cfeats.appendChild(card(f, data.heatmaps ? data.heatmaps[String(f.feature)] : null, "only " + cmp["class"], "only"));
+      cfeats.appendChild(card(f, data.heatmaps ? data.heatmaps[String(f.feature)] : null, "only " + cmp["class"], "only", head));
     });
   }
 
@@ -201,6 +204,51 @@
     run();
   }
 
+  // one PNG with the image and every feature's heatmap, labelled in the features' colours
+  function figure() {
+    if (!last) return;
+    var ex = last.explained, feats = ex.features.slice();
+    if (last.compare) last.compare.features.forEach(function (f) { if (!feats.some(function (g) { return g.feature === f.feature; })) feats.push(f); });
+    var tile = 260, pad = 14, titleH = 46, cols = Math.min(feats.length + 1, 4), rows = Math.ceil((feats.length + 1) / cols);
+    var canvas = el("canvas");
+    canvas.width = cols * (tile + pad) + pad;
+    canvas.height = rows * (tile + titleH + pad) + pad + 40;
+    var ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#ffffff";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.fillStyle = "#1d2330";
+    ctx.font = "bold 16px sans-serif";
+    ctx.fillText(Q.ellipsize(ctx, (file.name || "image") + " → " + ex["class"] + " (p = " + ex.probability.toFixed(3) + ")" +
+      (last.compare ? " vs " + last.compare["class"] : ""), canvas.width - 2 * pad), pad, 26);
+    var jobs = [Q.loadImage(photoUrl)].concat(feats.map(function (f) { return Q.loadImage(last.heatmaps[String(f.feature)]); }));
+    Promise.all(jobs).then(function (imgs) {
+      imgs.forEach(function (img, i) {
+        var x = pad + (i % cols) * (tile + pad), y = 40 + pad + Math.floor(i / cols) * (tile + titleH + pad);
+        var s = Math.min(tile / imgs[0].naturalWidth, tile / imgs[0].naturalHeight);
+        var w = imgs[0].naturalWidth * s, h = imgs[0].naturalHeight * s;
+        ctx.drawImage(imgs[0], x, y + titleH, w, h);
+        ctx.font = "13px sans-serif";
+        ctx.fillStyle = "#1d2330";
+        if (i === 0) { ctx.fillText("input", x, y + titleH - 8); return; }
+        var f = feats[i - 1];
+        ctx.globalAlpha = Number(opacity.value) / 100;
+        ctx.drawImage(img, x, y + titleH, w, h);
+        ctx.globalAlpha = 1;
+        ctx.strokeStyle = f.colour;
+        ctx.lineWidth = 5;
+        ctx.strokeRect(x, y + titleH, w, h);
+        ctx.fillStyle = f.colour;
+        ctx.fillRect(x, y + 6, 14, 14);
+        ctx.fillStyle = "#1d2330";
+        ctx.font = "bold 13px sans-serif";
+        ctx.fillText(Q.ellipsize(ctx, f.label, tile - 20), x + 20, y + 18);
+        ctx.font = "12px sans-serif";
+        ctx.fillText("contribution " + signed(f.contribution, 2) + ", activation " + sig(f.activation, 3), x, y + 36);
+      });
+      Q.downloadCanvas(canvas, "explain-" + (file.name || "image").replace(/[^\w.-]+/g, "_") + ".png");
+    }).catch(function (err) { setStatus("The figure could not be drawn: " + err, true); });
+  }
+
   input.addEventListener("change", function () { useFile(input.files[0]); });
   ["dragenter", "dragover"].forEach(function (name) {
     drop.addEventListener(name, function (ev) { ev.preventDefault(); drop.classList.add("over"); });
@@ -213,7 +261,11 @@
   });
   explainSel.addEventListener("change", run);
   compareSel.addEventListener("change", run);
-  form.addEventListener("submit", function (ev) { ev.preventDefault(); run(); });
+  document.getElementById("explain-form").addEventListener("submit", function (ev) { ev.preventDefault(); run(); });
+  document.getElementById("json-download").addEventListener("click", function () {
+    if (last) Q.downloadJSON(last, "explain-" + (file.name || "image").replace(/[^\w.-]+/g, "_") + ".json");
+  });
+  document.getElementById("figure-download").addEventListener("click", figure);
   function applyOpacity() { document.documentElement.style.setProperty("--heat-opacity", String(opacity.value / 100)); }
   opacity.addEventListener("input", applyOpacity);
   applyOpacity();
@@ -221,4 +273,13 @@
   var params = new URLSearchParams(window.location.search);
   if (params.has("class")) explainSel.value = params.get("class");
   if (params.has("compare")) compareSel.value = params.get("compare");
+  if (params.has("test") && /^\d{1,9}$/.test(params.get("test"))) {  // a test image, e.g. from /misclassified
+    var n = params.get("test");
+    setStatus("Loading test image " + n + "…", false);
+    fetch("/api/test-images/" + n + ".png").then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.blob();
+    }).then(function (b) { useFile(new File([b], "test image " + n + ".png", {type: "image/png"})); })
+      .catch(function (err) { setStatus("Test image " + n + " could not be loaded: " + err, true); });
+  }
 })();

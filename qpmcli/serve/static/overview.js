@@ -6,6 +6,16 @@
   var count = document.getElementById("search-count");
   if (!grid) return;
   var rows = Array.prototype.slice.call(grid.tBodies[0].rows);
+  if (grid.classList.contains("dense")) {  // a dense head: each cell coloured by its weight (diverging, one scale)
+    var cells = grid.querySelectorAll("td[data-w]");
+    var max = 1e-12;
+    Array.prototype.forEach.call(cells, function (c) { max = Math.max(max, Math.abs(Number(c.getAttribute("data-w")))); });
+    Array.prototype.forEach.call(cells, function (c) {
+      var w = Number(c.getAttribute("data-w")) / max, a = Math.min(1, Math.abs(w));
+      c.style.background = w >= 0 ? "rgba(178,24,43," + a.toFixed(3) + ")" : "rgba(33,102,172," + a.toFixed(3) + ")";
+      c.title = "weight " + c.getAttribute("data-w");
+    });
+  }
   var heads = grid.tHead.rows[0].cells;
 
   function highlight(col, on) {
