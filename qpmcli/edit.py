@@ -58,7 +58,7 @@ def parse_row(text: str) -> tuple[str, list[int]]:
 
 def resolve_class(query: str, names: list[str], flag: str) -> int:
     """A class index from a name or index, as ``qpm explain --class`` resolves it; the flag in the error."""
-    from qpmcli.explain import resolve_class as resolve
+    from qpmcli.evidence import resolve_class as resolve
 
     try:
         return resolve(query, names)

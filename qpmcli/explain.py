@@ -1,27 +1,17 @@
-"""Explanations people can look at: ``qpm explain``.
+"""Explanations people can look at: the figures of ``qpm explain`` (matplotlib, Agg backend, fixed pixel sizes).
 
-A QPM model decides with a handful of features per class: ``logit_c = sum_k W[c, k] * (f_k - mu_k) / sigma_k`` where
-``f_k`` is the spatial mean of feature map ``F_k``. Everything here reads that sum back out of one forward pass:
+What an explanation *says* (activations, contributions, the comparison of two classes, the one colour rule) is
+:mod:`qpmcli.evidence`'s, without drawing; this module draws it:
 
 - **local** (:func:`render_local`): the input, the prediction with runner-ups, each of the class's features drawn
-  where it fires (its map upsampled onto the image) with its activation and its contribution to the logit, and the
-  combined evidence map ``sum_k W[c, k] * F_k / sigma_k`` (the per-patch split of the logit, up to a constant);
+  where it fires (its map upsampled onto the image, :data:`~qpmcli.evidence.HEAT_CMAP` with a colour bar) with its
+  activation (spatial mean) and its contribution to the logit, and the combined evidence map;
 - **contrastive** (:func:`render_compare`): two classes side by side: the features they share (which cancel in the
-  logit difference of a binary W) and the ones that tell them apart;
-- **global** (:func:`render_global`): a class's features, each shown by the training patches that activate it most.
-  Those prototypes are computed once after training (:func:`qpmcli.prototypes.build_prototypes`, stored in
-  ``<run>/prototypes/``) and read back by :func:`qpmcli.prototypes.load_prototypes` from a run directory or from an
-  exported ONNX file's ``qpm_prototypes`` metadata, so explaining never needs the training data;
-- **HTML** (:func:`render_html`): one self-contained report (figures as data URIs) for one image or a folder.
-
-Every function renders from a :class:`qpmcli.modelfile.ClassifierMetadata` (or a plain mapping with at least
-``weight``, turned into one by :meth:`~qpmcli.modelfile.ClassifierMetadata.coerce`); the head arithmetic (z-scores,
-contributions, evidence weights) is the metadata's own, so figures and ``qpm predict`` agree.
-
-Feature ids are the *dense* feature indices (``feature 305``), the same in every figure. Colours follow one rule
-(:func:`class_colours`, shared with ``qpm serve``): the features of the class in view take the colour-blind-safe
-:data:`PALETTE` in order, so one class's features never share a colour; heatmaps use the perceptual
-:data:`HEAT_CMAP` with a colour bar. Figures are drawn with matplotlib's Agg backend at a fixed pixel size.
+  logit difference only where both weigh them the same, as a binary W does) and the ones that tell them apart;
+- **global** (:func:`render_global`): a class's features, each shown by the training patches where its map peaks
+  highest (boxed). Those prototypes are computed once after training (:func:`qpmcli.prototypes.build_prototypes`)
+  and read from a run directory or from an exported ONNX file's ``qpm_prototypes`` metadata;
+- the HTML report is :mod:`qpmcli.explainhtml`'s, the prediction-set tree :mod:`qpmcli.setview`'s.
 
 :func:`explain` is the library call behind the CLI; it uses :func:`qpmcli.predict.load_classifier`, so it works the
 same from a run directory (PyTorch) and from an ``.onnx`` file (ONNX Runtime).
@@ -31,17 +21,30 @@ from __future__ import annotations
 
 import base64
 import functools
-import html
 import io
 import os
 import re
 import textwrap
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
-from qpmcli.modelfile import ClassifierMetadata, parse_prototypes, softmax
+from qpmcli.evidence import (
+    EVIDENCE_CMAP,
+    HEAT_CMAP,
+    PALETTE,
+    LocalExplanation,
+    class_colours,
+    class_columns,
+    colour_rgb,
+    compare_classes,
+    compare_colours,
+    evidence_map,
+    explain_output,
+    resolve_class,
+    upsample,
+)
+from qpmcli.modelfile import ClassifierMetadata, parse_prototypes
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -49,62 +52,10 @@ if TYPE_CHECKING:  # pragma: no cover
 DPI = 100
 LOCAL_FIGSIZE = (16.0, 7.2)  # -> 1600 x 720 px
 MAX_DISPLAY = 320  # longest side of the input as drawn in figures (px)
-HEAT_CMAP = "viridis"  # perceptually uniform, readable in grey and under colour-vision deficiencies
-EVIDENCE_CMAP = "RdBu_r"  # diverging (ColorBrewer, colour-blind safe): for maps with both signs
-# Paul Tol's "muted" qualitative palette (designed for colour-blind readers), ordered so that every prefix is as far
-# apart as possible under protan/deutan/tritan simulation (the first 5, one QPM class, stay >= 27 CIELAB units
-# apart), then black: ten colours for the explained class's features and the compared class's own ones.
-PALETTE = ("#332288", "#DDCC77", "#88CCEE", "#882255", "#117733", "#999933", "#CC6677", "#AA4499", "#44AA99",
-           "#000000")
+
 
 
 # ---------------------------------------------------------------------------------------------- small helpers
-def feature_colours(feature_ids: list[int]) -> dict[int, str]:
-    """Colours of the features shown together in one view: the i-th distinct id takes ``PALETTE[i]`` (cycling only
-    beyond ten)."""
-    out: dict[int, str] = {}
-    for fid in feature_ids:
-        out.setdefault(int(fid), PALETTE[len(out) % len(PALETTE)])
-    return out
-
-
-def class_colours(metadata: ClassifierMetadata | dict[str, Any], class_index: int, other: int | None = None, *,
-                  columns: list[int] | None = None, other_columns: list[int] | None = None) -> dict[int, str]:
-    """The one colour rule of every figure and page: ``{feature id: "#rrggbb"}`` for a class's features in the
-    order of W's columns (a dense head: ``columns``, the ones shown, in their order; default its 10 largest |W|),
-    then the features of class ``other`` that the class does not use. So a class's features are always distinct,
-    and a feature has the same colour in the CLI figure and on the web page of the same view."""
-    import numpy as np
-
-    meta = ClassifierMetadata.coerce(metadata)
-    w, ids = meta.weight, meta.features
-
-    def cols(c: int, given: list[int] | None) -> list[int]:
-        if given is not None:
-            return [int(k) for k in given]
-        nz = np.flatnonzero(w[c] != 0)
-        return [int(k) for k in nz] if len(nz) <= 10 else class_columns(w, c, 10)
-
-    order = cols(class_index, columns) + ([] if other is None else cols(other, other_columns))
-    return feature_colours([ids[k] for k in order])
-
-
-def compare_colours(expl_a: LocalExplanation, expl_b: LocalExplanation) -> dict[int, str]:
-    """The colours of a comparison: class A's features as in A's own view, then B's other features in B's view
-    order (so A's colours do not change when a compared class is chosen)."""
-    colours = {e.feature: e.colour for e in expl_a.features}
-    rank = {c: i for i, c in enumerate(PALETTE)}
-    for e in sorted(expl_b.features, key=lambda e: rank.get(e.colour, len(PALETTE))):
-        colours.setdefault(e.feature, PALETTE[len(colours) % len(PALETTE)])
-    return colours
-
-
-def colour_rgb(colour: str) -> tuple[float, float, float]:
-    """``"#rrggbb"`` as RGB floats in [0, 1] (what matplotlib and numpy blending take)."""
-    h = colour.lstrip("#")
-    return tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
-
-
 def slug(text: str, limit: int = 48) -> str:
     """A file-name-safe version of a class name."""
     s = re.sub(r"[^A-Za-z0-9_]+", "-", str(text)).strip("-_").lower()
@@ -118,185 +69,6 @@ def _short(text: str, width: int = 30) -> str:
 
 def _wrap(text: str, width: int = 34, lines: int = 2) -> str:
     return "\n".join(textwrap.wrap(str(text), width=width, max_lines=lines, placeholder="\u2026")) or str(text)
-
-
-def upsample(grid_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of a ``[h, w]`` map to ``size = (H, W)`` (PIL float image; the grid covers the image)."""
-    import numpy as np
-    from PIL import Image
-
-    arr = np.ascontiguousarray(grid_map, dtype=np.float32)
-    out = Image.fromarray(arr, mode="F").resize((int(size[1]), int(size[0])), Image.Resampling.BILINEAR)
-    return np.asarray(out, dtype=np.float32)
-
-
-def mask_fraction(saliency: np.ndarray, mask: np.ndarray) -> float:
-    """Share of a non-negative saliency map's mass that lies inside ``mask`` (same shape); NaN for an empty map."""
-    import numpy as np
-
-    s = np.clip(np.asarray(saliency, dtype=np.float64), 0.0, None)
-    total = float(s.sum())
-    if total <= 0.0:
-        return float("nan")
-    return float(s[np.asarray(mask, dtype=bool)].sum() / total)
-
-
-def resolve_class(query: str | int, class_names: list[str]) -> int:
-    """Class index from a name (exact, then case-insensitive, then a unique substring) or an integer index."""
-    q = str(query).strip()
-    if q in class_names:
-        return class_names.index(q)
-    lower = [c.lower() for c in class_names]
-    if q.lower() in lower:
-        return lower.index(q.lower())
-    if re.fullmatch(r"-?\d+", q):
-        i = int(q) if len(q) <= 18 else None  # thousands of digits: out of range (and beyond int()'s own limit)
-        if i is not None and 0 <= i < len(class_names):
-            return i
-        shown = q if len(q) <= 24 else f"{q[:12]}...({len(q)} digits)"
-        raise ConfigError(f"class index {shown} is out of range 0..{len(class_names) - 1}")
-    hits = [i for i, c in enumerate(lower) if q.lower() in c]
-    if len(hits) == 1:
-        return hits[0]
-    examples = ", ".join(repr(c) for c in (class_names[i] for i in hits[:4]) if c) if hits else \
-        ", ".join(repr(c) for c in class_names[:4])
-    what = f"{len(hits)} classes match" if hits else "no class matches"
-    raise ConfigError(f"{what} {q!r} (e.g. {examples}); give an exact class name or a class index")
-
-
-# ------------------------------------------------------------------------------------------- the explanation
-@dataclass
-class FeatureEvidence:
-    """One feature's part in one class's logit for one image."""
-
-    feature: int  # dense feature index: the stable id shown in every figure
-    column: int  # column of W / channel of the model's maps
-    weight: float  # W[c, k]
-    activation: float  # pooled (spatial mean) feature value f_k
-    zscore: float | None  # (f_k - mu_k) / sigma_k, what the head multiplies by W
-    contribution: float  # W[c, k] * zscore (or W * f_k without standardisation)
-    peak: float  # the map's maximum
-    peak_at: list[int]  # [row, col] of the maximum on the token grid
-    name: str | None = None  # its best name (`qpm name-features`), None without one
-    label: str = ""  # how every surface prints it: "f12 red circle" or "f12" (ClassifierMetadata.feature_label)
-    colour: str = ""  # "#rrggbb" in this view (class_colours)
-
-
-@dataclass
-class LocalExplanation:
-    """Why one image got (or would get) one class: the class's features with activation and contribution."""
-
-    image: str
-    class_index: int
-    class_name: str
-    probability: float
-    logit: float
-    bias: float
-    predicted_index: int
-    predicted_name: str
-    top: list[dict[str, Any]]
-    features: list[FeatureEvidence]
-    figure: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def metadata_dict(meta: Any) -> dict[str, Any]:
-    """A plain dict view of a classifier's metadata (a :class:`qpmcli.modelfile.ClassifierMetadata` or a dict).
-
-    Every function here also takes the :class:`~qpmcli.modelfile.ClassifierMetadata` itself; this view is for
-    callers that want to add or override entries."""
-    if isinstance(meta, dict):
-        return dict(meta)
-    keys = ("class_names", "features", "weight", "mu", "sigma", "bias", "backbone", "weights_digest", "grid",
-            "image_size", "preprocess", "prototypes", "feature_names")
-    return {k: getattr(meta, k) for k in keys if hasattr(meta, k)}
-
-
-def class_columns(weight: np.ndarray, class_index: int, max_features: int = 5,
-                  contributions: np.ndarray | None = None) -> list[int]:
-    """The columns a class uses: nonzero weights (all 5 of a QPM class); beyond ``max_features`` the largest |W|,
-    or the largest |contribution| when given (a dense head uses every feature)."""
-    import numpy as np
-
-    row = np.asarray(weight[class_index], dtype=np.float64)
-    cols = np.flatnonzero(row != 0)
-    if len(cols) > max_features:
-        key = np.abs(contributions[cols]) if contributions is not None else np.abs(row[cols])
-        cols = cols[np.argsort(-key, kind="stable")[:max_features]]
-    return [int(c) for c in cols]
-
-
-def explain_output(logits: np.ndarray, maps: np.ndarray, features: np.ndarray,
-                   metadata: ClassifierMetadata | dict[str, Any], *, image: str = "", class_index: int | None = None,
-                   max_features: int = 5, top_k: int = 5, colours: dict[int, str] | None = None) -> LocalExplanation:
-    """Turn one image's model output (``logits [C]``, ``maps [K, h, w]``, ``features [K]``) into the evidence of
-    ``class_index`` (default: the predicted class), features ordered by contribution (largest first). ``colours``:
-    the view's feature colours (default :func:`class_colours` of the class; a comparison passes the pair's)."""
-    import numpy as np
-
-    meta = ClassifierMetadata.coerce(metadata)
-    w, ids, bias, names = meta.weight, meta.features, meta.bias, meta.class_names
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    f = np.asarray(features, dtype=np.float64).reshape(-1)
-    maps = np.asarray(maps, dtype=np.float32)
-    probs = softmax(logits)
-    pred = int(np.argmax(logits))
-    c = pred if class_index is None else int(class_index)
-    z = meta.standardize(f, np.float64) if meta.standardized else None
-    contrib_all = meta.contributions(f, c, np.float64)[0]
-    cols = class_columns(w, c, max_features, contrib_all)
-    if colours is None:
-        dense = int((w[c] != 0).sum()) > max_features
-        colours = class_colours(meta, c, columns=cols if dense else None)
-    evidence = []
-    for k in cols:
-        m = maps[k]
-        r, q = np.unravel_index(int(np.argmax(m)), m.shape)
-        evidence.append(FeatureEvidence(feature=ids[k], column=k, weight=float(w[c, k]), activation=float(f[k]),
-                                        zscore=None if z is None else float(z[k]),
-                                        contribution=float(contrib_all[k]), peak=float(m.max()),
-                                        peak_at=[int(r), int(q)], name=meta.feature_name(ids[k]),
-                                        label=meta.feature_label(ids[k]),
-                                        colour=colours.get(int(ids[k]), PALETTE[-1])))
-    evidence.sort(key=lambda e: -e.contribution)
-    order = list(np.argsort(-logits, kind="stable")[:top_k])
-    if c not in order:  # an explained class outside the top-k still gets its bar
-        order.append(c)
-    top = [{"index": int(i), "class": names[i], "probability": float(probs[i]), "logit": float(logits[i])}
-           for i in order]
-    return LocalExplanation(image=image, class_index=c, class_name=names[c], probability=float(probs[c]),
-                            logit=float(logits[c]), bias=float(bias[c]) if bias is not None else 0.0,
-                            predicted_index=pred, predicted_name=names[pred], top=top, features=evidence)
-
-
-def evidence_map(maps: np.ndarray, metadata: ClassifierMetadata | dict[str, Any], class_index: int) -> np.ndarray:
-    """Per-patch evidence for a class, ``sum_k W[c, k] * F_k / sigma_k`` ``[h, w]``: its spatial mean minus the
-    constant ``sum_k W[c, k] * mu_k / sigma_k`` (plus bias) is the logit, so it shows where the logit comes from."""
-    import numpy as np
-
-    row = ClassifierMetadata.coerce(metadata).evidence_weights(class_index)
-    return np.tensordot(row, np.asarray(maps, dtype=np.float64), axes=(0, 0))
-
-
-def compare_classes(metadata: ClassifierMetadata | dict[str, Any], class_a: int, class_b: int,
-                    columns_a: list[int] | None = None, columns_b: list[int] | None = None) -> dict[str, list[int]]:
-    """Columns of W used by both classes (``shared``) and by only one (``only_a``, ``only_b``), plus dense ids.
-
-    ``columns_a``/``columns_b`` restrict the comparison to the columns shown for each class (a dense head, where
-    every class uses every feature, is compared on the features that matter most for this image)."""
-    import numpy as np
-
-    meta = ClassifierMetadata.coerce(metadata)
-    w, ids = meta.weight, meta.features
-    a = set(columns_a) if columns_a is not None else set(np.flatnonzero(w[class_a] != 0).tolist())
-    b = set(columns_b) if columns_b is not None else set(np.flatnonzero(w[class_b] != 0).tolist())
-    out = {"shared": sorted(a & b), "only_a": sorted(a - b), "only_b": sorted(b - a)}
-    for key in list(out):
-        out[f"{key}_features"] = [ids[k] for k in out[key]]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- drawing
@@ -706,88 +478,6 @@ def render_global(class_index: int, metadata: ClassifierMetadata | dict[str, Any
 
 
 # ---------------------------------------------------------------------------------------------------- HTML
-def _data_uri(path: str | os.PathLike[str]) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1700px}
-h1{font-size:22px} h2{font-size:18px;margin-top:36px;border-bottom:1px solid #ccc;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0;font-size:13px}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f4f4} td.l,th.l{text-align:left} img.fig{max-width:100%;border:1px solid #eee}
-.sw{display:inline-block;width:11px;height:11px;border-radius:2px;margin-right:5px;vertical-align:middle}
-.meta{color:#555;font-size:13px}
-"""
-
-
-def render_html(summary: dict[str, Any], path: str | os.PathLike[str], title: str = "qpm explain") -> Path:
-    """One self-contained HTML report from :func:`explain`'s summary: every figure embedded as a data URI."""
-    from qpmcli.artifact import atomic_write_text
-
-
-    labels = summary.get("feature_labels") or {}  # {feature id: ClassifierMetadata.feature_label}, from explain()
-
-    def label(fid: int) -> str:
-        return str(labels.get(str(fid)) or f"f{fid}")
-
-    esc = html.escape
-    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{esc(title)}</title>\n"
-             f"<style>{_CSS}</style>\n</head>\n<body>\n<h1>{esc(title)}</h1>\n"
-             f"<p class=\"meta\">model: {esc(str(summary.get('model', '')))} &middot; backbone: "
-             f"{esc(str(summary.get('backbone', '')))} &middot; {len(summary.get('images', []))} image(s)</p>\n"]
-    glob = summary.get("global")
-    if glob:
-        parts.append(f"<h2>Class {esc(glob['class'])}: global explanation</h2>\n"
-                     f"<p>Features {esc(', '.join(label(f) for f in glob['features']))}, each shown by the training "
-                     f"patches that activate it most.</p>\n"
-                     f"<img class=\"fig\" src=\"{_data_uri(glob['figure'])}\" alt=\"global explanation of "
-                     f"{esc(glob['class'])}\">\n")
-    for item in summary.get("images", []):
-        if "error" in item:
-            parts.append(f"<h2>{esc(Path(item['image']).name)}</h2>\n<p class=\"meta\">skipped: "
-                         f"{esc(item['error'])}</p>\n")
-            continue
-        parts.append(f"<h2>{esc(Path(item['image']).name)}</h2>\n<p>{esc(item['class_name'])} &mdash; "
-                     f"probability {item['probability']:.3f}, logit {item['logit']:+.3f}"
-                     + ("" if item["class_index"] == item["predicted_index"]
-                        else f" (predicted: {esc(item['predicted_name'])})") + "</p>\n")
-        parts.append("<table><tr><th class=\"l\">feature</th><th>activation</th><th>z</th><th>weight</th>"
-                     "<th>contribution</th></tr>\n")
-        for e in item["features"]:
-            z = "" if e["zscore"] is None else f"{e['zscore']:+.3f}"
-            parts.append(f"<tr><td class=\"l\"><span class=\"sw\" style=\"background:{e.get('colour') or '#000'}\">"
-                         f"</span>{esc(e.get('label') or label(e['feature']))}</td><td>{e['activation']:.4f}</td>"
-                         f"<td>{z}</td>"
-                         f"<td>{e['weight']:+g}</td><td>{e['contribution']:+.3f}</td></tr>\n")
-        parts.append("</table>\n<table><tr><th class=\"l\">runner-ups</th><th>probability</th></tr>\n")
-        for t in item["top"]:
-            parts.append(f"<tr><td class=\"l\">{esc(t['class'])}</td><td>{t['probability']:.3f}</td></tr>\n")
-        parts.append("</table>\n")
-        if item.get("figure"):
-            parts.append(f"<img class=\"fig\" src=\"{_data_uri(item['figure'])}\" alt=\"local explanation of "
-                         f"{esc(Path(item['image']).name)}\">\n")
-        if item.get("set"):
-            ps = item["set"]
-            parts.append(f"<h3>{100 * ps['coverage']:g}% prediction set ({esc(ps['score'])}): "
-                         f"{esc(', '.join(ps['set'])) or 'empty'}</h3>\n<img class=\"fig\" "
-                         f"src=\"{_data_uri(ps['figure'])}\" alt=\"prediction set\">\n")
-        cmp_ = item.get("compare")
-        if cmp_ and "skipped" in cmp_:
-            parts.append(f"<p class=\"meta\">no contrastive view: {esc(cmp_['skipped'])}</p>\n")
-        elif cmp_:
-            def listed(ids: list[int]) -> str:
-                return esc(", ".join(label(f) for f in ids)) or "none"
-
-            parts.append(f"<h3>{esc(cmp_['class_a'])} vs {esc(cmp_['class_b'])}</h3>\n<p>shared features: "
-                         f"{listed(cmp_['shared'])}; only {esc(cmp_['class_a'])}: "
-                         f"{listed(cmp_['only_a'])}; only {esc(cmp_['class_b'])}: "
-                         f"{listed(cmp_['only_b'])}</p>\n"
-                         f"<img class=\"fig\" src=\"{_data_uri(cmp_['figure'])}\" alt=\"contrastive explanation\">\n")
-    parts.append("</body>\n</html>\n")
-    return atomic_write_text(path, "".join(parts))
-
-
 # ------------------------------------------------------------------------------------------------ the command
 def _unique_stem(path: Path, used: set[str]) -> str:
     stem = slug(path.stem, 60) or "image"
@@ -912,7 +602,7 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
 
                     item["set"] = prediction_set(calibration, md, logits, feats)
                     item["set"]["figure"] = str(render_set_tree(item["set"], out / f"{stem}_set.png",
-                                                                colour=feature_colour, title=p.name))
+                                                                title=p.name))
                 if cmp_idx is not None and cmp_idx == expl.class_index:  # predicted class == --compare
                     item["compare"] = {"skipped": f"the image is explained as {names[cmp_idx]} itself"}
                 elif cmp_idx is not None:
@@ -937,6 +627,8 @@ def explain(images: list[str | os.PathLike[str]], model: str | os.PathLike[str],
         raise ImageError(f"none of the {len(paths)} image(s) could be read; first error: "
                          f"{summary['images'][0]['error']}")
     if html_report:
+        from qpmcli.explainhtml import render_html
+
         summary["html"] = str(render_html(summary, out / "report.html",
                                           title=f"qpm explain \u2014 {Path(str(model)).name}"))
     written = {Path(f).name for f in _figures(summary)}
@@ -979,8 +671,4 @@ def _figures(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-__all__ = [
-    "class_colours", "class_columns", "colour_rgb", "compare_classes", "compare_colours", "evidence_map", "explain",
-    "explain_output", "feature_colours", "FeatureEvidence", "LocalExplanation", "mask_fraction", "metadata_dict",
-    "PALETTE", "render_compare", "render_global", "render_html", "render_local", "resolve_class",
-]
+__all__ = ["explain", "render_compare", "render_global", "render_local", "slug"]

@@ -4,15 +4,15 @@ Each member's features are ranked by their contribution on the image (:func:`qpm
 tree is the prefix tree of those rankings: the trunk is the ranked features every member shares (for ``hier`` at
 least the first L), each fork is a feature where the members part, and a class ends at the feature that is its own
 alone, followed by its name, probability and the rest of its ranking. Members keep their best-first order within
-every fork. Colours are the feature colours of every other figure (passed in by :mod:`qpmcli.explain`, which owns
-them); features are printed by their labels (:func:`qpmcli.conformal.set_feature_label`: ``f12``, with its name
-once ``qpm name-features`` has named it).
+every fork. Colours follow the one rule of every figure (:func:`qpmcli.evidence.set_colours`: the PALETTE in the
+order the tree draws the features); features are printed by their labels (:func:`qpmcli.conformal.set_feature_label`:
+``f12``, with its name once ``qpm name-features`` has named it).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +67,9 @@ def _short(text: str, width: int) -> str:
 
 
 def render_set_tree(detail: Mapping[str, Any], path: str | os.PathLike[str], *,
-                    colour: Callable[[int], tuple[float, float, float]], title: str = "") -> Path:
-    """Draw ``detail`` (:func:`qpmcli.conformal.prediction_set`) into a PNG at ``path`` (written atomically)."""
+                    colours: Mapping[int, str] | None = None, title: str = "") -> Path:
+    """Draw ``detail`` (:func:`qpmcli.conformal.prediction_set`) into a PNG at ``path`` (written atomically), the
+    features in ``colours`` (``{feature id: "#rrggbb"}``; default :func:`qpmcli.evidence.set_colours`)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -76,6 +77,9 @@ def render_set_tree(detail: Mapping[str, Any], path: str | os.PathLike[str], *,
 
     from qpmcli.artifact import atomic_path
     from qpmcli.conformal import set_feature_label
+    from qpmcli.evidence import PALETTE, colour_rgb, set_colours
+
+    colours = set_colours(detail) if colours is None else colours
 
     members = list(detail["members"])
     shown = members[:MAX_BRANCHES]
@@ -104,7 +108,7 @@ def render_set_tree(detail: Mapping[str, Any], path: str | os.PathLike[str], *,
             return 0.75 + STEP * d
 
         def chip(d: int, y: float, fid: int) -> None:
-            r, g, b = colour(fid)
+            r, g, b = colour_rgb(colours.get(int(fid), PALETTE[-1]))
             ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.55 else "white"
             fid_, _, name = set_feature_label(detail, fid).partition(" ")  # the name (if any) under the id
             ax.text(x_of(d), y, fid_ + (f"\n{_short(name, 14)}" if name else ""), ha="center", va="center",

@@ -175,7 +175,6 @@ def test_a_sets_features_are_printed_by_the_models_labels(tmp_path):
     """Feature ids in a set (its line, its tree) go through ``ClassifierMetadata.feature_label``: a named feature
     shows its name (``qpm name-features``), the others their id."""
     from qpmcli.commands._common import set_line
-    from qpmcli.explain import feature_colour
     from qpmcli.setview import render_set_tree
 
     weight = np.array([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [1, 0, 1, 0, 0, 1], [0, 1, 0, 1, 0, 1]], np.float32)
@@ -189,7 +188,7 @@ def test_a_sets_features_are_printed_by_the_models_labels(tmp_path):
     assert C.set_feature_label(got, 12) == "f12 white head" and C.set_feature_label(got, 99) == "f99"
     line = set_line(got)
     assert "all rank f12 white head, f10 first" in line and "gull a at f11" in line and "gull b at f15" in line
-    assert render_set_tree(got, tmp_path / "named.png", colour=feature_colour, title="named").stat().st_size > 0
+    assert render_set_tree(got, tmp_path / "named.png", title="named").stat().st_size > 0
 
 
 @pytest.mark.parametrize("score", C.SCORES)
@@ -242,7 +241,6 @@ def test_the_set_tree_draws_empty_single_and_crowded_sets(tmp_path):
     """The tree grows with the set (one row per member, at most MAX_BRANCHES drawn) and an empty set is a figure too."""
     from PIL import Image
 
-    from qpmcli.explain import feature_colour
     from qpmcli.setview import MAX_BRANCHES, render_set_tree
 
     data = C.synthetic_outputs(1, 30, 60, 5, seed=2)
@@ -251,7 +249,7 @@ def test_the_set_tree_draws_empty_single_and_crowded_sets(tmp_path):
     for name, threshold in (("empty", -2.0), ("crowded", None), ("some", 0.95)):
         entry = {"alpha": 0.1, "coverage": 0.9, "score": "hier", "level": 1, "threshold": threshold}
         detail = C.prediction_set(entry, meta, data["logits"][0], data["values"][0])
-        path = render_set_tree(detail, tmp_path / f"{name}.png", colour=feature_colour, title=name)
+        path = render_set_tree(detail, tmp_path / f"{name}.png", title=name)
         with Image.open(path) as im:
             heights[name] = (detail["size"], im.height)
     assert heights["empty"][0] == 0 and heights["crowded"][0] == 30 and 0 < heights["some"][0] < 30

@@ -19,6 +19,7 @@ from builders import MADE_ARCH, MADE_FEATURE_IDS, MADE_IMAGE_SIZE, MADE_W
 from conftest import CliResult, invoke, isolated_environ
 from PIL import Image
 
+from qpmcli import evidence as V
 from qpmcli import explain as E
 from qpmcli import prototypes as P
 from qpmcli.errors import ArtifactError, ConfigError, ImageError
@@ -38,9 +39,9 @@ def distinct_colours(img: np.ndarray) -> int:
 # ------------------------------------------------------------------------------------------ pure functions
 def test_compare_classes_splits_shared_and_distinct_features_by_dense_id():
     md = {"weight": W, "features": FEATURE_IDS, "class_names": ["a", "b", "c", "d"]}
-    g = E.compare_classes(md, 0, 1)
+    g = V.compare_classes(md, 0, 1)
     assert g["shared_features"] == [2, 3] and g["only_a_features"] == [5] and g["only_b_features"] == [7]
-    g = E.compare_classes(md, 0, 2)
+    g = V.compare_classes(md, 0, 2)
     assert g["shared_features"] == [] and g["only_a_features"] == [2, 3, 5] and g["only_b_features"] == [7, 8, 11]
 
 
@@ -54,15 +55,15 @@ def test_contributions_plus_bias_sum_to_the_logit_and_are_sorted():
     md = {"weight": W, "features": FEATURE_IDS, "mu": mu, "sigma": sigma, "bias": bias,
           "class_names": ["a", "b", "c", "d"]}
     for c in range(4):
-        ex = E.explain_output(logits, maps, f, md, class_index=c)
+        ex = V.explain_output(logits, maps, f, md, class_index=c)
         assert len(ex.features) == 3
         assert sum(e.contribution for e in ex.features) + ex.bias == pytest.approx(logits[c], abs=1e-9)
         contribs = [e.contribution for e in ex.features]
         assert contribs == sorted(contribs, reverse=True)
         assert {e.feature for e in ex.features} == {FEATURE_IDS[k] for k in np.flatnonzero(W[c])}
-    ex = E.explain_output(logits, maps, f, md)
+    ex = V.explain_output(logits, maps, f, md)
     assert ex.class_index == int(np.argmax(logits)) and ex.top[0]["index"] == ex.class_index
-    assert sum(t["probability"] for t in E.explain_output(logits, maps, f, md, top_k=4).top) == pytest.approx(1.0)
+    assert sum(t["probability"] for t in V.explain_output(logits, maps, f, md, top_k=4).top) == pytest.approx(1.0)
 
 
 def test_evidence_map_mean_recovers_the_logit():
@@ -74,19 +75,19 @@ def test_evidence_map_mean_recovers_the_logit():
     for c in range(4):
         logit = W[c] @ ((f - mu) / sigma)
         const = W[c] @ (mu / sigma)
-        assert E.evidence_map(maps, md, c).mean() - const == pytest.approx(logit, abs=1e-9)
+        assert V.evidence_map(maps, md, c).mean() - const == pytest.approx(logit, abs=1e-9)
 
 
 def test_mask_fraction_and_upsampling():
     m = np.zeros((4, 4), np.float32)
     m[1, 1] = 1.0
-    up = E.upsample(m, (40, 40))
+    up = V.upsample(m, (40, 40))
     assert up.shape == (40, 40) and up.argmax() // 40 in range(10, 20)
     mask = np.zeros((40, 40), bool)
     mask[10:20, 10:20] = True
-    assert E.mask_fraction(up, mask) == pytest.approx(0.5625, abs=1e-6)  # bilinear tent: (3/4)^2 inside
-    assert E.mask_fraction(np.ones((2, 2)), np.array([[1, 0], [0, 0]], bool)) == pytest.approx(0.25)
-    assert np.isnan(E.mask_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)))
+    assert V.mask_fraction(up, mask) == pytest.approx(0.5625, abs=1e-6)  # bilinear tent: (3/4)^2 inside
+    assert V.mask_fraction(np.ones((2, 2)), np.array([[1, 0], [0, 0]], bool)) == pytest.approx(0.25)
+    assert np.isnan(V.mask_fraction(np.zeros((2, 2)), np.ones((2, 2), bool)))
 
 
 # Machado, Oliveira & Fernandes (2009), severity 1.0, on linear RGB: what protan, deutan and tritan viewers see
@@ -112,8 +113,8 @@ def test_palette_keeps_a_class_apart_for_colour_blind_readers():
     """The first 5 colours (one QPM class) stay >= 25 CIELAB units apart for normal, protan, deutan and tritan
     vision, all 10 (a comparison) >= 15 (the golden-ratio hues used before put two features of one demo class
     8 units apart for normal vision and 0.6 for tritan)."""
-    cols = np.array([E.colour_rgb(c) for c in E.PALETTE])
-    assert len(set(E.PALETTE)) == 10
+    cols = np.array([V.colour_rgb(c) for c in V.PALETTE])
+    assert len(set(V.PALETTE)) == 10
     for kind in ("normal", *CVD):
         lab = _lab(cols if kind == "normal" else _seen(cols, kind))
         d = np.linalg.norm(lab[:, None] - lab[None], axis=-1)
@@ -125,23 +126,23 @@ def test_class_colours_distinct_per_class_and_kept_in_the_comparison():
     W, FEATURE_IDS = MADE_W, MADE_FEATURE_IDS
     meta = {"weight": W, "features": FEATURE_IDS, "class_names": ["a", "b", "c", "d"]}
     for c in range(W.shape[0]):
-        colours = E.class_colours(meta, c)
+        colours = V.class_colours(meta, c)
         assert sorted(colours) == sorted(FEATURE_IDS[k] for k in np.flatnonzero(W[c]))
-        assert list(colours.values()) == list(E.PALETTE[:len(colours)])  # distinct, in W's column order
-    pair = E.class_colours(meta, 0, 1)
-    assert {f: pair[f] for f in E.class_colours(meta, 0)} == E.class_colours(meta, 0)  # A keeps its colours
+        assert list(colours.values()) == list(V.PALETTE[:len(colours)])  # distinct, in W's column order
+    pair = V.class_colours(meta, 0, 1)
+    assert {f: pair[f] for f in V.class_colours(meta, 0)} == V.class_colours(meta, 0)  # A keeps its colours
     assert len(set(pair.values())) == len(pair)
 
 
 def test_resolve_class_by_name_index_and_substring():
     names = ["red circle + blue star", "red circle + green ring", "Black Tern"]
-    assert E.resolve_class("black tern", names) == 2
-    assert E.resolve_class("1", names) == 1
-    assert E.resolve_class("green", names) == 1
+    assert V.resolve_class("black tern", names) == 2
+    assert V.resolve_class("1", names) == 1
+    assert V.resolve_class("green", names) == 1
     with pytest.raises(ConfigError, match="2 classes match"):
-        E.resolve_class("red", names)
+        V.resolve_class("red", names)
     with pytest.raises(ConfigError, match="out of range"):
-        E.resolve_class("7", names)
+        V.resolve_class("7", names)
 
 
 # --------------------------------------------------------------------------------------------- prototypes

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qpmcli import evidence as V
 from qpmcli import explain as E
 
 
@@ -38,7 +39,7 @@ def test_class_feature_saliency_lies_mostly_inside_the_object_mask(trained):
         mask = test[int(cache.indices[i])].mask
         area.append(mask.mean())
         for k in np.flatnonzero(w[pred[i]]):
-            inside.append(E.mask_fraction(E.upsample(out.maps[i, k].numpy(), mask.shape), mask))
+            inside.append(V.mask_fraction(V.upsample(out.maps[i, k].numpy(), mask.shape), mask))
     inside_mean, area_mean = float(np.nanmean(inside)), float(np.mean(area))
     # the object covers ~13 % of the image; a map that ignored it would put ~13 % of its mass inside
     assert area_mean < 0.2
