@@ -80,14 +80,16 @@ def head_parameters(model: QPMModel) -> dict[str, np.ndarray | None]:
 def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCache, *,
                    class_attributes: Any = None, image_attributes: Any = None, image_attribute_known: Any = None,
                    which: str | list[str] = "all", seed: int = 0, device: str = "cpu", batch_size: int = 256,
-                   progress: bool = True, calibration: dict[str, Any] | None = None) -> dict[str, float | None]:
+                   progress: bool = True, calibration: dict[str, Any] | None = None,
+                   per_class: list[float | None] | None = None) -> dict[str, float | None]:
     """Metrics of ``model`` (dense or sparse) on the caches: one pass over train (pooled features) and one over test.
 
     ``class_attributes`` [C, A] enables Structural-Grounding, ``image_attributes`` [N_train, A] bool (rows in the
     train cache's order; ``image_attribute_known`` the labels the dataset is sure of, None = all) enables Alignment;
     segmentation overlap needs the test cache's masks; the prediction-set metrics (Coverage, Set-Size,
     Set-Coherence: :func:`qpmcli.conformal.evaluate_sets`) need a ``calibration`` entry of ``qpm conformal``.
-    Absent inputs give ``None`` for those metrics.
+    Absent inputs give ``None`` for those metrics. A ``per_class`` list receives each class's test accuracy
+    (:func:`qpmcli.metrics.confusion`; ``None`` for a class without test images).
     """
     keys = M.checked_metric_names(which)
     model = model.to(device).eval()
@@ -122,6 +124,9 @@ def evaluate_model(model: QPMModel, train_cache: TokenCache, test_cache: TokenCa
                               test_logits=test_logits, test_labels=test_cache.labels, weight=weight,
                               class_attributes=class_attributes, image_attributes=image_attributes,
                               image_attribute_known=image_attribute_known, seed=seed, scorer=scorer)
+    if per_class is not None:
+        cm = M.confusion(M.predictions(test_logits), test_cache.labels, model.n_classes)
+        per_class[:] = cm["per_class_accuracy"]
     if calibration is not None and set(M.SET_KEYS) & set(keys):
         values.update({k: v for k, v in set_metrics(calibration, head, test_logits, test_features,
                                                     test_cache.labels).items() if k in keys})
@@ -290,7 +295,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
                  save: bool = True, coverage: float | None = None, set_score: str | None = None) -> dict[str, Any]:
     """``qpm evaluate``: load a run's model (``stage`` final or dense) and caches, compute the metrics and merge them
     into the run's ``metrics.json`` under ``stage``. Returns ``{"run", "stage", "metrics", "device", "seconds",
-    "n_train", "n_test", "notes", "calibration"}``.
+    "n_train", "n_test", "notes", "per_class_accuracy", "calibration"}`` (``per_class_accuracy[c]``: class c's
+    accuracy on the test split, ``None`` without test images).
 
     The prediction-set metrics use the run's calibration at ``coverage`` (and ``set_score``), by default the one
     calibrated last; ``all`` includes them when the final model has a calibration."""
@@ -341,11 +347,12 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
         if set(M.SET_KEYS) & set(keys) and calibration is None:
             notes.append(f"no calibration{' of the final model' if stage != 'final' else ''}: prediction-set "
                          f"metrics need `qpm conformal {run}` first")
+        per_class: list[float | None] = []
         values = evaluate_model(model, train_cache, test_cache, class_attributes=class_attrs,
                                 image_attributes=None if image_attrs is None else image_attrs.present,
                                 image_attribute_known=None if image_attrs is None else image_attrs.known,
                                 which=keys, seed=record.seed or 0, device=device, batch_size=batch_size,
-                                progress=progress, calibration=calibration)
+                                progress=progress, calibration=calibration, per_class=per_class)
         if save:
             clean_stale_temps([run])  # what a killed evaluate or train left (qpm's names, dead pids)
             path = run / artifact.METRICS
@@ -356,7 +363,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], which: str | list[str] = "all"
             artifact.atomic_write_json(path, doc)
         summary = {"run": str(run), "stage": stage, "metrics": values, "device": device,
                    "seconds": round(time.perf_counter() - t0, 3), "n_train": len(train_cache),
-                   "n_test": len(test_cache), "notes": notes}
+                   "n_test": len(test_cache), "notes": notes, "per_class_accuracy": per_class}
         if calibration is not None:
             summary["calibration"] = {k: calibration.get(k) for k in ("alpha", "coverage", "score", "per_class",
                                                                        "level")}

@@ -258,6 +258,19 @@ def accuracy(logits: Any, labels: Any) -> float:
     return float(np.mean(predictions(logits) == lab))
 
 
+def confusion(predicted: Any, labels: Any, n_classes: int) -> dict[str, Any]:
+    """The confusion matrix ``matrix[true][predicted]`` (counts, scikit-learn's), each class's accuracy (its
+    diagonal over its row; ``None`` for a class without samples) and its support: ``qpm evaluate`` and ``qpm serve``'s
+    ``/api/confusion`` read per-class accuracy from here."""
+    from sklearn.metrics import confusion_matrix
+
+    lab = _to_numpy(labels).astype(np.int64).ravel()
+    matrix = confusion_matrix(lab, _to_numpy(predicted).astype(np.int64).ravel(), labels=np.arange(n_classes))
+    support = matrix.sum(axis=1)
+    per_class = [None if support[i] == 0 else float(matrix[i, i] / support[i]) for i in range(n_classes)]
+    return {"matrix": matrix, "per_class_accuracy": per_class, "support": support}
+
+
 def class_independence(features: Any, labels: Any, n_classes: int | None = None) -> float:
     """Class-Independence (METHOD.md §8 with §13 C14). Range [0, 1); lower = more class-specific features.
 

@@ -189,7 +189,8 @@ def test_model_classes_features_and_prototypes(client, served_model):
     assert len(feat["prototypes"]) == 4
     one = client.get("/api/classes/1").json()
     assert one["class"] == HOSTILE[1] and [f["feature"] for f in one["features"]] == [2, 3, 7]
-    assert one["similar"][0] == {"index": 0, "class": HOSTILE[0], "shared": 2, "features": [2, 3]}
+    assert one["similar"][0] == {"index": 0, "class": HOSTILE[0], "shared": 2, "features": [2, 3],
+                                 "labels": ["f2", "f3"]}
     # prototypes by index: the very PNG bytes stored in the run
     stored = json.loads((served_model["run"] / "prototypes" / "prototypes.json").read_text())["features"]["2"]
     for rank, entry in enumerate(stored):
@@ -488,6 +489,7 @@ def test_explain_figure_shows_prototypes_beside_heatmaps(served_model, tmp_path)
     them; without prototypes that strip stays empty (the figure keeps its size)."""
     from dataclasses import replace
 
+    from qpmcli import evidence as V
     from qpmcli import explain as E
     from qpmcli.images import open_image
     from qpmcli.predict import load_classifier
@@ -498,7 +500,7 @@ def test_explain_figure_shows_prototypes_beside_heatmaps(served_model, tmp_path)
     out = clf.run([image])
     pics = {}
     for name, meta in (("with", clf.metadata), ("without", replace(clf.metadata, prototypes=None))):
-        expl = E.explain_output(out["logits"][0], out["maps"][0], out["features"][0], meta)
+        expl = V.explain_output(out["logits"][0], out["maps"][0], out["features"][0], meta)
         path = E.render_local(image, expl, out["maps"][0], meta, tmp_path / f"{name}.png")
         pics[name] = (np.asarray(Image.open(path).convert("RGB"), dtype=np.int16), expl.extra["panels"])
     (a, panels), (b, _) = pics["with"], pics["without"]

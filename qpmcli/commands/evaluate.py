@@ -66,6 +66,11 @@ def evaluate(
     out.print(table)
     for note in result["notes"]:
         out.print(f"note: {note}")
+    known = [a for a in result.get("per_class_accuracy") or [] if a is not None]
+    if known:
+        median = sorted(known)[len(known) // 2]
+        out.print(f"per-class accuracy: lowest {100 * min(known):.1f} %, median {100 * median:.1f} % over "
+                  f"{len(known)} classes (every class: --json, per_class_accuracy)", highlight=False)
     cal = result.get("calibration")
     if cal:
         out.print(f"prediction sets: coverage {cal['coverage']:g}, score {cal['score']}"

@@ -178,19 +178,22 @@ def create_app(model: ServedModel, *, max_upload: int = DEFAULT_MAX_UPLOAD) -> A
             compare: str | None = Form(None, description="Compare with this class (default: the runner-up)."),
             top_k: int = Form(5, description="Classes to list."),
             heatmaps: str = Form("png", description="png (data URIs), array (token grid values) or none."),
+            coverage: float | None = Form(None, description="The prediction set's coverage (e.g. 0.9), one the "
+                                                            "model is calibrated for; default: its last calibration."),
     ) -> dict[str, Any]:
         """Explain one image: top-k, each feature's contribution to the explained class (activation: the feature's
         mean over the image; peak: its largest value), the comparison with another class (each feature's share of
         the logit difference; `shared_cancel` says whether shared features cancel), and a heatmap per feature
-        shown, on one scale (`heatmap_scale`)."""
+        shown, on one scale (`heatmap_scale`), and the prediction set (`set`, null without a calibration)."""
         _check_top_k(top_k)
         if heatmaps not in ("png", "array", "none"):
             raise UploadError(422, "heatmaps must be png, array or none")
         cls = model.resolve_class(class_)
         cmp_ = model.resolve_class(compare)
+        model.calibration(coverage)  # a coverage the model has no calibration for: 422 before any work
         out, size = await _run(request, file)
         result = await run_in_threadpool(model.explain, out, size, class_index=cls, compare=cmp_, top_k=top_k,
-                                         heatmaps=heatmaps)
+                                         heatmaps=heatmaps, coverage=coverage)
         result["image"] = {"name": file.filename or "upload", "width": size[0], "height": size[1]}
         return result
 
@@ -369,7 +372,7 @@ def _csv(rows: list[list[Any]], name: str) -> Response:
 def _examples(model: ServedModel, index: int, n: int = 4) -> list[dict[str, Any]]:
     """Up to ``n`` test images of a class (spread over its images) for the class page."""
     tests = model.test_images
-    if not tests.available:
+    if not tests.available or not tests.has_pictures:
         return []
     rows = tests.of_class(index)
     picked = sorted({rows[int(i * len(rows) / min(n, len(rows)))] for i in range(min(n, len(rows)))}) if rows else []

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from qpmcli.artifact import ONNX_MODEL, SELECTION, read_json
 from qpmcli.errors import ArtifactError, ConfigError
-from qpmcli.explain import HEAT_CMAP
+from qpmcli.evidence import HEAT_CMAP
 from qpmcli.serve.facts import ModelFacts, run_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -326,6 +326,8 @@ class ServedModel(ModelFacts):
             "selection": {k: sel.get(k) for k in ("status", "objective", "bound", "gap", "solver", "seconds")
                           if k in sel} or None,
             "has_prototypes": bool(self.prototypes),
+            "calibrations": [{k: e.get(k) for k in ("coverage", "score", "per_class", "level")}
+                             for e in self.calibrations()],
             "test_images": self.test_images.describe(),
             "weight": self.weight.tolist(),
         }
@@ -343,7 +345,7 @@ class ServedModel(ModelFacts):
         """A class index from an index or a name (exact, case-insensitive, unique substring); ``None`` passes."""
         if query is None or str(query).strip() == "":
             return None
-        from qpmcli.explain import resolve_class
+        from qpmcli.evidence import resolve_class
 
         try:
             return resolve_class(query, self.class_names)
@@ -366,14 +368,32 @@ class ServedModel(ModelFacts):
 
         return describe_prediction(self.meta, out["logits"], out["features"], top_k=top_k)
 
+    def calibrations(self) -> list[dict[str, Any]]:
+        """The model's conformal calibrations (``qpm conformal``, carried in the export's metadata), oldest first."""
+        return list((self.meta.conformal or {}).get("calibrations") or [])
+
+    def calibration(self, coverage: float | None = None) -> dict[str, Any] | None:
+        """The calibration prediction sets use: the one for ``coverage`` (:func:`qpmcli.conformal.select_calibration`;
+        none for it is a 422), by default the one calibrated last; ``None`` for a model without calibrations."""
+        if coverage is None:
+            entries = self.calibrations()
+            return dict(entries[-1]) if entries else None
+        from qpmcli.conformal import select_calibration
+
+        try:
+            return select_calibration(self.meta, coverage, model=self.run_name, onnx=True)
+        except ConfigError as exc:
+            raise UploadError(422, str(exc)) from exc
+
     def explain(self, out: dict[str, Any], image_size: tuple[int, int], *, class_index: int | None,
-                compare: int | None, top_k: int, heatmaps: str) -> dict[str, Any]:
+                compare: int | None, top_k: int, heatmaps: str, coverage: float | None = None) -> dict[str, Any]:
         """The explain page's data: top-k, the explained class's evidence, the compared class's evidence (which
-        features they share, and each feature's share of the logit difference), and one heatmap per feature shown
-        (PNG data URIs or arrays on the token grid) on one shared scale."""
+        features they share, and each feature's share of the logit difference), one heatmap per feature shown
+        (PNG data URIs or arrays on the token grid) on one shared scale, and the prediction set
+        (:func:`qpmcli.conformal.prediction_set`) when the model carries a calibration."""
         import numpy as np
 
-        from qpmcli.explain import compare_classes, compare_colours, explain_output
+        from qpmcli.evidence import compare_classes, compare_colours, explain_output
 
         md = self.meta
         logits, maps, feats = out["logits"], out["maps"], out["features"]
@@ -384,7 +404,13 @@ class ServedModel(ModelFacts):
         result: dict[str, Any] = {
             "model": str(self.path), "head": self.head_kind,
             "predicted": {"index": expl.predicted_index, "class": expl.predicted_name},
-            "top_k": expl.top, "explained": self._evidence(expl), "compare": None, "grid": list(self.meta.grid)}
+            "top_k": expl.top, "explained": self._evidence(expl), "compare": None, "grid": list(self.meta.grid),
+            "set": None}
+        calibration = self.calibration(coverage)
+        if calibration is not None:
+            from qpmcli.conformal import prediction_set
+
+            result["set"] = prediction_set(calibration, md, logits, feats)
         cols = [e.column for e in expl.features]
         if compare is not None and compare != expl.class_index:
             other = explain_output(logits, maps, feats, md, class_index=compare, top_k=top_k)
@@ -478,7 +504,7 @@ _LUT: Any = None
 
 
 def _heat_lut() -> Any:
-    """:data:`qpmcli.explain.HEAT_CMAP` (the CLI figures' colormap) as 256 RGB rows."""
+    """:data:`qpmcli.evidence.HEAT_CMAP` (the CLI figures' colormap) as 256 RGB rows."""
     global _LUT
     if _LUT is None:
         import numpy as np
@@ -496,14 +522,14 @@ def colormap_stops(n: int = 9) -> list[str]:
 
 def heatmap_png(grid_map: Any, vmax: float, image_size: tuple[int, int], side: int = HEATMAP_SIDE) -> str:
     """A feature map as a transparent PNG data URI at the upload's aspect ratio (longest side ``side``):
-    :data:`~qpmcli.explain.HEAT_CMAP` colours on a shared scale ``[0, vmax]``, opacity growing with the value so that
+    :data:`~qpmcli.evidence.HEAT_CMAP` colours on a shared scale ``[0, vmax]``, opacity growing with the value so that
     cold areas show the image."""
     import base64
 
     import numpy as np
     from PIL import Image
 
-    from qpmcli.explain import upsample
+    from qpmcli.evidence import upsample
 
     w, h = image_size
     scale = side / max(w, h)
@@ -541,6 +567,7 @@ def load_served_model(model: str | os.PathLike[str] | None, *, device: str = "au
     if test_images is not None:
         tests = folder_test_images(test_images, names)
     else:
-        tests = run_test_images(run, names, settings) if run is not None else None
+        adapter = path.with_name(path.name[:-len(".onnx")] + ".adapter.onnx")  # qpm evaluate's inputs: cached tokens
+        tests = run_test_images(run, names, settings, adapter_path=adapter, device=device) if run is not None else None
     return ServedModel(path, clf, max_batch=max_batch, window=window, max_pixels=max_pixels, run=run,
                        test_images=tests, say=say, settings=settings)

@@ -11,7 +11,7 @@ The head decides what may be claimed (:attr:`ModelFacts.head_kind`):
 
 Words: **activation** is always a feature's mean over the image's patches (what the head multiplies by W, after
 standardising); **peak** is its map's largest value at one patch (what ranks the prototypes and what their box
-marks). Colours come from :func:`qpmcli.explain.class_colours`, the rule of the CLI figures.
+marks). Colours come from :func:`qpmcli.evidence.class_colours`, the rule of the CLI figures.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class ModelFacts:
         return [int(k) for k in np.argsort(-np.abs(self.weight[c]), kind="stable")[:SHOWN_DENSE]]
 
     def colours(self, c: int, other: int | None = None) -> dict[int, str]:
-        from qpmcli.explain import class_colours
+        from qpmcli.evidence import class_colours
 
         return class_colours(self.meta, c, other, columns=None if self.sparse else self.class_columns(c),
                              other_columns=None if self.sparse or other is None else self.class_columns(other))

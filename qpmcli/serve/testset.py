@@ -1,15 +1,18 @@
 """The images a served model is evaluated on, and the evaluation: confusion matrix, per-class accuracy, mistakes.
 
-Two sources (:class:`TestImages`): the test split of the run the model belongs to (``RunFolder(run).dataset("test")``,
-the images ``qpm evaluate`` reads through its token cache), or ``qpm serve --test-images DIR``, a folder of
-``<class>/<image>`` whose folder names are the model's class names.
+Two sources (:class:`TestImages`):
 
-:class:`Evaluation` runs every test image once through the server's own ONNX Runtime session (batched, in a
-background thread started by the first page or API call that needs it, with progress lines on the server's console)
-and keeps the logits and pooled features, so the confusion matrix, the per-class accuracy and every mistake's
-decisive features are read from memory afterwards. It sees the images as uploads are seen (``preprocess_array`` of
-the decoded image); ``qpm evaluate`` runs PyTorch on the cached fp16 tokens of the same images: the predictions agree
-except where two logits are closer than fp16 rounding moves them (the test compares them).
+- a run's test split: the run's own test token cache (what ``qpm evaluate`` reads) through the export's adapter graph
+  (``<stem>.adapter.onnx``, tokens in, ONNX Runtime): the same inputs as ``qpm evaluate``, so the per-class accuracy is
+  ``qpm evaluate``'s (a test compares them); the pictures of the mistakes come from the run's dataset when it can be
+  opened here. Without the cache or the adapter graph, the dataset's test images through the full graph;
+- ``qpm serve --test-images DIR``: a folder of ``<class>/<image>`` whose folder names are the model's class names,
+  each image decoded and preprocessed as an upload and run through the served graph (what ``qpm predict`` does).
+
+:class:`Evaluation` runs every test item once (batched, in a background thread started by the first page or API call
+that needs it, with progress lines on the server's console) and keeps the logits and pooled features, so the confusion
+matrix (:func:`qpmcli.metrics.confusion`, the owner of per-class accuracy), and every mistake's decisive features are
+read from memory afterwards.
 """
 
 from __future__ import annotations
@@ -29,20 +32,47 @@ THUMB_SIDE = 224
 
 
 class TestImages:
-    """Labelled test images: ``image(i)`` (RGB PIL), ``label(i)`` (the model's class index), ``name(i)``."""
+    """Labelled test images: ``image(i)`` (RGB PIL), ``label(i)`` (the model's class index), ``name(i)``, and
+    ``outputs(model, rows)``: the model's outputs for those items (``tokens``: a callable giving their cached tokens
+    and ``adapter`` the graph that takes them; else the images through the served graph)."""
 
     available = True
 
-    def __init__(self, source: str, labels: list[int], opener: Callable[[int], Any], names: list[str]) -> None:
+    def __init__(self, source: str, labels: list[int], opener: Callable[[int], Any] | None, names: list[str], *,
+                 tokens: Callable[[list[int]], Any] | None = None, adapter: Any = None) -> None:
         self.source = source
         self.labels = labels
         self._open = opener
         self._names = names
+        self._tokens = tokens
+        self.adapter = adapter
+
+    @property
+    def has_pictures(self) -> bool:
+        return self._open is not None
+
+    def outputs(self, model: Any, rows: list[int], failed: list[dict[str, str]]) -> tuple[list[int], dict[str, Any]]:
+        """The model's outputs for ``rows`` (the rows it could read, their outputs); unreadable images go to
+        ``failed``."""
+        import numpy as np
+
+        if self._tokens is not None:
+            return rows, self.adapter.run_tokens(np.asarray(self._tokens(rows), dtype=np.float32))
+        ok, xs = [], []
+        for i in rows:
+            try:
+                xs.append(model.preprocess(self.image(i)))
+                ok.append(i)
+            except (QpmError, OSError, ValueError) as exc:
+                failed.append({"image": self.name(i), "error": str(exc).splitlines()[0]})
+        return ok, (model.classifier.run_array(np.stack(xs)) if ok else {})
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def image(self, i: int) -> Any:
+        if self._open is None:
+            raise QpmError(f"the pictures of {self.source} are not available here")
         return self._open(i)
 
     def label(self, i: int) -> int:
@@ -55,7 +85,8 @@ class TestImages:
         return [i for i, lab in enumerate(self.labels) if lab == c]
 
     def describe(self) -> dict[str, Any]:
-        return {"available": True, "source": self.source, "images": len(self), "classes": len(set(self.labels))}
+        return {"available": True, "source": self.source, "images": len(self), "classes": len(set(self.labels)),
+                "pictures": self.has_pictures}
 
 
 class Unavailable:
@@ -70,22 +101,65 @@ class Unavailable:
         return {"available": False, "reason": self.reason}
 
 
-def run_test_images(run: Path, class_names: list[str], settings: Any = None) -> TestImages | Unavailable:
-    """The test split of ``run``'s dataset, its classes matched to the model's by name."""
+def run_test_images(run: Path, class_names: list[str], settings: Any = None, *,
+                    adapter_path: Path | None = None, device: str = "cpu") -> TestImages | Unavailable:
+    """The test split of ``run``: its test token cache through ``adapter_path`` (the export's adapter graph) when
+    both are here, else its dataset's test images; classes matched to the model's by name."""
     from qpmcli.artifact import RunFolder
 
+    ds, ds_error = None, None
     try:
         ds = RunFolder(run).dataset("test", settings)
+    except (QpmError, OSError) as exc:
+        ds_error = str(exc).splitlines()[0]
+    if adapter_path is not None and adapter_path.is_file():
+        try:
+            return _cached_test_split(run, class_names, adapter_path, device, ds)
+        except (QpmError, OSError) as exc:
+            ds_error = ds_error or str(exc).splitlines()[0]
+    if ds is None:
+        return Unavailable(f"the test split of run {run} cannot be opened here ({ds_error}); pass --test-images DIR")
+    try:
         mapping = _class_mapping([str(c) for c in ds.classes], class_names, f"the test split of {run.name}")
         labels = [mapping[int(ds.label(i))] for i in range(len(ds))]
     except (QpmError, OSError) as exc:
-        return Unavailable(f"the test split of run {run} cannot be opened here ({str(exc).splitlines()[0]}); "
+        return Unavailable(f"the test split of run {run} cannot be read ({str(exc).splitlines()[0]}); "
                            f"pass --test-images DIR")
     if not labels:
         return Unavailable(f"the test split of run {run} is empty")
     names = [_item_name(ds, i) for i in range(len(ds))]
-    return TestImages(f"test split of {ds.name or 'the dataset'} (run {run.name})", labels,
+    return TestImages(f"test split of {ds.name or 'the dataset'} (run {run.name}; images)", labels,
                       lambda i: ds[i].image.convert("RGB"), names)
+
+
+def _cached_test_split(run: Path, class_names: list[str], adapter_path: Path, device: str,
+                       ds: Any) -> TestImages:
+    """The run's test token cache (``qpm evaluate``'s inputs) run by the adapter graph."""
+    import numpy as np
+
+    from qpmcli.evaluate import open_run_caches
+    from qpmcli.predict import load_classifier
+
+    adapter = load_classifier(adapter_path, device)
+    md = adapter.metadata
+    _, cache = open_run_caches(run, {"backbone": md.backbone, "weights_digest": md.weights_digest,
+                                     "grid": list(md.grid)})
+    if getattr(adapter, "graph", None) != "adapter":
+        raise QpmError(f"{adapter_path} is not an adapter graph")
+    if list(adapter.metadata.class_names) != list(class_names):
+        raise QpmError(f"{adapter_path} has other classes than the served model")
+    classes = cache.classes or list(class_names)
+    mapping = _class_mapping([str(c) for c in classes], class_names, f"the test cache of {run.name}")
+    labels = [mapping[int(y)] for y in np.asarray(cache.labels)]
+    indices = [int(i) for i in np.asarray(cache.indices)]
+    opener = None
+    names = [f"test image {i}" for i in indices]
+    if ds is not None and len(ds) > max(indices, default=-1):
+        opener = lambda r: ds[indices[r]].image.convert("RGB")  # noqa: E731 - a row of the cache -> its image
+        names = [_item_name(ds, i) for i in indices]
+    return TestImages(f"test split of {ds.name if ds is not None and ds.name else run.name} (run {run.name}; its "
+                      f"token cache, as qpm evaluate)", labels, opener, names,
+                      tokens=lambda rows: cache.tokens[rows[0]:rows[-1] + 1], adapter=adapter)
 
 
 def folder_test_images(folder: str | os.PathLike[str], class_names: list[str]) -> TestImages:
@@ -221,15 +295,8 @@ class Evaluation:
         next_report = 0.25
         try:
             for start in range(0, n, BATCH):
-                rows, xs = [], []
-                for i in range(start, min(start + BATCH, n)):
-                    try:
-                        xs.append(self.model.preprocess(self.tests.image(i)))
-                        rows.append(i)
-                    except (QpmError, OSError, ValueError) as exc:
-                        self.failed.append({"image": self.tests.name(i), "error": str(exc).splitlines()[0]})
+                rows, out = self.tests.outputs(self.model, list(range(start, min(start + BATCH, n))), self.failed)
                 if rows:
-                    out = self.model.classifier.run_array(np.stack(xs))
                     logits[rows] = out["logits"]
                     feats[rows] = out["features"]
                     ok[rows] = True
@@ -259,12 +326,10 @@ class Evaluation:
         without test images), support, overall accuracy."""
         import numpy as np
 
-        c = len(self.model.class_names)
-        pred = self.logits.argmax(1)
-        matrix = np.zeros((c, c), dtype=np.int64)
-        np.add.at(matrix, (self.labels, pred), 1)
-        support = matrix.sum(1)
-        per_class = [None if support[i] == 0 else float(matrix[i, i] / support[i]) for i in range(c)]
+        from qpmcli.metrics import confusion, predictions
+
+        cm = confusion(predictions(self.logits), self.labels, len(self.model.class_names))
+        matrix, support, per_class = cm["matrix"], cm["support"], cm["per_class_accuracy"]
         return {"classes": self.model.class_names, "matrix": matrix.tolist(), "per_class_accuracy": per_class,
                 "support": support.tolist(), "accuracy": float(np.trace(matrix) / max(1, matrix.sum())),
                 "images": int(matrix.sum()), "mistakes": int(matrix.sum() - np.trace(matrix)),
@@ -305,11 +370,13 @@ class Evaluation:
             return {**m.feature_ref(fid, colours.get(fid)), "delta": float(delta[k])}
 
         index = int(self.index[row])
+        pictures = self.tests.has_pictures
         return {"row": row, "image": index, "name": self.tests.name(index),
-                "url": f"/api/test-images/{index}.png", "thumb": f"/api/test-images/{index}.png?thumb=1",
+                "url": f"/api/test-images/{index}.png" if pictures else None,
+                "thumb": f"/api/test-images/{index}.png?thumb=1" if pictures else None,
                 "true": {"index": t, "class": m.class_names[t], "probability": float(probs[t])},
                 "predicted": {"index": p, "class": m.class_names[p], "probability": float(probs[p])},
                 "logit_difference": float(logits[p] - logits[t]),
                 "for_predicted": [ref(k) for k in order[:n] if delta[k] > 0],
                 "for_true": [ref(k) for k in order[::-1][:n] if delta[k] < 0],
-                "explain": f"/explain?test={index}&class={p}&compare={t}"}
+                "explain": f"/explain?test={index}&class={p}&compare={t}" if pictures else None}

@@ -36,6 +36,7 @@
             tiles.appendChild(t);
           });
           ex.appendChild(tiles);
+          if (d.heatmap_scale) ex.appendChild(Q.colourbarEl(d.heatmap_scale, "feature map value"));
         });
       }).catch(function (err) { ex.appendChild(el("p", {"class": "error"}, "could not explain: " + err)); });
     });

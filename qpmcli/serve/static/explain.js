@@ -104,6 +104,7 @@
       "logit " + fmt(ex.logit, 3) + " = bias " + fmt(ex.bias, 3) + " + sum of contributions " + fmt(total, 3) +
         (ex.features.length ? "" : " (no features)") + (head === "binary" ? " (each contribution is the feature's z-score)." : ".");
     Q.colourbar(data.heatmap_scale);
+    predictionSet(data.set);
 
     var cmp = data.compare, sharedSet = {}, onlySet = {};
     if (cmp) {
@@ -155,7 +156,8 @@
       var td = el("td");
       td.appendChild(Q.chip(Object.assign({}, d, {colour: colours[d.feature]})));
       tr.appendChild(td);
-      tr.appendChild(el("td", {"class": "num"}, signed(d.delta, 3) + (d.delta >= 0 ? " for " + ex["class"] : " for " + cmp["class"])));
+      tr.appendChild(el("td", {"class": "num"}, d.delta === 0 ? "0 (cancels)" :
+        fmt(Math.abs(d.delta), 3) + " for " + (d.delta > 0 ? ex["class"] : cmp["class"])));
       var cell = el("td");
       cell.appendChild(bar(d.delta, dmax, 90));
       tr.appendChild(cell);
@@ -164,6 +166,35 @@
     cmp.features.forEach(function (f) {
       if (sharedSet[f.feature]) return;  // drawn above already
       cfeats.appendChild(card(f, data.heatmaps ? data.heatmaps[String(f.feature)] : null, "only " + cmp["class"], "only", head));
+    });
+  }
+
+  function predictionSet(ps) {  // conformal prediction set (qpm conformal), when the model carries a calibration
+    var section = document.getElementById("set-section"), table = document.getElementById("set-table");
+    clear(table);
+    if (!ps) { section.hidden = true; return; }
+    section.hidden = false;
+    document.getElementById("set-title").textContent = (100 * ps.coverage).toFixed(0) + " % prediction set: " +
+      ps.size + (ps.size === 1 ? " class" : " classes");
+    document.getElementById("set-summary").textContent = "Score " + ps.score + (ps.level !== null && ps.level !== undefined ? ", level " + ps.level : "") +
+      (ps.per_class ? ", calibrated per class" : "") + ". " + (ps.guarantee ? "Calibrated on held-out images: the set holds the true class with at least this probability." :
+      "Calibrated on training images: no coverage guarantee.") +
+      (ps.shared_features && ps.shared_features.length ? " Every member ranks first: " + ps.shared_features.map(function (f) { return (ps.feature_labels || {})[String(f)] || ("f" + f); }).join(", ") + "." : "");
+    var hr = el("tr");
+    ["class", "probability", "its features on this image, by contribution"].forEach(function (h) { hr.appendChild(el("th", null, h)); });
+    table.appendChild(hr);
+    ps.members.forEach(function (m) {
+      var tr = el("tr"), td = el("td");
+      td.appendChild(classLink(m.index, m["class"]));
+      tr.appendChild(td);
+      tr.appendChild(el("td", {"class": "num"}, (100 * m.probability).toFixed(1) + " %"));
+      var feats = el("td");
+      (m.ranking || []).forEach(function (f, i) {
+        if (i) feats.appendChild(document.createTextNode(" › "));
+        feats.appendChild(Q.chip({feature: f, label: (ps.feature_labels || {})[String(f)] || ("f" + f)}));
+      });
+      tr.appendChild(feats);
+      table.appendChild(tr);
     });
   }
 

@@ -67,6 +67,16 @@
     document.getElementById("cb-max").textContent = sig(scale.max, 3);
     ramp.title = scale.what + " (" + scale.colormap + ")";
   }
+  function colourbarEl(scale, label) {  // a small colour bar for one image's heatmaps (class page examples)
+    var box = el("div", {"class": "colourbar"});
+    box.appendChild(el("span", {"class": "cb-label"}, label || "feature map value"));
+    box.appendChild(el("span", null, sig(scale.min, 3)));
+    var ramp = el("span", {"class": "cb-ramp", title: scale.what + " (" + scale.colormap + ")"});
+    ramp.style.background = "linear-gradient(to right, " + scale.stops.join(", ") + ")";
+    box.appendChild(ramp);
+    box.appendChild(el("span", null, sig(scale.max, 3)));
+    return box;
+  }
   function download(blob, name) {
     var url = URL.createObjectURL(blob);
     var a = el("a", {href: url, download: name});
@@ -136,6 +146,6 @@
   }
 
   window.qpm = {el: el, svg: svg, clear: clear, fmt: fmt, signed: signed, sig: sig, swatch: swatch, chip: chip,
-    proto: proto, boxOverlay: boxOverlay, colourbar: colourbar, download: download, downloadJSON: downloadJSON,
+    proto: proto, boxOverlay: boxOverlay, colourbar: colourbar, colourbarEl: colourbarEl, download: download, downloadJSON: downloadJSON,
     downloadCanvas: downloadCanvas, loadImage: loadImage, ellipsize: ellipsize};
 })();
