@@ -4,6 +4,10 @@ The real server (``qpm serve`` subprocess, loopback) serves a real exported mode
 (``<script>alert(1)</script>``, ``$\\x$``, quotes and ampersands). Every page is opened, clicked through and
 screenshotted under the test's tmp dir; any JS console error, page error or dialog fails the test. Playwright cannot
 download its own browsers here, so the system Chromium is used (``.ci/run`` installs it with apt-get).
+
+``test_every_page_kind_fits_every_width`` opens every page kind of a real trained run (overview, class, feature,
+explain, confusion, misclassified, search, graph) at 400, 1400 and 3840 px: no horizontal overflow, no console error.
+With ``QPM_SCREENSHOTS=DIR`` it writes their screenshots there (``docs/images/serve/`` holds the README's).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import copy_run
 from test_serve import HOSTILE, Server, served_model  # noqa: F401 - served_model is a fixture
 
 pytestmark = pytest.mark.timeout(300)
@@ -108,10 +113,11 @@ def test_overview_click_class_then_feature(page):
     p.wait_for_url("**/class/1")
     assert p.inner_text("h1") == HOSTILE[1]
     assert page.images_loaded(".protos img") == 3 * 4  # 3 features x 4 training prototypes
+    assert p.locator(".protos rect.pbox").count() == 3 * 4  # each with its patch box
     page.shot("class")
-    p.click("a.feature-link[data-feature='2']")
+    p.click(".feature-row a.chip[data-feature='2']")
     p.wait_for_url("**/feature/2")
-    assert p.inner_text("h1") == "Feature 2"
+    assert p.inner_text("h1") == "f2"
     assert page.images_loaded("#prototypes img") == 4
     users = p.locator("#users a").all_inner_texts()
     assert users == [HOSTILE[0], HOSTILE[1], HOSTILE[3]]
@@ -203,3 +209,54 @@ def test_docs_page_renders_offline(page):
     p.wait_for_selector(".swagger-ui .opblock", timeout=30000)
     assert p.locator(".opblock").count() >= 6
     page.shot("docs")
+
+
+# --------------------------------------------------------------------------------- every page kind, every width
+WIDTHS = (400, 1400, 3840)
+
+
+@pytest.fixture(scope="module")
+def shapes_server(trained_run, tmp_path_factory):
+    """The session's trained run (real prototypes, 48 test images), exported with its adapter graph."""
+    from qpmcli.export import export_onnx
+
+    root = tmp_path_factory.mktemp("browser-shapes")
+    run = copy_run(trained_run["run"], root / "shapes-run")
+    export_onnx(run, settings=trained_run["settings"])
+    srv = Server([str(run), "--device", "cpu"], root)
+    image = root / "upload.png"
+    trained_run["test"][3].image.convert("RGB").save(image)
+    srv.image = image
+    yield srv
+    srv.stop()
+
+
+def test_every_page_kind_fits_every_width(browser, shapes_server):
+    import httpx
+
+    base = shapes_server.url
+    httpx.get(base + "/api/confusion", params={"wait": "true"}, timeout=120)  # evaluated once, before the pages
+    feature = httpx.get(base + "/api/model", timeout=60).json()["feature_ids"][0]
+    pages = {"overview": "/", "class": "/class/0", "feature": f"/feature/{feature}", "explain": "/explain",
+             "confusion": "/confusion", "misclassified": "/misclassified", "search": "/search?q=circle",
+             "graph": "/graph"}
+    shots = os.environ.get("QPM_SCREENSHOTS")
+    for width in WIDTHS:
+        watched = Watched(browser, base, Path(shots or "."))
+        p = watched.page
+        p.set_viewport_size({"width": width, "height": 900})
+        for kind, path in pages.items():
+            watched.goto(path)
+            if kind == "explain":
+                p.set_input_files("#file", str(shapes_server.image))
+                p.wait_for_selector("#result:not([hidden])")
+            if kind == "class":  # the example heatmaps are drawn by the page (one explain call each)
+                p.wait_for_function("() => document.querySelectorAll('#examples .tiles').length === "
+                                    "document.querySelectorAll('#examples .example').length")
+            p.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+            scroll, inner = p.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+            assert scroll <= inner, (kind, width, scroll, inner)
+            assert watched.problems == [], (kind, width, watched.problems)
+            if shots:
+                watched.shot(f"{kind}-{width}")
+        watched.close()
