@@ -313,7 +313,7 @@ def _accepted(cmd) -> set[str]:
 # argv that reach each command's model lookup (no current run, no QPM_MODEL): the hint must name what it takes
 MODEL_COMMANDS = {"serve": [], "export": ["--onnx"], "evaluate": [], "predict": ["img.jpg"], "explain": ["img.jpg"],
                   "name-features": [], "edit": ["-o", "new-run", "--drop-feature", "3"],
-                  "add-class": ["newclass", "imgs", "-o", "new-run"], "select": []}
+                  "add-class": ["newclass", "imgs", "-o", "new-run"], "select": [], "conformal": []}
 
 
 def test_every_pass_hint_names_an_option_the_command_accepts(qpm, tmp_path):
