@@ -282,7 +282,7 @@ class _Images:
             x = preprocess_image(sample.image, self.config)
             label = int(sample.label)
             if self.masks and sample.mask is not None:
-                from qpmcli.metrics import patch_mask
+                from qpmcli.masks import patch_mask
 
                 m = torch.from_numpy(np.ascontiguousarray(patch_mask(sample.mask, self.grid), dtype=bool))
             else:

@@ -128,7 +128,7 @@ class EditRequest:
     def metric_keys(self) -> list[str]:
         if str(self.metrics).strip().lower() == "none":
             return []
-        from qpmcli.metrics import checked_metric_names
+        from qpmcli.metricnames import checked_metric_names
 
         return checked_metric_names(self.metrics)
 

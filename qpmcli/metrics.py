@@ -1,6 +1,8 @@
 """Interpretability metrics of DINO-QPM (METHOD.md §8 with the §13 corrections), on plain arrays.
 
-These definitions exist in no library; they are exposed here so that users can score their own models.
+These definitions exist in no library; they are exposed here so that users can score their own models. This module is
+their public face: the metrics on logits and train features live here, the metrics on test feature maps in
+:mod:`qpmcli.mapmetrics`, the names and presets in :mod:`qpmcli.metricnames`, the patch masks in :mod:`qpmcli.masks`.
 Every function takes numpy arrays or torch tensors and returns plain Python floats.
 
 ==========================  =====================================================  ==================================
@@ -34,187 +36,32 @@ from typing import Any
 
 import numpy as np
 
-from qpmcli.modelfile import SIGMA_MIN
-
-# OpenCV's fixed-point bilinear resize for 8-bit images (imgproc/src/resize.cpp): 11 fractional bits per axis.
-_COEF_BITS = 11
-_COEF_SCALE = 1 << _COEF_BITS
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """A numpy view of a numpy array or (CPU/GPU) torch tensor, without importing torch."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _linear_taps(src: int, dst: int, clamp_low: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Source index pairs and 11-bit weights of OpenCV INTER_LINEAR along one axis.
-
-    Mirrors `cv::hal::resize`: fx = float((d + 0.5) * scale - 0.5), sx = floor(fx), weights rounded with cvRound
-    (half to even) from float32, the x axis clamped at both borders, the y axis only by clipping the row index.
-    """
-    scale = 1.0 / (dst / src)
-    f = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    s = np.floor(f).astype(np.int64)
-    f = (f - s.astype(np.float32)).astype(np.float32)
-    if clamp_low:
-        low = s < 0
-        f[low], s[low] = 0.0, 0
-        high = s >= src - 1
-        f[high], s[high] = 0.0, src - 1
-    w0 = np.rint((np.float32(1.0) - f) * np.float32(_COEF_SCALE)).astype(np.int64)
-    w1 = np.rint(f * np.float32(_COEF_SCALE)).astype(np.int64)
-    i0 = np.clip(s, 0, src - 1)
-    i1 = np.clip(s + 1, 0, src - 1)
-    return i0, i1, np.stack([w0, w1])
-
-
-def _cv2_resize_linear_u8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Bit-exact numpy emulation of `cv2.resize(img_u8, (out_w, out_h), interpolation=INTER_LINEAR)` (1 channel)."""
-    h, w = img.shape
-    if (h, w) == (out_h, out_w):
-        return img.copy()
-    if h == 2 * out_h and w == 2 * out_w:
-        # OpenCV switches an exact 2x INTER_LINEAR shrink to INTER_AREA's fast path: (sum of 2x2 + 2) >> 2.
-        blocks = img.astype(np.int64).reshape(out_h, 2, out_w, 2).sum(axis=(1, 3))
-        return ((blocks + 2) >> 2).astype(np.uint8)
-    src = img.astype(np.int64)
-    x0, x1, wx = _linear_taps(w, out_w, clamp_low=True)
-    y0, y1, wy = _linear_taps(h, out_h, clamp_low=False)
-    rows = np.unique(np.concatenate([y0, y1]))
-    lut = np.zeros(h, dtype=np.int64)
-    lut[rows] = np.arange(rows.size)
-    horiz = src[rows][:, x0] * wx[0] + src[rows][:, x1] * wx[1]  # HResizeLinear, int32 in OpenCV
-    top, bottom = horiz[lut[y0]] >> 4, horiz[lut[y1]] >> 4
-    # VResizeLinear<uchar>: ((b0*(S0>>4))>>16) + ((b1*(S1>>4))>>16) + 2) >> 2, identical in its SIMD path.
-    out = ((wy[0][:, None] * top) >> 16) + ((wy[1][:, None] * bottom) >> 16)
-    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
-
-
-def patch_mask(mask: Any, grid: tuple[int, int] = (16, 16)) -> np.ndarray:
-    """Object mask at patch resolution, by the reference's rule (METHOD.md §13 C1).
-
-    The full-resolution mask is turned into a uint8 0/255 image, resized straight to the patch grid with OpenCV's
-    INTER_LINEAR (emulated bit-exactly here, no OpenCV needed) and thresholded at > 0. INTER_LINEAR does not
-    anti-alias when shrinking, so a patch is foreground iff the bilinear sample near its centre is non-zero: this is
-    *not* "any annotated pixel in the patch".
-
-    mask: bool (or 0/non-0) array [H, W]; grid: (h, w) patch rows and columns. Returns bool [h, w].
-    """
-    arr = _to_numpy(mask)
-    if arr.ndim != 2:
-        raise ValueError(f"patch_mask expects one [H, W] mask, got shape {tuple(arr.shape)}")
-    out_h, out_w = int(grid[0]), int(grid[1])
-    if out_h <= 0 or out_w <= 0 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"patch_mask needs a non-empty mask and a positive grid, got {arr.shape} -> {grid}")
-    img = np.where(arr.astype(bool), np.uint8(255), np.uint8(0))
-    return _cv2_resize_linear_u8(img, out_h, out_w) > 0
-
-
-def dilate(mask: Any) -> np.ndarray:
-    """`cv2.dilate(mask, np.ones((3, 3)), iterations=1)`: grow a bool mask by one cell in all 8 directions.
-
-    Works on [h, w] or batched [..., h, w] masks; cells outside the border count as background.
-    """
-    m = _to_numpy(mask).astype(bool)
-    padded = np.pad(m, [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)])
-    h, w = m.shape[-2:]
-    out = np.zeros_like(m)
-    for dy in range(3):
-        for dx in range(3):
-            out |= padded[..., dy : dy + h, dx : dx + w]
-    return out
-
-
-# ====================================================================================================================
-# Names, groups and presets
-# ====================================================================================================================
-
-SEG_VARIANTS = ("gradcam", "gradcam_dilated", "gradcam_max", "gradcam_max_dilated", "max", "max_dilated")
-"""Segmentation-overlap variants (METHOD.md §8); ``gradcam_dilated`` is the paper's Plausibility."""
-
-METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "accuracy": ("Accuracy",),
-    "sid": ("SID@5",),
-    "class_independence": ("Class-Independence",),
-    "contrastiveness": ("Contrastiveness",),
-    "correlation": ("Correlation",),
-    "structural_grounding": ("Structural-Grounding",),
-    "alignment": ("Alignment",),
-    "segmentation_overlap": ("Plausibility",) + tuple(f"SegOverlap-{v}" for v in SEG_VARIANTS),
-    "pooling_baseline": ("Pooling-Avg-Accuracy", "Pooling-Max-Accuracy", "Pooling-Ratio"),
-    "sparsity": ("NFeatures", "PerClass"),
-}
-"""Metric ids (the reference's registry ids, lower case) and the JSON keys each one produces."""
-
-ALL_KEYS: tuple[str, ...] = tuple(k for keys in METRIC_GROUPS.values() for k in keys)
-
-SET_METRIC_GROUPS: dict[str, tuple[str, ...]] = {
-    "coverage": ("Coverage",),
-    "set_size": ("Set-Size",),
-    "set_coherence": ("Set-Coherence",),
-}
-"""Prediction-set metrics of a calibrated run (``qpm conformal``; not METHOD.md §8): computed by
-:func:`qpmcli.evaluate.evaluate_model` from a calibration, ``None`` here. ``qpm evaluate`` adds them to ``all`` when
-the run has a calibration."""
-SET_KEYS: tuple[str, ...] = tuple(k for keys in SET_METRIC_GROUPS.values() for k in keys)
-
-PRESETS: dict[str, tuple[str, ...]] = {
-    "all": tuple(METRIC_GROUPS),
-    # the reference's "fast": everything but the expensive SID, Contrastiveness and segmentation overlap
-    "fast": ("accuracy", "class_independence", "correlation", "structural_grounding", "alignment",
-             "pooling_baseline", "sparsity"),
-    "essential": ("accuracy", "correlation", "class_independence", "sparsity"),
-}
-
-_ALIASES = {"diversity": "sid", "sid@5": "sid", "cub_alignment": "alignment",
-            "cub_segmentation_overlap": "segmentation_overlap", "segoverlap": "segmentation_overlap",
-            "classindependence": "class_independence", "structuralgrounding": "structural_grounding"}
-
-
-def resolve_metric_names(which: str | list[str] | tuple[str, ...] = "all") -> list[str]:
-    """JSON keys for ``which``: a preset (all, fast, essential), metric ids or JSON keys, as a list or comma list.
-
-    Raises ``ValueError`` naming the valid choices for an unknown name.
-    """
-    items = [w.strip() for w in which.split(",")] if isinstance(which, str) else [str(w).strip() for w in which]
-    by_lower = {k.lower(): k for k in (*ALL_KEYS, *SET_KEYS)}
-    groups = {**METRIC_GROUPS, **SET_METRIC_GROUPS}
-    keys: list[str] = []
-    for item in (i for i in items if i):
-        low = item.lower()
-        low = _ALIASES.get(low, _ALIASES.get(low.replace("-", "").replace("_", ""), low))
-        if low in PRESETS:
-            new = [k for g in PRESETS[low] for k in METRIC_GROUPS[g]]
-        elif low.replace("-", "_") in groups:
-            new = list(groups[low.replace("-", "_")])
-        elif low in by_lower:
-            new = [by_lower[low]]
-        else:
-            raise ValueError(f"unknown metric {item!r}; use all, fast, essential, one of "
-                             f"{', '.join(groups)} or a key such as {', '.join(ALL_KEYS[:3])}")
-        keys += [k for k in new if k not in keys]
-    if not keys:
-        raise ValueError("no metric requested; use all, fast, essential or metric names")
-    return [k for k in (*ALL_KEYS, *SET_KEYS) if k in keys]
-
-
-# ====================================================================================================================
-# Helpers
-# ====================================================================================================================
-
-def checked_metric_names(which: str | list[str] | tuple[str, ...], flag: str = "--metrics") -> list[str]:
-    """:func:`resolve_metric_names`, with an unknown name as a one-line ``ConfigError`` listing the valid ones (the
-    check every job makes before any work)."""
-    from qpmcli.errors import ConfigError
-
-    try:
-        return resolve_metric_names(which)
-    except ValueError as exc:
-        raise ConfigError(f"{flag}: {exc}") from None
+from qpmcli.mapmetrics import (  # noqa: F401  (the map metrics are part of this public module)
+    MAP_KEY_PREFIXES,
+    TestMapScorer,
+    chunk_size,
+    map_scorer,
+    plausibility,
+    pooling_baseline,
+    predictions,
+    segmentation_overlap,
+    segmentation_overlap_per_image,
+    sid_at_k,
+    sid_per_image,
+    top_k_features,
+)
+from qpmcli.masks import dilate, patch_mask  # noqa: F401  (masks at the token grid, for users' own test sets)
+from qpmcli.masks import to_numpy as _to_numpy
+from qpmcli.metricnames import (  # noqa: F401  (the names, groups and presets of the metrics)
+    ALL_KEYS,
+    METRIC_GROUPS,
+    PRESETS,
+    SEG_VARIANTS,
+    SET_KEYS,
+    SET_METRIC_GROUPS,
+    checked_metric_names,
+    resolve_metric_names,
+)
 
 
 def relevant_features(weight: Any) -> np.ndarray:
@@ -224,11 +71,6 @@ def relevant_features(weight: Any) -> np.ndarray:
     """
     w = _to_numpy(weight)
     return np.flatnonzero(np.any(w != 0, axis=0))
-
-
-def predictions(logits: Any) -> np.ndarray:
-    """Predicted classes: the first maximal logit on ties (numpy argmax, as torch does on the reference's data)."""
-    return np.argmax(_to_numpy(logits), axis=1)
 
 
 def tokens_to_maps(tokens: Any, grid: tuple[int, int]) -> Any:
@@ -524,314 +366,6 @@ def alignment(features: Any, image_attributes: Any, known: Any = None) -> float:
     return float(m.max(axis=1).mean())
 
 
-# ====================================================================================================================
-# Metrics on test feature maps (batched; summed over chunks so that memmaps and model outputs can stream through)
-# ====================================================================================================================
-
-def _torch():
-    import torch
-
-    return torch
-
-
-def _as_tensor(x: Any, device: Any = None, dtype: Any = None):
-    torch = _torch()
-    if isinstance(x, torch.Tensor):
-        t = x
-    else:
-        arr = np.ascontiguousarray(_to_numpy(x))
-        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # memmaps are read-only
-    return t.to(device=device, dtype=dtype) if (device is not None or dtype is not None) else t
-
-
-def top_k_features(weight: Any, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Per class: the k highest raw weights' feature indices [C, k] (ties: lower index first) and eligibility [C].
-
-    A class is eligible for SID@k when it has at least k non-zero weights (METHOD.md §8).
-    """
-    w = _to_numpy(weight).astype(np.float64)
-    k = min(int(k), w.shape[1])
-    order = np.argsort(-w, axis=1, kind="stable")[:, :k]
-    return order, (w != 0).sum(axis=1) >= int(k)
-
-
-def sid_per_image(maps: Any, top_idx: Any) -> Any:
-    """SID@k of each image (METHOD.md §8): maps [B, K, h, w], ``top_idx`` [B, k] = its predicted class's top-k features.
-
-    M~_j = M_j / max(mean_p |M_j(p)|, 1e-5), S_j = softmax_p(M~_j), SID = (1/k) sum_p max_j S_j(p). Range [1/k, 1]:
-    1/k when the k maps are identical, 1 when they are peaked at distinct positions. Returns a float tensor [B].
-    """
-    torch = _torch()
-    m = _as_tensor(maps)
-    b = m.shape[0]
-    idx = _as_tensor(top_idx, device=m.device).long()
-    x = torch.gather(m.reshape(b, m.shape[1], -1), 1, idx[:, :, None].expand(-1, -1, m.shape[2] * m.shape[3]))
-    x = x.float()
-    x = x / x.abs().mean(dim=2, keepdim=True).clamp_min(1e-5)
-    return torch.softmax(x, dim=2).amax(dim=1).sum(dim=1) / idx.shape[1]
-
-
-def segmentation_overlap_per_image(maps: Any, class_weight: Any, mask: Any, variant: str = "gradcam") -> Any:
-    """Segmentation overlap of each image at patch resolution (METHOD.md §8, §13 C1). Each value in [0, 1].
-
-    maps [B, K, h, w]; ``class_weight`` [B, K] = the predicted class's weight row; mask [B, h, w] bool, already at
-    patch resolution (:func:`patch_mask`; dilate it with :func:`dilate` for the ``*_dilated`` variants).
-    - ``gradcam``: G = sum_j w_j M_j, G <- G - min G; sum(G m) / sum G (0 when sum G = 0).
-    - ``gradcam_max``: max(G m) / max G (0 when max G = 0).
-    - ``max``: mean over the class's non-zero-weight features of max(M_j m) / max M_j (0 where max M_j <= 0).
-    An empty mask scores 0. Returns a float tensor [B].
-    """
-    torch = _torch()
-    m = _as_tensor(maps)
-    b, k = m.shape[:2]
-    x = m.reshape(b, k, -1).float()
-    w = _as_tensor(class_weight, device=x.device).float()
-    msk = _as_tensor(mask, device=x.device).reshape(b, -1).to(x.dtype)
-    if variant == "max":
-        nz = w != 0
-        peak = x.amax(dim=2)
-        inside = (x * msk[:, None, :]).amax(dim=2)
-        ratio = torch.where(peak > 0, inside / torch.where(peak > 0, peak, torch.ones_like(peak)), 0.0)
-        n = nz.sum(dim=1)
-        return torch.where(n > 0, (ratio * nz).sum(dim=1) / n.clamp_min(1), 0.0)
-    g = torch.einsum("bk,bkp->bp", w, x)
-    g = g - g.amin(dim=1, keepdim=True)
-    if variant == "gradcam":
-        den = g.sum(dim=1)
-        num = (g * msk).sum(dim=1)
-    elif variant == "gradcam_max":
-        den = g.amax(dim=1)
-        num = (g * msk).amax(dim=1)
-    else:
-        raise ValueError(f"unknown overlap variant {variant!r}; use gradcam, gradcam_max or max")
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
-
-
-class TestMapScorer:
-    """Accumulates the test-map metrics (SID@5, segmentation overlap, pooling baseline) over batches.
-
-    ``weight`` [C, K] is the head's class-feature matrix; the pooling baseline applies the full head
-    ``W ((x - mean) / max(std, 1e-6)) + bias`` (mean/std/bias optional) to the spatial mean and max of the maps.
-    Call :meth:`update` per batch (predictions, labels, maps [B, K, h, w], patch masks [B, h, w] or None), then
-    :meth:`result`.
-    """
-
-    __test__ = False  # not a pytest test class despite its name
-
-    def __init__(self, weight: Any, keys: list[str], *, k: int = 5, head_mean: Any = None, head_std: Any = None,
-                 head_bias: Any = None, device: Any = None) -> None:
-        torch = _torch()
-        self.keys = list(keys)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        w = _to_numpy(weight).astype(np.float32)
-        self.weight = torch.from_numpy(np.ascontiguousarray(w)).to(self.device)
-        self.k = int(k)
-        top, eligible = top_k_features(w, self.k)
-        self.top = torch.from_numpy(top).to(self.device)
-        # each class's non-zero-weight features, padded to the largest count (weight 0, invalid) for gathering
-        nnz = (w != 0).sum(axis=1)
-        width = max(1, int(nnz.max()))
-        order = np.argsort(w == 0, axis=1, kind="stable")[:, :width]
-        valid = np.arange(width)[None, :] < nnz[:, None]
-        self.nz_idx = torch.from_numpy(np.where(valid, order, 0)).to(self.device)
-        self.nz_w = torch.from_numpy(np.where(valid, np.take_along_axis(w, order, 1), 0).astype(np.float32)).to(
-            self.device)
-        self.nz_valid = torch.from_numpy(valid.astype(np.float32)).to(self.device)
-        self.eligible = torch.from_numpy(eligible).to(self.device)
-        self.mean = None if head_mean is None else _as_tensor(head_mean, self.device, torch.float32).flatten()
-        self.std = None if head_std is None else _as_tensor(head_std, self.device, torch.float32).flatten()
-        self.bias = None if head_bias is None else _as_tensor(head_bias, self.device, torch.float32).flatten()
-        self.want_sid = f"SID@{self.k}" in self.keys
-        self.seg_keys = [v for v in SEG_VARIANTS
-                         if f"SegOverlap-{v}" in self.keys or (v == "gradcam_dilated" and "Plausibility" in self.keys)]
-        self.want_pool = any(k.startswith("Pooling-") for k in self.keys)
-        self.n = 0
-        self.n_masked = 0
-        self.masks_seen = True
-        self.sid_sum, self.sid_n = 0.0, 0
-        self.seg_sum = dict.fromkeys(self.seg_keys, 0.0)
-        self.pool_correct = {"avg": 0, "max": 0}
-
-    def _head(self, x: Any) -> Any:
-        if self.mean is not None:
-            std = self.std if self.std is not None else _torch().ones_like(self.mean)
-            x = (x - self.mean) / std.clamp_min(SIGMA_MIN)
-        out = x @ self.weight.T
-        return out + self.bias if self.bias is not None else out
-
-    def update(self, pred: Any, labels: Any, maps: Any, masks: Any = None) -> None:
-        """Add one batch: predicted classes [B], labels [B], maps [B, K, h, w], patch masks [B, h, w] or None."""
-        torch = _torch()
-        pred_t = _as_tensor(pred, self.device).long().flatten()
-        x = _as_tensor(maps, self.device)
-        b = x.shape[0]
-        x = x.reshape(b, x.shape[1], -1)
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        self.n += b
-        if self.want_sid:
-            ok = self.eligible[pred_t]
-            if bool(ok.all()):
-                vals = sid_per_image(x[:, :, :, None], self.top[pred_t])
-            elif bool(ok.any()):
-                vals = sid_per_image(x[ok][:, :, :, None], self.top[pred_t[ok]])
-            else:
-                vals = x.new_zeros(0)
-            self.sid_sum += float(vals.double().sum())
-            self.sid_n += int(vals.numel())
-        if self.seg_keys:
-            if masks is None:
-                self.masks_seen = False
-            else:
-                self._update_overlap(x, pred_t, masks)
-                self.n_masked += b
-        if self.want_pool:
-            lab = _as_tensor(labels).long().flatten().cpu().numpy()
-            for name, pooled in (("avg", x.mean(dim=2)), ("max", x.amax(dim=2))):
-                logits = self._head(pooled).cpu().numpy()
-                self.pool_correct[name] += int((np.argmax(logits, axis=1) == lab).sum())
-
-    def _update_overlap(self, x: Any, pred_t: Any, masks: Any) -> None:
-        """Same values as :func:`segmentation_overlap_per_image`, computed on the class's non-zero-weight maps only."""
-        torch = _torch()
-        b, _, p = x.shape
-        m_np = _to_numpy(masks).astype(bool).reshape(b, *self._grid_of(masks, p))
-        variants = {"": m_np}
-        if any(v.endswith("_dilated") for v in self.seg_keys):
-            variants["_dilated"] = dilate(m_np)
-        idx, wts, valid = self.nz_idx[pred_t], self.nz_w[pred_t], self.nz_valid[pred_t]
-        xs = torch.gather(x, 1, idx[:, :, None].expand(-1, -1, p))  # [B, m, P]
-        g = (wts[:, :, None] * xs).sum(dim=1)
-        g = g - g.amin(dim=1, keepdim=True)
-        g_sum, g_max = g.sum(dim=1), g.amax(dim=1)
-        peak = xs.amax(dim=2)
-        n_valid = valid.sum(dim=1)
-        for suffix, mk in variants.items():
-            msk = torch.from_numpy(mk.reshape(b, p)).to(self.device, x.dtype)
-            for base in ("gradcam", "gradcam_max", "max"):
-                key = base + suffix
-                if key not in self.seg_keys:
-                    continue
-                if base == "gradcam":
-                    den, num = g_sum, (g * msk).sum(dim=1)
-                elif base == "gradcam_max":
-                    den, num = g_max, (g * msk).amax(dim=1)
-                else:
-                    inside = (xs * msk[:, None, :]).amax(dim=2)
-                    ratio = torch.where(peak > 0, inside / torch.where(peak > 0, peak, torch.ones_like(peak)), 0.0)
-                    num, den = (ratio * valid).sum(dim=1), n_valid.to(x.dtype)
-                vals = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
-                self.seg_sum[key] += float(vals.double().sum())
-
-    @staticmethod
-    def _grid_of(masks: Any, p: int) -> tuple[int, ...]:
-        shape = tuple(_to_numpy(masks).shape[1:])
-        if int(np.prod(shape)) != p:
-            raise ValueError(f"masks of shape {shape} do not match maps with {p} positions")
-        return shape
-
-    def result(self, actual_accuracy: float | None = None) -> dict[str, float | None]:
-        out: dict[str, float | None] = {}
-        if self.want_sid:
-            out[f"SID@{self.k}"] = self.sid_sum / self.sid_n if self.sid_n else 0.0  # B8: 0 when none eligible
-        have_masks = self.masks_seen and self.n_masked == self.n and self.n > 0
-        for v in self.seg_keys:
-            out[f"SegOverlap-{v}"] = self.seg_sum[v] / self.n if have_masks else None
-        if "Plausibility" in self.keys:
-            out["Plausibility"] = out.get("SegOverlap-gradcam_dilated") if have_masks else None
-        if self.want_pool:
-            avg = self.pool_correct["avg"] / self.n if self.n else None
-            mx = self.pool_correct["max"] / self.n if self.n else None
-            out["Pooling-Avg-Accuracy"], out["Pooling-Max-Accuracy"] = avg, mx
-            ratio = None
-            if avg is not None and actual_accuracy:
-                ratio = max(avg, mx) / actual_accuracy
-            out["Pooling-Ratio"] = ratio
-        return {k: out[k] for k in self.keys if k in out}
-
-
-# ====================================================================================================================
-# Everything at once
-# ====================================================================================================================
-
-def _chunk_size(k: int, p: int, budget: int = 1 << 23) -> int:
-    return max(1, budget // max(1, k * p))
-
-
-def _pred_of(predicted: Any) -> np.ndarray:
-    """Class indices [M] from predicted classes [M] or logits [M, C]."""
-    arr = _to_numpy(predicted)
-    return predictions(arr) if arr.ndim == 2 else arr.astype(np.int64).ravel()
-
-
-def _map_metric(keys: list[str], maps: Any, weight: Any, predicted: Any, labels: Any = None, masks: Any = None,
-                **head: Any) -> dict[str, float | None]:
-    pred = _pred_of(predicted)
-    scorer = TestMapScorer(weight, keys, **head)
-    w = _to_numpy(weight)
-    step = _chunk_size(w.shape[1], int(np.prod(maps.shape[2:])))
-    lab = pred if labels is None else _to_numpy(labels).astype(np.int64).ravel()
-    for s in range(0, pred.size, step):
-        chunk = maps[s:s + step] if hasattr(maps, "detach") else np.asarray(maps[s:s + step])
-        scorer.update(pred[s:s + step], lab[s:s + step], chunk,
-                      None if masks is None else _to_numpy(masks)[s:s + step])
-    return scorer.result(actual_accuracy=None if labels is None else float(np.mean(pred == lab)))
-
-
-def sid_at_k(maps: Any, weight: Any, predicted: Any, k: int = 5) -> float:
-    """SID@k over a test set: maps [M, K, h, w], head weight [C, K], predicted classes [M] (or logits [M, C]).
-
-    The mean of :func:`sid_per_image` over images whose predicted class has >= k non-zero weights, using that
-    class's top-k features by raw weight; 0.0 when no image is eligible (METHOD.md §8, §13 B8). Range [1/k, 1].
-    """
-    key = f"SID@{int(k)}"
-    return float(_map_metric([key], maps, weight, predicted, k=int(k))[key])
-
-
-def segmentation_overlap(maps: Any, weight: Any, predicted: Any, masks: Any, variant: str = "gradcam_dilated",
-                         ) -> float:
-    """Mean segmentation overlap over a test set (one of :data:`SEG_VARIANTS`), see
-    :func:`segmentation_overlap_per_image`. maps [M, K, h, w], weight [C, K], predicted [M] or logits [M, C],
-    masks [M, h, w] bool at patch resolution (un-dilated; ``*_dilated`` variants dilate them). Range [0, 1]."""
-    if variant not in SEG_VARIANTS:
-        raise ValueError(f"unknown overlap variant {variant!r}; use one of {', '.join(SEG_VARIANTS)}")
-    key = f"SegOverlap-{variant}"
-    return float(_map_metric([key], maps, weight, predicted, masks=masks)[key])
-
-
-def plausibility(maps: Any, weight: Any, predicted: Any, masks: Any) -> float:
-    """The paper's Plausibility: ``gradcam_dilated`` segmentation overlap (METHOD.md §8). Range [0, 1].
-
-    For the "DINO GradCAM" linear-probe baseline pass ``maps = tokens_to_maps(tokens, grid)`` and the probe's
-    weight [C, D].
-    """
-    return segmentation_overlap(maps, weight, predicted, masks, "gradcam_dilated")
-
-
-def pooling_baseline(maps: Any, weight: Any, labels: Any, logits: Any, *, head_mean: Any = None,
-                     head_std: Any = None, head_bias: Any = None) -> dict[str, float | None]:
-    """Accuracy of the head on the spatial mean and on the max of the maps, and max(avg, max) / actual accuracy.
-
-    Keys ``Pooling-Avg-Accuracy``, ``Pooling-Max-Accuracy``, ``Pooling-Ratio`` (None when the accuracy is 0).
-    The head is ``W ((x - head_mean) / max(head_std, 1e-6)) + head_bias`` over all K features.
-    """
-    keys = list(METRIC_GROUPS["pooling_baseline"])
-    return _map_metric(keys, maps, weight, logits, labels=labels, head_mean=head_mean, head_std=head_std,
-                       head_bias=head_bias)
-
-
-MAP_KEY_PREFIXES = ("SID@", "SegOverlap-", "Pooling-", "Plausibility")
-
-
-def map_scorer(weight: Any, keys: list[str], *, head_mean: Any = None, head_std: Any = None, head_bias: Any = None,
-               device: Any = None) -> TestMapScorer | None:
-    """A :class:`TestMapScorer` for the map-based keys among ``keys`` (None when there are none)."""
-    map_keys = [k for k in keys if k.startswith(MAP_KEY_PREFIXES)]
-    if not map_keys:
-        return None
-    return TestMapScorer(weight, map_keys, head_mean=head_mean, head_std=head_std, head_bias=head_bias, device=device)
-
-
 def finish_metrics(keys: list[str], *, train_features: Any, train_labels: Any, test_logits: Any, test_labels: Any,
                    weight: Any, class_attributes: Any = None, image_attributes: Any = None,
                    image_attribute_known: Any = None, seed: int = 0,
@@ -913,7 +447,7 @@ def compute_metrics(*, train_features: Any, train_labels: Any, test_logits: Any,
                              f"{None if maps is None else tuple(maps.shape)}")
         masks = None if test_masks is None else _to_numpy(test_masks)
         pred = predictions(test_logits)
-        step = _chunk_size(w.shape[1], int(np.prod(maps.shape[2:])))
+        step = chunk_size(w.shape[1], int(np.prod(maps.shape[2:])))
         for s in range(0, y_test.size, step):
             e = min(s + step, y_test.size)
             chunk = maps[s:e] if hasattr(maps, "detach") else np.asarray(maps[s:e])

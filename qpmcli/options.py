@@ -49,7 +49,7 @@ def complete_device(incomplete: str) -> list[str]:
 def complete_metrics(incomplete: str) -> list[str]:
     head, _, last = incomplete.rpartition(",")
     try:
-        from qpmcli.metrics import METRIC_GROUPS, PRESETS
+        from qpmcli.metricnames import METRIC_GROUPS, PRESETS
 
         names = [*PRESETS, *METRIC_GROUPS]
     except Exception:

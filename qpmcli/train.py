@@ -120,7 +120,7 @@ class TrainRequest:
             check_time_limit,
             check_workers,
         )
-        from qpmcli.metrics import checked_metric_names
+        from qpmcli.metricnames import checked_metric_names
         from qpmcli.model import ACTIVATIONS, MAX_FEATURES, MAX_HIDDEN, MAX_LAYERS, POOLINGS
         from qpmcli.registry import get_registry
 
@@ -223,7 +223,7 @@ def _evaluate(model: QPMModel, train_cache: Any, test_cache: Any, req: TrainRequ
               settings: Any) -> dict[str, Any]:
     """The metrics of METHOD.md §8 (``req.metrics``) on the run's caches, with the dataset's attributes if any."""
     from qpmcli.evaluate import dataset_attributes, evaluate_model
-    from qpmcli.metrics import checked_metric_names
+    from qpmcli.metricnames import checked_metric_names
 
     keys = checked_metric_names(req.metrics)
     class_attrs = image_attrs = None

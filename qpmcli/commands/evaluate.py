@@ -33,7 +33,7 @@ def evaluate(
 
     checks.check_choice(stage, ("final", "dense"), "--stage")
     checks.check_positive(batch_size, "--batch-size")
-    from qpmcli.metrics import checked_metric_names
+    from qpmcli.metricnames import checked_metric_names
 
     checked_metric_names(metrics)
     opts.check_set_options(coverage, set_score)
