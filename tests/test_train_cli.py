@@ -105,15 +105,20 @@ def _digest(path: Path) -> dict[str, bytes]:
     return {k: v.tobytes() for k, v in load_file(str(path)).items()}
 
 
+FINETUNE_EPOCHS = "30"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_path):
+    # enough finetune steps (6 per epoch) that the poll below sees a checkpoint before the run ends, however the
+    # machine schedules it (at 3 epochs the whole finetune took about 0.1 s and a loaded machine missed it)
     full = tmp_path / "full"
-    res = qpm(["train", *TINY, "--finetune-epochs", "3", "--run-dir", str(full)], timeout=300)
+    res = qpm(["train", *TINY, "--finetune-epochs", FINETUNE_EPOCHS, "--run-dir", str(full)], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     killed = tmp_path / "killed"
     env = {**isolated_env, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "train", *TINY, "--finetune-epochs", "3",
+    proc = subprocess.Popen([sys.executable, "-m", "qpmcli.cli", "train", *TINY, "--finetune-epochs", FINETUNE_EPOCHS,
                              "--checkpoint-steps", "2", "--run-dir", str(killed)], env=env, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "finetune.json"
@@ -121,13 +126,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(qpm, isolated_env, tmp_p
     while time.monotonic() < deadline and proc.poll() is None:
         if marker.is_file() and json.loads(marker.read_text())["step"] > 0:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "model.json").exists()
-    res = qpm(["train", *TINY, "--finetune-epochs", "3", "--checkpoint-steps", "2", "--run-dir", str(killed),
-               "--resume"], timeout=300)
+    res = qpm(["train", *TINY, "--finetune-epochs", FINETUNE_EPOCHS, "--checkpoint-steps", "2",
+               "--run-dir", str(killed), "--resume"], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _digest(killed / "model.safetensors") == _digest(full / "model.safetensors")
 
