@@ -243,7 +243,7 @@ def render_local(image: Any, expl: LocalExplanation, maps: np.ndarray, metadata:
         ax.axvline(0, color="k", lw=0.8)
         ax.set_xlim(-lim, lim)
         rest = expl.logit - sum(vals)
-        ax.set_xlabel(f"contribution to logit (others + bias {rest:+.2f})", fontsize=7)
+        ax.set_xlabel(f"contribution to logit (others + bias {round(rest, 2) + 0.0:+.2f})", fontsize=7)
     else:
         ax.text(0.5, 0.5, "this class uses\nno features", ha="center", va="center", transform=ax.transAxes)
     ax.set_title("feature contributions", fontsize=10)

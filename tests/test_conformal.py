@@ -187,7 +187,10 @@ def test_a_sets_features_are_printed_by_the_models_labels(tmp_path):
     assert got["feature_labels"] == {"10": "f10", "11": "f11", "12": "f12 white head", "15": "f15"}
     assert C.set_feature_label(got, 12) == "f12 white head" and C.set_feature_label(got, 99) == "f99"
     line = set_line(got)
-    assert "all rank f12 white head, f10 first" in line and "gull a at f11" in line and "gull b at f15" in line
+    assert "all rank f12 white head, f10 first, then f11 for gull a; f15 for gull b" in line
+    # members whose rankings go on with the same feature are named together (the set's tree in words)
+    same_next = {**got, "members": [{**m, "diverges_at": 11} for m in got["members"]]}
+    assert set_line(same_next).endswith("then f11 for gull a, gull b")
     assert render_set_tree(got, tmp_path / "named.png", title="named").stat().st_size > 0
 
 

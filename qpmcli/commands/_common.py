@@ -62,7 +62,7 @@ def console(stderr: bool = False):
 
 def set_line(detail: dict, most: int = 5) -> str:
     """One image's set as one line: its members (the first ``most``), the ranked features they share, and the
-    feature where each member's ranking leaves them."""
+    next feature of each member's ranking, members with the same next feature together (the set's tree, in words)."""
     from qpmcli.conformal import set_feature_label
 
     head = f"{100 * detail['coverage']:g}% set ({detail['score']}): "
@@ -76,7 +76,10 @@ def set_line(detail: dict, most: int = 5) -> str:
         return head + names
     if not shared:
         return head + names + "; no shared leading feature"
-    parts = [f"{m['class']} at {set_feature_label(detail, m['diverges_at'])}" if m["diverges_at"] is not None
-             else m["class"] for m in members]
-    return (head + names + f"; all rank {', '.join(set_feature_label(detail, f) for f in shared)} first, then part: "
-            + ", ".join(parts) + more)
+    groups: dict[int | None, list[str]] = {}  # the next feature of each member's ranking, in the members' order
+    for m in members:
+        groups.setdefault(m["diverges_at"], []).append(m["class"])
+    nexts = [(f"{set_feature_label(detail, f)} for " if f is not None else "nothing more for ") + ", ".join(classes)
+             for f, classes in groups.items()]
+    return (head + names + f"; all rank {', '.join(set_feature_label(detail, f) for f in shared)} first, then "
+            + "; ".join(nexts) + more)
