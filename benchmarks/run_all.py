@@ -5,6 +5,10 @@ writes ``{"benchmark": str, "rows": [{"what": ..., "ratio": ..., "target": ..., 
 Benchmarks print ratios measured in one process (ours vs a baseline on the same machine), never bare absolute times.
 
     python benchmarks/run_all.py [--quick] [--only extract,selection] [--out benchmarks/results]
+    python benchmarks/run_all.py --collect [--out benchmarks/results]
+
+``--collect`` runs nothing: it rebuilds RESULTS.md and results.json from the ``bench_*.json`` files already in the
+output folder (for a benchmark run by hand with its own options, e.g. ``bench_selection.py --done-when``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def to_markdown(results: list[dict], info: dict, date: str) -> str:
         if res.get("notes"):
             lines += ["", res["notes"]]
         argv = " ".join((res.get("provenance") or {}).get("argv") or [res["script"]])
-        lines += ["", f"(`{argv}`, {res['seconds']:.0f} s)", ""]
+        took = f", {res['seconds']:.0f} s" if res.get("seconds") is not None else ""
+        lines += ["", f"(`{argv}`{took})", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -69,11 +74,15 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test of the benchmarks)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (bench_<name>.py)")
     parser.add_argument("--out", default=str(HERE / "results"), help="output folder")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: rebuild the table from the bench_*.json files in the output folder")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     scripts = sorted(p for p in HERE.glob("bench_*.py") if not only or p.stem.removeprefix("bench_") in only)
+    if args.collect:
+        return write_table(out, collected(out, scripts), only=False)
     results = []
     start_load = load_average()
     if start_load is not None and start_load > 1.0:
@@ -92,6 +101,29 @@ def main() -> int:
             res = {"benchmark": script.stem, "error": f"exit code {proc.returncode}"}
         res.update(script=script.name, seconds=seconds)
         results.append(res)
+    return write_table(out, results, only=bool(only))
+
+
+def collected(out: Path, scripts: list[Path]) -> list[dict]:
+    """Each benchmark's last result as its script wrote it (``out/bench_NAME.json``), the run time from results.json
+    where that run was run_all's."""
+    previous = out / "results.json"
+    seconds = {}
+    if previous.is_file():
+        seconds = {r.get("script"): r.get("seconds") for r in json.loads(previous.read_text()).get("results", [])}
+    results = []
+    for script in scripts:
+        path = out / f"{script.stem}.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())
+        res.update(script=script.name, seconds=res.get("seconds") if isinstance(res.get("seconds"), (int, float))
+                   else seconds.get(script.name))
+        results.append(res)
+    return results
+
+
+def write_table(out: Path, results: list[dict], *, only: bool) -> int:
     previous = out / "results.json"
     if only and previous.is_file():  # a partial run keeps the other benchmarks' last results
         ran = {r["script"] for r in results}
