@@ -92,8 +92,8 @@ def main() -> None:
              f"CPUs {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}"]
     if args.demo_run and (Path(args.demo_run) / "conformal.json").is_file():
         rows += demo_rows(Path(args.demo_run))
-        notes.append(f"demo rows from {args.demo_run} (qpm demo: half of each class's training images held out "
-                     f"for calibration); 'ours' is the test coverage, mean_set_size and accuracy beside it")
+        notes.append(f"demo rows from {args.demo_run} (qpm demo: three quarters of each class's training images "
+                     f"held out for calibration); 'ours' is the test coverage, mean_set_size and accuracy beside it")
     else:
         notes.append("demo rows skipped: pass --demo-run RUN (the runs/shapes-qpm folder of `qpm demo`)")
     for row in rows:

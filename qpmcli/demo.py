@@ -12,9 +12,10 @@ setup is ``qpm train`` with its defaults (see the README). Unlike the paper's tr
 quarters of each class's training images out of training (``cal_fraction``, docs/method-notes.md): they fit on 40
 images per class, as the demo always did, and the other 120 calibrate the prediction sets, whose coverage guarantee
 needs images the model has not seen. 1,200 calibration and 1,000 test images keep the sampling noise of the measured
-coverage near 0.013 (standard deviation at 90 %); with 400 and 600 it was 0.019, and one machine's demo measured 0.863. Its selection stops after a fixed amount of search work (:data:`DEMO_WORK_LIMIT` cycles, the
-``qpm`` selector's ``work_limit``), not at a clock, so a rerun with the same seed gives the same tables however fast or
-loaded the machine is (issue 29); the time limit is only a safety cap.
+coverage near 0.013 (standard deviation at 90 %); with 400 and 600 it was 0.019, and one machine's demo measured
+0.863. Its selection stops after a fixed amount of search work (:data:`DEMO_WORK_LIMIT` cycles, the ``qpm``
+selector's ``work_limit``), not at a clock, so a rerun with the same seed gives the same tables however fast or loaded
+the machine is (issue 29); the time limit is only a safety cap.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def demo_requests(quick: bool = False, seed: int = 0, time_limit: float = DEMO_T
     from qpmcli.train import DENSE_PHASE, FINETUNE_PHASE, LINEAR_PROBE_PHASE, TrainRequest
 
     epochs = 3 if quick else 10
-    # twice the fitting images (half calibrate the sets) and 60 test images per class for a sharp coverage estimate
+    # four times the fitting images (three quarters calibrate the sets) and 100 test images per class: a sharp
+    # coverage estimate (its sampling noise is about 0.013 at 90 %)
     data_opts = {"per_class": 48, "test_per_class": 8} if quick else {"per_class": 160, "test_per_class": 100}
     common = dict(backbone=BACKBONE, dataset=DATASET, dataset_options=data_opts, seed=seed, workers=8,
                   cal_fraction=CAL_FRACTION)

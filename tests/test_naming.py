@@ -524,10 +524,10 @@ def test_demo_features_are_named_by_their_classes_parts(readme_demo):
 
     The issue asks for >= 50% of the (class, feature) pairs. The demo's QPM features fire on their 2-3 classes as
     wholes, and the classes that share a feature rarely share a part, so one name per feature can match about one
-    class in 2.5: measured 17 of 50 pairs (34%) on the current demo (work-limited selection, half of the training
-    images held out for calibration; 22 of 50 on the demo before), 16 of 20 features named, each by a part of one of
-    its classes. Checked here: far above chance (2.7 pairs), and no named feature's top name is a part none of its
-    classes has.
+    class in 2.5: measured 19 of 50 pairs (38%) on the current demo (work-limited selection, 120 of 160 training
+    images per class held out for calibration; 17 of 50 with 40 of 80 held out, 22 of 50 before the hold-out), 18 of
+    20 features named, each by a part of one of its classes. Checked here: far above chance (2.7 pairs), and no named
+    feature's top name is a part none of its classes has.
     """
     from qpmcli.data import load_dataset
     from qpmcli.demo import DATASET, demo_requests
