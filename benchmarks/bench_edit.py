@@ -113,7 +113,7 @@ def shortcut(args, work: Path, figures: Path | None) -> tuple[list[dict], dict]:
     from qpmcli.settings import QpmSettings
 
     settings = QpmSettings(cache_dir=work / "cache", runs_dir=work / "runs", device="cpu", num_workers=0)
-    data = {"n_classes": 10, "per_class": 24 if args.quick else 40, "test_per_class": 20, "image_size": 128,
+    data = {"n_classes": 10, "per_class": 24 if args.quick else 40, "test_per_class": 100, "image_size": 128,
             "cue_classes": 3, "cue_twins": True}
     backbone = load_backbone(BACKBONE, **BACKBONE_OPTIONS)
     t0 = time.perf_counter()
@@ -183,8 +183,12 @@ def shortcut(args, work: Path, figures: Path | None) -> tuple[list[dict], dict]:
          "ours": round(100 * after_refill["clean"]["cued_classes"], 1),
          "baseline": round(100 * before["clean"]["cued_classes"], 1),
          "ratio": round(after_refill["clean"]["cued_classes"] / max(before["clean"]["cued_classes"], 1e-9), 3),
-         "target": "(reported: replacements chosen on the cued training data can carry the shortcut back)",
-         "met": True},
+         "target": ">= +10 points (reported: replacements chosen on the cued training data can carry the shortcut "
+                   "back)", "met": after_refill["clean"]["cued_classes"] - before["clean"]["cued_classes"] >= 0.10},
+        {"what": "with replacements (default refill) + 3-epoch refit instead: overall accuracy, clean test set",
+         "ours": round(100 * after_refill["clean"]["all"], 1), "baseline": round(100 * before["clean"]["all"], 1),
+         "ratio": round(after_refill["clean"]["all"] / before["clean"]["all"], 3), "target": "drop <= 1 point",
+         "met": before["clean"]["all"] - after_refill["clean"]["all"] <= 0.01},
         {"what": "edit without refit, replacements among the model's features: seconds (in process, no metrics)",
          "ours": round(edit_s, 3), "baseline": None, "ratio": None, "target": "< 1 s", "met": edit_s < 1.0},
         {"what": "edit without refit, replacements from all dense features: seconds (a new column: one statistics "
