@@ -18,12 +18,24 @@ import functools
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from qpmcli.errors import ArtifactError, validation_problems
 
-if TYPE_CHECKING:  # pragma: no cover
-    from qpmcli.modelfile import ClassifierMetadata
+
+class ClassifierMetadata(Protocol):
+    """What a calibration document is checked against: the facts of :class:`qpmcli.modelfile.ClassifierMetadata` it
+    reads (a protocol, so that this module does not import the model format that imports it)."""
+
+    class_names: list[str]
+    features: Any
+    weight: Any
+    mu: Any
+    sigma: Any
+    bias: Any
+
+    @property
+    def n_classes(self) -> int: ...
 
 __all__ = ["CONFORMAL_FORMAT", "CONFORMAL_FORMAT_VERSION", "CONFORMAL_JSON", "CONFORMAL_SCORES", "check_conformal",
            "model_fingerprint", "read_conformal"]
