@@ -105,21 +105,15 @@ def main() -> int:
 
 
 def collected(out: Path, scripts: list[Path]) -> list[dict]:
-    """Each benchmark's last result as its script wrote it (``out/bench_NAME.json``), the run time from results.json
-    where that run was run_all's."""
-    previous = out / "results.json"
-    seconds = {}
-    if previous.is_file():
-        seconds = {r.get("script"): r.get("seconds") for r in json.loads(previous.read_text()).get("results", [])}
+    """Each benchmark's last result as its script wrote it (``out/bench_NAME.json``), with the run time its
+    provenance records."""
     results = []
     for script in scripts:
         path = out / f"{script.stem}.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())
-        res.update(script=script.name, seconds=res.get("seconds") if isinstance(res.get("seconds"), (int, float))
-                   else seconds.get(script.name))
-        results.append(res)
+        if path.is_file():
+            res = json.loads(path.read_text())
+            res.update(script=script.name, seconds=(res.get("provenance") or {}).get("seconds"))
+            results.append(res)
     return results
 
 
